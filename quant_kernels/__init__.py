@@ -1,0 +1,1 @@
+"""GPTQ weight format, quantized linear layers, their compute backends and the quantizer."""
