@@ -1,0 +1,194 @@
+"""The LLaMA forward: embeddings, decoder layers (attention + SwiGLU MLP), RMSNorm, a static KV cache.
+
+Module names follow the checkpoints (`model.layers.N.self_attn.q_proj`, ...) so state dicts load as they are.
+Linear layers are plain nn.Linear here; quantized ones are swapped in by the loader. The model never picks
+devices itself: each layer runs where its weights are, and the hidden state follows it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for every slot of the context: [batch, kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(self, max_batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k, v):
+        """Write k, v [B, kv_heads, T, hd] at slots start..start+T-1; return the cache up to the last written slot."""
+        B, _, T, _ = k.shape
+        end = start + T
+        self.k[:B, :, start:end] = k
+        self.v[:B, :, start:end] = v
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """x [B, heads, T, hd]; cos, sin [B, 1, T, hd]."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.q_proj = nn.Linear(args.dim, q_out, bias=args.attention_bias)
+        self.k_proj = nn.Linear(args.dim, kv_out, bias=args.attention_bias)
+        self.v_proj = nn.Linear(args.dim, kv_out, bias=args.attention_bias)
+        self.o_proj = nn.Linear(q_out, args.dim, bias=args.attention_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, start_pos: int, mask):
+        B, T, _ = x.shape  # batch, time, hidden
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+        # mask None means plain causal attention over exactly these T tokens.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, cos, sin, start_pos, mask):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """Holds the modules under the `model.` prefix of a checkpoint."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_seq_len = args.max_position_embeddings
+        self._inv_freq: torch.Tensor | None = None
+
+    # --- cache -------------------------------------------------------------------------------------
+    def setup_cache(self, max_batch: int, max_seq_len: int) -> None:
+        """Allocate a static KV cache for `max_batch` rows of `max_seq_len` slots, each on its layer's device."""
+        self.max_seq_len = max_seq_len
+        self._inv_freq = None
+        for layer in self.model.layers:
+            w = layer.input_layernorm.weight
+            layer.self_attn.kv_cache = KVCache(max_batch, max_seq_len, self.args.n_kv_heads, self.args.head_dim, w.dtype, w.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    @property
+    def has_cache(self) -> bool:
+        return self.model.layers[0].self_attn.kv_cache is not None
+
+    # --- forward -----------------------------------------------------------------------------------
+    def rotary(self, positions, dtype):
+        """cos, sin [B, 1, T, hd] for integer positions [B, T]."""
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = rope_inv_freq(self.args, self.max_seq_len).to(positions.device)
+        freqs = positions.float()[..., None] * self._inv_freq  # [B, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, tokens, start_pos: int = 0, pad_lens=None, last_only: bool = False):
+        """tokens [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] with last_only).
+
+        With a cache, `tokens` fill slots start_pos..start_pos+T-1; row b's first pad_lens[b] slots are left
+        padding (masked out, rotary positions shifted back by pad_lens[b]). Without a cache, the tokens
+        attend only to each other.
+        """
+        B, T = tokens.shape
+        embed = self.model.embed_tokens
+        x = embed(tokens.to(embed.weight.device))
+        device = x.device
+        slots = torch.arange(start_pos, start_pos + T, device=device)
+        positions = slots.expand(B, T)
+        mask = None
+        use_cache = self.has_cache
+        if pad_lens is not None:
+            pad_lens = pad_lens.to(device)
+            positions = (positions - pad_lens[:, None]).clamp(min=0)
+        if pad_lens is not None or (use_cache and start_pos > 0 and T > 1):
+            n_keys = start_pos + T if use_cache else T
+            keys = torch.arange(n_keys, device=device) + (0 if use_cache else start_pos)
+            mask = keys[None, None, :] <= slots[None, :, None]  # [1, T, S] causal over slots
+            if pad_lens is not None:
+                # padding slots are hidden; a padding query sees only itself, so no row is fully masked (NaN)
+                mask = mask & (keys[None, None, :] >= pad_lens[:, None, None])
+                mask = mask | (keys[None, None, :] == slots[None, :, None])
+            mask = mask[:, None]  # [B or 1, 1, T, S]
+        elif use_cache and T == 1:
+            mask = None  # one new token sees every filled slot
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            w = layer.input_layernorm.weight
+            if x.device != w.device:  # a device-map boundary: only the hidden state moves
+                x, cos, sin = x.to(w.device), cos.to(w.device), sin.to(w.device)
+                mask = mask.to(w.device) if mask is not None else None
+            x = layer(x, cos, sin, start_pos, mask)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x.to(self.model.norm.weight.device))
+        return self.lm_head(x.to(self.lm_head.weight.device)).float()
