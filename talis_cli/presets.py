@@ -1,0 +1,84 @@
+"""Presets chosen by name (shipped as package data) or by a path to the user's own JSON file, validated.
+
+Generation presets (gen_presets/*.json) hold GenerationConfig fields; keys a file leaves out keep
+GenerationConfig's defaults. Files written for Hugging Face's GenerationConfig (the original TALIS
+gen_default.json) load too: a file with a `do_sample` key takes HF's defaults for the keys it leaves out,
+`do_sample: false` means greedy, and the model-describing keys HF stores there are ignored because talis
+reads them from the model's own config.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from .errors import UsageError
+from .generation import FIELD_NAMES, GenerationConfig
+
+GEN_PRESETS_PACKAGE = "gen_presets"
+# Keys HF writes into generation_config.json that describe the model, not the sampling.
+HF_MODEL_KEYS = ("_from_model_config", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id")
+# What HF's GenerationConfig assumes for keys such a file leaves out (penalties look at the whole context).
+HF_DEFAULTS = dict(temperature=1.0, top_k=50, top_p=1.0, min_p=0.0, typical_p=1.0, repetition_penalty=1.0, repetition_window=0)
+HF_HINTS = {
+    "max_length": "use max_new_tokens (max_length counts the prompt too)",
+    "min_length": "talis has no minimum length; remove it",
+}
+
+
+def _is_path(name_or_path: str) -> bool:
+    return name_or_path.endswith(".json") or "/" in name_or_path or "\\" in name_or_path
+
+
+def list_generation_presets() -> list[str]:
+    """Names of the generation presets shipped with talis, sorted."""
+    return sorted(p.name[: -len(".json")] for p in resources.files(GEN_PRESETS_PACKAGE).iterdir() if p.name.endswith(".json"))
+
+
+def _read_json_object(name_or_path: str, package: str, available: list[str]) -> tuple[dict, str]:
+    """(parsed object, source name for messages) for a preset name or a path."""
+    if _is_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"{source}: no such file; give a preset name ({', '.join(available)}) or a JSON file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{source}: cannot read it ({e.__class__.__name__}); check the file") from None
+    else:
+        source = f"{package}/{name_or_path}.json"
+        entry = resources.files(package) / f"{name_or_path}.json"
+        if not entry.is_file():
+            raise UsageError(f"unknown preset {name_or_path!r}; choose one of {', '.join(available)} or give a path to a JSON file")
+        text = entry.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{source}:{e.lineno}:{e.colno}: broken JSON ({e.msg}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: expected a JSON object of settings, found {type(data).__name__}")
+    return data, source
+
+
+def load_generation_preset(name_or_path: str) -> GenerationConfig:
+    """A validated GenerationConfig from a shipped preset name ("default", "greedy", ...) or a JSON file path."""
+    data, source = _read_json_object(name_or_path, GEN_PRESETS_PACKAGE, list_generation_presets())
+    settings = dict(HF_DEFAULTS) if "do_sample" in data else {}
+    for key, value in data.items():
+        if key in FIELD_NAMES:
+            settings[key] = value
+        elif key == "do_sample":
+            if not isinstance(value, bool):
+                raise UsageError(f"{source}: do_sample = {value!r} is out of range: allowed true or false")
+        elif key in HF_HINTS:
+            raise UsageError(f"{source}: key {key!r} is not supported; {HF_HINTS[key]}")
+        elif key not in HF_MODEL_KEYS:
+            raise UsageError(f"{source}: unknown key {key!r}; allowed keys: {', '.join(FIELD_NAMES + ('do_sample',))}")
+    if data.get("do_sample") is False:
+        settings["temperature"] = 0.0
+    try:
+        return GenerationConfig(**settings).validate()
+    except UsageError as e:
+        raise UsageError(f"{source}: {e}") from None
