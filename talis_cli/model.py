@@ -143,6 +143,12 @@ class Transformer(nn.Module):
     def has_cache(self) -> bool:
         return self.model.layers[0].self_attn.kv_cache is not None
 
+    @property
+    def cache_batch(self) -> int:
+        """Rows the cache holds (0 without a cache); call setup_cache again for a larger batch."""
+        cache = self.model.layers[0].self_attn.kv_cache
+        return 0 if cache is None else cache.k.shape[0]
+
     # --- forward -----------------------------------------------------------------------------------
     def rotary(self, positions, dtype):
         """cos, sin [B, 1, T, hd] for integer positions [B, T]."""
