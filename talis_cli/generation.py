@@ -88,3 +88,182 @@ _RULES = {
     "stop": ("stop", lambda v: True, "a list of non-empty strings"),
 }
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerationConfig))
+
+
+@dataclass
+class TokenEvent:
+    """One new token of one prompt."""
+
+    index: int  # which prompt of the batch (always 0 for stream())
+    text: str  # text this token completed; "" while a character or a possible stop string is held back
+    token_ids: list[int]  # the new token
+    finish_reason: str | None = None  # None while going on; "eos" | "stop" | "length" on the row's last event
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int  # real prompt tokens, padding not counted
+    new_tokens: int = 0  # tokens produced over all rows
+    prefill_s: float = 0.0  # prompt forward and first draw
+    decode_s: float = 0.0  # decode steps and draws (time spent by the consumer not included)
+    first_token_s: float = 0.0  # from the call to the first token, set-up included
+
+
+class StopStringFilter:
+    """Cuts text at the first stop string; holds back a tail that could still become one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.held = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """(text safe to show, whether a stop string was found). After a stop, the text ends before it."""
+        text = self.held + delta
+        if not self.stops:
+            return text, False
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[: min(hits)], True
+        keep = self._stop_prefix_len(text)
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest tail of `text` that is the beginning of some stop string."""
+        for n in range(min(len(text), max(len(s) for s in self.stops) - 1), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class _Row:
+    """Text state of one prompt of a batch: detokenizer, stop-string filter, whether it has finished."""
+
+    def __init__(self, index: int, detokenizer: IncrementalDetokenizer, cfg: GenerationConfig, eos_ids):
+        self.index = index
+        self.detokenizer = detokenizer
+        self.stop_filter = StopStringFilter(cfg.stop)
+        self.eos_ids = eos_ids
+        self.finished = False
+
+    def accept(self, token_id: int, is_last: bool) -> TokenEvent:
+        """The event for a new token; `is_last` when the token budget ends here."""
+        if token_id in self.eos_ids:
+            return self._finish(token_id, "", "eos")
+        text, stopped = self.stop_filter.feed(self.detokenizer.push(token_id))
+        if stopped:
+            self.finished = True
+            return TokenEvent(self.index, text, [token_id], "stop")
+        if is_last:
+            return self._finish(token_id, text, "length")
+        return TokenEvent(self.index, text, [token_id])
+
+    def _finish(self, token_id: int, text: str, reason: str) -> TokenEvent:
+        """Release all held-back text (it may still complete a stop string)."""
+        self.finished = True
+        tail, stopped = self.stop_filter.feed(self.detokenizer.flush())
+        if stopped:
+            return TokenEvent(self.index, text + tail, [token_id], "stop")
+        return TokenEvent(self.index, text + tail + self.stop_filter.flush(), [token_id], reason)
+
+
+class Generator:
+    """Streams tokens and text from a model with a static KV cache (talis_cli.model.Transformer interface)."""
+
+    def __init__(self, model, tokenizer, eos_ids: Sequence[int], max_seq_len: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self.max_seq_len = max_seq_len
+        self.skip_ids = special_ids_to_skip(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.last_stats: GenerationStats | None = None
+        self._pad_lens = None  # int64 [B] left padding of the running batch, None when there is none
+
+    def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig) -> Iterator[TokenEvent]:
+        """Events for one prompt (token ids, BOS included if the model wants one)."""
+        return self.stream_batch([prompt_ids], cfg)
+
+    def stream_batch(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> Iterator[TokenEvent]:
+        """Events for several prompts generated together (left padded); each row stops at its own end.
+
+        Raises TalisError at once for an empty prompt or one that leaves no room in the context.
+        """
+        cfg.validate()
+        prompts = [list(p) for p in prompts]
+        if not prompts:
+            raise UsageError("no prompts given; pass at least one")
+        for i, p in enumerate(prompts):
+            self._check_prompt_fits(i, len(p), len(prompts))
+        return self._generate(prompts, cfg)
+
+    def _check_prompt_fits(self, i: int, n: int, n_prompts: int) -> None:
+        which = f"prompt {i + 1}" if n_prompts > 1 else "the prompt"
+        if n == 0:
+            raise TalisError(f"{which} is empty; give at least one token")
+        room = self.max_seq_len - 1  # one slot stays free for the first new token
+        if n > room:
+            raise TalisError(
+                f"{which} is {n} tokens, {n - room} too many for a context of {self.max_seq_len} "
+                f"(room for {room} plus one new token); shorten it or raise the maximum context"
+            )
+
+    def _decode_step(self, tokens, pos: int):
+        """The hot step: tokens int64 [B, 1] at cache slot `pos` -> logits float32 [B, vocab]."""
+        return self.model(tokens, start_pos=pos, pad_lens=self._pad_lens)[:, -1]
+
+    def _ensure_cache(self, batch: int) -> None:
+        cache = getattr(self.model.model.layers[0].self_attn, "kv_cache", None)
+        if cache is None or cache.k.shape[0] < batch or cache.k.shape[2] != self.max_seq_len:
+            self.model.setup_cache(batch, self.max_seq_len)
+
+    def _generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[TokenEvent]:
+        t_call = time.perf_counter()
+        lens = [len(p) for p in prompts]
+        B, T = len(prompts), max(lens)  # batch, longest prompt
+        budget = min(cfg.max_new_tokens, self.max_seq_len - T)
+        stats = self.last_stats = GenerationStats(prompt_tokens=sum(lens))
+        device = self.model.lm_head.weight.device  # where logits, samples and the token history live
+        history = torch.full((B, self.max_seq_len), self.pad_id, dtype=torch.long)  # [B, S] slot -> token
+        for b, p in enumerate(prompts):
+            history[b, T - len(p) : T] = torch.tensor(p, dtype=torch.long)
+        history = history.to(device)
+        pad_lens = torch.tensor([T - n for n in lens], device=device) if min(lens) < T else None
+        self._pad_lens = pad_lens
+        self._ensure_cache(B)
+        rows = [
+            _Row(b, IncrementalDetokenizer(self.tokenizer, p, self.skip_ids), cfg, self.eos_ids)
+            for b, p in enumerate(prompts)
+        ]
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.model(history[:, :T], start_pos=0, pad_lens=pad_lens, last_only=True)[:, -1]
+            sampler = Sampler(cfg, history, pad_lens, T, logits.shape[-1])
+            tokens = sampler(logits)  # int64 [B]
+            sampler.append(tokens)
+        ids = tokens.tolist()
+        stats.prefill_s = time.perf_counter() - t0
+        stats.first_token_s = time.perf_counter() - t_call
+
+        for step in range(budget):
+            is_last = step == budget - 1
+            for row in rows:
+                if not row.finished:
+                    stats.new_tokens += 1
+                    yield row.accept(ids[row.index], is_last)
+            if is_last or all(row.finished for row in rows):
+                return
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                logits = self._decode_step(tokens[:, None], T + step)
+                tokens = sampler(logits)
+                sampler.append(tokens)
+            ids = tokens.tolist()
+            stats.decode_s += time.perf_counter() - t0
