@@ -1,0 +1,149 @@
+"""Engine: from load settings to a model, its tokenizer and a generator — what the CLI calls."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TalisError, UsageError
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_MAX_SEQ_LEN = 2048
+BACKENDS = ("auto", "torch", "torch_dense", "triton")
+# On CPU, dequantizing once into float weights beats re-dequantizing every step; only for models this small.
+DENSE_CPU_LIMIT = 2_000_000_000  # bytes of float weights
+
+
+@dataclass
+class LoadSettings:
+    model_dir: Path | str | None = None  # None: the embedded default model
+    checkpoint: Path | str | None = None  # weights file apart from the model folder
+    wbits: int | None = None
+    groupsize: int | None = None
+    device_map: str | Path | None = "auto"  # a packaged name or a JSON file
+    max_seq_len: int | None = None  # context size of the KV cache; default min(model's, 2048)
+    allow_pickle: bool = False  # .bin/.pt checkpoints (no code runs: tensors only)
+    backend: str = "auto"  # QuantLinear backend: auto, torch, torch_dense, triton
+    quantize_bits: int | None = None  # fp16 weights: round-to-nearest quantize on load
+    loader: str | None = None  # force a registered loader by name
+
+
+class Engine:
+    def __init__(self, loaded, tokenizer, plan, max_seq_len: int, model_dir: Path, load_s: float, backend: str):
+        from .generation import Generator
+
+        self.model = loaded.model
+        self.args = loaded.args
+        self.quant = loaded.quant
+        self.loaded = loaded
+        self.tokenizer = tokenizer
+        self.plan = plan
+        self.max_seq_len = max_seq_len
+        self.model_dir = model_dir
+        self.load_s = load_s
+        self.backend = backend
+        self.eos_ids = eos_ids(loaded.args, tokenizer)
+        self.generator = Generator(self.model, tokenizer, self.eos_ids, max_seq_len)
+
+    @classmethod
+    def load(cls, settings: LoadSettings | None = None, progress=None) -> "Engine":
+        from .loaders import LoadRequest, pick_loader
+        from .placement import load_device_map, plan_devices
+
+        settings = settings or LoadSettings()
+        t0 = time.perf_counter()
+        model_dir = Path(settings.model_dir) if settings.model_dir else DEFAULT_MODEL_DIR
+        if settings.backend not in BACKENDS:
+            raise UsageError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
+        label, raw_map = load_device_map(settings.device_map)
+        from .loaders.base import read_model_args
+
+        if not model_dir.is_dir():
+            raise TalisError(f"model folder {model_dir} does not exist; pass --model with a folder holding config.json and weights")
+        args = read_model_args(model_dir) if (model_dir / "config.json").exists() else None
+        plan = plan_devices(raw_map, args.n_layers if args else 1, f"device map {label}")
+        request = LoadRequest(model_dir, plan, Path(settings.checkpoint) if settings.checkpoint else None,
+                              settings.wbits, settings.groupsize, settings.allow_pickle, settings.quantize_bits)
+        loaded = pick_loader(request, settings.loader).load(progress)
+        tokenizer = load_tokenizer(model_dir)
+        max_seq_len = check_max_seq_len(settings.max_seq_len, loaded.args)
+        backend = choose_backend(settings.backend, loaded.model, plan)
+        loaded.model.setup_cache(1, max_seq_len)
+        return cls(loaded, tokenizer, plan, max_seq_len, model_dir, time.perf_counter() - t0, backend)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bos = self.args.bos_token_id if self.args.bos_token_id is not None else self.tokenizer.bos_token_id
+        return ([bos] if add_bos and bos is not None else []) + list(ids)
+
+    @property
+    def info(self) -> dict:
+        """Facts for `talis info` and the REPL's /info."""
+        from .model_info import describe
+
+        return describe(self)
+
+
+def load_tokenizer(folder: Path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise TalisError(f"{folder}: cannot load the tokenizer ({e.__class__.__name__}: {str(e).splitlines()[0][:160]}); the folder needs tokenizer.json or tokenizer.model with tokenizer_config.json") from None
+
+
+def eos_ids(args, tokenizer) -> list[int]:
+    ids = list(args.eos_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    for token in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>"):  # chat turn ends of LLaMA 3 and ChatML
+        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if tid is not None and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def check_max_seq_len(requested: int | None, args) -> int:
+    limit = args.max_position_embeddings
+    if args.rope_scaling and args.rope_scaling.get("rope_type") in ("linear", "dynamic"):
+        limit = int(limit * float(args.rope_scaling.get("factor", 1.0)))
+    if requested is None:
+        return min(limit, DEFAULT_MAX_SEQ_LEN)
+    if requested < 2:
+        raise UsageError(f"--max-seq-len {requested} is too small; it must be at least 2")
+    if requested > limit:
+        raise UsageError(f"--max-seq-len {requested} exceeds what the model was trained for ({limit}); use at most {limit}")
+    return requested
+
+
+def choose_backend(requested: str, model, plan) -> str:
+    """Pick the QuantLinear backend and switch every quantized layer to it."""
+    from quant_kernels.quant_linear import QuantLinear, available_backends
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    name = requested
+    if requested == "auto":
+        if plan.uses_cuda:
+            name = "triton" if _triton_backend_available() else "torch"
+        else:
+            float_bytes = sum(m.in_features * m.out_features * 4 for m in layers)
+            name = "torch_dense" if float_bytes <= DENSE_CPU_LIMIT else "torch"
+    elif requested == "triton" and not (plan.uses_cuda and _triton_backend_available()):
+        raise UsageError("--backend triton needs a CUDA GPU and the Triton kernels; use --backend torch on this machine")
+    if name not in available_backends():
+        raise UsageError(f"backend {name!r} is not available here; available: {', '.join(available_backends())}")
+    for m in layers:
+        m.set_backend(name)
+    return name
+
+
+def _triton_backend_available() -> bool:
+    try:
+        import quant_kernels.triton_backend  # noqa: F401  (registers "triton")
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,67 @@
+"""What `talis info` reports: architecture, quantization, sizes and the memory a context needs."""
+
+from __future__ import annotations
+
+
+def parameter_count(args) -> int:
+    """Parameters of the model as trained (quantized linears counted as their float weights)."""
+    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    mlp = 3 * args.dim * args.intermediate_size
+    norms = 2 * args.dim
+    embed = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    return args.n_layers * (attn + mlp + norms) + embed + args.dim
+
+
+def kv_cache_bytes(args, context: int, batch: int = 1, dtype_bytes: int = 2) -> int:
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * context * batch * dtype_bytes
+
+
+def weight_bytes_in_memory(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith((".k", ".v"))]:
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def describe(engine) -> dict:
+    args, quant = engine.args, engine.quant
+    weights = weight_bytes_in_memory(engine.model)
+    kv = kv_cache_bytes(args, engine.max_seq_len, dtype_bytes=engine.model.lm_head.weight.element_size())
+    return {
+        "model": str(engine.model_dir),
+        "loader": engine.loaded.loader,
+        "files": [str(f) for f in engine.loaded.files],
+        "bytes_on_disk": sum(f.stat().st_size for f in engine.loaded.files),
+        "architecture": {
+            "layers": args.n_layers, "hidden": args.dim, "intermediate": args.intermediate_size,
+            "heads": args.n_heads, "kv_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab": args.vocab_size,
+            "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
+            "max_position_embeddings": args.max_position_embeddings, "tied_embeddings": args.tie_word_embeddings,
+        },
+        "parameters": parameter_count(args),
+        "quantization": None if quant is None else {
+            "bits": quant.bits, "group_size": quant.group_size, "act_order": quant.desc_act, "sym": quant.sym,
+            "format": quant.checkpoint_format,
+        },
+        "backend": engine.backend,
+        "context": engine.max_seq_len,
+        "memory": {"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv},
+        "device_plan": _summarize_plan(engine.plan, args.n_layers),
+    }
+
+
+def _summarize_plan(plan, n_layers: int) -> dict:
+    """Device -> which parts live there, with layer ranges folded ("layers 0-15")."""
+    out: dict[str, list[str]] = {}
+    run_dev, run_start = None, 0
+    for i in range(n_layers + 1):
+        dev = plan.device_for(f"model.layers.{i}") if i < n_layers else None
+        if dev != run_dev:
+            if run_dev is not None:
+                out.setdefault(run_dev, []).append(f"layers {run_start}-{i - 1}")
+            run_dev, run_start = dev, i
+    for part in ("model.embed_tokens", "model.norm", "lm_head"):
+        out.setdefault(plan.device_for(part), []).append(part.split(".")[-1])
+    return out

@@ -1,0 +1,161 @@
+"""Device maps: which device each part of the model lives on.
+
+Two file forms are accepted:
+- accelerate's: {"model.embed_tokens": 0, "model.layers.0": 0, ..., "model.norm": 1, "lm_head": 1}
+  (module-name prefix -> GPU index, "cuda:N", "cpu"; "" or "*" as a catch-all);
+- compact: {"layers": {"0-39": 0, "40-79": 1}, "embed_tokens": 0, "norm": 1, "lm_head": 1}, or
+  {"gpu_split": [20, 24]} (GB per GPU, layers spread in proportion), or {"device": "cpu"}.
+Named maps (auto, cpu, single_gpu, standard) are the files in the packaged device_maps/ folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import TalisError, UsageError
+
+COMPACT_KEYS = {"layers", "embed_tokens", "norm", "lm_head", "gpu_split", "device"}
+
+
+@dataclass
+class DevicePlan:
+    """Module-name prefix -> device string ("cpu", "cuda:0", ...); the longest matching prefix wins."""
+
+    prefixes: dict[str, str]
+
+    def device_for(self, name: str) -> str:
+        best, best_len = None, -1
+        for prefix, dev in self.prefixes.items():
+            if (prefix == "" or name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = dev, len(prefix)
+        if best is None:
+            raise TalisError(f"the device map does not place {name!r}; add an entry for it (or a catch-all \"\")")
+        return best
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted(set(self.prefixes.values()))
+
+    @property
+    def uses_cuda(self) -> bool:
+        return any(d.startswith("cuda") for d in self.devices)
+
+
+def list_device_maps() -> dict[str, dict]:
+    """Packaged device maps by name (built-in names included) with their contents."""
+    maps = {}
+    for f in sorted(resources.files("device_maps").iterdir(), key=lambda p: p.name):
+        if f.name.endswith(".json"):
+            maps[f.name[:-5]] = json.loads(f.read_text())
+    return maps
+
+
+def load_device_map(name_or_path: str | Path | None) -> tuple[str, dict]:
+    """Return (label, raw map) for a packaged name or a user's JSON file."""
+    spec = str(name_or_path or "auto")
+    builtin = list_device_maps()
+    builtin.setdefault("cuda", builtin.get("single_gpu", {"device": 0}))
+    if spec in builtin:
+        return spec, builtin[spec]
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError(f"device map {spec!r} is neither a built-in name ({', '.join(builtin)}) nor an existing file")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a device map must be a JSON object")
+    return str(path), raw
+
+
+def plan_devices(raw: dict, n_layers: int, source: str = "device map", layer_bytes: int | None = None) -> DevicePlan:
+    """Turn a raw map (either form) into a DevicePlan for a model of `n_layers` layers, checking devices exist."""
+    if any(k.startswith("model.") or k in ("lm_head", "", "*") for k in raw):
+        plan = DevicePlan({("" if k == "*" else k): _device(v, source, k) for k, v in raw.items()})
+    else:
+        plan = _plan_compact(raw, n_layers, source)
+    _check_available(plan, source)
+    return plan
+
+
+def _plan_compact(raw: dict, n_layers: int, source: str) -> DevicePlan:
+    unknown = set(raw) - COMPACT_KEYS
+    if unknown:
+        raise UsageError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(COMPACT_KEYS))} or accelerate's module names")
+    if "device" in raw:
+        dev = raw["device"]
+        if dev == "auto":
+            dev = "cuda:0" if _cuda_count() else "cpu"
+        return DevicePlan({"": _device(dev, source, "device")})
+    if "gpu_split" in raw:
+        layers = _split_by_capacity(raw["gpu_split"], n_layers, source)
+    else:
+        layers = _parse_layer_ranges(raw.get("layers"), n_layers, source)
+    first, last = layers[0], layers[-1]
+    prefixes = {f"model.layers.{i}": dev for i, dev in enumerate(layers)}
+    prefixes["model.embed_tokens"] = _device(raw.get("embed_tokens", first), source, "embed_tokens")
+    prefixes["model.norm"] = _device(raw.get("norm", last), source, "norm")
+    prefixes["lm_head"] = _device(raw.get("lm_head", last), source, "lm_head")
+    return DevicePlan(prefixes)
+
+
+def _parse_layer_ranges(ranges, n_layers: int, source: str) -> list[str]:
+    if not isinstance(ranges, dict) or not ranges:
+        raise UsageError(f"{source}: \"layers\" must be an object like {{\"0-15\": 0, \"16-31\": 1}}")
+    out: list[str | None] = [None] * n_layers
+    for span, dev in ranges.items():
+        try:
+            lo, _, hi = str(span).partition("-")
+            lo, hi = int(lo), int(hi or lo)
+        except ValueError:
+            raise UsageError(f"{source}: layer range {span!r} is not of the form \"A-B\"") from None
+        if not 0 <= lo <= hi < n_layers:
+            raise UsageError(f"{source}: layer range {span!r} is outside 0-{n_layers - 1} (the model has {n_layers} layers)")
+        for i in range(lo, hi + 1):
+            out[i] = _device(dev, source, f"layers {span}")
+    missing = [i for i, d in enumerate(out) if d is None]
+    if missing:
+        raise UsageError(f"{source}: layers {missing[0]}..{missing[-1]} are not placed; cover 0-{n_layers - 1}")
+    return out  # type: ignore[return-value]
+
+
+def _split_by_capacity(caps, n_layers: int, source: str) -> list[str]:
+    if not isinstance(caps, list) or not caps or not all(isinstance(c, (int, float)) and c > 0 for c in caps):
+        raise UsageError(f"{source}: \"gpu_split\" must be a list of positive GB figures, one per GPU, like [20, 24]")
+    total = float(sum(caps))
+    out, acc = [], 0.0
+    for gpu, cap in enumerate(caps):
+        acc += cap
+        upto = round(n_layers * acc / total)
+        out += [f"cuda:{gpu}"] * (upto - len(out))
+    return out
+
+
+def _device(v, source: str, key: str) -> str:
+    if isinstance(v, bool):
+        raise UsageError(f"{source}: {key}: device must be a GPU index, \"cuda:N\" or \"cpu\", not {v!r}")
+    if isinstance(v, int) and v >= 0:
+        return f"cuda:{v}"
+    if isinstance(v, str) and (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+        return "cuda:0" if v == "cuda" else v
+    if v == "disk":
+        raise UsageError(f"{source}: {key}: \"disk\" offload is not supported; use \"cpu\" for layers that don't fit")
+    raise UsageError(f"{source}: {key}: device must be a GPU index, \"cuda:N\" or \"cpu\", not {v!r}")
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _check_available(plan: DevicePlan, source: str) -> None:
+    n = _cuda_count()
+    for dev in plan.devices:
+        if dev.startswith("cuda") and int(dev.split(":")[1]) >= n:
+            have = f"only {n} GPU(s)" if n else "no CUDA GPU"
+            raise TalisError(f"{source} places layers on {dev} but this machine has {have}; use --device-map cpu or a map for the GPUs you have")
