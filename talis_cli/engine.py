@@ -91,9 +91,11 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise TalisError(f"{folder}: cannot load the tokenizer ({e.__class__.__name__}: {str(e).splitlines()[0][:160]}); the folder needs tokenizer.json or tokenizer.model with tokenizer_config.json") from None
+    tokenizer.model_max_length = 1 << 30  # talis checks lengths against the context itself
+    return tokenizer
 
 
 def eos_ids(args, tokenizer) -> list[int]:

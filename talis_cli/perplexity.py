@@ -1,0 +1,47 @@
+"""Windowed perplexity, as GPTQ-for-LLaMa evaluates it: the text is cut into windows of `ctx` tokens and
+the negative log-likelihood of every predicted token is averaged. With `stride` < ctx the windows overlap
+and only each window's last `stride` tokens are scored (each token scored once, with more context)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import UsageError
+
+
+def perplexity(engine, text: str, ctx: int = 512, stride: int | None = None, max_windows: int | None = None,
+               progress=None) -> float:
+    ids = engine.encode(text, add_bos=False)
+    return perplexity_of_ids(engine.model, ids, ctx, stride, max_windows, progress)
+
+
+@torch.no_grad()
+def perplexity_of_ids(model, ids: list[int], ctx: int, stride: int | None = None, max_windows: int | None = None,
+                      progress=None) -> float:
+    stride = stride or ctx
+    if ctx < 2 or not 0 < stride <= ctx:
+        raise UsageError(f"--ctx must be >= 2 and 0 < --stride <= --ctx (got ctx {ctx}, stride {stride})")
+    if len(ids) < ctx + 1:
+        raise UsageError(f"the text has {len(ids)} tokens, fewer than --ctx {ctx} + 1; pass a longer file or a smaller --ctx")
+    tokens = torch.tensor(ids, dtype=torch.long)
+    starts = list(range(0, len(ids) - ctx, stride))[:max_windows]
+    nll, counted = 0.0, 0
+    had_cache, cache_batch = model.has_cache, model.cache_batch
+    model.clear_cache()  # each window attends only to itself
+    try:
+        for i, start in enumerate(starts):
+            window = tokens[start:start + ctx + 1]
+            logits = model(window[None, :-1])[0]
+            targets = window[1:].to(logits.device)
+            scored = ctx if start == 0 else stride  # overlapping windows score only their new tokens
+            losses = torch.nn.functional.cross_entropy(logits[-scored:], targets[-scored:], reduction="sum")
+            nll += losses.item()
+            counted += scored
+            if progress:
+                progress(i + 1, len(starts), f"ppl {math.exp(nll / counted):.3f}")
+    finally:
+        if had_cache:
+            model.setup_cache(cache_batch, model.max_seq_len)
+    return math.exp(nll / counted)
