@@ -1,0 +1,151 @@
+"""The "triton" QuantLinear backend: fused GPTQ kernels on CUDA GPUs (or under TRITON_INTERPRET=1 on CPU).
+
+`prepare` turns a layer into the layout the kernels read fastest:
+- act-order: input rows are sorted by group once (qweight repacked, the permutation kept), so each group's
+  scales are read in one run; at run time the kernels read x through the permutation. The layer's own tensors
+  stay as loaded (files on disk are standard GPTQ); the state holds the reordered copy of `qweight`.
+- anything the kernels do not cover (3-bit words, rows of a group not contiguous after sorting, K not a whole
+  number of words, a CPU tensor outside the interpreter) falls back to the torch reference backend.
+
+`forward` routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the GEMV; more rows take whichever of the
+fused GEMM and dequantize-then-cuBLAS measured faster for that shape (tuned once, remembered on disk).
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import gptq_format
+from .autotune_cache import Tuner, interpreting
+from .quant_linear import QuantLinear, TorchBackend, register_backend
+from .triton_gemm import dequantize_into, quant_gemm
+from .triton_gemv import MAX_ROWS, Workspace, gemv_workspace_size, quant_gemv
+
+TRITON_BITS = (2, 4, 8)  # whole values per int32 word; 3-bit values straddle words
+
+
+@dataclass
+class PreparedWeight:
+    """Tensors in kernel layout. qweight: int32 [K*bits/32, N], rows sorted by group when `perm` is set;
+    perm: int32 [K] or None, row k of qweight multiplies input feature perm[k]; group_size: rows per group."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    qzeros: torch.Tensor
+    perm: torch.Tensor | None
+    bits: int
+    group_size: int
+    zero_offset: int
+
+    def args(self) -> tuple:
+        return (self.qweight, self.scales, self.qzeros, self.perm, self.bits, self.group_size, self.zero_offset)
+
+
+def unsupported_reason(layer: QuantLinear) -> str | None:
+    """Why the Triton kernels cannot run this layer, or None when they can."""
+    if layer.bits not in TRITON_BITS:
+        return f"{layer.bits}-bit weights"
+    if layer.qweight.device.type != "cuda" and not interpreting():
+        return f"tensors on {layer.qweight.device.type}"
+    if layer.in_features % (32 // layer.bits):
+        return "in_features not a whole number of int32 words"
+    return None
+
+
+def group_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """The row permutation that makes each group contiguous, None when g_idx is already in order.
+
+    Raises ValueError when sorting cannot give `group_size` consecutive rows per group (what the kernels assume).
+    """
+    rows = g_idx.shape[0]
+    in_order = torch.arange(rows, device=g_idx.device, dtype=torch.int32) // group_size
+    if torch.equal(g_idx.to(torch.int32), in_order):
+        return None
+    perm = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[perm].to(torch.int32), in_order):
+        raise ValueError("groups are not of equal size")
+    return perm.to(torch.int32)
+
+
+def prepare_weight(layer: QuantLinear) -> PreparedWeight:
+    """Kernel layout of one layer (see the module docstring); raises ValueError when the layout cannot be made."""
+    group_size = layer.in_features if layer.group_size == -1 else layer.group_size
+    perm = group_order(layer.g_idx, group_size)
+    qweight = layer.qweight
+    if perm is not None:
+        rows = gptq_format.unpack_rows(qweight, layer.bits, layer.in_features)
+        qweight = gptq_format.pack_rows(rows[perm.long()], layer.bits)
+    return PreparedWeight(qweight, layer.scales, layer.qzeros, perm, layer.bits, group_size, layer.zero_offset)
+
+
+def _prefill_launcher(weight: PreparedWeight, x2d: torch.Tensor):
+    """launch(config) computing x2d @ W by config["path"]: "fused" (Triton GEMM) or "cublas" (dequantize + matmul)."""
+
+    def launch(config: dict) -> torch.Tensor:
+        if config["path"] == "fused":
+            return quant_gemm(x2d, *weight.args())
+        rows, cols = weight.qweight.shape[0] * 32 // weight.bits, weight.qweight.shape[1]
+        scratch = Scratch.get(x2d.device, x2d.dtype, rows, cols)
+        return torch.matmul(x2d, dequantize_into(scratch, *weight.args()))
+
+    return launch
+
+
+PREFILL_TUNER = Tuner(
+    "prefill",
+    [dict(path="fused"), dict(path="cublas")],
+    prune=lambda config, key: True,
+    interpreter_config=dict(path="fused"),
+)
+
+
+class Scratch:
+    """One dense-weight buffer per device and dtype for the dequantize + cuBLAS path, grown to the largest layer."""
+
+    _buffers: dict = {}
+
+    @classmethod
+    def get(cls, device: torch.device, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+        buffer = cls._buffers.get((device, dtype))
+        if buffer is None or buffer.numel() < rows * cols:
+            buffer = torch.empty(rows * cols, dtype=dtype, device=device)
+            cls._buffers[(device, dtype)] = buffer
+        return buffer[: rows * cols].view(rows, cols)
+
+
+class TritonBackend:
+    """QuantLinear backend running the Triton kernels; falls back to TorchBackend where they do not apply."""
+
+    def prepare(self, layer: QuantLinear) -> PreparedWeight | tuple[TorchBackend, object]:
+        reason = unsupported_reason(layer)
+        if reason is None:
+            try:
+                weight = prepare_weight(layer)
+            except ValueError:
+                reason = "act-order groups of unequal size"
+        if reason is not None:
+            fallback = TorchBackend()
+            return fallback, fallback.prepare(layer)
+        if layer.qweight.device.type == "cuda":
+            Workspace.reserve(layer.qweight.device, *gemv_workspace_size(layer.out_features))
+        return weight
+
+    def forward(self, layer: QuantLinear, state, x2d: torch.Tensor) -> torch.Tensor:
+        """x2d: [M, in] -> [M, out] in x2d's dtype."""
+        if isinstance(state, tuple):
+            fallback, fallback_state = state
+            return fallback.forward(layer, fallback_state, x2d)
+        x2d = x2d.contiguous()
+        if x2d.shape[0] <= MAX_ROWS:
+            y = quant_gemv(x2d, *state.args())
+        else:
+            launch = _prefill_launcher(state, x2d)
+            key = (triton.next_power_of_2(x2d.shape[0]), layer.out_features, layer.in_features, layer.bits,
+                   state.group_size, state.perm is not None, str(x2d.dtype))
+            y = launch(PREFILL_TUNER.pick(key, launch))
+        if layer.bias is not None:
+            y += layer.bias.to(y.dtype)
+        return y
+
+
+register_backend("triton", TritonBackend)

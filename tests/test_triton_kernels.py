@@ -1,0 +1,198 @@
+"""Triton GPTQ kernels against the reference (gptq_format.dequantize, then an fp32 matmul).
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 at small shapes; with one, the same tests run on it and
+the tests marked gpu add real LLaMA shapes.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
+
+from quant_kernels import gptq_format  # noqa: E402
+from quant_kernels.autotune_cache import Tuner  # noqa: E402
+from quant_kernels.quant_linear import QuantLinear  # noqa: E402
+from quant_kernels.triton_backend import PreparedWeight, TritonBackend, group_order, prepare_weight  # noqa: E402
+from quant_kernels.triton_gemm import dequantize_into, quant_gemm  # noqa: E402
+from quant_kernels.triton_gemv import Workspace, quant_gemv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOLERANCE = 1e-3  # relative error in fp16
+
+
+def random_layer(in_features: int, out_features: int, bits: int, group_size: int, act_order: bool,
+                 zero_offset: int = 1, seed: int = 0) -> QuantLinear:
+    """A QuantLinear with random codes, zeros and scales; act-order draws a random row order of the groups."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = gptq_format.num_groups(in_features, group_size)
+    q = torch.randint(0, 2**bits, (in_features, out_features), generator=gen)
+    zeros = torch.randint(0, 2**bits - zero_offset, (groups, out_features), generator=gen)
+    scales = (torch.rand(groups, out_features, generator=gen) * 0.02 + 0.002).half()
+    g_idx = gptq_format.default_g_idx(in_features, group_size)
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_features, generator=gen)]
+    layer = QuantLinear.from_quantized(gptq_format.pack_rows(q, bits), gptq_format.pack_cols(zeros, bits), scales,
+                                       g_idx, bits, group_size, zero_offset)
+    return layer.to(DEVICE)
+
+
+def reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ the dequantized weight, in fp32."""
+    weight = gptq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                                    layer.zero_offset)
+    return x.float() @ weight.float()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "NaN in the output (an element left unwritten?)"
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def poisoned(rows: int, cols: int) -> torch.Tensor:
+    return torch.full((rows, cols), float("nan"), dtype=torch.float16, device=DEVICE)
+
+
+def random_x(rows: int, cols: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen).half().to(DEVICE)
+
+
+# K = 200 and 264 are not multiples of the interpreter's K block (64 words); N = 80 is not a multiple of BLOCK_N.
+SMALL_CASES = [
+    # rows, K, N, bits, group_size, act_order
+    (1, 256, 64, 4, 128, False),
+    (1, 200, 80, 4, 8, True),
+    (3, 256, 64, 4, 32, True),
+    (7, 264, 96, 4, -1, False),
+    (1, 256, 64, 8, 32, False),
+    (3, 512, 64, 8, 128, True),
+    (7, 128, 64, 8, -1, True),
+    (1, 256, 64, 2, 128, True),
+    (5, 512, 32, 2, 32, False),
+]
+
+
+@pytest.mark.parametrize("rows,k,n,bits,group_size,act_order", SMALL_CASES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemv_matches_reference(rows, k, n, bits, group_size, act_order, split_k):
+    layer = random_layer(k, n, bits, group_size, act_order, seed=rows * 7 + bits)
+    weight = prepare_weight(layer)
+    x = random_x(rows, k, seed=split_k)
+    out = poisoned(rows, n)
+    config = dict(BLOCK_N=64, BLOCK_KW=8, SPLIT_K=split_k, num_warps=4)
+    quant_gemv(x, *weight.args(), out=out, config=config)
+    assert relative_error(out, reference(layer, x)) < TOLERANCE
+
+
+def test_gemv_split_k_leaves_workspace_clean():
+    layer = random_layer(512, 128, 4, 32, act_order=False)
+    weight = prepare_weight(layer)
+    config = dict(BLOCK_N=64, BLOCK_KW=8, SPLIT_K=4, num_warps=4)
+    for seed in range(2):  # a dirty workspace would corrupt the second call
+        x = random_x(3, 512, seed)
+        out = quant_gemv(x, *weight.args(), config=config)
+        assert relative_error(out, reference(layer, x)) < TOLERANCE
+    partials, tickets = Workspace.reserve(torch.device(DEVICE), 0, 0)
+    assert not partials.any() and not tickets.any()
+
+
+@pytest.mark.parametrize("rows,k,n,bits,group_size,act_order", [
+    (33, 200, 80, 4, 8, True), (9, 256, 64, 4, 128, False), (17, 264, 64, 8, -1, True), (40, 256, 96, 2, 32, False),
+])
+def test_gemm_matches_reference(rows, k, n, bits, group_size, act_order):
+    layer = random_layer(k, n, bits, group_size, act_order, seed=rows)
+    x = random_x(rows, k, seed=rows + 1)
+    out = poisoned(rows, n)
+    quant_gemm(x, *prepare_weight(layer).args(), out=out,
+               config=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1))
+    assert relative_error(out, reference(layer, x)) < TOLERANCE
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, True), (8, -1, False), (2, 128, True)])
+def test_dequantize_into_matches_reference_exactly(bits, group_size, act_order):
+    layer = random_layer(256, 96, bits, group_size, act_order, zero_offset=0)
+    dense = dequantize_into(poisoned(256, 96), *prepare_weight(layer).args())
+    expected = gptq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, 0)
+    assert torch.equal(dense, expected)
+
+
+def test_group_order_sorts_rows_by_group():
+    g_idx = torch.arange(96, dtype=torch.int32) // 32
+    assert group_order(g_idx, 32) is None
+    shuffled = g_idx[torch.randperm(96)]
+    perm = group_order(shuffled, 32)
+    assert torch.equal(shuffled[perm.long()], g_idx)
+    with pytest.raises(ValueError):
+        group_order(torch.cat([torch.zeros(40), torch.ones(56)]).int(), 32)
+
+
+@pytest.mark.parametrize("rows", [1, 6, 19])
+@pytest.mark.parametrize("bits,act_order", [(4, True), (8, False), (3, True)])
+def test_backend_matches_torch_backend(rows, bits, act_order):
+    """Through QuantLinear; 3-bit layers fall back to the torch backend and must give its result exactly."""
+    layer = random_layer(256, 64, bits, 64, act_order, seed=rows)
+    x = random_x(rows, 256, seed=rows)[None]  # [1, rows, K]: QuantLinear flattens leading dims
+    layer.set_backend("torch")
+    expected = layer(x)
+    layer.set_backend("triton")
+    out = layer(x)
+    assert out.shape == expected.shape == (1, rows, 64)
+    if bits == 3:
+        assert isinstance(layer._state, tuple) and torch.equal(out, expected)
+    else:
+        assert isinstance(layer._state, PreparedWeight)
+        assert relative_error(out[0], reference(layer, x[0])) < TOLERANCE
+
+
+def test_unequal_groups_fall_back_to_torch():
+    layer = random_layer(64, 32, 4, 32, act_order=False)
+    layer.g_idx = torch.cat([torch.zeros(40), torch.ones(24)]).int().to(DEVICE)
+    state = TritonBackend().prepare(layer)
+    assert isinstance(state, tuple)
+    x = random_x(2, 64, seed=3)
+    assert relative_error(TritonBackend().forward(layer, state, x), reference(layer, x)) < TOLERANCE
+
+
+def test_tuner_keeps_fastest_and_remembers_it_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("TALIS_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda *a: "test-gpu")
+    times = {1: 3.0, 2: 1.0, 3: 2.0, 4: 0.5}
+    monkeypatch.setattr("triton.testing.do_bench", lambda fn, **kw: (fn(), times[launched[-1]])[1])
+    launched = []
+    configs = [dict(B=b) for b in times]
+    # The pruner drops B=4 for this key, so B=2 is the fastest that remains.
+    make = lambda: Tuner("t", configs, prune=lambda c, key: c["B"] < 4, interpreter_config=configs[0])  # noqa: E731
+    assert make().pick((1, 2), lambda c: launched.append(c["B"])) == dict(B=2)
+    launched.clear()
+    assert make().pick((1, 2), lambda c: launched.append(c["B"])) == dict(B=2)
+    assert launched == []  # the second tuner read the choice from disk and timed nothing
+
+
+REAL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 24576)]  # (K, N)
+
+
+@gpu
+@pytest.mark.parametrize("k,n", REAL_SHAPES)
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, False), (4, 128, True), (8, -1, False),
+                                                       (4, 32, True), (2, 64, False)])
+def test_real_shapes_on_gpu(k, n, bits, group_size, act_order):
+    """Every path at LLaMA shapes, with fixed launch configurations (the timing script checks the tuned ones)."""
+    layer = random_layer(k, n, bits, group_size, act_order)
+    weight = prepare_weight(layer)
+    for rows, split_k in ((1, 1), (1, 8), (3, 4), (8, 2)):
+        x = random_x(rows, k, seed=rows)
+        out = quant_gemv(x, *weight.args(), out=poisoned(rows, n),
+                         config=dict(BLOCK_N=128, BLOCK_KW=8, SPLIT_K=split_k, num_warps=4))
+        assert relative_error(out, reference(layer, x)) < TOLERANCE, f"gemv rows={rows} split_k={split_k}"
+    for rows in (33, 300):
+        x = random_x(rows, k, seed=rows)
+        out = quant_gemm(x, *weight.args(), out=poisoned(rows, n),
+                         config=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3))
+        assert relative_error(out, reference(layer, x)) < TOLERANCE, f"gemm rows={rows}"
+    dense = dequantize_into(torch.full((k, n), float("nan"), dtype=torch.float16, device=DEVICE), *weight.args())
+    x = random_x(300, k, seed=5)
+    assert relative_error(x @ dense, reference(layer, x)) < TOLERANCE
