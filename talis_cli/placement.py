@@ -74,7 +74,11 @@ def load_device_map(name_or_path: str | Path | None) -> tuple[str, dict]:
 
 def plan_devices(raw: dict, n_layers: int, source: str = "device map", layer_bytes: int | None = None) -> DevicePlan:
     """Turn a raw map (either form) into a DevicePlan for a model of `n_layers` layers, checking devices exist."""
-    if any(k.startswith("model.") or k in ("lm_head", "", "*") for k in raw):
+    if not raw.keys() & {"layers", "gpu_split", "device"}:
+        odd = [k for k in raw if not (k.startswith("model.") or k in ("lm_head", "", "*"))]
+        if odd:
+            raise UsageError(f"{source}: unknown key(s) {', '.join(odd)}; use module names (model.layers.N, lm_head, ...) "
+                             f"or the compact keys {', '.join(sorted(COMPACT_KEYS))}")
         plan = DevicePlan({("" if k == "*" else k): _device(v, source, k) for k, v in raw.items()})
     else:
         plan = _plan_compact(raw, n_layers, source)
