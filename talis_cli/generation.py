@@ -50,7 +50,8 @@ class GenerationConfig:
         for name, (kind, ok, allowed) in _RULES.items():
             value = getattr(self, name)
             if not _is_kind(value, kind) or not ok(value):
-                raise UsageError(f"{name} = {value!r} is out of range: allowed {allowed}")
+                shown = list(value) if isinstance(value, tuple) else value  # stop is a list to the user
+                raise UsageError(f"{name} = {shown!r} is out of range: allowed {allowed}")
         return self
 
     def with_overrides(self, **overrides) -> "GenerationConfig":
