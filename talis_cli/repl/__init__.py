@@ -1,0 +1,1 @@
+"""`talis chat`: an interactive prompt-toolkit REPL around a ChatSession (the only place for prompt_toolkit)."""

@@ -1,0 +1,90 @@
+"""The chat loop: read a message or a slash command, stream the reply, show the stats line."""
+
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+
+from talis_cli.errors import TalisError
+from talis_cli.repl.commands import Commands, Outcome
+from talis_cli.repl.io import ChatIO, SlashCompleter, history_file
+from talis_cli.repl.render import ReplyRenderer, oom_message
+
+
+class ChatRepl:
+    def __init__(self, session, console: Optional[Console] = None, history_path: Optional[Path] = None,
+                 input=None, output=None):
+        self.session = session  # ChatSession
+        self.console = console or Console(highlight=False)
+        self.io = ChatIO(self.console, history_path or history_file(), self.toolbar, None, input, output)
+        self.commands = Commands(session, self.io)
+        self.io.prompt_session.completer = SlashCompleter(self.commands)
+        self.renderer = ReplyRenderer(self.console)
+        self.unsent = ""  # a message that failed, put back into the input line
+
+    def toolbar(self) -> str:
+        session = self.session
+        model = Path(str(session.engine.model_dir)).name
+        return (f" {model} | preset {session.preset or 'default'} | template {session.template.name} | "
+                f"context {session.context_used}/{session.engine.max_seq_len} | /help, Ctrl-D to leave ")
+
+    def run(self, first_message: Optional[str] = None) -> None:
+        self.io.info("talis chat: /help lists commands, \"\"\" starts a multi-line message, Ctrl-D or /bye leaves")
+        if first_message and self.handle(first_message) is Outcome.EXIT:
+            return
+        while True:
+            try:
+                line = self.io.read_message(default=self.unsent)
+            except KeyboardInterrupt:
+                self.io.info("(to leave, press Ctrl-D or type /bye)")
+                continue
+            except EOFError:
+                break
+            self.unsent = ""
+            if self.handle(line) is Outcome.EXIT:
+                break
+
+    def handle(self, line: str) -> Outcome:
+        """Act on one input: a slash command or a message to reply to."""
+        if not line.strip():
+            return Outcome.CONTINUE
+        if line.startswith("/"):
+            try:
+                outcome = self.commands.run(line)
+            except TalisError as exc:
+                self.io.error(str(exc))
+                self.unsent = line
+                return Outcome.CONTINUE
+            if outcome is Outcome.REPLY:
+                self.respond()
+            return outcome
+        self.session.add_user(line)
+        if not self.respond():
+            self.session.messages.pop()
+            self.unsent = line
+        return Outcome.CONTINUE
+
+    def respond(self) -> bool:
+        """Stream a reply to the conversation; False (and a message) when it could not be generated."""
+        try:
+            ids, dropped = self.session.fit_to_context()
+            if dropped:
+                self.io.warning(f"(the conversation outgrew the context: dropped the {dropped} oldest exchange(s); "
+                                "the system prompt stays)")
+            self.renderer.start()
+            reply = self.session.reply(ids, self.renderer.feed)
+        except TalisError as exc:
+            self.io.error(str(exc))
+            return False
+        except Exception as exc:
+            message = oom_message(exc)
+            if message is None:
+                raise
+            self.io.error(message)
+            return False
+        self.renderer.end(reply.stats, interrupted=reply.finish_reason == "interrupted")
+        return True
+
+
+def run_chat(session, first_message: Optional[str] = None) -> None:
+    ChatRepl(session).run(first_message)

@@ -1,0 +1,145 @@
+"""What the terminal shows around generation: load progress, streamed replies, stats lines and blocks.
+
+Everything here writes through rich consoles, which honour NO_COLOR and drop colour when not on a terminal.
+"""
+
+import contextlib
+import sys
+import time
+from typing import Optional
+
+from rich.console import Console
+from rich.text import Text
+
+GIB, MIB = 1024**3, 1024**2
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def load_progress(min_seconds: float = 0.5):
+    """Yield a `progress(done, total, name)` callback that shows a bar on stderr once loading outlasts `min_seconds`.
+
+    Nothing is drawn when stderr is not a terminal, so pipes and logs stay clean.
+    """
+    console = stderr_console()
+    if not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    started = time.perf_counter()
+    bar = Progress(TextColumn("loading"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
+                   TimeElapsedColumn(), console=console, transient=True)
+    task = None
+
+    def progress(done: int, total: int, name: str = "") -> None:
+        nonlocal task
+        if task is None:
+            if time.perf_counter() - started < min_seconds:
+                return
+            bar.start()
+            task = bar.add_task("load", total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield progress
+    finally:
+        if task is not None:
+            bar.stop()
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def timings_of(stats) -> dict:
+    """Timings of a GenerationStats as a JSON-ready dict (seconds and tokens per second)."""
+    prefill_tokens = stats.prompt_tokens
+    decode_tokens = max(stats.new_tokens - 1, 0)  # the first new token comes out of the prefill
+    return dict(prefill_s=round(stats.prefill_s, 6), decode_s=round(stats.decode_s, 6),
+                first_token_s=round(stats.first_token_s, 6),
+                prefill_tok_s=round(_rate(prefill_tokens, stats.prefill_s), 2),
+                decode_tok_s=round(_rate(decode_tokens, stats.decode_s), 2))
+
+
+def memory_in_use() -> str:
+    """VRAM in use / peak per GPU when CUDA is initialised, else the process's resident memory."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return ", ".join(f"GPU{i} {torch.cuda.memory_allocated(i) / GIB:.2f}/{torch.cuda.max_memory_allocated(i) / GIB:.2f} GiB"
+                         for i in range(torch.cuda.device_count()))
+    return f"RSS {_resident_bytes() / MIB:.0f} MiB"
+
+
+def _resident_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak, in KiB on Linux
+
+
+def stats_line(stats) -> str:
+    """One line after a reply: prompt tokens, prefill rate, generated tokens, decode rate, first token, memory."""
+    t = timings_of(stats)
+    return (f"prompt {stats.prompt_tokens} tok, {t['prefill_tok_s']:.1f} tok/s | "
+            f"reply {stats.new_tokens} tok, {t['decode_tok_s']:.1f} tok/s | "
+            f"first token {t['first_token_s']:.2f} s | {memory_in_use()}")
+
+
+def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Console] = None) -> None:
+    """The --stats block on stderr, laid out like `ollama run --verbose`."""
+    t = timings_of(stats)
+    rows = [("total duration", f"{total_s:.3f} s"), ("load duration", f"{load_s:.3f} s"),
+            ("prompt eval count", f"{stats.prompt_tokens} token(s)"),
+            ("prompt eval duration", f"{stats.prefill_s * 1000:.1f} ms"),
+            ("prompt eval rate", f"{t['prefill_tok_s']:.2f} tokens/s"),
+            ("eval count", f"{stats.new_tokens} token(s)"), ("eval duration", f"{stats.decode_s * 1000:.1f} ms"),
+            ("eval rate", f"{t['decode_tok_s']:.2f} tokens/s"),
+            ("time to first token", f"{stats.first_token_s * 1000:.1f} ms"), ("memory", memory_in_use())]
+    console = console or stderr_console()
+    for name, value in rows:
+        console.print(Text.assemble((f"{name + ':':<22}", "bold"), value))
+
+
+class ReplyRenderer:
+    """Streams a reply's text to a console as it arrives, then the stats line under it."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.ended_with_newline = True
+
+    def start(self) -> None:
+        self.ended_with_newline = True
+
+    def feed(self, text: str) -> None:
+        if text:
+            self.console.print(Text(text, style="cyan"), end="")
+            self.console.file.flush()
+            self.ended_with_newline = text.endswith("\n")
+
+    def end(self, stats, interrupted: bool) -> None:
+        if not self.ended_with_newline:
+            self.console.print()
+        if interrupted:
+            self.console.print(Text("(stopped; the partial reply is kept)", style="yellow"))
+        if stats is not None:
+            self.console.print(Text(stats_line(stats), style="dim"))
+
+
+def oom_message(exc: BaseException) -> Optional[str]:
+    """One line for a CUDA out-of-memory error (what ran out, what to try); None for any other error."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(exc, torch.cuda.OutOfMemoryError):
+        return None
+    import re
+
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)\. GPU (\d+)", str(exc))
+    what = f"GPU {asked.group(2)} ran out of memory allocating {asked.group(1)}" if asked else "a GPU ran out of memory"
+    return f"{what}; try a shorter --max-seq-len, a smaller model, or a --device-map that spreads the layers"

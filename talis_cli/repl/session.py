@@ -1,0 +1,182 @@
+"""A conversation with a loaded engine: messages, system prompt, template, generation settings, transcripts.
+
+No terminal code here: the REPL drives a ChatSession and shows what it returns.
+"""
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from talis_cli.chat_templates import resolve_template, special_token_texts
+from talis_cli.errors import TalisError, UsageError
+
+TRANSCRIPT_VERSION = 1
+
+
+def render_chat(engine, template, system: Optional[str], messages: list) -> list:
+    """Token ids of the conversation rendered by `template` (the text carries its own BOS)."""
+    conversation = ([{"role": "system", "content": system}] if system else []) + list(messages)
+    bos, eos = special_token_texts(engine.tokenizer)
+    return engine.encode(template.render(conversation, bos, eos), add_bos=False)
+
+
+def with_stops(config, stops) -> object:
+    """`config` with the strings in `stops` added to its stop strings (a template's turn ends)."""
+    extra = tuple(s for s in dict.fromkeys(stops) if s not in config.stop)
+    return config.with_overrides(stop=tuple(config.stop) + extra) if extra else config
+
+
+def encode_prompt(engine, text: str, system: Optional[str], template_spec: Optional[str], chat: bool) -> tuple:
+    """(token ids, extra stop strings) for a one-shot prompt, wrapped in the chat template when `chat`."""
+    if not chat:
+        return engine.encode(text, add_bos=True), ()
+    template = resolve_template(template_spec, engine.tokenizer)
+    return render_chat(engine, template, system, [{"role": "user", "content": text}]), template.stop
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length" | "interrupted"
+    stats: object  # GenerationStats of the reply (partial when interrupted)
+
+
+class ChatSession:
+    """The state of one chat: what `/save` writes and what every reply is generated from."""
+
+    def __init__(self, engine, config, template_spec: Optional[str] = None, system: Optional[str] = None,
+                 preset: Optional[str] = None):
+        self.engine = engine
+        self.config = config  # GenerationConfig
+        self.preset = preset
+        self.template_spec = template_spec
+        self.template = resolve_template(template_spec, engine.tokenizer)
+        self.system = system
+        self.messages: list = []  # {"role": "user" | "assistant", "content": str}, oldest first
+        self.last_stats = None
+        self.context_used = 0  # tokens of the conversation as of the last reply
+
+    # ----- settings
+
+    def set_template(self, spec: str) -> None:
+        self.template = resolve_template(spec, self.engine.tokenizer)
+        self.template_spec = spec
+
+    # ----- conversation
+
+    def encode(self) -> list:
+        return render_chat(self.engine, self.template, self.system, self.messages)
+
+    def fit_to_context(self) -> tuple:
+        """(prompt ids, turns dropped): drop the oldest turns until the prompt leaves room for a reply.
+
+        The system prompt and the newest user message always stay; when those alone do not fit, TalisError.
+        """
+        limit = self.engine.max_seq_len
+        budget = limit - min(self.config.max_new_tokens, limit // 2)  # context kept free for the reply
+        ids, dropped = self.encode(), 0
+        while len(ids) > budget and len(self.messages) > 1:
+            del self.messages[0]
+            if self.messages and self.messages[0]["role"] == "assistant":
+                del self.messages[0]
+            dropped += 1
+            ids = self.encode()
+        if len(ids) >= limit:
+            raise TalisError(f"this message is {len(ids)} tokens with the system prompt, {len(ids) - limit + 1} "
+                             f"more than the context of {limit} holds; shorten it or start with a larger --max-seq-len")
+        return ids, dropped
+
+    def reply(self, ids: list, on_text: Callable[[str], None]) -> Reply:
+        """Generate the assistant's answer to `ids` (from fit_to_context), appending it to the conversation.
+
+        Text goes to `on_text` as it streams. Ctrl-C (KeyboardInterrupt) stops it and keeps the partial reply.
+        On an error the conversation is left as it was.
+        """
+        generator = self.engine.generator
+        text, finish = "", "interrupted"
+        started = time.perf_counter()
+        try:
+            for event in generator.stream(ids, with_stops(self.config, self.template.stop)):
+                text += event.text
+                on_text(event.text)
+                finish = event.finish_reason or finish
+        except KeyboardInterrupt:
+            finish = "interrupted"
+        stats = generator.last_stats
+        if stats is not None and stats.first_token_s == 0.0:  # interrupted before the first token
+            stats.prefill_s = stats.first_token_s = time.perf_counter() - started
+        self.messages.append({"role": "assistant", "content": text})
+        self.last_stats = stats
+        self.context_used = len(ids) + (stats.new_tokens if stats else 0)
+        return Reply(text, finish, stats)
+
+    def add_user(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+
+    def clear(self) -> None:
+        """Forget the turns; the system prompt stays."""
+        self.messages.clear()
+        self.context_used = 0
+
+    def undo(self) -> int:
+        """Remove the last exchange (the last user message and the reply to it); how many messages went."""
+        count = 0
+        while self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+            count += 1
+        if self.messages:
+            self.messages.pop()
+            count += 1
+        return count
+
+    def drop_last_reply(self) -> None:
+        """Take the last reply back so it can be generated again; UsageError when there is none."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise UsageError("there is no reply to regenerate yet; send a message first")
+        self.messages.pop()
+
+    # ----- transcripts
+
+    def to_transcript(self) -> dict:
+        return {"talis_transcript": TRANSCRIPT_VERSION, "system": self.system, "messages": self.messages,
+                "template": self.template_spec, "preset": self.preset,
+                "generation": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}}
+
+    def save(self, path: Path) -> None:
+        """Write the transcript as JSON atomically: a temporary file beside `path`, then a rename over it."""
+        path = Path(path).expanduser()
+        if not path.parent.is_dir():
+            raise UsageError(f"cannot save to {path}: folder {path.parent} does not exist")
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+                json.dump(self.to_transcript(), file, ensure_ascii=False, indent=2)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def load(self, path: Path) -> None:
+        """Replace the conversation (system prompt and messages) with a transcript written by `save`."""
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"no transcript at {path}; check the path") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UsageError(f"{path} is not a talis transcript ({exc.__class__.__name__}); pick a file /save wrote") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+                for m in messages):
+            raise UsageError(f"{path} is not a talis transcript (no list of user/assistant messages)")
+        system = data.get("system")
+        self.system = system if isinstance(system, str) and system else None
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        self.context_used = len(self.encode())
