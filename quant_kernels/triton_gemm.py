@@ -100,7 +100,7 @@ def _sensible(config: dict) -> bool:
 GEMM_TUNER = Tuner(
     "gemm",
     [c for c in generated_configs(BLOCK_M=[16, 32, 64, 128], BLOCK_N=[64, 128, 256], BLOCK_K=[32, 64],
-                                  num_warps=[4, 8], num_stages=[3, 4]) if _sensible(c)],
+                                  num_warps=[4, 8], num_stages=[3]) if _sensible(c)],
     prune=_fits,
     interpreter_config=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1),
 )

@@ -117,7 +117,7 @@ def _fits(config: dict, key: tuple) -> bool:
 
 GEMV_TUNER = Tuner(
     "gemv",
-    generated_configs(BLOCK_N=[64, 128, 256], BLOCK_KW=[4, 8, 16], SPLIT_K=[1, 2, 4, 8, 16], num_warps=[4, 8]),
+    generated_configs(BLOCK_N=[64, 128, 256], BLOCK_KW=[8, 16], SPLIT_K=[1, 2, 4, 8, 16], num_warps=[4, 8]),
     prune=_fits,
     interpreter_config=dict(BLOCK_N=64, BLOCK_KW=8, SPLIT_K=2, num_warps=4),
 )
