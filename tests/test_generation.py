@@ -1,0 +1,195 @@
+"""The streaming Generator on a tiny random model, against full-sequence forwards without a cache."""
+
+import pytest
+import torch
+
+from talis_cli.config import ModelArgs
+from talis_cli.errors import TalisError, UsageError
+from talis_cli.generation import GenerationConfig, Generator
+from talis_cli.sampling import apply_penalties
+from test_detokenize import byte_level_tokenizer  # any token sequence decodes exactly with it
+
+CONTEXT = 48
+GREEDY = GenerationConfig(temperature=0, max_new_tokens=20)
+SAMPLING = GenerationConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_new_tokens=20)
+PENALTIES = dict(repetition_penalty=1.5, repetition_window=4, frequency_penalty=0.5, presence_penalty=0.3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_level_tokenizer()
+
+
+def build_model(vocab_size: int, device="cpu", dtype=torch.float64):
+    from talis_cli.model import Transformer
+
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                     intermediate_size=128, max_position_embeddings=CONTEXT)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)  # peaked logits, so sampled and greedy runs differ
+    return model.to(device=device, dtype=dtype)  # float64 on CPU: padding cannot flip an argmax
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_model(len(tokenizer))
+
+
+def generator(model, tokenizer, eos_ids=(), context=CONTEXT):
+    return Generator(model, tokenizer, eos_ids, context)
+
+
+def prompt(tokenizer, text="And God said, Let there be light"):
+    return tokenizer.encode(text)
+
+
+def run(gen, prompt_ids, cfg):
+    events = list(gen.stream(prompt_ids, cfg))
+    return [e.token_ids[0] for e in events], "".join(e.text for e in events), events
+
+
+@torch.inference_mode()
+def reference_greedy(model, prompt_ids, n, penalties=None):
+    """Argmax of a full forward over the whole sequence at each step (no cache), penalties optional."""
+    model.clear_cache()
+    seq = list(prompt_ids)
+    for _ in range(n):
+        logits = model(torch.tensor([seq]))[:, -1]
+        if penalties:
+            window = seq[-penalties["repetition_window"]:] if penalties["repetition_window"] else seq
+            counts = torch.bincount(torch.tensor(window), minlength=logits.shape[-1])[None]
+            logits = apply_penalties(logits, counts, penalties["repetition_penalty"],
+                                     penalties["frequency_penalty"], penalties["presence_penalty"])
+        seq.append(int(logits.argmax()))
+    return seq[len(prompt_ids):]
+
+
+def visible_text(tokenizer, ids):
+    """Full decode without special tokens."""
+    skip = set(tokenizer.all_special_ids)
+    return tokenizer.decode([t for t in ids if t not in skip], clean_up_tokenization_spaces=False)
+
+
+def test_greedy_equals_argmax_of_full_forward(model, tokenizer):
+    p = prompt(tokenizer)
+    tokens, text, events = run(generator(model, tokenizer), p, GREEDY)
+    assert tokens == reference_greedy(model, p, GREEDY.max_new_tokens)
+    assert text == visible_text(tokenizer, p + tokens)[len(visible_text(tokenizer, p)):]
+    assert [e.finish_reason for e in events] == [None] * 19 + ["length"]
+
+
+def test_penalties_follow_the_reference(model, tokenizer):
+    p = prompt(tokenizer)
+    cfg = GREEDY.with_overrides(**PENALTIES)
+    tokens, _, _ = run(generator(model, tokenizer), p, cfg)
+    assert tokens == reference_greedy(model, p, cfg.max_new_tokens, PENALTIES)
+    assert tokens != reference_greedy(model, p, cfg.max_new_tokens)  # the penalties did change something
+
+
+def test_same_seed_same_tokens_other_seed_different(model, tokenizer):
+    gen, p = generator(model, tokenizer), prompt(tokenizer)
+    first, _, _ = run(gen, p, SAMPLING.with_overrides(seed=5))
+    again, _, _ = run(gen, p, SAMPLING.with_overrides(seed=5))
+    other, _, _ = run(gen, p, SAMPLING.with_overrides(seed=6))
+    assert first == again and first != other
+    assert first != reference_greedy(model, p, SAMPLING.max_new_tokens)
+
+
+def test_stop_string_split_across_tokens(model, tokenizer):
+    gen, p = generator(model, tokenizer), prompt(tokenizer)
+    _, full, events = run(gen, p, GREEDY)
+    ends, pos = [], 0
+    for e in events:
+        pos += len(e.text)
+        ends.append(pos)
+    # a stop string made of the last 2 characters of one token's text and the first 2 of a later one
+    k = next(i for i in range(3, len(events)) if len(events[i - 1].text) >= 2 and len(events[i].text) >= 2)
+    stop = full[ends[k - 1] - 2 : ends[k - 1] + 2]
+    cut = full.find(stop)
+    tokens, text, stopped = run(gen, p, GREEDY.with_overrides(stop=["never appears", stop]))
+    assert text == full[:cut]
+    assert stopped[-1].finish_reason == "stop"
+    assert [e.finish_reason for e in stopped[:-1]] == [None] * (len(stopped) - 1)
+    assert ends[len(stopped) - 1] >= cut + len(stop) > ends[len(stopped) - 2]  # ends on the completing token
+
+
+def test_eos_ends_the_reply_and_releases_held_text(model, tokenizer):
+    p = prompt(tokenizer)
+    greedy, full, _ = run(generator(model, tokenizer), p, GREEDY)
+    k = next(i for i in range(3, len(greedy)) if greedy[i] not in greedy[:i])
+    tokens, text, events = run(generator(model, tokenizer, eos_ids=[999999, greedy[k]]), p, GREEDY)
+    assert tokens == greedy[: k + 1]
+    assert events[-1].finish_reason == "eos"
+    assert text == visible_text(tokenizer, p + greedy[:k])[len(visible_text(tokenizer, p)):]
+
+
+def test_length_is_capped_by_the_context(model, tokenizer):
+    gen = generator(model, tokenizer)
+    long_prompt = (prompt(tokenizer) * 10)[: CONTEXT - 4]
+    tokens, _, events = run(gen, long_prompt, GREEDY)
+    assert len(tokens) == 4 and events[-1].finish_reason == "length"
+    tokens, _, _ = run(gen, long_prompt + [5, 6, 7], GREEDY)
+    assert len(tokens) == 1
+    with pytest.raises(TalisError, match=f"is {CONTEXT + 2} tokens, 3 too many"):
+        gen.stream((prompt(tokenizer) * 10)[: CONTEXT + 2], GREEDY)
+    with pytest.raises(TalisError, match="empty"):
+        gen.stream([], GREEDY)
+    with pytest.raises(UsageError):
+        gen.stream_batch([], GREEDY)
+
+
+@pytest.mark.parametrize("cfg", [GREEDY, GREEDY.with_overrides(**PENALTIES)], ids=["plain", "penalties"])
+def test_batch_of_different_lengths_equals_each_prompt_alone(model, tokenizer, cfg):
+    prompts = [prompt(tokenizer, t) for t in ("And", "In the beginning God created the heaven", "Let there be")]
+    assert len({len(p) for p in prompts}) == 3
+    alone = [run(generator(model, tokenizer), p, cfg)[:2] for p in prompts]
+    gen = generator(model, tokenizer)
+    events = list(gen.stream_batch(prompts, cfg))
+    for i, (tokens, text) in enumerate(alone):
+        mine = [e for e in events if e.index == i]
+        assert [e.token_ids[0] for e in mine] == tokens
+        assert "".join(e.text for e in mine) == text
+    assert gen.last_stats.prompt_tokens == sum(map(len, prompts))
+    assert gen.last_stats.new_tokens == len(events)
+
+
+def test_finished_rows_stop_producing(model, tokenizer):
+    prompts = [prompt(tokenizer, "And"), prompt(tokenizer, "Let there be light")]
+    first, _, _ = run(generator(model, tokenizer), prompts[0], GREEDY)
+    k = next(i for i in range(2, len(first)) if first[i] not in first[:i])
+    gen = generator(model, tokenizer, eos_ids=[first[k]])
+    events = list(gen.stream_batch(prompts, GREEDY))
+    row0 = [e for e in events if e.index == 0]
+    assert [e.token_ids[0] for e in row0] == first[: k + 1] and row0[-1].finish_reason == "eos"
+    last_of_row0 = events.index(row0[-1])
+    rest = events[last_of_row0 + 1 :]
+    assert rest and all(e.index == 1 for e in rest)
+
+
+def test_closing_the_stream_keeps_stats_and_the_generator_usable(model, tokenizer):
+    gen, p = generator(model, tokenizer), prompt(tokenizer)
+    stream = gen.stream(p, GREEDY)
+    taken = [next(stream) for _ in range(3)]
+    stream.close()
+    stats = gen.last_stats
+    assert stats.new_tokens == 3 and stats.prompt_tokens == len(p)
+    assert 0 < stats.prefill_s <= stats.first_token_s and stats.decode_s > 0
+    tokens, _, _ = run(gen, p, GREEDY)
+    assert tokens[:3] == [e.token_ids[0] for e in taken]
+    assert tokens == reference_greedy(model, p, GREEDY.max_new_tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_greedy_and_seeded_sampling(tokenizer):
+    model = build_model(len(tokenizer), device="cuda", dtype=torch.float32)
+    gen, p = generator(model, tokenizer), prompt(tokenizer)
+    tokens, _, _ = run(gen, p, GREEDY)
+    assert tokens == reference_greedy(model, p, GREEDY.max_new_tokens)
+    first, _, _ = run(gen, p, SAMPLING.with_overrides(seed=5, **PENALTIES))
+    again, _, _ = run(gen, p, SAMPLING.with_overrides(seed=5, **PENALTIES))
+    assert first == again
