@@ -40,23 +40,24 @@ def _pack_chunk(q: torch.Tensor, bits: int) -> torch.Tensor:
     n_words = packed_length(count, bits)
     word, shift = _positions(count, bits, q.device)
     shifted = q.to(torch.int64) << shift[:, None]  # may reach past bit 32: that part spills into the next word
-    acc = torch.zeros(n_words + 1, n, dtype=torch.int64, device=q.device)
+    acc = torch.zeros(n_words, n, dtype=torch.int64, device=q.device)
     acc.index_add_(0, word, shifted)  # bit ranges within a word are disjoint, so the sum is a bitwise or
     spill = torch.cat([torch.zeros_like(acc[:1]), acc[:-1] >> 32])
-    return _to_int32(((acc & _WORD_MASK) | spill)[:n_words])
+    return _to_int32((acc & _WORD_MASK) | spill)
 
 
 def _unpack_chunk(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """words: int32 [W, N] -> int32 [count, N], the first `count` values of each column's stream."""
     word, shift = _positions(count, bits, words.device)
     low = words[word]  # word holding each value's first bit, (count, N)
-    high = torch.cat([words[1:], torch.zeros_like(words[:1])])[word]  # the next word, for values that straddle
-    # int32 shifts are arithmetic: `low_keep` drops the copied sign bits. A left shift by 32 - shift >= bits
-    # (clamped to 31 where shift is 0) leaves nothing under the mask, so only straddling values use `high`.
-    low_keep = _to_int32((1 << (32 - shift)) - 1)
-    high_shift = (32 - shift).clamp(max=31).to(torch.int32)
-    low_part = (low >> shift.to(torch.int32)[:, None]) & low_keep[:, None]
-    return (low_part | (high << high_shift[:, None])) & (2**bits - 1)
+    values = low >> shift.to(torch.int32)[:, None]
+    if 32 % bits:  # values may straddle two words
+        # int32 shifts are arithmetic: drop the copied sign bits, then or in the high part from the next word;
+        # a left shift by 32 - shift >= bits (clamped to 31 where shift is 0) leaves nothing under the mask.
+        values &= _to_int32((1 << (32 - shift)) - 1)[:, None]
+        high = torch.cat([words[1:], torch.zeros_like(words[:1])])[word]
+        values |= high << (32 - shift).clamp(max=31).to(torch.int32)[:, None]
+    return values & (2**bits - 1)
 
 
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
