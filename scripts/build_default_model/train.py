@@ -7,7 +7,9 @@ Data: each chapter (chapters are separated by a blank line) is one document, <s>
 the documents are concatenated and training windows of SEQ_LEN + 1 tokens are drawn at random
 offsets. Validation is the held-out text cut the same way into non-overlapping windows.
 
-Recipe (defaults below): AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only), linear
+Recipe (defaults below): dropout 0.1 on the embeddings and on each attention and MLP output
+before it joins the residual stream (1 M training tokens overfit an 8 M model within a few
+epochs without it), AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only), linear
 warm-up then cosine decay to 10% of the peak rate, gradient clipping at 1.0, bf16 autocast on a
 CUDA GPU, seed 1234. Each length in --steps is one run from the same seed; validation loss is
 measured every --eval-every steps and the weights at the best validation loss over all runs are
@@ -90,6 +92,17 @@ def validation_loss(model: LlamaForCausalLM, windows: torch.Tensor, batch: int) 
     return total / len(windows)
 
 
+def add_residual_dropout(model: LlamaForCausalLM, p: float) -> None:
+    """Dropout (training mode only) on the embeddings and on every branch added to the residual."""
+    def drop(module, inputs, output):
+        return torch.nn.functional.dropout(output, p, module.training)
+
+    model.model.embed_tokens.register_forward_hook(drop)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.register_forward_hook(drop)
+        layer.mlp.down_proj.register_forward_hook(drop)
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
@@ -109,6 +122,8 @@ def train_one(args, train: torch.Tensor, valid: torch.Tensor, steps: int):
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     model = LlamaForCausalLM(LlamaConfig(**DEFAULT_ARCH)).to(args.device)
+    add_residual_dropout(model, args.dropout)
+    model.train()
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     best = (float("inf"), None)
     started = time.time()
@@ -138,12 +153,13 @@ def main() -> None:
     parser.add_argument("--valid-text", type=Path, default=root / "tests/data/kjv/heldout.txt")
     parser.add_argument("--tokenizer", type=Path, default=root / "tests/data/kjv/fp16")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, nargs="+", default=[1000, 2000, 4000], help="one run per length")
+    parser.add_argument("--steps", type=int, nargs="+", default=[500, 800, 1200, 2000], help="one run per length")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
