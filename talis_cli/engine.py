@@ -23,6 +23,7 @@ class LoadSettings:
     wbits: int | None = None
     groupsize: int | None = None
     device_map: str | Path | None = "auto"  # a packaged name or a JSON file
+    max_memory: str | None = None  # caps for planning, like "0=22GiB,1=24GiB,cpu=32GiB"
     max_seq_len: int | None = None  # context size of the KV cache; default min(model's, 2048)
     allow_pickle: bool = False  # .bin/.pt checkpoints (no code runs: tensors only)
     backend: str = "auto"  # QuantLinear backend: auto, torch, torch_dense, triton
@@ -50,6 +51,9 @@ class Engine:
     @classmethod
     def load(cls, settings: LoadSettings | None = None, progress=None) -> "Engine":
         from .loaders import LoadRequest, pick_loader
+        from .loaders.base import read_model_args
+        from .memory_plan import footprint, parse_max_memory
+        from .model_info import kv_cache_bytes
         from .placement import load_device_map, plan_devices
 
         settings = settings or LoadSettings()
@@ -58,20 +62,20 @@ class Engine:
         if settings.backend not in BACKENDS:
             raise UsageError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
         label, raw_map = load_device_map(settings.device_map)
-        from .loaders.base import read_model_args
-
-        if not model_dir.is_dir():
-            raise TalisError(f"model folder {model_dir} does not exist; pass --model with a folder holding config.json and weights")
-        args = read_model_args(model_dir) if (model_dir / "config.json").exists() else None
-        plan = plan_devices(raw_map, args.n_layers if args else 1, f"device map {label}")
-        request = LoadRequest(model_dir, plan, Path(settings.checkpoint) if settings.checkpoint else None,
+        request = LoadRequest(model_dir, None, Path(settings.checkpoint) if settings.checkpoint else None,
                               settings.wbits, settings.groupsize, settings.allow_pickle, settings.quantize_bits)
-        loaded = pick_loader(request, settings.loader).load(progress)
+        loader = pick_loader(request, settings.loader)
+        args = read_model_args(model_dir)
+        max_seq_len = check_max_seq_len(settings.max_seq_len, args)
+        max_memory = parse_max_memory(settings.max_memory) if settings.max_memory else None
+        fp = footprint(loader.tensor_shapes(), args.n_layers, kv_cache_bytes(args, max_seq_len) // args.n_layers,
+                       float_bytes=2 if _cuda_available() else 4)
+        request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
+        loaded = loader.load(progress)
         tokenizer = load_tokenizer(model_dir)
-        max_seq_len = check_max_seq_len(settings.max_seq_len, loaded.args)
-        backend = choose_backend(settings.backend, loaded.model, plan)
+        backend = choose_backend(settings.backend, loaded.model, request.plan)
         loaded.model.setup_cache(1, max_seq_len)
-        return cls(loaded, tokenizer, plan, max_seq_len, model_dir, time.perf_counter() - t0, backend)
+        return cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, time.perf_counter() - t0, backend)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -141,6 +145,12 @@ def choose_backend(requested: str, model, plan) -> str:
     for m in layers:
         m.set_backend(name)
     return name
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _triton_backend_available() -> bool:

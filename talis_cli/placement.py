@@ -4,7 +4,8 @@ Two file forms are accepted:
 - accelerate's: {"model.embed_tokens": 0, "model.layers.0": 0, ..., "model.norm": 1, "lm_head": 1}
   (module-name prefix -> GPU index, "cuda:N", "cpu"; "" or "*" as a catch-all);
 - compact: {"layers": {"0-39": 0, "40-79": 1}, "embed_tokens": 0, "norm": 1, "lm_head": 1}, or
-  {"gpu_split": [20, 24]} (GB per GPU, layers spread in proportion), or {"device": "cpu"}.
+  {"gpu_split": [20, 24]} (GiB each GPU may hold, filled in order), or {"device": "cpu" | 0 | "auto"}.
+"auto" plans from the free memory of every GPU, or from --max-memory (see memory_plan.py).
 Named maps (auto, cpu, single_gpu, standard) are the files in the packaged device_maps/ folder.
 """
 
@@ -16,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import TalisError, UsageError
+from .memory_plan import GiB, Footprint, available_memory, check_fits, plan_by_capacity
 
 COMPACT_KEYS = {"layers", "embed_tokens", "norm", "lm_head", "gpu_split", "device"}
 
@@ -72,18 +74,37 @@ def load_device_map(name_or_path: str | Path | None) -> tuple[str, dict]:
     return str(path), raw
 
 
-def plan_devices(raw: dict, n_layers: int, source: str = "device map", layer_bytes: int | None = None) -> DevicePlan:
-    """Turn a raw map (either form) into a DevicePlan for a model of `n_layers` layers, checking devices exist."""
+def plan_devices(raw: dict, n_layers: int, source: str = "device map", footprint: Footprint | None = None,
+                 max_memory: dict[str, int] | None = None) -> DevicePlan:
+    """Turn a raw map (either form) into a DevicePlan for a model of `n_layers` layers, checking that the devices
+    exist and, when the model's footprint is known, that its parts fit the capacities."""
+    if raw.get("device") == "auto" and footprint is not None:
+        caps = max_memory or available_memory()
+        _check_available(DevicePlan({d: d for d in caps}), "--max-memory")
+        return DevicePlan(plan_by_capacity(footprint, caps))
+    if "gpu_split" in raw and footprint is not None:
+        caps = {f"cuda:{i}": int(gb * GiB) for i, gb in enumerate(_gpu_split(raw["gpu_split"], source))}
+        _check_available(DevicePlan({d: d for d in caps}), source)
+        return DevicePlan(plan_by_capacity(footprint, caps))
+    plan = _plan_from_map(raw, n_layers, source)
+    _check_available(plan, source)
+    if footprint is not None and max_memory:
+        check_fits(footprint, {k: plan.device_for(k) for k in _parts(n_layers)}, max_memory, source)
+    return plan
+
+
+def _parts(n_layers: int) -> list[str]:
+    return ["model.embed_tokens", *(f"model.layers.{i}" for i in range(n_layers)), "model.norm", "lm_head"]
+
+
+def _plan_from_map(raw: dict, n_layers: int, source: str) -> DevicePlan:
     if not raw.keys() & {"layers", "gpu_split", "device"}:
         odd = [k for k in raw if not (k.startswith("model.") or k in ("lm_head", "", "*"))]
         if odd:
             raise UsageError(f"{source}: unknown key(s) {', '.join(odd)}; use module names (model.layers.N, lm_head, ...) "
                              f"or the compact keys {', '.join(sorted(COMPACT_KEYS))}")
-        plan = DevicePlan({("" if k == "*" else k): _device(v, source, k) for k, v in raw.items()})
-    else:
-        plan = _plan_compact(raw, n_layers, source)
-    _check_available(plan, source)
-    return plan
+        return DevicePlan({("" if k == "*" else k): _device(v, source, k) for k, v in raw.items()})
+    return _plan_compact(raw, n_layers, source)
 
 
 def _plan_compact(raw: dict, n_layers: int, source: str) -> DevicePlan:
@@ -127,9 +148,15 @@ def _parse_layer_ranges(ranges, n_layers: int, source: str) -> list[str]:
     return out  # type: ignore[return-value]
 
 
-def _split_by_capacity(caps, n_layers: int, source: str) -> list[str]:
+def _gpu_split(caps, source: str) -> list[float]:
     if not isinstance(caps, list) or not caps or not all(isinstance(c, (int, float)) and c > 0 for c in caps):
-        raise UsageError(f"{source}: \"gpu_split\" must be a list of positive GB figures, one per GPU, like [20, 24]")
+        raise UsageError(f"{source}: \"gpu_split\" must be a list of positive GiB figures, one per GPU, like [20, 24]")
+    return caps
+
+
+def _split_by_capacity(caps, n_layers: int, source: str) -> list[str]:
+    """Without a known footprint: layers in proportion to the GPUs' capacities."""
+    caps = _gpu_split(caps, source)
     total = float(sum(caps))
     out, acc = [], 0.0
     for gpu, cap in enumerate(caps):

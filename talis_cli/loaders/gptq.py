@@ -69,10 +69,11 @@ class SafetensorsFolderLoader(Loader):
         return self._files
 
     def tensor_shapes(self) -> dict[str, list[int]]:
-        shapes = {}
-        for f in self.files():
-            shapes.update({k: shape for k, (_, shape) in read_header(f).items()})
-        return shapes
+        if not hasattr(self, "_shapes"):  # asked by the planner and by load: read the headers once
+            self._shapes = {}
+            for f in self.files():
+                self._shapes.update({k: shape for k, (_, shape) in read_header(f).items()})
+        return self._shapes
 
     def tensors(self):
         for f in self.files():
