@@ -186,6 +186,7 @@ class Generator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.last_stats: GenerationStats | None = None
         self._pad_lens = None  # int64 [B] left padding of the running batch, None when there is none
+        self.fast_decode = None  # a runner (tokens, pos, pad_lens) -> logits replacing the step (fast_decode.py)
 
     def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig) -> Iterator[TokenEvent]:
         """Events for one prompt (token ids, BOS included if the model wants one)."""
@@ -217,6 +218,8 @@ class Generator:
 
     def _decode_step(self, tokens, pos: int):
         """The hot step: tokens int64 [B, 1] at cache slot `pos` -> logits float32 [B, vocab]."""
+        if self.fast_decode is not None:
+            return self.fast_decode(tokens, pos, self._pad_lens)
         return self.model(tokens, start_pos=pos, pad_lens=self._pad_lens)[:, -1]
 
     def _ensure_cache(self, batch: int) -> None:
