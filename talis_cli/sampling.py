@@ -1,13 +1,13 @@
 """Logits -> next token: penalties, temperature, top-k, top-p, min-p, typical-p, then a seeded draw.
 
 Every function works on a batch of rows (logits float32 [B, vocab]) on the logits' own device; the only
-host sync in a generation step is the caller reading the chosen tokens. Filters mark removed tokens with
--inf so the next filter sees the renormalized distribution.
+host sync in a generation step is the caller reading the chosen tokens. Without CUDA graphs each small
+kernel costs several microseconds of launch time, so the chain is built to launch few: top-k (or one sort)
+first picks candidate tokens in descending order, and the later filters work on those few candidates.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,88 +17,84 @@ if TYPE_CHECKING:
 
 
 def apply_penalties(logits, counts, repetition: float, frequency: float, presence: float):
-    """Penalize tokens already seen: logits [B, V] float, counts [B, V] (occurrences in the window).
+    """Penalize tokens already seen: logits [B, V] float, counts [B, V] float (occurrences in the window).
 
     repetition (CTRL / HF rule): a seen token's positive logit is divided by `repetition`, a negative one
     multiplied; frequency subtracts `frequency * count`; presence subtracts `presence` once if seen.
     """
     seen = counts > 0
     if repetition != 1.0:
-        penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(seen, penalized, logits)
-    if frequency != 0.0:
-        logits = logits - frequency * counts.to(logits.dtype)
-    if presence != 0.0:
-        logits = logits - presence * seen.to(logits.dtype)
+        logits = torch.where(seen, logits * torch.where(logits > 0, 1.0 / repetition, repetition), logits)
+    if frequency != 0.0 or presence != 0.0:
+        logits = logits - (counts * frequency + seen * presence)
     return logits
 
 
-def top_k_filter(logits, k: int):
-    """Keep the k largest logits of each row [B, V]; k <= 0 or k >= V keeps all."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+def candidates(logits, top_k: int, need_order: bool):
+    """(candidate logits [B, C], their token ids [B, C] or None for 'all, unsorted').
 
-
-def _keep_smallest_mass(logits, order_key, mass: float):
-    """Keep, per row, the shortest prefix of tokens sorted by ascending `order_key` whose probability reaches `mass`.
-
-    A token is kept when the probability of the tokens before it is still below `mass`, so the first token
-    is always kept.
+    With 0 < top_k < vocab the candidates are the k largest, in descending order; otherwise the whole
+    vocabulary, sorted descending only when a later filter needs the order.
     """
-    probs = torch.softmax(logits, dim=-1)
-    order = torch.argsort(order_key, dim=-1)
-    sorted_probs = probs.gather(-1, order)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    drop_sorted = mass_before >= mass
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    if 0 < top_k < logits.shape[-1]:
+        return torch.topk(logits, top_k, dim=-1)
+    if need_order:
+        return torch.sort(logits, dim=-1, descending=True)
+    return logits, None
 
 
-def top_p_filter(logits, p: float):
-    """Nucleus: keep the most likely tokens until their probability reaches p; p >= 1 keeps all."""
-    if p >= 1.0:
-        return logits
-    return _keep_smallest_mass(logits, -logits, p)
+def top_p_mask(sorted_probs, top_p: float):
+    """Nucleus on probabilities sorted descending [B, C]: keep the shortest head whose mass reaches top_p.
+
+    A token is kept while the mass before it is below top_p, so the first is always kept.
+    """
+    return torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
 
 
-def min_p_filter(logits, min_p: float):
-    """Keep tokens whose probability is at least min_p times the row's top probability; 0 keeps all."""
-    if min_p <= 0.0:
-        return logits
-    # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p)
-    threshold = logits.max(dim=-1, keepdim=True).values + math.log(min_p)
-    return logits.masked_fill(logits < threshold, float("-inf"))
+def min_p_mask(probs, min_p: float):
+    """Keep tokens at least min_p times as likely as the row's most likely one. probs [B, C]."""
+    return probs >= min_p * probs.amax(dim=-1, keepdim=True)
 
 
-def typical_filter(logits, typical_p: float):
-    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy until their
-    probability reaches typical_p; typical_p >= 1 keeps all."""
-    if typical_p >= 1.0:
-        return logits
-    log_probs = torch.log_softmax(logits, dim=-1)
-    probs = log_probs.exp()
+def typical_mask(probs, typical_p: float):
+    """Locally typical sampling on a distribution [B, C] that sums to 1 (zeros allowed): keep the tokens
+    whose surprise is closest to the entropy until their mass reaches typical_p."""
+    log_probs = torch.log(probs)
     entropy = -(probs * log_probs).nan_to_num().sum(dim=-1, keepdim=True)
     distance = (-log_probs - entropy).abs()  # inf for removed tokens: they sort last
-    return _keep_smallest_mass(logits, distance, typical_p)
+    order = torch.argsort(distance, dim=-1)
+    ordered = probs.gather(-1, order)
+    keep_ordered = torch.cumsum(ordered, dim=-1) - ordered < typical_p
+    return torch.zeros_like(keep_ordered).scatter(-1, order, keep_ordered)
 
 
-def filter_logits(logits, cfg: "GenerationConfig"):
-    """Temperature then the truncation filters, in the order llama.cpp and HF apply them. cfg.temperature > 0."""
-    logits = logits / cfg.temperature
-    logits = top_k_filter(logits, cfg.top_k)
-    logits = top_p_filter(logits, cfg.top_p)
-    logits = min_p_filter(logits, cfg.min_p)
-    return typical_filter(logits, cfg.typical_p)
+def truncated_distribution(logits, cfg: "GenerationConfig"):
+    """Temperature, then top-k -> top-p -> min-p -> typical-p, as llama.cpp and HF order them.
+
+    logits [B, V] -> (probs [B, C] over the candidates, zero where filtered out and not renormalized;
+    candidate token ids [B, C], or None when the candidates are the whole vocabulary in order).
+    cfg.temperature > 0.
+    """
+    cand, ids = candidates(logits, cfg.top_k, need_order=cfg.top_p < 1.0)
+    probs = torch.softmax(cand / cfg.temperature, dim=-1)  # top-k and the sort commute with the scaling
+    keep = None
+    if cfg.top_p < 1.0:
+        keep = top_p_mask(probs, cfg.top_p)
+    if cfg.min_p > 0.0:  # a ratio to the top token: renormalizing first would not change it
+        keep = min_p_mask(probs, cfg.min_p) if keep is None else keep & min_p_mask(probs, cfg.min_p)
+    if cfg.typical_p < 1.0:
+        if keep is not None:
+            probs = probs * keep
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        keep = typical_mask(probs, cfg.typical_p) if keep is None else keep & typical_mask(probs, cfg.typical_p)
+    return (probs if keep is None else probs * keep), ids
 
 
-def sample_from(logits, generator: torch.Generator):
-    """Draw one token per row of logits [B, V] -> int64 [B].
+def sample_from(probs, generator: torch.Generator):
+    """Draw one index per row of unnormalized probabilities [B, C] -> int64 [B].
 
     argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race); it needs no host sync.
     """
-    probs = torch.softmax(logits, dim=-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return torch.argmax(probs / race, dim=-1)
 
@@ -123,16 +119,17 @@ class Sampler:
         )
         if not self.uses_penalties:
             return
-        B = history.shape[0]
+        B, S = history.shape
         self.history = history
         self.filled = n_filled  # slots 0..filled-1 hold tokens
-        self.pad_lens = pad_lens if pad_lens is not None else torch.zeros(B, dtype=torch.long, device=device)
-        slots = torch.arange(n_filled, device=device)
-        real = slots[None, :] >= self.pad_lens[:, None]
-        if cfg.repetition_window > 0:
-            real &= slots[None, :] >= n_filled - cfg.repetition_window
-        self.counts = torch.zeros(B, vocab_size, dtype=torch.int32, device=device)
-        self.counts.scatter_add_(1, history[:, :n_filled], real.to(torch.int32))
+        slots = torch.arange(S, device=device)
+        pads = pad_lens[:, None] if pad_lens is not None else 0
+        self.slot_weight = (slots[None, :] >= pads).float()  # [B, S] 1 for real tokens, 0 for padding
+        self.slot_unweight = -self.slot_weight  # what a slot leaving the window takes off
+        self.one = torch.ones(B, 1, device=device)
+        in_window = slots[:n_filled] >= n_filled - cfg.repetition_window if cfg.repetition_window else True
+        self.counts = torch.zeros(B, vocab_size, device=device)  # float [B, V] occurrences in the window
+        self.counts.scatter_add_(1, history[:, :n_filled], self.slot_weight[:, :n_filled] * in_window)
 
     def __call__(self, logits):
         """logits float [B, V] -> next tokens int64 [B]."""
@@ -143,7 +140,9 @@ class Sampler:
             )
         if cfg.temperature == 0:
             return torch.argmax(logits, dim=-1)
-        return sample_from(filter_logits(logits, cfg), self.generator)
+        probs, ids = truncated_distribution(logits, cfg)
+        choice = sample_from(probs, self.generator)
+        return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
 
     def append(self, tokens):
         """Record the chosen tokens int64 [B] in the next slot (and drop the slot leaving the window)."""
@@ -151,11 +150,8 @@ class Sampler:
             return
         slot = self.filled
         self.history[:, slot] = tokens
-        self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.int32))
-        window = self.cfg.repetition_window
-        leaving = slot - window
-        if window > 0 and leaving >= 0:
-            old = self.history[:, leaving : leaving + 1]
-            was_counted = (self.pad_lens[:, None] <= leaving).to(torch.int32)
-            self.counts.scatter_add_(1, old, -was_counted)
+        self.counts.scatter_add_(1, tokens[:, None], self.one)
+        leaving = slot - self.cfg.repetition_window
+        if self.cfg.repetition_window and leaving >= 0:
+            self.counts.scatter_add_(1, self.history[:, leaving : leaving + 1], self.slot_unweight[:, leaving : leaving + 1])
         self.filled += 1
