@@ -2,6 +2,7 @@
 
 The chain is prefill (one forward over the padded prompts) -> sample -> decode step -> sample -> ...; the
 per-token step is the single call `Generator._decode_step`, so a CUDA-graph runner can replace it.
+torch is imported only when generation starts, so reading presets and flags stays quick.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-import torch
-
 from .detokenize import IncrementalDetokenizer, special_ids_to_skip
 from .errors import TalisError, UsageError
-from .sampling import Sampler
 
 
 @dataclass(frozen=True)
@@ -99,6 +97,7 @@ class TokenEvent:
     text: str  # text this token completed; "" while a character or a possible stop string is held back
     token_ids: list[int]  # the new token
     finish_reason: str | None = None  # None while going on; "eos" | "stop" | "length" on the row's last event
+    # ("interrupted" is the consumer's to report: closing the stream ends it without another event)
 
 
 @dataclass
@@ -228,6 +227,10 @@ class Generator:
             self.model.setup_cache(batch, self.max_seq_len)
 
     def _generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[TokenEvent]:
+        import torch
+
+        from .sampling import Sampler
+
         t_call = time.perf_counter()
         lens = [len(p) for p in prompts]
         B, T = len(prompts), max(lens)  # batch, longest prompt
