@@ -63,13 +63,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, kv_out, bias=args.attention_bias)
         self.v_proj = nn.Linear(args.dim, kv_out, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_out, args.dim, bias=args.attention_bias)
+        self.qkv_proj: nn.Module | None = None  # q, k, v fused into one layer at load (quant_kernels.fuse)
         self.kv_cache: KVCache | None = None
+
+    def project_qkv(self, x):
+        """x [..., dim] -> q [..., heads*hd], k and v [..., kv_heads*hd]."""
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv_out = self.n_kv_heads * self.head_dim
+        return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_out, kv_out], dim=-1)
 
     def forward(self, x, cos, sin, start_pos: int, mask):
         B, T, _ = x.shape  # batch, time, hidden
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
@@ -87,9 +96,17 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+        self.gate_up_proj: nn.Module | None = None  # gate and up fused into one layer at load (quant_kernels.fuse)
+
+    def project_gate_up(self, x):
+        """x [..., dim] -> gate, up [..., intermediate]."""
+        if self.gate_up_proj is None:
+            return self.gate_proj(x), self.up_proj(x)
+        return self.gate_up_proj(x).chunk(2, dim=-1)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.project_gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -1,0 +1,356 @@
+"""`talis bench`: decode and prefill speed against the memory-bandwidth floor, with in-run baselines.
+
+Batch-1 decoding reads every weight once per token, plus the KV cache of the context so far, so
+floor(time per token) = (quantized weights + scales/zeros + fp16 lm_head + KV read) / copy bandwidth, with the
+copy bandwidth measured in the same run. Models of a named LLaMA shape are built from random GPTQ tensors
+directly on the GPU (no file); `--model DIR` loads a real checkpoint instead. The same shape is then timed with
+fp16 weights (cuBLAS) and, where torch has it, with torch's int4 kernel, all through the same CUDA-graph decode.
+
+Timing windows: prefill of `prompt` tokens starting at slot 0 (its time is the time to first token, greedy
+draw included); decode of `gen` tokens in the last `gen` slots of a `ctx`-slot cache, one host read per token
+as streaming does. The floor's KV term uses the mean context of that window.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import triton.testing
+from torch import nn
+
+from quant_kernels.quant_linear import QuantLinear
+
+from .config import ModelArgs
+from .engine import Engine, LoadSettings
+from .errors import TalisError, UsageError
+from .fast_decode import CudaGraphDecoder
+from .model import Transformer
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Shape:
+    dim: int
+    intermediate: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab: int = 32000
+    rope_theta: float = 10000.0
+
+
+SHAPES = {  # LLaMA 1 (MHA, vocab 32000) and LLaMA 3 (GQA, vocab 128256)
+    "7B": Shape(4096, 11008, 32, 32, 32),
+    "13B": Shape(5120, 13824, 40, 40, 40),
+    "33B": Shape(6656, 17920, 60, 52, 52),
+    "65B": Shape(8192, 22016, 80, 64, 64),
+    "70B": Shape(8192, 28672, 80, 64, 8, 128256, 500000.0),
+    "8B": Shape(4096, 14336, 32, 32, 8, 128256, 500000.0),
+}
+
+
+def shape_args(name: str, max_seq_len: int) -> ModelArgs:
+    """ModelArgs of a named shape (case-insensitive) with a context of `max_seq_len`."""
+    shape = SHAPES.get(name.upper())
+    if shape is None:
+        raise UsageError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
+    return ModelArgs(vocab_size=shape.vocab, dim=shape.dim, n_layers=shape.n_layers, n_heads=shape.n_heads,
+                     n_kv_heads=shape.n_kv_heads, head_dim=shape.dim // shape.n_heads,
+                     intermediate_size=shape.intermediate, rope_theta=shape.rope_theta,
+                     max_position_embeddings=max(max_seq_len, 2048), bos_token_id=None, eos_token_ids=[])
+
+
+def linear_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's quantized linears, q/k/v and gate/up fused as the fast path runs them."""
+    q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    return [(args.dim, q_out + 2 * kv_out), (q_out, args.dim), (args.dim, 2 * args.intermediate_size),
+            (args.intermediate_size, args.dim)]
+
+
+def floor_bytes(args: ModelArgs, bits: int, group_size: int, context: float) -> dict:
+    """Bytes one decode step must read at batch 1 with `context` cached tokens; bits 16 means fp16 weights.
+
+    weights: packed codes (or fp16); scales_zeros: fp16 scales and `bits`-bit zeros per group and column;
+    lm_head: fp16; kv: keys and values of every layer for `context` tokens, fp16.
+    """
+    weights = scales_zeros = 0.0
+    for k, n in linear_shapes(args):
+        weights += k * n * bits / 8
+        if bits < 16:
+            groups = 1 if group_size == -1 else math.ceil(k / group_size)
+            scales_zeros += groups * n * (2 + bits / 8)
+    parts = dict(weights=weights * args.n_layers, scales_zeros=scales_zeros * args.n_layers,
+                 lm_head=2.0 * args.vocab_size * args.dim,
+                 kv=2.0 * 2 * args.n_layers * args.n_kv_heads * args.head_dim * context)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# --- random models built on the GPU ------------------------------------------------------------------------------
+def _packed_constant(value: int, bits: int) -> int:
+    """The int32 word holding `value` in every `bits`-wide slot (as a signed int)."""
+    word = sum(value << (bits * i) for i in range(32 // bits))
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+def random_quant_linear(in_features: int, out_features: int, bits: int, group_size: int, act_order: bool, device):
+    """A QuantLinear of random GPTQ tensors made on `device`: uniform codes, symmetric zeros (v1 format) and
+    scales that keep the output's spread near the input's."""
+    layer = QuantLinear(in_features, out_features, bits, group_size, device=device)
+    layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, dtype=torch.int32, device=device))
+    layer.qzeros.fill_(_packed_constant(2 ** (bits - 1) - 1, bits))  # zero = 2^(bits-1): codes centred
+    code_std = math.sqrt((4 ** bits - 1) / 12)
+    layer.scales.uniform_(0.5, 1.5).mul_(1 / (code_std * math.sqrt(in_features)))
+    if act_order:
+        layer.g_idx.copy_(layer.g_idx[torch.randperm(in_features, device=device)])
+    return layer
+
+
+class TorchInt4Linear(nn.Module):
+    """torch's built-in int4 linear (`_weight_int4pack_mm`, bf16 activations) with random codes and scales."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, device):
+        super().__init__()
+        codes = torch.randint(0, 256, (out_features, in_features // 2), dtype=torch.uint8, device=device)
+        self.weight = torch.ops.aten._convert_weight_to_int4pack(codes, 8)
+        scales = torch.empty(in_features // group_size, out_features, device=device).uniform_(0.5, 1.5)
+        scales /= math.sqrt((4 ** 4 - 1) / 12) * math.sqrt(in_features)
+        self.scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], -1).to(torch.bfloat16)
+        self.group_size, self.out_features = group_size, out_features
+
+    def forward(self, x):
+        """x [..., in] bf16 -> [..., out] bf16."""
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.group_size,
+                                               self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def random_model(args: ModelArgs, kind: str, bits: int, group_size: int, act_order: bool, device):
+    """A Transformer of random weights on `device`, q/k/v and gate/up already fused.
+
+    kind: "gptq" (QuantLinear, Triton backend, fp16), "fp16" (nn.Linear) or "int4" (torch's int4 kernel, bf16).
+    """
+    dtype = torch.bfloat16 if kind == "int4" else torch.float16
+
+    def linear(k: int, n: int):
+        if kind == "gptq":
+            layer = random_quant_linear(k, n, bits, group_size, act_order, device)
+            layer.set_backend("triton")
+            return layer
+        if kind == "int4":
+            return TorchInt4Linear(k, n, group_size, device)
+        layer = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+        nn.init.normal_(layer.weight, std=1 / math.sqrt(k))
+        return layer.requires_grad_(False)
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    (qkv, o, gate_up, down) = linear_shapes(args)
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        for name in ("q_proj", "k_proj", "v_proj"):
+            delattr(attn, name)
+            setattr(attn, name, None)
+        for name in ("gate_proj", "up_proj"):
+            delattr(mlp, name)
+            setattr(mlp, name, None)
+        attn.qkv_proj, attn.o_proj = linear(*qkv), linear(*o)
+        mlp.gate_up_proj, mlp.down_proj = linear(*gate_up), linear(*down)
+    norms = [model.model.norm] + [n for b in model.model.layers for n in (b.input_layernorm, b.post_attention_layernorm)]
+    for norm in norms:
+        norm.weight = nn.Parameter(torch.ones(args.dim, device=device, dtype=dtype), requires_grad=False)
+    for module, std in ((model.model.embed_tokens, 1.0), (model.lm_head, 1 / math.sqrt(args.dim))):
+        module.weight = nn.Parameter(torch.randn(module.weight.shape, device=device, dtype=dtype) * std,
+                                     requires_grad=False)
+    return model.eval()
+
+
+# --- timing ------------------------------------------------------------------------------------------------------
+def copy_bandwidth(device, size_bytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), median of 20 copies."""
+    src = torch.empty(size_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size_bytes / statistics.median(times[5:])
+
+
+def _sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict:
+    """Prefill and decode timings (seconds, medians of `repeats` after a warm-up run) of a cached model."""
+    device = model.model.embed_tokens.weight.device
+    model.setup_cache(1, ctx)
+    runner = CudaGraphDecoder(model)
+    tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
+    start = ctx - gen  # decode fills the last `gen` slots
+
+    def prefill():
+        model(tokens, start_pos=0, last_only=True)[:, -1].argmax(-1).tolist()  # the first token reaches the host
+
+    def decode():
+        token = tokens[:, -1:]
+        for pos in range(start, ctx):
+            token = runner(token, pos).argmax(-1, keepdim=True)
+            token.tolist()  # one host read per token, as streaming does
+
+    with torch.inference_mode():
+        prefill_s = statistics.median(_sync_time(prefill) for _ in range(repeats + 1))  # the first run tunes
+        _sync_time(decode)  # captures the graphs
+        decode_s = statistics.median(_sync_time(decode) for _ in range(repeats))
+    return dict(prefill_s=prefill_s, decode_s=decode_s)
+
+
+def gemv_table(model, bandwidth: float) -> list[dict]:
+    """Each distinct quantized layer shape at batch 1: time (CUDA-graph replays over all layers of that shape,
+    so the weights come from memory, not L2), achieved TB/s and % of copy bandwidth."""
+    by_shape: dict[tuple, list] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            by_shape.setdefault((m.in_features, m.out_features), []).append(m)
+    rows = []
+    with torch.inference_mode():
+        for (k, n), layers in by_shape.items():
+            x = torch.randn(1, k, dtype=torch.float16, device=layers[0].qweight.device)
+            for layer in layers:
+                layer(x)  # tunes and prepares outside the graph
+            seconds = triton.testing.do_bench_cudagraph(lambda: [layer(x) for layer in layers]) / 1e3 / len(layers)
+            layer = layers[0]
+            moved = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.qzeros)) + 2 * (k + n)
+            rows.append(dict(shape=f"{k}x{n}", count=len(layers), us=seconds * 1e6, tbps=moved / seconds / 1e12,
+                             pct_copy=100 * moved / seconds / bandwidth))
+    return rows
+
+
+def _fits(args: ModelArgs, bits: int, ctx: int, device) -> bool:
+    need = floor_bytes(args, bits, 128, ctx)["total"] + 2.0 * args.vocab_size * args.dim
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < 0.92 * free
+
+
+def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, prompt: int, gen: int, ctx: int,
+             bandwidth: float, device, kernels: bool = False) -> dict:
+    """Build a model variant, time it, free it; the row of the report."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    model = build()
+    timing = time_model(model, prompt, gen, ctx)
+    floor = floor_bytes(args, bits, group_size, ctx - gen / 2)
+    decode_tps = gen / timing["decode_s"]
+    row = dict(variant=label, decode_tok_s=decode_tps, prefill_tok_s=prompt / timing["prefill_s"],
+               ttft_ms=timing["prefill_s"] * 1e3, ms_per_token=timing["decode_s"] / gen * 1e3,
+               floor_tok_s=bandwidth / floor["total"], pct_floor=100 * decode_tps * floor["total"] / bandwidth,
+               bytes_per_token_gb=floor["total"] / GB, peak_vram_gb=torch.cuda.max_memory_allocated(device) / GB)
+    if kernels:
+        row["kernels"] = gemv_table(model, bandwidth)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 128, gen: int = 128,
+              ctx: int | None = None, bits: int = 4, group_size: int = 128, act_order: bool = False,
+              json_out: bool = False, kernels: bool = False, device_map: str | None = None) -> dict:
+    """Time one model and its baselines; returns the report (see `format_report`). `json_out` is the caller's
+    choice of printer and changes nothing here."""
+    if not torch.cuda.is_available():
+        raise TalisError("talis bench needs a CUDA GPU; none is visible here")
+    if (shape is None) == (model is None):
+        raise UsageError("give exactly one of --shape (7B, 13B, ...) or --model DIR")
+    if prompt < 1 or gen < 1:
+        raise UsageError("--prompt and --gen must be at least 1")
+    ctx = ctx or prompt + gen
+    if ctx < prompt + gen:
+        raise UsageError(f"--ctx {ctx} is smaller than --prompt + --gen ({prompt + gen}); raise it or shorten them")
+    device = torch.device("cuda", torch.cuda.current_device())
+    bandwidth = copy_bandwidth(device)
+    report = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, copy_tb_s=bandwidth / 1e12,
+                  prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size, act_order=act_order,
+                  rows=[], notes=[])
+    if model is not None:
+        engine = _load_engine(model, ctx, device_map)
+        args, bits, group_size = engine.args, engine.quant.bits, engine.quant.group_size
+        report.update(model=str(model), bits=bits, group_size=group_size)
+        build_ours = lambda: engine.model  # noqa: E731
+    else:
+        args = shape_args(shape, ctx)
+        report["shape"] = shape.upper()
+        build_ours = lambda: random_model(args, "gptq", bits, group_size, act_order, device)  # noqa: E731
+    common = dict(args=args, prompt=prompt, gen=gen, ctx=ctx, bandwidth=bandwidth, device=device)
+    report["rows"].append(_measure(f"talis gptq {bits}-bit g{group_size}", build_ours, bits=bits,
+                                   group_size=group_size, kernels=kernels, **common))
+    if model is not None:
+        del engine, build_ours
+    if _fits(args, 16, ctx, device):
+        report["rows"].append(_measure("fp16 cuBLAS", lambda: random_model(args, "fp16", 16, -1, False, device),
+                                       bits=16, group_size=-1, **common))
+    else:
+        report["notes"].append("fp16 baseline skipped: its weights do not fit in free GPU memory")
+    report["rows"].append(_int4_row(args, common))
+    report["rows"] = [r for r in report["rows"] if r is not None]
+    return report
+
+
+def _int4_row(args: ModelArgs, common: dict) -> dict | None:
+    """torch's int4 kernel (group 128, bf16) on the same shape, or None (with the reason raised as a note)."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        return None
+    try:
+        return _measure("torch int4 g128 (tinygemm)", lambda: random_model(args, "int4", 4, 128, False,
+                                                                           common["device"]),
+                        bits=4, group_size=128, **common)
+    except (RuntimeError, TypeError) as e:
+        torch.cuda.empty_cache()
+        return dict(variant="torch int4 g128 (tinygemm)", error=str(e).splitlines()[0][:160])
+
+
+def _load_engine(model_dir: str, ctx: int, device_map: str | None):
+    engine = Engine.load(LoadSettings(model_dir=model_dir, max_seq_len=ctx, device_map=device_map or "auto"))
+    if engine.quant is None:
+        raise TalisError(f"{model_dir} holds fp16 weights; talis bench measures GPTQ models (use --shape for fp16 baselines)")
+    return engine
+
+
+# --- printing ----------------------------------------------------------------------------------------------------
+def format_report(report: dict) -> str:
+    """The report as a few lines of text (what `talis bench` prints without --json)."""
+    what = report.get("shape") or report.get("model")
+    lines = [f"{what}  {report['bits']}-bit g{report['group_size']}{' act-order' if report['act_order'] else ''}  "
+             f"prompt {report['prompt']}  gen {report['gen']}  ctx {report['ctx']}",
+             f"{report['device']}, torch {report['torch']}, copy bandwidth {report['copy_tb_s']:.2f} TB/s", "",
+             f"{'variant':<28} {'decode tok/s':>12} {'% floor':>8} {'prefill tok/s':>13} {'TTFT ms':>8} "
+             f"{'GB/token':>8} {'peak GB':>8}"]
+    for row in report["rows"]:
+        if "error" in row:
+            lines.append(f"{row['variant']:<28} unavailable: {row['error']}")
+            continue
+        lines.append(f"{row['variant']:<28} {row['decode_tok_s']:>12.1f} {row['pct_floor']:>7.1f}% "
+                     f"{row['prefill_tok_s']:>13.0f} {row['ttft_ms']:>8.1f} {row['bytes_per_token_gb']:>8.2f} "
+                     f"{row['peak_vram_gb']:>8.1f}")
+    for row in report["rows"]:
+        if row.get("kernels"):
+            lines += ["", f"{'GEMV shape (K x N)':<20} {'layers':>6} {'us':>8} {'TB/s':>6} {'% copy':>7}"]
+            lines += [f"{k['shape']:<20} {k['count']:>6} {k['us']:>8.1f} {k['tbps']:>6.2f} {k['pct_copy']:>6.1f}%"
+                      for k in row["kernels"]]
+            total_us = sum(k["us"] * k["count"] for k in row["kernels"])
+            lines.append(f"all GEMVs of one token: {total_us / 1e3:.3f} ms of {row['ms_per_token']:.3f} ms per token")
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
