@@ -75,7 +75,12 @@ class Engine:
         tokenizer = load_tokenizer(model_dir)
         backend = choose_backend(settings.backend, loaded.model, request.plan)
         loaded.model.setup_cache(1, max_seq_len)
-        return cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, time.perf_counter() - t0, backend)
+        engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, time.perf_counter() - t0, backend)
+        if request.plan.uses_cuda:  # fused projections and the CUDA-graph decode step
+            from .fast_decode import accelerate
+
+            accelerate(engine.model, engine.generator)
+        return engine
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)

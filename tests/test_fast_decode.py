@@ -1,0 +1,169 @@
+"""Fusion of q/k/v and gate/up, and the fast decode step, against the plain model.
+
+On CPU the decode step runs eagerly with its Triton ops under TRITON_INTERPRET=1; the tests marked gpu replay it
+as CUDA graphs and compare greedy tokens with the plain path.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
+
+from quant_kernels import gptq_format  # noqa: E402
+from quant_kernels.fuse import fuse_linears, fuse_model  # noqa: E402
+from quant_kernels.quant_linear import QuantLinear  # noqa: E402
+from talis_cli.config import ModelArgs  # noqa: E402
+from talis_cli.fast_decode import CudaGraphDecoder, DecodeStep, buckets  # noqa: E402
+from talis_cli.model import Transformer  # noqa: E402
+
+from tiny_models import tiny_config  # noqa: E402
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def random_quant(in_features, out_features, bits, group_size, g_idx, seed):
+    gen = torch.Generator().manual_seed(seed)
+    groups = g_idx.max().item() + 1
+    q = torch.randint(0, 2**bits, (in_features, out_features), generator=gen)
+    zeros = torch.randint(0, 2**bits - 1, (groups, out_features), generator=gen)
+    scales = (torch.rand(groups, out_features, generator=gen) * 0.02 + 0.002).half()
+    return QuantLinear.from_quantized(gptq_format.pack_rows(q, bits), gptq_format.pack_cols(zeros, bits), scales,
+                                      g_idx, bits, group_size)
+
+
+@pytest.mark.parametrize("bits,outs", [(4, (64, 32, 32)), (4, (36, 20, 12)), (3, (40, 24, 24)), (8, (16, 48))])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_fused_quant_layer_equals_concatenated_parts(bits, outs, act_order):
+    in_features, group_size = 128, 32
+    g_idx = gptq_format.default_g_idx(in_features, group_size)
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_features, generator=torch.Generator().manual_seed(1))]
+    parts = [random_quant(in_features, n, bits, group_size, g_idx, seed=i) for i, n in enumerate(outs)]
+    fused = fuse_linears(parts)
+    assert isinstance(fused, QuantLinear) and fused.out_features == sum(outs)
+    expected_weight = torch.cat([p.dequantized_weight() for p in parts])
+    assert torch.equal(fused.dequantized_weight(), expected_weight)  # bit-exact: same codes, zeros, scales
+    x = torch.randn(3, in_features).half()
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1), rtol=2e-3, atol=2e-3)
+
+
+def test_layers_that_disagree_are_not_fused():
+    g_idx = gptq_format.default_g_idx(64, 32)
+    a, b = random_quant(64, 32, 4, 32, g_idx, 0), random_quant(64, 32, 4, 32, g_idx.flip(0), 1)
+    assert fuse_linears([a, b]) is None  # different act-order
+    assert fuse_linears([a, random_quant(64, 32, 8, 32, g_idx, 2)]) is None  # different bits
+    assert fuse_linears([a, torch.nn.Linear(64, 32)]) is None
+
+
+def tiny_model(seed=0, dtype=torch.float32, device="cpu", **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.from_hf_config(tiny_config(**overrides))).to(device, dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_fused_model_logits_match(kv_heads):
+    model = tiny_model(num_key_value_heads=kv_heads)
+    tokens = torch.randint(0, 4096, (2, 9))
+    with torch.no_grad():
+        before = model(tokens)
+        assert fuse_model(model) == 2 * model.args.n_layers
+        after = model(tokens)
+    assert model.model.layers[0].self_attn.q_proj is None and model.model.layers[0].mlp.gate_up_proj is not None
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads,fused", [(4, True), (2, False)])
+def test_decode_step_matches_plain_forward(kv_heads, fused):
+    """Prefill two left-padded rows, then decode steps with the Triton step vs the eager model on a copy."""
+    model = tiny_model(seed=kv_heads, num_key_value_heads=kv_heads)
+    if fused:
+        fuse_model(model)
+    prompts = torch.randint(0, 4096, (2, 6))
+    pad_lens = torch.tensor([0, 2])
+    model.setup_cache(2, 64)
+    step = DecodeStep(model, batch=2)
+    with torch.no_grad():
+        model(prompts, start_pos=0, pad_lens=pad_lens)
+        reference_caches = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
+                            for layer in model.model.layers]
+        token = torch.randint(0, 4096, (2, 1))
+        for pos in range(6, 9):
+            step.tokens.copy_(token[:, 0])
+            step.slot.fill_(pos)
+            step.pad_lens.copy_(pad_lens)
+            fast = step.run(capacity=64)
+            fast_caches = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
+                           for layer in model.model.layers]
+            for layer, (k, v) in zip(model.model.layers, reference_caches):  # replay the same step on the plain path
+                layer.self_attn.kv_cache.k.copy_(k)
+                layer.self_attn.kv_cache.v.copy_(v)
+            plain = model(token, start_pos=pos, pad_lens=pad_lens)[:, -1]
+            torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+            for layer, (k, v) in zip(model.model.layers, fast_caches):
+                torch.testing.assert_close(k, layer.self_attn.kv_cache.k, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(v, layer.self_attn.kv_cache.v, rtol=1e-5, atol=1e-5)
+            reference_caches = fast_caches
+            token = plain.argmax(-1, keepdim=True)
+
+
+def test_buckets_cover_the_cache():
+    assert buckets(2048) == [128, 256, 512, 1024, 2048]
+    assert buckets(300) == [128, 256, 300] and buckets(100) == [100]
+
+
+# --- GPU: CUDA graphs against the plain path ------------------------------------------------------------------
+def greedy(model, prompt: torch.Tensor, n: int, runner=None) -> list[int]:
+    """n greedy tokens after `prompt` [1, T] (plain forward, or the runner for every decode step)."""
+    model.setup_cache(1, prompt.shape[1] + n)
+    with torch.inference_mode():
+        token = model(prompt, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        out = [token.item()]
+        for pos in range(prompt.shape[1], prompt.shape[1] + n - 1):
+            logits = runner(token, pos) if runner else model(token, start_pos=pos)[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            out.append(token.item())
+    return out
+
+
+@gpu
+@needs_cuda
+def test_cuda_graph_greedy_tokens_match_tiny_model():
+    model = tiny_model(dtype=torch.float16, device="cuda", num_key_value_heads=2, max_position_embeddings=512)
+    fuse_model(model)
+    prompt = torch.randint(0, 4096, (1, 100), device="cuda")  # crosses the 128-slot bucket while decoding
+    plain = greedy(model, prompt, 64)
+    assert greedy(model, prompt, 64, CudaGraphDecoder(model)) == plain
+
+
+@gpu
+@needs_cuda
+def test_cuda_graph_greedy_tokens_match_embedded_model():
+    from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings
+
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        pytest.skip("the embedded model is not built yet")
+    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=256))
+    prompt = torch.tensor([engine.encode("In the beginning God created")], device="cuda")
+    runner = engine.generator.fast_decode or CudaGraphDecoder(engine.model)
+    assert greedy(engine.model, prompt, 64, runner) == greedy(engine.model, prompt, 64)
+
+
+@gpu
+@needs_cuda
+def test_cuda_graph_greedy_tokens_match_random_7b():
+    from talis_cli import bench
+
+    args = bench.shape_args("7B", 256)
+    model = bench.random_model(args, "gptq", 4, 128, act_order=True, device="cuda")
+    prompt = torch.randint(0, args.vocab_size, (1, 32), device="cuda")
+    plain = greedy(model, prompt, 64)
+    assert greedy(model, prompt, 64, CudaGraphDecoder(model)) == plain
+    del model
+    torch.cuda.empty_cache()
