@@ -152,8 +152,8 @@ def _attention_split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, pad_ptr, part_ptr, st
     h = tl.program_id(1)
     split = tl.program_id(2)
     offs_d = tl.arange(0, HD)
-    n_keys = tl.load(slot_ptr) + 1
-    pad = tl.load(pad_ptr + b)
+    n_keys = tl.load(slot_ptr).to(tl.int32) + 1
+    pad = tl.load(pad_ptr + b).to(tl.int32)
     q = tl.load(q_ptr + (b * n_heads + h) * HD + offs_d).to(tl.float32) * scale
     base = b * stride_cb + (h // group) * stride_ch
     start = split * chunk

@@ -1,0 +1,79 @@
+"""On the GPU machine, in one call: the GPU tests of the fast path, then `talis bench` for each spec.
+
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py [--no-tests] [--out DIR] SPEC ...
+
+SPEC is run_bench's keyword arguments as key=value pairs joined by commas, e.g. `shape=7B,kernels=1` or
+`shape=65B,prompt=2048,gen=64,ctx=2112`. Each report is printed as it finishes and appended as one JSON line to
+DIR/bench.jsonl (DIR defaults to $OUT, else the current folder), so a run cut short keeps what it measured.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+TEST_FILES = ["tests/test_fast_decode.py", "tests/test_triton_ops.py", "tests/test_bench.py"]
+INT_KEYS = {"prompt", "gen", "ctx", "bits", "group_size"}
+BOOL_KEYS = {"act_order", "kernels"}
+
+
+def parse_spec(spec: str) -> dict:
+    """'shape=7B,ctx=2048,act_order=1' -> run_bench keyword arguments."""
+    kwargs = {}
+    for pair in filter(None, spec.split(",")):
+        key, _, value = pair.partition("=")
+        if key in INT_KEYS:
+            kwargs[key] = int(value)
+        elif key in BOOL_KEYS:
+            kwargs[key] = value not in ("0", "false", "")
+        else:
+            kwargs[key] = value
+    return kwargs
+
+
+def run_tests() -> int:
+    started = time.perf_counter()
+    code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES])
+    print(f"[gpu_check] tests exit {code} in {time.perf_counter() - started:.0f} s", flush=True)
+    return code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("specs", nargs="*")
+    parser.add_argument("--no-tests", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    opts = parser.parse_args()
+    status = 0 if opts.no_tests else run_tests()
+
+    from talis_cli.bench import format_report, run_bench
+
+    log = Path(opts.out) / "bench.jsonl"
+    summaries = []
+    for spec in opts.specs:
+        started = time.perf_counter()
+        try:
+            report = run_bench(**parse_spec(spec))
+        except Exception:
+            traceback.print_exc()
+            summaries.append(f"{spec}: FAILED")
+            status = status or 1
+            continue
+        report["spec"], report["wall_s"] = spec, time.perf_counter() - started
+        with log.open("a") as f:
+            f.write(json.dumps(report) + "\n")
+        print(format_report(report), f"\n[gpu_check] {spec} took {report['wall_s']:.0f} s\n", flush=True)
+        ours = report["rows"][0]
+        summaries.append(f"{spec}: {ours['decode_tok_s']:.0f} tok/s ({ours['pct_floor']:.0f}% floor), prefill "
+                         f"{ours['prefill_tok_s']:.0f} tok/s, peak {ours['peak_vram_gb']:.1f} GB; baselines "
+                         + ", ".join(f"{r['variant']} {r.get('decode_tok_s', float('nan')):.0f}/"
+                                     f"{r.get('prefill_tok_s', float('nan')):.0f}" for r in report["rows"][1:]))
+    print("\n".join(["[gpu_check] summary (decode tok/s / prefill tok/s for baselines)"] + summaries))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
