@@ -22,6 +22,7 @@ import torch
 import triton.testing
 from torch import nn
 
+import quant_kernels.triton_backend  # noqa: F401  (registers the "triton" QuantLinear backend)
 from quant_kernels.quant_linear import QuantLinear
 
 from .config import ModelArgs

@@ -20,6 +20,7 @@ from talis_cli.model import Transformer  # noqa: E402
 
 from tiny_models import tiny_config  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -82,18 +83,18 @@ def test_fused_model_logits_match(kv_heads):
 @pytest.mark.parametrize("kv_heads,fused", [(4, True), (2, False)])
 def test_decode_step_matches_plain_forward(kv_heads, fused):
     """Prefill two left-padded rows, then decode steps with the Triton step vs the eager model on a copy."""
-    model = tiny_model(seed=kv_heads, num_key_value_heads=kv_heads)
+    model = tiny_model(seed=kv_heads, device=DEVICE, num_key_value_heads=kv_heads)
     if fused:
         fuse_model(model)
-    prompts = torch.randint(0, 4096, (2, 6))
-    pad_lens = torch.tensor([0, 2])
+    prompts = torch.randint(0, 4096, (2, 6), device=DEVICE)
+    pad_lens = torch.tensor([0, 2], device=DEVICE)
     model.setup_cache(2, 64)
     step = DecodeStep(model, batch=2)
     with torch.no_grad():
         model(prompts, start_pos=0, pad_lens=pad_lens)
         reference_caches = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
                             for layer in model.model.layers]
-        token = torch.randint(0, 4096, (2, 1))
+        token = torch.randint(0, 4096, (2, 1), device=DEVICE)
         for pos in range(6, 9):
             step.tokens.copy_(token[:, 0])
             step.slot.fill_(pos)
