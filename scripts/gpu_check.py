@@ -68,9 +68,10 @@ def main() -> int:
         print(format_report(report), f"\n[gpu_check] {spec} took {report['wall_s']:.0f} s\n", flush=True)
         ours = report["rows"][0]
         summaries.append(f"{spec}: {ours['decode_tok_s']:.0f} tok/s ({ours['pct_floor']:.0f}% floor), prefill "
-                         f"{ours['prefill_tok_s']:.0f} tok/s, peak {ours['peak_vram_gb']:.1f} GB; baselines "
-                         + ", ".join(f"{r['variant']} {r.get('decode_tok_s', float('nan')):.0f}/"
-                                     f"{r.get('prefill_tok_s', float('nan')):.0f}" for r in report["rows"][1:]))
+                         f"{ours['prefill_tok_s'] or float('nan'):.0f} tok/s, peak {ours['peak_vram_gb']:.1f} GB; "
+                         "baselines " + ", ".join(f"{r['variant']} {r.get('decode_tok_s') or float('nan'):.0f}/"
+                                                  f"{r.get('prefill_tok_s') or float('nan'):.0f}"
+                                                  for r in report["rows"][1:]))
     print("\n".join(["[gpu_check] summary (decode tok/s / prefill tok/s for baselines)"] + summaries))
     return status
 

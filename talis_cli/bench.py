@@ -212,11 +212,16 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
             token = runner(token, pos).argmax(-1, keepdim=True)
             token.tolist()  # one host read per token, as streaming does
 
+    timing = dict(prefill_s=None, prefill_error=None)
     with torch.inference_mode():
-        prefill_s = statistics.median(_sync_time(prefill) for _ in range(repeats + 1))  # the first run tunes
+        try:
+            _sync_time(prefill)  # tunes the prefill kernels
+            timing["prefill_s"] = statistics.median(_sync_time(prefill) for _ in range(repeats))
+        except Exception as e:  # a prefill kernel that fails here is reported; decode is still timed
+            timing["prefill_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         _sync_time(decode)  # captures the graphs
-        decode_s = statistics.median(_sync_time(decode) for _ in range(repeats))
-    return dict(prefill_s=prefill_s, decode_s=decode_s)
+        timing["decode_s"] = statistics.median(_sync_time(decode) for _ in range(repeats))
+    return timing
 
 
 def gemv_table(model, bandwidth: float) -> list[dict]:
@@ -255,8 +260,10 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
     timing = time_model(model, prompt, gen, ctx)
     floor = floor_bytes(args, bits, group_size, ctx - gen / 2)
     decode_tps = gen / timing["decode_s"]
-    row = dict(variant=label, decode_tok_s=decode_tps, prefill_tok_s=prompt / timing["prefill_s"],
-               ttft_ms=timing["prefill_s"] * 1e3, ms_per_token=timing["decode_s"] / gen * 1e3,
+    prefill_s = timing["prefill_s"]
+    row = dict(variant=label, decode_tok_s=decode_tps, prefill_tok_s=prompt / prefill_s if prefill_s else None,
+               ttft_ms=prefill_s * 1e3 if prefill_s else None, prefill_error=timing["prefill_error"],
+               ms_per_token=timing["decode_s"] / gen * 1e3,
                floor_tok_s=bandwidth / floor["total"], pct_floor=100 * decode_tps * floor["total"] / bandwidth,
                bytes_per_token_gb=floor["total"] / GB, peak_vram_gb=torch.cuda.max_memory_allocated(device) / GB)
     if kernels:
@@ -343,9 +350,10 @@ def format_report(report: dict) -> str:
         if "error" in row:
             lines.append(f"{row['variant']:<28} unavailable: {row['error']}")
             continue
-        lines.append(f"{row['variant']:<28} {row['decode_tok_s']:>12.1f} {row['pct_floor']:>7.1f}% "
-                     f"{row['prefill_tok_s']:>13.0f} {row['ttft_ms']:>8.1f} {row['bytes_per_token_gb']:>8.2f} "
-                     f"{row['peak_vram_gb']:>8.1f}")
+        prefill = (f"{row['prefill_tok_s']:>13.0f} {row['ttft_ms']:>8.1f}" if row["prefill_tok_s"]
+                   else f"{'failed':>13} {'-':>8}")
+        lines.append(f"{row['variant']:<28} {row['decode_tok_s']:>12.1f} {row['pct_floor']:>7.1f}% {prefill} "
+                     f"{row['bytes_per_token_gb']:>8.2f} {row['peak_vram_gb']:>8.1f}")
     for row in report["rows"]:
         if row.get("kernels"):
             lines += ["", f"{'GEMV shape (K x N)':<20} {'layers':>6} {'us':>8} {'TB/s':>6} {'% copy':>7}"]
@@ -353,5 +361,6 @@ def format_report(report: dict) -> str:
                       for k in row["kernels"]]
             total_us = sum(k["us"] * k["count"] for k in row["kernels"])
             lines.append(f"all GEMVs of one token: {total_us / 1e3:.3f} ms of {row['ms_per_token']:.3f} ms per token")
+    lines += [f"note: {r['variant']} prefill failed: {r['prefill_error']}" for r in report["rows"] if r.get("prefill_error")]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

@@ -90,9 +90,12 @@ def test_run_bench_needs_a_gpu_or_a_clear_choice():
 def test_report_printer_lists_every_variant():
     rows = [dict(variant=v, decode_tok_s=100.0 * i, pct_floor=50.0, prefill_tok_s=1e4, ttft_ms=12.0,
                  bytes_per_token_gb=3.7, peak_vram_gb=4.0, ms_per_token=10 / (i + 1)) for i, v in enumerate("ab")]
+    rows[1].update(prefill_tok_s=None, prefill_error="OutOfResources: shared memory")
     rows.append(dict(variant="c", error="not here"))
     report = dict(shape="7B", bits=4, group_size=128, act_order=False, prompt=128, gen=128, ctx=256, device="X",
                   torch="2", copy_tb_s=3.0, rows=rows, notes=["n1"])
     text = bench.format_report(report)
-    assert all(line in text for line in ("unavailable: not here", "note: n1"))
-    assert text.count("\n") >= 6 and math.isclose(float(text.split("\n")[5].split()[1]), 100.0)
+    for line in ("unavailable: not here", "note: n1", "b prefill failed: OutOfResources"):
+        assert line in text
+    table = text.split("\n")[4:6]
+    assert [float(line.split()[1]) for line in table] == [0.0, 100.0] and "failed" in table[1]
