@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -159,8 +160,7 @@ def _gptq_layers(model, tokens, bits, group_size, sym, act_order, true_sequentia
                 full_name = f"model.layers.{index}.{name}"
                 result = _solve(solver, full_name, bits, group_size, sym, act_order, damp_percent)
                 linear.weight.data = result.dequantize().to(device, dtype)
-                packed[full_name] = _to_cpu(result)
-                del solver.hessian
+                packed[full_name] = replace(result, **{k: v.cpu() for k, v in result.tensors().items()})
             step += 1
             if progress:
                 progress(step, total, f"layer {index + 1}/{len(layers)}: {', '.join(n.split('.')[-1] for n in names)}")
@@ -187,12 +187,6 @@ def _solve(solver, name, bits, group_size, sym, act_order, damp_percent):
     except torch.linalg.LinAlgError:
         raise TalisError(f"{name}: the calibration Hessian is not positive definite; use more or more varied "
                          "calibration text, or a larger damp_percent") from None
-
-
-def _to_cpu(packed):
-    for field in ("qweight", "qzeros", "scales", "g_idx"):
-        setattr(packed, field, getattr(packed, field).cpu())
-    return packed
 
 
 def _rtn_layers(model, bits, group_size, sym, progress) -> dict:
