@@ -65,7 +65,11 @@ class Tuner:
             return candidates[0]
         timings = []
         for config in candidates:
-            launch(config)  # compile (and any nested tuning) before timing
+            try:
+                launch(config)  # compile (and any nested tuning) before timing
+            except triton.runtime.errors.OutOfResources:
+                timings.append(float("inf"))  # e.g. too much shared memory for this GPU
+                continue
             # Short runs: the spread between candidates is far larger than the timing noise.
             timings.append(triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20, return_mode="median"))
         return candidates[min(range(len(candidates)), key=timings.__getitem__)]

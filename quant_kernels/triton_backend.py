@@ -1,6 +1,9 @@
 """The "triton" QuantLinear backend: fused GPTQ kernels on CUDA GPUs (or under TRITON_INTERPRET=1 on CPU).
 
 `prepare` turns a layer into the layout the kernels read fastest:
+- scales and zero points become one int32 word per group and column: the fp16 scale in the low half, the fp16
+  full zero point (stored zero + offset, an exact small integer) in the high half. The kernels read it with the
+  same wide loads as qweight and do no bit work per weight word for it.
 - act-order: input rows are sorted by group once (qweight repacked, the permutation kept), so each group's
   scales are read in one run; at run time the kernels read x through the permutation. The layer's own tensors
   stay as loaded (files on disk are standard GPTQ); the state holds the reordered copy of `qweight`.
@@ -27,28 +30,31 @@ TRITON_BITS = (2, 4, 8)  # whole values per int32 word; 3-bit values straddle wo
 @dataclass
 class PreparedWeight:
     """Tensors in kernel layout. qweight: int32 [K*bits/32, N], rows sorted by group when `perm` is set;
-    perm: int32 [K] or None, row k of qweight multiplies input feature perm[k]; group_size: rows per group."""
+    scale_zero: int32 [n_groups, N], fp16 scale (low half) and fp16 full zero point (high half);
+    perm: int32 [K] or None, row k of qweight multiplies input feature perm[k]; groups of 2**group_shift rows."""
 
     qweight: torch.Tensor
-    scales: torch.Tensor
-    qzeros: torch.Tensor
+    scale_zero: torch.Tensor
     perm: torch.Tensor | None
     bits: int
-    group_size: int
-    zero_offset: int
+    group_shift: int
 
     def args(self) -> tuple:
-        return (self.qweight, self.scales, self.qzeros, self.perm, self.bits, self.group_size, self.zero_offset)
+        return (self.qweight, self.scale_zero, self.perm, self.bits, self.group_shift)
 
 
 def unsupported_reason(layer: QuantLinear) -> str | None:
     """Why the Triton kernels cannot run this layer, or None when they can."""
     if layer.bits not in TRITON_BITS:
         return f"{layer.bits}-bit weights"
+    if layer.scales.dtype != torch.float16:
+        return f"{layer.scales.dtype} scales"
     if layer.qweight.device.type != "cuda" and not interpreting():
         return f"tensors on {layer.qweight.device.type}"
     if layer.in_features % (32 // layer.bits):
         return "in_features not a whole number of int32 words"
+    if layer.group_size != -1 and layer.group_size < 32 // layer.bits:
+        return "groups smaller than one int32 word"
     return None
 
 
@@ -58,24 +64,32 @@ def group_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
     Raises ValueError when sorting cannot give `group_size` consecutive rows per group (what the kernels assume).
     """
     rows = g_idx.shape[0]
-    in_order = torch.arange(rows, device=g_idx.device, dtype=torch.int32) // group_size
-    if torch.equal(g_idx.to(torch.int32), in_order):
+    in_order = torch.arange(rows, device=g_idx.device) // group_size
+    if torch.equal(g_idx.long(), in_order):
         return None
     perm = torch.argsort(g_idx, stable=True)
-    if not torch.equal(g_idx[perm].to(torch.int32), in_order):
+    if not torch.equal(g_idx[perm].long(), in_order):
         raise ValueError("groups are not of equal size")
     return perm.to(torch.int32)
 
 
 def prepare_weight(layer: QuantLinear) -> PreparedWeight:
     """Kernel layout of one layer (see the module docstring); raises ValueError when the layout cannot be made."""
-    group_size = layer.in_features if layer.group_size == -1 else layer.group_size
-    perm = group_order(layer.g_idx, group_size)
+    # One group of 2**31 rows stands for group_size -1: every row index shifts down to group 0.
+    group_shift = 31 if layer.group_size == -1 else layer.group_size.bit_length() - 1
+    perm = group_order(layer.g_idx, 1 << group_shift)
     qweight = layer.qweight
     if perm is not None:
         rows = gptq_format.unpack_rows(qweight, layer.bits, layer.in_features)
         qweight = gptq_format.pack_rows(rows[perm.long()], layer.bits)
-    return PreparedWeight(qweight, layer.scales, layer.qzeros, perm, layer.bits, group_size, layer.zero_offset)
+    zeros = gptq_format.unpack_cols(layer.qzeros, layer.bits, layer.out_features) + layer.zero_offset
+    return PreparedWeight(qweight, fp16_pairs(layer.scales, zeros.half()), perm, layer.bits, group_shift)
+
+
+def fp16_pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """int32 words holding the bits of two fp16 tensors of one shape: `low` in bits 0-15, `high` in bits 16-31."""
+    as_int = lambda t: t.contiguous().view(torch.int16).to(torch.int32)  # noqa: E731 (sign-extended)
+    return (as_int(low) & 0xFFFF) | (as_int(high) << 16)
 
 
 def _prefill_launcher(weight: PreparedWeight, x2d: torch.Tensor):
@@ -141,7 +155,7 @@ class TritonBackend:
         else:
             launch = _prefill_launcher(state, x2d)
             key = (triton.next_power_of_2(x2d.shape[0]), layer.out_features, layer.in_features, layer.bits,
-                   state.group_size, state.perm is not None, str(x2d.dtype))
+                   state.group_shift, state.perm is not None, str(x2d.dtype))
             y = launch(PREFILL_TUNER.pick(key, launch))
         if layer.bias is not None:
             y += layer.bias.to(y.dtype)

@@ -11,30 +11,28 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import Tuner, generated_configs
+from .triton_gemv import _unpack_scale_zero
 
 
 @triton.jit
-def _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, offs_k, offs_n, mask_k, mask_n,
-                      N, group_size, zero_offset, stride_zg, BITS: tl.constexpr):
-    """fp32 [BLOCK_K, BLOCK_N] tile of W = scale * (q - (zero + zero_offset)) for rows offs_k (packed row order)."""
+def _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_n,
+                      N, group_shift, BITS: tl.constexpr):
+    """fp32 [BLOCK_K, BLOCK_N] tile of W = scale * (q - zero) for rows offs_k (packed row order)."""
     PER_WORD: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     mask = mask_k[:, None] & mask_n[None, :]
     # Each word is loaded by the PER_WORD rows it holds; the repeats hit L1.
     packed = tl.load(qweight_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0)
     q = (packed >> ((offs_k % PER_WORD) * BITS)[:, None]) & MASK
-    group = offs_k // group_size
-    scale = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-    zero_word = tl.load(qzeros_ptr + group[:, None] * stride_zg + (offs_n // PER_WORD)[None, :],
-                        mask=mask, other=0)
-    zero = (zero_word >> ((offs_n % PER_WORD) * BITS)[None, :]) & MASK
-    return (q - zero - zero_offset).to(tl.float32) * scale.to(tl.float32)
+    group_rows = (offs_k >> group_shift)[:, None] * N + offs_n[None, :]
+    scale, zero = _unpack_scale_zero(tl.load(scale_zero_ptr + group_rows, mask=mask, other=0))
+    return (q.to(tl.float32) - zero) * scale
 
 
 @triton.jit
 def _gemm_kernel(
-    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, out_ptr,
-    M, N, K, group_size, zero_offset, stride_xm, stride_om, stride_zg,
+    x_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr,
+    M, N, K, group_shift, stride_xm, stride_om,
     BITS: tl.constexpr, HAS_PERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -63,23 +61,23 @@ def _gemm_kernel(
         src_k = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, offs_k, offs_n, mask_k, mask_n,
-                              N, group_size, zero_offset, stride_zg, BITS)
+        b = _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_n,
+                              N, group_shift, BITS)
         acc = tl.dot(a, b.to(a.dtype), acc)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _dequantize_kernel(qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, out_ptr, N, K, group_size, zero_offset, stride_zg,
+def _dequantize_kernel(qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, N, K, group_shift,
                        BITS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[perm[k], n] = W[k, n] in out's dtype; out is [K, N] contiguous. Grid: (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
     mask_n = offs_n < N
-    w = _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, offs_k, offs_n, mask_k, mask_n,
-                          N, group_size, zero_offset, stride_zg, BITS)
+    w = _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_n,
+                          N, group_shift, BITS)
     dst_k = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
     tl.store(out_ptr + dst_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
              mask=mask_k[:, None] & mask_n[None, :])
@@ -106,8 +104,8 @@ GEMM_TUNER = Tuner(
 )
 
 
-def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-               perm: torch.Tensor | None, bits: int, group_size: int, zero_offset: int,
+def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
+               perm: torch.Tensor | None, bits: int, group_shift: int,
                out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """y = x @ W for x [M, K] (unit column stride) and the GPTQ weight W [K, N]; returns [M, N] in x.dtype.
 
@@ -122,26 +120,26 @@ def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qze
     def launch(cfg: dict) -> None:
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _gemm_kernel[grid](
-            x, qweight, scales, qzeros, perm if perm is not None else qweight, out,
-            m, n, k, group_size, zero_offset, x.stride(0), out.stride(0), qzeros.stride(0),
+            x, qweight, scale_zero, perm if perm is not None else qweight, out,
+            m, n, k, group_shift, x.stride(0), out.stride(0),
             BITS=bits, HAS_PERM=perm is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
-    key = (triton.next_power_of_2(m), n, k, bits, group_size, perm is not None, str(x.dtype))
+    key = (triton.next_power_of_2(m), n, k, bits, group_shift, perm is not None, str(x.dtype))
     launch(config or GEMM_TUNER.pick(key, launch))
     return out
 
 
-def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                    perm: torch.Tensor | None, bits: int, group_size: int, zero_offset: int) -> torch.Tensor:
+def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
+                    perm: torch.Tensor | None, bits: int, group_shift: int) -> torch.Tensor:
     """Write the dense weight [K, N] (original row order) into `out` (contiguous, fp16/bf16/fp32) and return it."""
     k = qweight.shape[0] * 32 // bits
     n = qweight.shape[1]
     assert out.shape == (k, n) and out.is_contiguous()
     block_k, block_n = 32, 128
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
-    _dequantize_kernel[grid](qweight, scales, qzeros, perm if perm is not None else qweight, out,
-                             n, k, group_size, zero_offset, qzeros.stride(0), BITS=bits, HAS_PERM=perm is not None,
+    _dequantize_kernel[grid](qweight, scale_zero, perm if perm is not None else qweight, out,
+                             n, k, group_shift, BITS=bits, HAS_PERM=perm is not None,
                              BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
     return out

@@ -186,7 +186,7 @@ def test_real_shapes_on_gpu(k, n, bits, group_size, act_order):
     for rows, split_k in ((1, 1), (1, 8), (3, 4), (8, 2)):
         x = random_x(rows, k, seed=rows)
         out = quant_gemv(x, *weight.args(), out=poisoned(rows, n),
-                         config=dict(BLOCK_N=128, BLOCK_KW=8, SPLIT_K=split_k, num_warps=4))
+                         config=dict(BLOCK_N=512, BLOCK_KW=4, SPLIT_K=split_k, num_warps=4))
         assert relative_error(out, reference(layer, x)) < TOLERANCE, f"gemv rows={rows} split_k={split_k}"
     for rows in (33, 300):
         x = random_x(rows, k, seed=rows)
