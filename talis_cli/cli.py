@@ -110,9 +110,9 @@ def run_settings(load: LoadFlags, sampling: Optional[SamplingFlags] = None, **ex
 def load_engine(settings):
     """Load the model, with a progress bar on stderr when that is a terminal."""
     from talis_cli.engine import Engine
-    from talis_cli.repl.render import load_progress
+    from talis_cli.repl.render import progress_bar
 
-    with load_progress() as progress:
+    with progress_bar() as progress:
         return Engine.load(settings.load_settings(), progress=progress)
 
 
@@ -289,30 +289,6 @@ def chat(
     run_chat(ChatSession(engine, config, settings.template, settings.system, settings.preset), first_message=prompt)
 
 
-def _human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
-        count /= 1024
-
-
-def _print_tree(console, data: dict, indent: int = 0) -> None:
-    """Nested settings as indented `key: value` lines (byte counts made readable)."""
-    from rich.text import Text
-
-    for key, value in data.items():
-        label = Text(" " * indent + f"{key}:", style="bold")
-        if isinstance(value, dict):
-            console.print(label)
-            _print_tree(console, value, indent + 2)
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and key.endswith("bytes"):
-            value = _human_bytes(value)
-        elif isinstance(value, (list, tuple)):
-            value = ", ".join(map(str, value)) or "-"
-        console.print(label, str(value))
-
-
 @app.command()
 @with_option_groups
 def info(
@@ -326,7 +302,9 @@ def info(
         return
     from rich.console import Console
 
-    _print_tree(Console(highlight=False), engine.info)
+    from talis_cli.repl.render import print_tree
+
+    print_tree(Console(highlight=False), engine.info)
 
 
 @app.command()
@@ -372,6 +350,53 @@ def perplexity(
     from talis_cli.perplexity import perplexity as windowed_perplexity
 
     _write_out(f"{windowed_perplexity(engine, text, ctx, stride):.4f}\n")
+
+
+# ---------------------------------------------------------------- quantize, bench
+
+
+@app.command()
+def quantize(
+    model_dir: Annotated[Path, typer.Argument(help="Folder of the fp16/bf16/fp32 model (config.json, weights, tokenizer).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the GPTQ model to.")],
+    bits: Annotated[int, typer.Option("--bits", help="Bits per weight: 2, 3, 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", help="Weights per scale; -1 for one group per column.")] = 128,
+    act_order: Annotated[bool, typer.Option("--act-order", help="Quantize columns by decreasing Hessian diagonal.")] = False,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Plain-text calibration file (needed by gptq).")] = None,
+    method: Annotated[str, typer.Option("--method", help="gptq (needs --calib) or rtn (round to nearest).")] = "gptq",
+    nsamples: Annotated[int, typer.Option("--nsamples", help="Calibration sequences.", min=1)] = 128,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per calibration sequence.", min=2)] = 2048,
+):
+    """Quantize a model to GPTQ, writing the AutoGPTQ layout that `talis --model OUT_DIR` loads."""
+    from talis_cli.quantize import quantize_model
+    from talis_cli.repl.render import progress_bar
+
+    with progress_bar("quantizing", "steps", min_seconds=0) as progress:
+        written = quantize_model(model_dir, out_dir, bits=bits, group_size=group_size, act_order=act_order,
+                                 method=method, calib_file=calib, nsamples=nsamples, seqlen=seqlen, progress=progress)
+    _write_out(f"{written}\n")
+
+
+@app.command()
+def bench(
+    shape: Annotated[Optional[str], typer.Option("--shape", help="Random weights of a LLaMA shape: 7B, 13B, 33B, 65B, 70B, 8B.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A real model folder instead of --shape.")] = None,
+    prompt: Annotated[int, typer.Option("--prompt", help="Prompt tokens.")] = 128,
+    gen: Annotated[int, typer.Option("--gen", help="Tokens to generate.")] = 128,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context to allocate (default: prompt + gen).")] = None,
+    bits: Annotated[int, typer.Option("--bits", help="Bits per weight for --shape: 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", help="Group size for --shape.")] = 128,
+    act_order: Annotated[bool, typer.Option("--act-order", help="Act-order weights for --shape.")] = False,
+    kernels: Annotated[bool, typer.Option("--kernels", help="Also time each quantized GEMV shape.")] = False,
+    device_map: Annotated[Optional[str], typer.Option("--device-map", help="Device map for --model.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+):
+    """Time decode and prefill on the GPU next to fp16 (cuBLAS) and torch's int4 kernel, against the bandwidth floor."""
+    from talis_cli.bench import format_report, run_bench
+
+    report = run_bench(shape=shape, model=model, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size,
+                       act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map)
+    _write_out(json.dumps(report, default=str) + "\n" if json_output else format_report(report) + "\n")
 
 
 # ---------------------------------------------------------------- entry point

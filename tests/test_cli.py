@@ -269,3 +269,20 @@ def test_perplexity_matches_the_library_function(model_dir, engine, tmp_path):
     result = run_talis("perplexity", "-m", model_dir, "--file", tmp_path / "sample.txt", "--ctx", "64")
     assert result.returncode == 0, result.stderr.decode()
     assert float(result.stdout) == pytest.approx(perplexity(engine, text, 64, None), rel=1e-3)
+
+
+def test_quantize_writes_what_the_library_writes(tmp_path):
+    from safetensors.torch import load_file
+
+    from talis_cli.quantize import quantize_model
+    from tests.tiny_models import save_fp16
+
+    source = save_fp16(hf_model(seed=4), tmp_path / "fp16")
+    result = run_talis("quantize", source, tmp_path / "cli", "--method", "rtn", "--bits", "4", "--group-size", "64")
+    assert result.returncode == 0, result.stderr.decode()
+    quantize_model(source, tmp_path / "library", bits=4, group_size=64, method="rtn")
+    ours, reference = (load_file(str(next((tmp_path / name).glob("*.safetensors")))) for name in ("cli", "library"))
+    assert ours.keys() == reference.keys()
+    assert all((ours[name] == reference[name]).all() for name in ours)
+    bad = run_talis("quantize", source, tmp_path / "other", "--method", "gptq")  # gptq needs --calib
+    assert bad.returncode == 2 and "--calib" in one_line_error(bad)

@@ -19,11 +19,9 @@ def stderr_console() -> Console:
 
 
 @contextlib.contextmanager
-def load_progress(min_seconds: float = 0.5):
-    """Yield a `progress(done, total, name)` callback that shows a bar on stderr once loading outlasts `min_seconds`.
-
-    Nothing is drawn when stderr is not a terminal, so pipes and logs stay clean.
-    """
+def progress_bar(label: str = "loading", unit: str = "tensors", min_seconds: float = 0.5):
+    """Yield a `progress(done, total, message)` callback that shows a bar on stderr once the work outlasts
+    `min_seconds`. Nothing is drawn when stderr is not a terminal, so pipes and logs stay clean."""
     console = stderr_console()
     if not console.is_terminal:
         yield None
@@ -31,18 +29,18 @@ def load_progress(min_seconds: float = 0.5):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     started = time.perf_counter()
-    bar = Progress(TextColumn("loading"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
-                   TimeElapsedColumn(), console=console, transient=True)
+    bar = Progress(TextColumn(label), BarColumn(), TextColumn(f"{{task.completed}}/{{task.total}} {unit}"),
+                   TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True)
     task = None
 
-    def progress(done: int, total: int, name: str = "") -> None:
+    def progress(done: int, total: int, message: str = "") -> None:
         nonlocal task
         if task is None:
             if time.perf_counter() - started < min_seconds:
                 return
             bar.start()
-            task = bar.add_task("load", total=total)
-        bar.update(task, completed=done, total=total)
+            task = bar.add_task("", total=total)
+        bar.update(task, completed=done, total=total, description=message if unit == "steps" else "")
 
     try:
         yield progress
@@ -143,3 +141,25 @@ def oom_message(exc: BaseException) -> Optional[str]:
     asked = re.search(r"Tried to allocate ([\d.]+ \w+)\. GPU (\d+)", str(exc))
     what = f"GPU {asked.group(2)} ran out of memory allocating {asked.group(1)}" if asked else "a GPU ran out of memory"
     return f"{what}; try a shorter --max-seq-len, a smaller model, or a --device-map that spreads the layers"
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+
+
+def print_tree(console, data: dict, indent: int = 0) -> None:
+    """Nested settings as indented `key: value` lines (byte counts made readable)."""
+    for key, value in data.items():
+        label = Text(" " * indent + f"{key}:", style="bold")
+        if isinstance(value, dict):
+            console.print(label)
+            print_tree(console, value, indent + 2)
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and key.endswith("bytes"):
+            value = _human_bytes(value)
+        elif isinstance(value, (list, tuple)):
+            value = ", ".join(map(str, value)) or "-"
+        console.print(label, str(value))
