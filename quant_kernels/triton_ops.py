@@ -1,11 +1,11 @@
 """Small fused Triton kernels for the decode step: each replaces several eager PyTorch launches.
 
 - `rms_norm`: optional residual add (written back in place) + RMSNorm + weight, one pass over the row.
-- `rotary_cache_write`: rotary embedding of q and k read straight from the projection output, k and v written
-  into the static KV cache at the current slot; the slot is a device tensor, so a CUDA graph can replay it.
 - `silu_mul`: silu(gate) * up.
-- `decode_attention`: one query token per row against the filled slots of the static cache, split along the
-  sequence (flash-decoding) so short batches still fill the GPU; a second tiny kernel merges the splits.
+- `decode_attention`: the whole attention of one new token per row in one launch: rotary on q and k read straight
+  from the projection output, k and v written into the static KV cache at the current slot, softmax over the
+  filled slots split along the sequence (flash-decoding, so short batches still fill the GPU), the splits merged
+  by the last one to finish. The slot is a device tensor, so a CUDA graph can replay the launch.
 
 Rounding follows the eager model (talis_cli.model) step by step in the model dtype, so greedy tokens match.
 Every function takes [B, features] rows (B the batch, one token each); tensors on CUDA, or on CPU under
@@ -53,69 +53,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
-def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pad_ptr, q_out_ptr, k_cache_ptr,
-                         v_cache_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs,
-                         n_heads, n_kv_heads, HD: tl.constexpr):
-    """Program (b, h): h < n_heads rotates q head h into q_out [B, n_heads, HD]; the next n_kv_heads rotate k
-    heads into k_cache[b, h', slot]; the last n_kv_heads copy v heads into v_cache[b, h', slot].
-
-    cos, sin: [max_seq_len, HD] tables in the model dtype; the rotary position of row b is slot - pad[b]
-    (clamped at 0). slot: int64 [1]; pad: int64 [B]. Caches: [batch, kv_heads, max_seq_len, HD].
-    """
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs = tl.arange(0, HD)
-    half: tl.constexpr = HD // 2
-    partner = (offs + half) % HD
-    slot = tl.load(slot_ptr)
-    position = tl.maximum(slot - tl.load(pad_ptr + b), 0)
-    if h < n_heads + n_kv_heads:
-        if h < n_heads:
-            src = q_ptr + b * stride_q + h * HD
-        else:
-            src = k_ptr + b * stride_k + (h - n_heads) * HD
-        x = tl.load(src + offs)
-        x_partner = tl.load(src + partner)
-        rotated_half = tl.where(offs < half, -x_partner, x_partner)  # cat(-x2, x1)
-        cos = tl.load(cos_ptr + position * HD + offs)
-        sin = tl.load(sin_ptr + position * HD + offs)
-        # two products rounded to the model dtype, then their sum: what x * cos + rotate_half(x) * sin gives
-        a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype)
-        c = (rotated_half.to(tl.float32) * sin.to(tl.float32)).to(x.dtype)
-        y = (a.to(tl.float32) + c.to(tl.float32)).to(x.dtype)
-        if h < n_heads:
-            tl.store(q_out_ptr + (b * n_heads + h) * HD + offs, y)
-        else:
-            dst = k_cache_ptr + b * stride_cb + (h - n_heads) * stride_ch + slot * stride_cs
-            tl.store(dst + offs, y)
-    else:
-        kv_h = h - n_heads - n_kv_heads
-        v = tl.load(v_ptr + b * stride_v + kv_h * HD + offs)
-        tl.store(v_cache_ptr + b * stride_cb + kv_h * stride_ch + slot * stride_cs + offs, v)
-
-
-def rotary_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       slot: torch.Tensor, pad_lens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       n_heads: int, n_kv_heads: int, q_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate q, k of one new token per row; store k, v at cache slot `slot`; return rotated q [B, n_heads, hd].
-
-    q [B, n_heads*hd], k and v [B, n_kv_heads*hd] (unit column stride, e.g. views of a fused projection);
-    cos, sin [max_seq_len, hd]; slot int64 [1]; pad_lens int64 [B]; caches [batch, n_kv_heads, max_seq_len, hd];
-    `q_out` (contiguous [B, n_heads, hd]) receives the rotated q if given.
-    """
-    B = q.shape[0]
-    hd = cos.shape[1]
-    assert k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride(), "caches must share a contiguous layout"
-    if q_out is None:
-        q_out = torch.empty((B, n_heads, hd), dtype=q.dtype, device=q.device)
-    _rotary_cache_kernel[(B, n_heads + 2 * n_kv_heads)](
-        q, k, v, cos, sin, slot, pad_lens, q_out, k_cache, v_cache, q.stride(0), k.stride(0), v.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), n_heads, n_kv_heads, HD=hd, num_warps=1,
-    )
-    return q_out
-
-
-@triton.jit
 def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
     """out[b, n] = to_dtype(silu(gate[b, n])) * up[b, n]; grid (B, cdiv(N, BLOCK))."""
     b = tl.program_id(0)
@@ -140,89 +77,145 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
 
 
 @triton.jit
-def _attention_split_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, pad_ptr, part_ptr, stride_cb, stride_ch, stride_cs,
-                            n_heads, group, chunk, scale, SPLITS: tl.constexpr, HD: tl.constexpr,
-                            BLOCK_S: tl.constexpr):
-    """Program (b, h, s): softmax partials of q[b, h] over keys [s*chunk, (s+1)*chunk) that are filled
-    (< slot + 1) and not padding (>= pad[b]). Writes part[b, h, s] = (acc[HD], running max, sum of exp).
+def _rotate(src, cos, sin, offs, HD: tl.constexpr):
+    """One head [HD] rotated: two products rounded to the model dtype, then their sum, as the eager
+    x * cos + rotate_half(x) * sin does."""
+    x = tl.load(src + offs)
+    x_partner = tl.load(src + (offs + HD // 2) % HD)
+    rotated_half = tl.where(offs < HD // 2, -x_partner, x_partner)  # cat(-x2, x1)
+    a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype)
+    c = (rotated_half.to(tl.float32) * sin.to(tl.float32)).to(x.dtype)
+    return (a.to(tl.float32) + c.to(tl.float32)).to(x.dtype)
 
-    q: [B, n_heads, HD]; caches: [batch, kv_heads, max_seq_len, HD]; kv head = h // group.
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pad_ptr, k_cache_ptr, v_cache_ptr, part_ptr, tickets_ptr,
+    out_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs, n_heads, group, chunk, scale,
+    SPLITS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (b, h, s): head h of row b over cache slots [s*chunk, (s+1)*chunk), one launch for the whole step.
+
+    - rotates q[b, h] and the new k of kv head h // group (position slot - pad[b], clamped at 0);
+    - reads cached keys below `slot` that are not padding (>= pad[b]), and takes the new token's k, v from
+      registers, so no program waits for the cache write; the split holding `slot` writes k, v there (once per
+      kv head);
+    - leaves its softmax partial (acc[HD], max, sum) in part[b, h, s]; the last split to finish (an atomic
+      ticket per (b, h)) merges them into out[b, h*HD:(h+1)*HD] and resets the ticket to 0.
+
+    q [B, n_heads*HD], k and v [B, kv_heads*HD] with row strides; cos, sin [max_seq_len, HD] in the model dtype;
+    slot int64 [1]; pad int64 [B]; caches [batch, kv_heads, max_seq_len, HD]; part fp32 [B, n_heads, SPLITS,
+    HD + 2]; tickets int32 [B * n_heads], zero on entry and exit; out [B, n_heads*HD].
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     offs_d = tl.arange(0, HD)
-    n_keys = tl.load(slot_ptr).to(tl.int32) + 1
+    slot = tl.load(slot_ptr).to(tl.int32)
     pad = tl.load(pad_ptr + b).to(tl.int32)
-    q = tl.load(q_ptr + (b * n_heads + h) * HD + offs_d).to(tl.float32) * scale
-    base = b * stride_cb + (h // group) * stride_ch
+    position = tl.maximum(slot - pad, 0)
+    kv_h = h // group
+    cos = tl.load(cos_ptr + position * HD + offs_d)
+    sin = tl.load(sin_ptr + position * HD + offs_d)
+    q = _rotate(q_ptr + b * stride_q + h * HD, cos, sin, offs_d, HD)
+    k_new = _rotate(k_ptr + b * stride_k + kv_h * HD, cos, sin, offs_d, HD)
+    v_new = tl.load(v_ptr + b * stride_v + kv_h * HD + offs_d)
+    qf = q.to(tl.float32) * scale
+    base = b * stride_cb + kv_h * stride_ch
+
     start = split * chunk
-    end = tl.minimum(start + chunk, n_keys)
-    m = -1e30  # finite, so a split with no visible key merges as weight 0 without NaN
+    end = tl.minimum(start + chunk, slot)
+    m = -1e30  # finite, so a split with no visible key merges with weight 0 instead of NaN
     l = 0.0
     acc = tl.zeros([HD], dtype=tl.float32)
     for s0 in range(start, end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         visible = (offs_s < end) & (offs_s >= pad)
         ptrs = base + offs_s[:, None] * stride_cs + offs_d[None, :]
-        k = tl.load(k_ptr + ptrs, mask=visible[:, None], other=0.0).to(tl.float32)
-        scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        p = tl.exp(scores - m_new)
-        alpha = tl.exp(m - m_new)
-        v = tl.load(v_ptr + ptrs, mask=visible[:, None], other=0.0).to(tl.float32)
+        k = tl.load(k_cache_ptr + ptrs, mask=visible[:, None], other=0.0).to(tl.float32)
+        scores = tl.where(visible, tl.sum(k * qf[None, :], axis=1), float("-inf"))
+        m_next = tl.maximum(m, tl.max(scores, axis=0))
+        p = tl.exp(scores - m_next)
+        alpha = tl.exp(m - m_next)
+        v = tl.load(v_cache_ptr + ptrs, mask=visible[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l = l * alpha + tl.sum(p, axis=0)
-        m = m_new
-    out = part_ptr + ((b * n_heads + h) * SPLITS + split) * (HD + 2)
-    tl.store(out + offs_d, acc)
-    tl.store(out + HD, m)
-    tl.store(out + HD + 1, l)
+        m = m_next
+    if (slot >= start) & (slot < start + chunk):  # this split holds the new token
+        score = tl.sum(k_new.to(tl.float32) * qf, axis=0)
+        m_next = tl.maximum(m, score)
+        p = tl.exp(score - m_next)
+        alpha = tl.exp(m - m_next)
+        acc = acc * alpha + p * v_new.to(tl.float32)
+        l = l * alpha + p
+        m = m_next
+        if h % group == 0:
+            new = base + slot * stride_cs + offs_d
+            tl.store(k_cache_ptr + new, k_new)
+            tl.store(v_cache_ptr + new, v_new)
 
-
-@triton.jit
-def _attention_merge_kernel(part_ptr, out_ptr, n_heads, SPLITS: tl.constexpr, HD: tl.constexpr):
-    """Program (b, h): out[b, h*HD:(h+1)*HD] = softmax-weighted merge of the SPLITS partials."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, SPLITS)
-    offs_d = tl.arange(0, HD)
-    base = part_ptr + (b * n_heads + h) * SPLITS * (HD + 2) + offs_s * (HD + 2)
-    m = tl.load(base + HD)
-    l = tl.load(base + HD + 1)
-    acc = tl.load(base[:, None] + offs_d[None, :])
-    weight = tl.exp(m - tl.max(m, axis=0))
-    y = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
-    tl.store(out_ptr + (b * n_heads + h) * HD + offs_d, y.to(out_ptr.dtype.element_ty))
+    row = b * n_heads + h
+    part = part_ptr + (row * SPLITS + split) * (HD + 2)
+    tl.store(part + offs_d, acc)
+    tl.store(part + HD, m)
+    tl.store(part + HD + 1, l)
+    tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+    ticket = tl.atomic_add(tickets_ptr + row, 1)
+    if ticket == SPLITS - 1:
+        offs_s = tl.arange(0, SPLITS)
+        parts = part_ptr + row * SPLITS * (HD + 2) + offs_s * (HD + 2)
+        # .cg reads through L2: other programs' partials are not in this SM's L1
+        ms = tl.load(parts + HD, cache_modifier=".cg")
+        ls = tl.load(parts + HD + 1, cache_modifier=".cg")
+        accs = tl.load(parts[:, None] + offs_d[None, :], cache_modifier=".cg")
+        weight = tl.exp(ms - tl.max(ms, axis=0))
+        y = tl.sum(accs * weight[:, None], axis=0) / tl.sum(ls * weight, axis=0)
+        tl.store(out_ptr + row * HD + offs_d, y.to(out_ptr.dtype.element_ty))
+        tl.store(tickets_ptr + row, 0)
 
 
 def attention_splits(capacity: int, rows: int, sms: int) -> tuple[int, int]:
     """(splits, chunk) for keys up to `capacity` over `rows` = batch * heads programs: about two programs per SM,
-    chunks of at least 64 keys, splits a power of two (the merge kernel loads them as one block)."""
+    chunks of at least 64 keys, splits a power of two (the merge loads them as one block)."""
     splits = 1
     while splits < 64 and rows * splits < 2 * sms and capacity > 64 * splits:
         splits *= 2
     return splits, triton.cdiv(capacity, splits)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
-                     pad_lens: torch.Tensor, capacity: int, n_sms: int = 132, out: torch.Tensor | None = None
-                     ) -> torch.Tensor:
-    """Attention of one new token per row over cache slots [pad_lens[b], slot]; returns [B, n_heads * hd].
+_TICKETS: dict = {}
 
-    q [B, n_heads, hd] (already rotated); caches [batch, n_kv_heads, max_seq_len, hd]; slot int64 [1];
-    pad_lens int64 [B]. `capacity` (>= slot + 1) fixes the launch shape, so one CUDA graph serves every slot
-    below it. `out` (contiguous [B, n_heads * hd]) receives the result if given.
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 tickets, one buffer per device grown on demand (first grown by an eager run, outside any
+    CUDA-graph capture); kernels leave them zero."""
+    have = _TICKETS.get(device)
+    if have is None or have.numel() < count:
+        have = _TICKETS[device] = torch.zeros(count, dtype=torch.int32, device=device)
+    return have
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     slot: torch.Tensor, pad_lens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     capacity: int, n_sms: int = 132, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one new token per row: rotary on q and k, k and v stored at cache slot `slot`, softmax over
+    slots [pad_lens[b], slot]; returns [B, n_heads * hd] in q's dtype (into `out`, contiguous, if given).
+
+    q [B, n_heads*hd], k and v [B, n_kv_heads*hd] (unit column stride, e.g. views of a fused projection);
+    cos, sin [max_seq_len, hd]; slot int64 [1]; pad_lens int64 [B]; caches [batch, n_kv_heads, max_seq_len, hd].
+    `capacity` (> slot) fixes the launch shape, so one CUDA graph serves every slot below it.
     """
-    B, n_heads, hd = q.shape
-    n_kv_heads = k_cache.shape[1]
+    B = q.shape[0]
+    hd = cos.shape[1]
+    n_heads, n_kv_heads = q.shape[1] // hd, k_cache.shape[1]
+    assert k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride(), "caches must share a contiguous layout"
     splits, chunk = attention_splits(capacity, B * n_heads, n_sms)
     parts = torch.empty((B, n_heads, splits, hd + 2), dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty((B, n_heads * hd), dtype=q.dtype, device=q.device)
-    _attention_split_kernel[(B, n_heads, splits)](
-        q, k_cache, v_cache, slot, pad_lens, parts, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+    _decode_attention_kernel[(B, n_heads, splits)](
+        q, k, v, cos, sin, slot, pad_lens, k_cache, v_cache, parts, _tickets(q.device, B * n_heads), out,
+        q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5, SPLITS=splits, HD=hd, BLOCK_S=32, num_warps=4,
     )
-    _attention_merge_kernel[(B, n_heads)](parts, out, n_heads, SPLITS=splits, HD=hd, num_warps=1)
     return out

@@ -28,7 +28,6 @@ class DecodeStep:
 
         self.ops = triton_ops
         self.model = model
-        self.args = model.args
         device = model.model.embed_tokens.weight.device
         dtype = model.model.embed_tokens.weight.dtype
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -40,7 +39,7 @@ class DecodeStep:
         self.n_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
     def run(self, capacity: int) -> torch.Tensor:
-        ops, args = self.ops, self.args
+        ops = self.ops
         layers = self.model.model.layers
         x = self.model.model.embed_tokens(self.tokens)  # [B, dim]
         residual = x.clone()  # the residual stream, updated in place by each fused add + norm
@@ -49,9 +48,8 @@ class DecodeStep:
             attn, mlp = layer.self_attn, layer.mlp
             cache = attn.kv_cache
             q, k, v = attn.project_qkv(h)
-            q = ops.rotary_cache_write(q, k, v, self.cos, self.sin, self.slot, self.pad_lens, cache.k, cache.v,
-                                       args.n_heads, args.n_kv_heads)  # [B, heads, hd]
-            y = ops.decode_attention(q, cache.k, cache.v, self.slot, self.pad_lens, capacity, self.n_sms)
+            y = ops.decode_attention(q, k, v, self.cos, self.sin, self.slot, self.pad_lens, cache.k, cache.v,
+                                     capacity, self.n_sms)  # [B, heads*hd]
             norm = layer.post_attention_layernorm
             h = ops.rms_norm(attn.o_proj(y), norm.weight, norm.eps, residual)
             gate, up = mlp.project_gate_up(h)

@@ -63,57 +63,50 @@ def rotary_tables(max_seq_len: int, hd: int, dtype):
     return emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2)])
-def test_rotary_cache_write_matches_eager(dtype, n_heads, n_kv_heads):
-    B, hd, S, slot = 2, 32, 40, 17
-    gen = torch.Generator().manual_seed(n_heads * 10 + n_kv_heads)
-    qkv = torch.randn(B, (n_heads + 2 * n_kv_heads) * hd, generator=gen).to(DEVICE, dtype)
-    q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)
-    cos, sin = rotary_tables(S, hd, dtype)
-    pad_lens = torch.tensor([0, 5], device=DEVICE)
-    k_cache, v_cache = poisoned((B + 1, n_kv_heads, S, hd), dtype), poisoned((B + 1, n_kv_heads, S, hd), dtype)
-    slot_t = torch.tensor([slot], device=DEVICE)
-    q_rot = triton_ops.rotary_cache_write(q, k, v, cos, sin, slot_t, pad_lens, k_cache, v_cache, n_heads,
-                                          n_kv_heads, q_out=poisoned((B, n_heads, hd), dtype))
+def reference_step(q, k, v, cos, sin, slot, pad_lens, k_cache, v_cache):
+    """The eager model's decode attention: rotary, cache write at `slot`, SDPA over slots [pad, slot] of each row.
+
+    q [B, heads*hd], k and v [B, kv_heads*hd]; the caches are updated in place; returns [B, heads*hd] (fp32)."""
+    B, hd = q.shape[0], cos.shape[1]
+    n_heads, n_kv_heads = q.shape[1] // hd, k_cache.shape[1]
     positions = (slot - pad_lens).clamp(min=0)
     c, s = cos[positions][:, None, None], sin[positions][:, None, None]  # [B, 1, 1, hd]
-    expected_q = apply_rotary(q.view(B, n_heads, 1, hd), c, s)[:, :, 0]
-    expected_k = apply_rotary(k.view(B, n_kv_heads, 1, hd), c, s)[:, :, 0]
-    torch.testing.assert_close(q_rot, expected_q, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(k_cache[:B, :, slot], expected_k, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(v_cache[:B, :, slot], v.view(B, n_kv_heads, hd))
-    untouched = torch.ones(S, dtype=torch.bool)
-    untouched[slot] = False
-    assert k_cache[:, :, untouched].isnan().all() and v_cache[B].isnan().all()  # nothing else written
-
-
-def reference_attention(q, k_cache, v_cache, slot, pad_lens):
-    """The eager model's SDPA over cache slots [pad, slot] of each row; q [B, heads, hd] -> [B, heads*hd]."""
-    B, n_heads, hd = q.shape
+    q = apply_rotary(q.view(B, n_heads, 1, hd), c, s)
+    k_cache[:B, :, slot] = apply_rotary(k.view(B, n_kv_heads, 1, hd), c, s)[:, :, 0]
+    v_cache[:B, :, slot] = v.view(B, n_kv_heads, hd)
     keys = torch.arange(slot + 1, device=q.device)
     mask = (keys[None, :] >= pad_lens[:, None])[:, None, None]  # [B, 1, 1, S]
-    y = F.scaled_dot_product_attention(q[:, :, None].float(), k_cache[:B, :, : slot + 1].float(),
+    y = F.scaled_dot_product_attention(q.float(), k_cache[:B, :, : slot + 1].float(),
                                        v_cache[:B, :, : slot + 1].float(), attn_mask=mask,
-                                       enable_gqa=k_cache.shape[1] != n_heads)
+                                       enable_gqa=n_kv_heads != n_heads)
     return y.reshape(B, n_heads * hd)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_heads,n_kv_heads,slot,capacity", [(4, 4, 0, 64), (4, 2, 150, 256), (2, 1, 63, 64)])
-def test_decode_attention_matches_sdpa(dtype, n_heads, n_kv_heads, slot, capacity):
+@pytest.mark.parametrize("n_heads,n_kv_heads,slot,capacity", [(4, 4, 0, 64), (4, 2, 150, 256), (2, 1, 63, 64),
+                                                              (4, 2, 17, 40)])
+def test_decode_attention_matches_eager_step(dtype, n_heads, n_kv_heads, slot, capacity):
     B, hd, S = 2, 32, 300
-    gen = torch.Generator().manual_seed(slot + capacity)
-    q = torch.randn(B, n_heads, hd, generator=gen).to(DEVICE, dtype)
-    k_cache = torch.randn(B, n_kv_heads, S, hd, generator=gen).to(DEVICE, dtype)
-    v_cache = torch.randn(B, n_kv_heads, S, hd, generator=gen).to(DEVICE, dtype)
-    k_cache[:, :, slot + 1:] = float("nan")  # slots past the current one are never read
-    v_cache[:, :, slot + 1:] = float("nan")
+    gen = torch.Generator().manual_seed(slot + capacity + n_kv_heads)
+    qkv = torch.randn(B, (n_heads + 2 * n_kv_heads) * hd, generator=gen).to(DEVICE, dtype)
+    q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)  # strided views
+    cos, sin = rotary_tables(S, hd, dtype)
+    k_cache = torch.randn(B + 1, n_kv_heads, S, hd, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(B + 1, n_kv_heads, S, hd, generator=gen).to(DEVICE, dtype)
+    k_cache[:, :, slot:] = float("nan")  # the current slot and later ones are never read from the cache
+    v_cache[:, :, slot:] = float("nan")
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
     pad_lens = torch.tensor([0, min(3, slot)], device=DEVICE)
-    out = triton_ops.decode_attention(q, k_cache, v_cache, torch.tensor([slot], device=DEVICE), pad_lens, capacity,
-                                      n_sms=4, out=poisoned((B, n_heads * hd), dtype))
-    assert not out.isnan().any()
-    assert rel_err(out, reference_attention(q, k_cache, v_cache, slot, pad_lens)) < 2e-3
+    slot_t = torch.tensor([slot], device=DEVICE)
+    expected = reference_step(q, k, v, cos, sin, slot, pad_lens, k_ref, v_ref)
+    for _ in range(2):  # a second launch finds the tickets reset
+        out = triton_ops.decode_attention(q, k, v, cos, sin, slot_t, pad_lens, k_cache, v_cache, capacity,
+                                          n_sms=4, out=poisoned((B, n_heads * hd), dtype))
+        assert not out.isnan().any()
+        assert rel_err(out, expected) < 2e-3
+    torch.testing.assert_close(k_cache[:B, :, slot], k_ref[:B, :, slot], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(v_cache[:B, :, slot], v_ref[:B, :, slot])
+    assert k_cache[:, :, slot + 1:].isnan().all() and k_cache[B].isnan()[:, slot].all()  # nothing else written
 
 
 @pytest.mark.parametrize("capacity,rows", [(64, 32), (2048, 32), (2048, 1), (300, 8)])
