@@ -308,26 +308,24 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     if model is not None:
         del engine, build_ours
     if _fits(args, 16, ctx, device):
-        report["rows"].append(_measure("fp16 cuBLAS", lambda: random_model(args, "fp16", 16, -1, False, device),
-                                       bits=16, group_size=-1, **common))
+        report["rows"].append(_baseline("fp16 cuBLAS", "fp16", 16, -1, common))
     else:
         report["notes"].append("fp16 baseline skipped: its weights do not fit in free GPU memory")
-    report["rows"].append(_int4_row(args, common))
-    report["rows"] = [r for r in report["rows"] if r is not None]
+    if hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        report["rows"].append(_baseline("torch int4 g128 (tinygemm)", "int4", 4, 128, common))
     return report
 
 
-def _int4_row(args: ModelArgs, common: dict) -> dict | None:
-    """torch's int4 kernel (group 128, bf16) on the same shape, or None (with the reason raised as a note)."""
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
-        return None
+def _baseline(label: str, kind: str, bits: int, group_size: int, common: dict) -> dict:
+    """A baseline row, or its label with the error when it cannot run here (out of memory, an old torch)."""
     try:
-        return _measure("torch int4 g128 (tinygemm)", lambda: random_model(args, "int4", 4, 128, False,
-                                                                           common["device"]),
-                        bits=4, group_size=128, **common)
-    except (RuntimeError, TypeError) as e:
-        torch.cuda.empty_cache()
-        return dict(variant="torch int4 g128 (tinygemm)", error=str(e).splitlines()[0][:160])
+        return _measure(label, lambda: random_model(common["args"], kind, bits, group_size, False, common["device"]),
+                        bits=bits, group_size=group_size, **common)
+    except (RuntimeError, TypeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    gc.collect()  # the failed model is garbage only once the exception is gone
+    torch.cuda.empty_cache()
+    return dict(variant=label, error=error)
 
 
 def _load_engine(model_dir: str, ctx: int, device_map: str | None):

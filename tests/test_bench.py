@@ -1,6 +1,5 @@
 """talis bench: its floor arithmetic and shape table against the anchors (shared/notes/anchors.md), and the
 random GPTQ layers it builds."""
-import math
 
 import pytest
 import torch
