@@ -46,7 +46,7 @@ DEFAULT_ARCH = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-SEQ_LEN = 256
+SEQ_LEN = 512  # the full context, so every rotary position the config promises is trained
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -153,8 +153,8 @@ def main() -> None:
     parser.add_argument("--valid-text", type=Path, default=root / "tests/data/kjv/heldout.txt")
     parser.add_argument("--tokenizer", type=Path, default=root / "tests/data/kjv/fp16")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, nargs="+", default=[500, 800, 1200, 2000], help="one run per length")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, nargs="+", default=[600, 800, 1000], help="one run per length")
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--dropout", type=float, default=0.1)
