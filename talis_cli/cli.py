@@ -321,14 +321,25 @@ def presets(json_output: Annotated[bool, typer.Option("--json", help="Print them
         _write_out(json.dumps(found) + "\n")
         return
     from rich.console import Console
+    from rich.table import Table
 
     console = Console(highlight=False)
-    console.print("[bold]generation presets[/] (--preset NAME)")
-    for name, values in generation.items():
-        console.print(f"  [bold]{name}[/]: " + ", ".join(f"{key}={value}" for key, value in values.items()))
-    console.print("[bold]device maps[/] (--device-map NAME)")
+    table = Table(title="generation presets (--preset NAME)", title_justify="left", box=None)
+    table.add_column("setting", style="bold")
+    for name in generation:
+        table.add_column(name, justify="right")
+    for setting in next(iter(generation.values()), {}):
+        table.add_row(setting, *(_preset_value(values[setting]) for values in generation.values()))
+    console.print(table)
+    console.print("\n[bold]device maps[/] (--device-map NAME, or a JSON file)")
     for name, mapping in found["device_maps"].items():
-        console.print(f"  [bold]{name}[/]: {json.dumps(mapping)}", markup=True)
+        console.print(f"  {name}: {json.dumps(mapping)}", markup=False)
+
+
+def _preset_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(value) or "-"
+    return "-" if value is None else str(value)
 
 
 @app.command()

@@ -118,7 +118,7 @@ class ReplyRenderer:
 
     def feed(self, text: str) -> None:
         if text:
-            self.console.print(Text(text, style="cyan"), end="")
+            self.console.print(Text(text, style="cyan"), end="", soft_wrap=True)
             self.console.file.flush()
             self.ended_with_newline = text.endswith("\n")
 
