@@ -64,9 +64,8 @@ def quant_bytes(k: int, n: int, bits: int, group_size: int) -> int:
     return k * n * bits // 8 + groups * n * 2 + groups * n * bits // 8 + 2 * k + 2 * n
 
 
-def relative_error(out: torch.Tensor, layer: QuantLinear, x: torch.Tensor) -> float:
-    weight = gptq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, 1)
-    ref = x.float() @ weight.float()
+def relative_error(out: torch.Tensor, dense: torch.Tensor, x: torch.Tensor) -> float:
+    ref = x.float() @ dense
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
@@ -126,10 +125,12 @@ def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_lis
         weights = [prepare_weight(layer) for layer in layers]
         by_id = {id(layer): weight for layer, weight in zip(layers, weights)}
         tag = f"{bits}b g{group_size}{' act' if act_order else ''}"
+        first = layers[0]
+        dense = gptq_format.dequantize(first.qweight, first.qzeros, first.scales, first.g_idx, bits, 1).float()
         for rows in rows_list if (bits, act_order) == (4, False) else rows_list[:1]:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             out = quant_gemv(x, *weights[0].args())  # tunes this shape
-            error = relative_error(out, layers[0], x)
+            error = relative_error(out, dense, x)
             assert error < 1e-3, f"GEMV error {error} at {tag} rows={rows}"
             us = median_us(lambda: quant_gemv(x, *by_id[id(next_layer())].args()))
             record(f"gemv {tag} M={rows}", us, nbytes + 2 * (rows - 1) * (k + n), err=f"{error:.1e}")
@@ -137,7 +138,7 @@ def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_lis
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             flops = 2 * rows * k * n
             out = quant_gemm(x, *weights[0].args())
-            error = relative_error(out, layers[0], x)
+            error = relative_error(out, dense, x)
             assert error < 1e-3, f"GEMM error {error} at {tag} rows={rows}"
             record(f"fused gemm {tag} M={rows}", median_us(lambda: quant_gemm(x, *by_id[id(next_layer())].args())),
                    flops=flops, err=f"{error:.1e}")
@@ -147,7 +148,7 @@ def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_lis
             record(f"dequant only {tag}", median_us(lambda: dequantize_into(scratch, *by_id[id(next_layer())].args())),
                    nbytes + fp16_bytes)
             record(f"fp16 cuBLAS M={rows}", median_us(lambda: x @ scratch), flops=flops)
-        del layers, weights, by_id
+        del layers, weights, by_id, dense
     torch.cuda.empty_cache()
     return results
 

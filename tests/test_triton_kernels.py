@@ -172,7 +172,7 @@ def test_tuner_keeps_fastest_and_remembers_it_on_disk(tmp_path, monkeypatch):
     assert launched == []  # the second tuner read the choice from disk and timed nothing
 
 
-REAL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 24576)]  # (K, N)
+REAL_SHAPES = [(4096, 11008), (11008, 4096)]  # (K, N)
 
 
 @gpu
@@ -183,16 +183,16 @@ def test_real_shapes_on_gpu(k, n, bits, group_size, act_order):
     """Every path at LLaMA shapes, with fixed launch configurations (the timing script checks the tuned ones)."""
     layer = random_layer(k, n, bits, group_size, act_order)
     weight = prepare_weight(layer)
-    for rows, split_k in ((1, 1), (1, 8), (3, 4), (8, 2)):
+    dense = gptq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, 1).float()
+    for rows, split_k in ((1, 1), (1, 16), (3, 4), (8, 2)):
         x = random_x(rows, k, seed=rows)
         out = quant_gemv(x, *weight.args(), out=poisoned(rows, n),
-                         config=dict(BLOCK_N=512, BLOCK_KW=4, SPLIT_K=split_k, num_warps=4))
-        assert relative_error(out, reference(layer, x)) < TOLERANCE, f"gemv rows={rows} split_k={split_k}"
+                         config=dict(BLOCK_N=512, BLOCK_KW=2, SPLIT_K=split_k, num_warps=4))
+        assert relative_error(out, x.float() @ dense) < TOLERANCE, f"gemv rows={rows} split_k={split_k}"
     for rows in (33, 300):
         x = random_x(rows, k, seed=rows)
         out = quant_gemm(x, *weight.args(), out=poisoned(rows, n),
                          config=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3))
-        assert relative_error(out, reference(layer, x)) < TOLERANCE, f"gemm rows={rows}"
-    dense = dequantize_into(torch.full((k, n), float("nan"), dtype=torch.float16, device=DEVICE), *weight.args())
-    x = random_x(300, k, seed=5)
-    assert relative_error(x @ dense, reference(layer, x)) < TOLERANCE
+        assert relative_error(out, x.float() @ dense) < TOLERANCE, f"gemm rows={rows}"
+    scratch = dequantize_into(torch.full((k, n), float("nan"), dtype=torch.float16, device=DEVICE), *weight.args())
+    assert torch.equal(scratch, dense.half())
