@@ -43,7 +43,10 @@ class LoadFlags:
     wbits: Annotated[Optional[int], _option("--wbits", help="Bits per weight when the folder does not say.")] = None
     groupsize: Annotated[Optional[int], _option("--groupsize", help="Quantization group size when the folder does not say.")] = None
     device_map: Annotated[Optional[str], _option("--device-map", help="Device map: a name from `talis presets`, a JSON file, or auto.")] = None
-    max_seq_len: Annotated[Optional[int], _option("--max-seq-len", help="Context length to allocate (default: the model's).", min=2)] = None
+    max_memory: Annotated[Optional[str], _option("--max-memory", help="Memory caps for placing layers, e.g. 0=22GiB,1=24GiB,cpu=32GiB.")] = None
+    max_seq_len: Annotated[Optional[int], _option("--max-seq-len", help="Context length to allocate (default: the model's, at most 2048).", min=2)] = None
+    backend: Annotated[Optional[str], _option("--backend", help="Quantized matmul backend: auto, torch, torch_dense or triton.")] = None
+    allow_pickle: Annotated[Optional[bool], _option("--allow-pickle", help="Read .bin/.pt checkpoints (tensors only).")] = None
     config: Annotated[Optional[Path], _option("--config", help="File of settings (JSON, TOML or KEY=VALUE); flags win over it.")] = None
 
 
@@ -280,6 +283,8 @@ def chat(
     sampling: SamplingFlags = None,
 ):
     """Chat with the model (/help inside lists the commands; Ctrl-D or /bye leaves)."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("talis chat needs a terminal; for piped text use talis generate (--each-line: a prompt per line)")
     settings = run_settings(load, sampling, system=system)
     config = settings.generation_config()
     engine = load_engine(settings)

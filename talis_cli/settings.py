@@ -15,7 +15,7 @@ from talis_cli.errors import UsageError
 
 # Setting name -> type a config file's value is converted to.
 LOAD_SETTINGS = {"model": Path, "checkpoint": Path, "wbits": int, "groupsize": int, "device_map": str,
-                 "max_seq_len": int, "backend": str}
+                 "max_memory": str, "max_seq_len": int, "backend": str, "allow_pickle": bool}
 SAMPLING_SETTINGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
                      "typical_p": float, "repetition_penalty": float, "repetition_window": int,
                      "frequency_penalty": float, "presence_penalty": float, "seed": int, "stop": list}
@@ -39,8 +39,10 @@ class RunSettings:
     wbits: Optional[int] = None
     groupsize: Optional[int] = None
     device_map: Optional[str] = None
+    max_memory: Optional[str] = None
     max_seq_len: Optional[int] = None
     backend: Optional[str] = None
+    allow_pickle: Optional[bool] = None
     preset: Optional[str] = None
     template: Optional[str] = None
     system: Optional[str] = None
@@ -51,8 +53,8 @@ class RunSettings:
         from talis_cli.engine import LoadSettings
 
         given = {"model_dir": self.model, "checkpoint": self.checkpoint, "wbits": self.wbits,
-                 "groupsize": self.groupsize, "device_map": self.device_map, "max_seq_len": self.max_seq_len,
-                 "backend": self.backend}
+                 "groupsize": self.groupsize, "device_map": self.device_map, "max_memory": self.max_memory,
+                 "max_seq_len": self.max_seq_len, "backend": self.backend, "allow_pickle": self.allow_pickle}
         return LoadSettings(**{name: value for name, value in given.items() if value is not None})
 
     def generation_config(self):
@@ -84,6 +86,11 @@ def convert_setting(name: str, value, origin: str):
         return [value] if isinstance(value, str) else [str(item) for item in value]
     if kind is Path:
         return Path(str(value)).expanduser()
+    if kind is bool:
+        words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+        if isinstance(value, bool) or str(value).strip().lower() in words:
+            return value if isinstance(value, bool) else words[str(value).strip().lower()]
+        raise UsageError(f"{origin}: {name} must be true or false, got {value!r}")
     if isinstance(value, bool) or (kind is str and not isinstance(value, str)):
         raise UsageError(f"{origin}: {name} must be a {kind.__name__}, got {value!r}")
     try:

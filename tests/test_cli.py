@@ -154,6 +154,11 @@ def test_missing_model_folder_exits_2(tmp_path):
     assert f"model folder {tmp_path / 'absent'} does not exist" in one_line_error(result)
 
 
+def test_chat_without_a_terminal_points_to_generate():
+    result = run_talis("chat", stdin=b"hello\n")
+    assert result.returncode == 2 and "use talis generate" in one_line_error(result)
+
+
 def test_prompt_longer_than_the_context_says_by_how_much(model_dir, engine):
     prompt = "And the evening and the morning were the first day. " * 4
     result = run_talis("generate", "-m", model_dir, "--max-seq-len", "16", "-p", prompt)

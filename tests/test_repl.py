@@ -275,13 +275,17 @@ def test_ctrl_c_during_a_reply_keeps_it_then_the_chat_goes_on(slow_model_dir, tm
         terminal.send(CTRL_C)
         terminal.expect(b"(stopped; the partial reply is kept)")
         terminal.expect(b">>>")
+        # each input waits for the prompt: before it, the terminal is in line mode and would eat a Ctrl-D
         terminal.send("/set max_new_tokens 3\r")
         terminal.expect(b"max_new_tokens = 3")
+        terminal.expect(b">>>")
         terminal.send("And then?\r")
         terminal.expect(b"first token")
+        terminal.expect(b">>>")
         transcript = tmp_path / "chat.json"
         terminal.send(f"/save {transcript}\r")
         terminal.expect(b"saved 4 message(s)")
+        terminal.expect(b">>>")
         terminal.send(CTRL_D)
         assert terminal.close() == 0
     finally:
