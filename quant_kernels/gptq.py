@@ -159,6 +159,7 @@ class GPTQ:
         # are formed in quantization order.
         position_group = perm // size if static_groups else torch.arange(in_features, device=w.device) // size
 
+        group_of_column = position_group.tolist()  # read on the host once, not synced column by column
         h_inv = self._inverse_hessian_factor(h, damp_percent)
         q = torch.zeros_like(w)
         block_size = -(-block_size // size) * size if group_size != -1 else block_size  # groups never straddle
@@ -172,7 +173,7 @@ class GPTQ:
                 if group_size != -1 and not static_groups and col % size == 0:
                     g = col // size
                     scales[g], zeros[g] = find_params(block[:, i:i + size], bits, sym)
-                g = int(position_group[col])
+                g = group_of_column[col]
                 q[:, col] = quantize_values(block[:, i], scales[g], zeros[g], bits)
                 dequantized = scales[g] * (q[:, col] - zeros[g])
                 err = (block[:, i] - dequantized) / h_inv_block[i, i]
