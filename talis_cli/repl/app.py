@@ -20,7 +20,6 @@ class ChatRepl:
         self.commands = Commands(session, self.io)
         self.io.prompt_session.completer = SlashCompleter(self.commands)
         self.renderer = ReplyRenderer(self.console)
-        self.unsent = ""  # a message that failed, put back into the input line
 
     def toolbar(self) -> str:
         session = self.session
@@ -34,13 +33,12 @@ class ChatRepl:
             return
         while True:
             try:
-                line = self.io.read_message(default=self.unsent)
+                line = self.io.read_message()
             except KeyboardInterrupt:
                 self.io.info("(to leave, press Ctrl-D or type /bye)")
                 continue
             except EOFError:
                 break
-            self.unsent = ""
             if self.handle(line) is Outcome.EXIT:
                 break
 
@@ -53,7 +51,6 @@ class ChatRepl:
                 outcome = self.commands.run(line)
             except TalisError as exc:
                 self.io.error(str(exc))
-                self.unsent = line
                 return Outcome.CONTINUE
             if outcome is Outcome.REPLY:
                 self.respond()
@@ -61,7 +58,7 @@ class ChatRepl:
         self.session.add_user(line)
         if not self.respond():
             self.session.messages.pop()
-            self.unsent = line
+            self.io.info("(the message was not sent; press Up to edit it)")
         return Outcome.CONTINUE
 
     def respond(self) -> bool:

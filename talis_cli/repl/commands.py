@@ -154,7 +154,9 @@ class Commands:
 
     def cmd_info(self, argument: str):
         """-- the model: architecture, quantization, size, devices"""
-        self.out.table([(str(key), str(value)) for key, value in self.session.engine.info.items()])
+        from talis_cli.repl.render import print_tree
+
+        print_tree(self.out.console, self.session.engine.info)
 
     def cmd_exit(self, argument: str):
         """-- leave (also /bye, Ctrl-D)"""

@@ -74,9 +74,9 @@ class ChatIO:
                                             bottom_toolbar=toolbar, key_bindings=_key_bindings(),
                                             complete_while_typing=True, input=input, output=output)
 
-    def read_message(self, default: str = "") -> str:
+    def read_message(self) -> str:
         """One message: a line, or a block between lines that start and end with \"\"\" (KeyboardInterrupt, EOFError)."""
-        line = self.prompt_session.prompt(">>> ", default=default)
+        line = self.prompt_session.prompt(">>> ")
         if not line.lstrip().startswith(BLOCK_QUOTE):
             return line
         lines = [line.lstrip()[len(BLOCK_QUOTE):]]
