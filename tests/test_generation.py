@@ -1,11 +1,13 @@
 """The streaming Generator on a tiny random model, against full-sequence forwards without a cache."""
 
+import random
+
 import pytest
 import torch
 
 from talis_cli.config import ModelArgs
 from talis_cli.errors import TalisError, UsageError
-from talis_cli.generation import GenerationConfig, Generator
+from talis_cli.generation import GenerationConfig, Generator, StopStringFilter
 from talis_cli.sampling import apply_penalties
 from test_detokenize import byte_level_tokenizer  # any token sequence decodes exactly with it
 
@@ -115,6 +117,26 @@ def test_stop_string_split_across_tokens(model, tokenizer):
     assert stopped[-1].finish_reason == "stop"
     assert [e.finish_reason for e in stopped[:-1]] == [None] * (len(stopped) - 1)
     assert ends[len(stopped) - 1] >= cut + len(stop) > ends[len(stopped) - 2]  # ends on the completing token
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_filter_cuts_at_the_first_stop_however_the_text_is_split(seed):
+    rng = random.Random(seed)
+    stops = ["User:", "\n\n", "ab", "bab"]
+    text = "".join(rng.choice(["a", "b", "User", ":", "\n", "x", "Use"]) for _ in range(30))
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    expected = text[: min(hits)] if hits else text
+    cuts = sorted(rng.sample(range(1, len(text)), 8))
+    pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+    stop_filter, shown, stopped = StopStringFilter(stops), "", False
+    for piece in pieces:
+        out, stopped = stop_filter.feed(piece)
+        shown += out
+        if stopped:
+            break
+    if not stopped:
+        shown += stop_filter.flush()
+    assert shown == expected and stopped == bool(hits)
 
 
 def test_eos_ends_the_reply_and_releases_held_text(model, tokenizer):
