@@ -104,8 +104,8 @@ def zero_offset_for(checkpoint_format: str) -> int:
 
 def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
     """Group of each input row without act-order: int32 [in_features]; group_size -1 means a single group."""
-    rows = torch.arange(in_features, dtype=torch.int32, device=device)
-    return torch.zeros_like(rows) if group_size == -1 else rows // group_size
+    rows = torch.arange(in_features, dtype=torch.int32)  # on the CPU: integer division on meta is slow to set up
+    return (torch.zeros_like(rows) if group_size == -1 else rows // group_size).to(device)
 
 
 def num_groups(in_features: int, group_size: int) -> int:

@@ -7,6 +7,7 @@ A loader subclass says which folders it handles (`detect`), which quantization t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,7 @@ class Loader:
         shapes = self.tensor_shapes()
         quant = self.quant_settings(shapes)
         dtype = self.request.dtype or (torch.float16 if self.request.plan.uses_cuda else torch.float32)
-        with torch.device("meta"):
+        with torch.device("meta"), skip_weight_init():
             model = Transformer(args)
         if quant is not None:
             swap_quantized_linears(model, shapes, quant, dtype)
@@ -115,6 +116,20 @@ class Loader:
             assign_tensor(model, name, tensor, self.request.plan.device_for(name), dtype, self.folder)
             if progress and (done % 16 == 0 or done == total):
                 progress(done, total, name)
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Build modules without random init: the checkpoint provides every weight, and initializing even meta
+    tensors costs ~2 s of one-time torch imports on a small CPU."""
+    from torch import nn
+
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
 def read_model_args(folder: Path) -> ModelArgs:
