@@ -108,6 +108,15 @@ class CudaGraphDecoder:
         graph.replay()
         return logits
 
+    def capture_all(self, batch: int = 1) -> None:
+        """Capture every bucket now (at load), so no reply stalls when its context crosses into a new bucket.
+        The steps write cache slots that a generation always writes again before reading them."""
+        device = self.model.model.embed_tokens.weight.device
+        tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            for capacity in buckets(self.model.max_seq_len):
+                self(tokens, capacity - 1)
+
     def _capture(self, step: DecodeStep, capacity: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # The eager run writes the same cache slot the replay will write, so it changes nothing; it tunes kernels
         # and warms the allocator outside the capture, on a side stream as capture requires.
@@ -142,6 +151,7 @@ def accelerate(model, generator=None) -> CudaGraphDecoder | None:
     if single_cuda_device(model) is None:
         return None
     runner = CudaGraphDecoder(model)
+    runner.capture_all(model.cache_batch)
     if generator is not None:
         generator.fast_decode = runner
     return runner

@@ -121,8 +121,10 @@ def test_buckets_cover_the_cache():
 
 # --- GPU: CUDA graphs against the plain path ------------------------------------------------------------------
 def greedy(model, prompt: torch.Tensor, n: int, runner=None) -> list[int]:
-    """n greedy tokens after `prompt` [1, T] (plain forward, or the runner for every decode step)."""
-    model.setup_cache(1, prompt.shape[1] + n)
+    """n greedy tokens after `prompt` [1, T] (plain forward, or the runner for every decode step); keeps a cache
+    that is large enough (and the graphs captured on it)."""
+    if not model.has_cache or model.max_seq_len < prompt.shape[1] + n:
+        model.setup_cache(1, prompt.shape[1] + n)
     with torch.inference_mode():
         token = model(prompt, last_only=True)[:, -1].argmax(-1, keepdim=True)
         out = [token.item()]
@@ -152,8 +154,10 @@ def test_cuda_graph_greedy_tokens_match_embedded_model():
         pytest.skip("the embedded model is not built yet")
     engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=256))
     prompt = torch.tensor([engine.encode("In the beginning God created")], device="cuda")
-    runner = engine.generator.fast_decode or CudaGraphDecoder(engine.model)
+    runner = engine.generator.fast_decode  # every bucket was captured at load
+    assert runner is not None and len(runner._graphs) == len(buckets(256))
     assert greedy(engine.model, prompt, 64, runner) == greedy(engine.model, prompt, 64)
+    assert len(runner._graphs) == len(buckets(256))  # the cache was kept, nothing recaptured
 
 
 @gpu
