@@ -291,3 +291,23 @@ def test_quantize_writes_what_the_library_writes(tmp_path):
     assert all((ours[name] == reference[name]).all() for name in ours)
     bad = run_talis("quantize", source, tmp_path / "other", "--method", "gptq")  # gptq needs --calib
     assert bad.returncode == 2 and "--calib" in one_line_error(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_stats_report_vram_and_the_text_matches_the_engine():
+    from talis_cli.engine import Engine, LoadSettings
+
+    result = run_talis("generate", "-p", "In the beginning", "--json", "--stats", *GREEDY)
+    assert result.returncode == 0, result.stderr.decode()
+    memory_line = next(line for line in result.stderr.decode().splitlines() if line.startswith("memory:"))
+    assert "GPU0" in memory_line and "GiB" in memory_line
+    engine = Engine.load(LoadSettings())
+    record = json.loads(result.stdout)
+    assert record["text"] == greedy_text(engine, [engine.encode("In the beginning")])[0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_bench_without_a_gpu_says_so_in_one_line():
+    result = run_talis("bench", "--shape", "7B", "--gen", "4")
+    assert result.returncode == 1 and "needs a CUDA GPU" in one_line_error(result)

@@ -51,7 +51,7 @@ def new_session(engine, **kwargs):
     return ChatSession(engine, config, kwargs.pop("template", "raw"), **kwargs)
 
 
-def drive(session, keys: str, history: Path) -> str:
+def drive(session, keys: str, history: Path, first_message=None) -> str:
     """Run the REPL on `keys` (ending the session with Ctrl-D unless the keys leave first); what it printed."""
     from talis_cli.repl.app import ChatRepl
 
@@ -59,7 +59,7 @@ def drive(session, keys: str, history: Path) -> str:
     console = Console(file=printed, width=200, color_system=None, highlight=False)
     with create_pipe_input() as keyboard:
         keyboard.send_text(keys + CTRL_D)
-        ChatRepl(session, console=console, history_path=history, input=keyboard, output=DummyOutput()).run()
+        ChatRepl(session, console=console, history_path=history, input=keyboard, output=DummyOutput()).run(first_message)
     return printed.getvalue()
 
 
@@ -83,6 +83,13 @@ def test_multi_line_messages_and_replies(engine, tmp_path):
     assert printed.count("first token") == 2  # one stats line per reply
     history = (tmp_path / "h").read_text()
     assert "+first line\n+second line\n" in history and "+alpha\n+beta\n" in history
+
+
+def test_a_first_message_from_the_command_line_is_answered_first(engine, tmp_path):
+    session = new_session(engine)
+    drive(session, "and the second\r", tmp_path / "h", first_message="the first")
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["the first", "and the second"]
+    assert session.messages[1]["content"] == expected_reply(session, session.messages[:1])
 
 
 def test_set_preset_system_template(engine, tmp_path):
