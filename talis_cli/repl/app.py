@@ -56,31 +56,35 @@ class ChatRepl:
                 self.respond()
             return outcome
         self.session.add_user(line)
-        if not self.respond():
-            self.session.messages.pop()
-            self.io.info("(the message was not sent; press Up to edit it)")
+        self.respond()
         return Outcome.CONTINUE
 
-    def respond(self) -> bool:
-        """Stream a reply to the conversation; False (and a message) when it could not be generated."""
+    def respond(self) -> None:
+        """Stream a reply to the conversation. When none comes (an error, Ctrl-C before generation started), the
+        unanswered message leaves the conversation; the input history still holds it."""
         try:
-            ids, dropped = self.session.fit_to_context()
-            if dropped:
-                self.io.warning(f"(the conversation outgrew the context: dropped the {dropped} oldest exchange(s); "
-                                "the system prompt stays)")
-            self.renderer.start()
-            reply = self.session.reply(ids, self.renderer.feed)
+            self._stream_reply()
         except TalisError as exc:
             self.io.error(str(exc))
-            return False
+        except KeyboardInterrupt:
+            self.io.warning("(interrupted)")
         except Exception as exc:
             message = oom_message(exc)
             if message is None:
                 raise
             self.io.error(message)
-            return False
+        if self.session.messages and self.session.messages[-1]["role"] == "user":
+            self.session.messages.pop()
+            self.io.info("(the message was not sent; press Up to edit it)")
+
+    def _stream_reply(self) -> None:
+        ids, dropped = self.session.fit_to_context()
+        if dropped:
+            self.io.warning(f"(the conversation outgrew the context: dropped the {dropped} oldest exchange(s); "
+                            "the system prompt stays)")
+        self.renderer.start()
+        reply = self.session.reply(ids, self.renderer.feed)
         self.renderer.end(reply.stats, interrupted=reply.finish_reason == "interrupted")
-        return True
 
 
 def run_chat(session, first_message: Optional[str] = None) -> None:
