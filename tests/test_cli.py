@@ -67,8 +67,10 @@ def one_line_error(result) -> str:
 # ---------------------------------------------------------------- generate modes
 
 
-def test_prompt_flag_streams_the_engines_greedy_text(model_dir, engine):
-    result = run_talis("generate", "-m", model_dir, "-p", "In the beginning", *GREEDY)
+def test_prompt_flag_streams_the_engines_greedy_text(model_dir, engine, tmp_path):
+    config = tmp_path / "talis.toml"  # the sampling settings come from a config file, the model from a flag
+    config.write_text("temperature = 0\nmax-new-tokens = 12\ntop_k = 5\n")
+    result = run_talis("generate", "-m", model_dir, "-p", "In the beginning", "--config", config)
     assert result.returncode == 0, result.stderr.decode()
     expected = greedy_text(engine, [engine.encode("In the beginning")])[0]
     assert result.stdout.decode() == expected + "\n"
