@@ -6,12 +6,15 @@ launches never change and a CUDA graph can capture them. Attention runs over the
 so graphs are captured per context-length bucket (powers of two up to the cache length): short contexts do not
 pay for launching over the whole cache.
 
-`CudaGraphDecoder` is the runner the Generator calls in place of its plain decode step; `accelerate(engine)`
-fuses q/k/v and gate/up and plugs the runner in when the whole model sits on one CUDA device.
+`CudaGraphDecoder` is the runner the Generator calls in place of its plain decode step; `accelerate(model,
+generator)` fuses q/k/v and gate/up and plugs the runner in when the whole model sits on one CUDA device.
 """
 from __future__ import annotations
 
 import torch
+
+from quant_kernels import triton_ops as ops
+from quant_kernels.fuse import fuse_model
 
 MIN_BUCKET = 128  # smallest attention capacity captured
 
@@ -24,9 +27,6 @@ class DecodeStep:
     """
 
     def __init__(self, model, batch: int):
-        from quant_kernels import triton_ops
-
-        self.ops = triton_ops
         self.model = model
         device = model.model.embed_tokens.weight.device
         dtype = model.model.embed_tokens.weight.dtype
@@ -39,7 +39,6 @@ class DecodeStep:
         self.n_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
     def run(self, capacity: int) -> torch.Tensor:
-        ops = self.ops
         layers = self.model.model.layers
         x = self.model.model.embed_tokens(self.tokens)  # [B, dim]
         residual = x.clone()  # the residual stream, updated in place by each fused add + norm
@@ -145,8 +144,6 @@ def accelerate(model, generator=None) -> CudaGraphDecoder | None:
 
     Returns the runner, or None where the model stays on the plain path.
     """
-    from quant_kernels.fuse import fuse_model
-
     fuse_model(model)
     if single_cuda_device(model) is None:
         return None
