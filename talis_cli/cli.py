@@ -450,6 +450,9 @@ def main(argv: Optional[list] = None) -> None:
 
 def _report_unexpected(exc: Exception) -> int:
     """Exit code for click's argument errors and CUDA running out of memory (one line each); re-raise the rest."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # bare `talis`: the help is the answer, not an error
+        _write_out(exc.format_message().strip() and exc.format_message() + "\n")  # typer's rich help printed itself
+        return 0
     if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):  # click's errors
         context = getattr(exc, "ctx", None)
         hint = f" (see '{context.command_path} --help')" if context is not None and exc.exit_code == 2 else ""
