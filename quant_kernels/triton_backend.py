@@ -10,18 +10,19 @@
 - anything the kernels do not cover (3-bit words, rows of a group not contiguous after sorting, K not a whole
   number of words, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
-`forward` routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the GEMV; more rows take whichever of the
-fused GEMM and dequantize-then-cuBLAS measured faster for that shape (tuned once, remembered on disk).
+`forward` routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV; more rows (prefill) are
+dequantized into a per-device fp16 scratch buffer and multiplied by cuBLAS. Measured on an H100 (BENCHMARKS.md,
+Kernels): at 2048 rows dequantize + cuBLAS ran at 570-630 TFLOP/s, 85-90% of fp16 cuBLAS, while the fused
+Triton GEMM (`triton_gemm.quant_gemm`) reached only ~155 TFLOP/s; at 16 rows the two were within 10%.
 """
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from . import gptq_format
-from .autotune_cache import Tuner, interpreting
+from .autotune_cache import interpreting
 from .quant_linear import QuantLinear, TorchBackend, register_backend
-from .triton_gemm import dequantize_into, quant_gemm
+from .triton_gemm import dequantize_into
 from .triton_gemv import MAX_ROWS, Workspace, gemv_workspace_size, quant_gemv
 
 TRITON_BITS = (2, 4, 8)  # whole values per int32 word; 3-bit values straddle words
@@ -92,29 +93,9 @@ def fp16_pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return (as_int(low) & 0xFFFF) | (as_int(high) << 16)
 
 
-def _prefill_launcher(weight: PreparedWeight, x2d: torch.Tensor):
-    """launch(config) computing x2d @ W by config["path"]: "fused" (Triton GEMM) or "cublas" (dequantize + matmul)."""
-
-    def launch(config: dict) -> torch.Tensor:
-        if config["path"] == "fused":
-            return quant_gemm(x2d, *weight.args())
-        rows, cols = weight.qweight.shape[0] * 32 // weight.bits, weight.qweight.shape[1]
-        scratch = Scratch.get(x2d.device, x2d.dtype, rows, cols)
-        return torch.matmul(x2d, dequantize_into(scratch, *weight.args()))
-
-    return launch
-
-
-PREFILL_TUNER = Tuner(
-    "prefill",
-    [dict(path="fused"), dict(path="cublas")],
-    prune=lambda config, key: True,
-    interpreter_config=dict(path="fused"),
-)
-
-
 class Scratch:
-    """One dense-weight buffer per device and dtype for the dequantize + cuBLAS path, grown to the largest layer."""
+    """One dense-weight buffer per device and dtype for the dequantize + cuBLAS path, grown to the largest layer
+    (for LLaMA-65B's fused gate/up projection, 8192 x 44032 fp16: 721 MB)."""
 
     _buffers: dict = {}
 
@@ -153,10 +134,8 @@ class TritonBackend:
         if x2d.shape[0] <= MAX_ROWS:
             y = quant_gemv(x2d, *state.args())
         else:
-            launch = _prefill_launcher(state, x2d)
-            key = (triton.next_power_of_2(x2d.shape[0]), layer.out_features, layer.in_features, layer.bits,
-                   state.group_shift, state.perm is not None, str(x2d.dtype))
-            y = launch(PREFILL_TUNER.pick(key, launch))
+            scratch = Scratch.get(x2d.device, x2d.dtype, layer.in_features, layer.out_features)
+            y = torch.matmul(x2d, dequantize_into(scratch, *state.args()))
         if layer.bias is not None:
             y += layer.bias.to(y.dtype)
         return y

@@ -148,7 +148,6 @@ def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_lis
             record(f"dequant only {tag}", median_us(lambda: dequantize_into(scratch, *by_id[id(next_layer())].args())),
                    nbytes + fp16_bytes)
             record(f"fp16 cuBLAS M={rows}", median_us(lambda: x @ scratch), flops=flops)
-        del layers, weights, by_id, dense
     torch.cuda.empty_cache()
     return results
 
