@@ -106,6 +106,7 @@ def _gemv_kernel(
         if ticket == split_k - 1:
             # Read through L2 with an atomic (no stale L1 line), then clean up for the next launch.
             total = tl.atomic_add(partial_ptrs, tl.zeros_like(acc), mask=mask_out)
+            total = tl.where(mask_out, total, 0.0)  # masked lanes return nothing defined
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask_out)
             tl.store(partial_ptrs, tl.zeros_like(acc), mask=mask_out)
             tl.store(tickets_ptr + pid_n, 0)

@@ -19,7 +19,13 @@ from quant_kernels.triton_gemm import dequantize_into, quant_gemm  # noqa: E402
 from quant_kernels.triton_gemv import Workspace, quant_gemv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def gpu(test):
+    """Mark a test as needing a CUDA GPU (skipped without one)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
 TOLERANCE = 1e-3  # relative error in fp16
 
 
