@@ -6,7 +6,8 @@
   same wide loads as qweight and do no bit work per weight word for it.
 - act-order: input rows are sorted by group once (qweight repacked, the permutation kept), so each group's
   scales are read in one run; at run time the kernels read x through the permutation. The layer's own tensors
-  stay as loaded (files on disk are standard GPTQ); the state holds the reordered copy of `qweight`.
+  stay as loaded (files on disk are standard GPTQ); the state holds the reordered copy of `qweight`, so an
+  act-order layer keeps two copies of its words while the original stays registered.
 - anything the kernels do not cover (3-bit words, rows of a group not contiguous after sorting, K not a whole
   number of words, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
@@ -93,6 +94,15 @@ def fp16_pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return (as_int(low) & 0xFFFF) | (as_int(high) << 16)
 
 
+@dataclass
+class Fallback:
+    """State of a layer the Triton kernels cannot run: the torch backend's state and why."""
+
+    backend: TorchBackend
+    state: object
+    reason: str
+
+
 class Scratch:
     """One dense-weight buffer per device and dtype for the dequantize + cuBLAS path, grown to the largest layer
     (for LLaMA-65B's fused gate/up projection, 8192 x 44032 fp16: 721 MB)."""
@@ -111,7 +121,7 @@ class Scratch:
 class TritonBackend:
     """QuantLinear backend running the Triton kernels; falls back to TorchBackend where they do not apply."""
 
-    def prepare(self, layer: QuantLinear) -> PreparedWeight | tuple[TorchBackend, object]:
+    def prepare(self, layer: QuantLinear) -> PreparedWeight | Fallback:
         reason = unsupported_reason(layer)
         if reason is None:
             try:
@@ -120,16 +130,15 @@ class TritonBackend:
                 reason = "act-order groups of unequal size"
         if reason is not None:
             fallback = TorchBackend()
-            return fallback, fallback.prepare(layer)
+            return Fallback(fallback, fallback.prepare(layer), reason)
         if layer.qweight.device.type == "cuda":
             Workspace.reserve(layer.qweight.device, *gemv_workspace_size(layer.out_features))
         return weight
 
     def forward(self, layer: QuantLinear, state, x2d: torch.Tensor) -> torch.Tensor:
         """x2d: [M, in] -> [M, out] in x2d's dtype."""
-        if isinstance(state, tuple):
-            fallback, fallback_state = state
-            return fallback.forward(layer, fallback_state, x2d)
+        if isinstance(state, Fallback):
+            return state.backend.forward(layer, state.state, x2d)
         x2d = x2d.contiguous()
         if x2d.shape[0] <= MAX_ROWS:
             y = quant_gemv(x2d, *state.args())

@@ -8,7 +8,7 @@ an atomic ticket) writes the output and zeroes its workspace slice and ticket ag
 job and the workspace is always clean for the next call (launches on one stream must not overlap).
 
 Unpacking avoids the slow int->float conversion unit: a `bits`-wide value OR-ed into the mantissa of 2**23 is the
-float 2**23 + q, and one subtraction gives q exactly.
+float 2**23 + q, and one subtraction gives q exactly (see the kernel for the zero point folded into it).
 """
 import itertools
 
@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .autotune_cache import Tuner
 
-MAX_ROWS = 8  # the GEMV serves up to this many rows; more rows go to the GEMM
+MAX_ROWS = 8  # the GEMV serves up to this many rows; the backend sends more rows to dequantize + cuBLAS
 
 
 @triton.jit
@@ -112,10 +112,6 @@ def _gemv_kernel(
             tl.store(tickets_ptr + pid_n, 0)
 
 
-def _block_m(rows: int) -> int:
-    return triton.next_power_of_2(rows)
-
-
 def _fits(config: dict, key: tuple) -> bool:
     """Pruner: every split gets at least one block of words; between half a program and 32 programs per SM;
     bounded per-thread accumulators (BLOCK_M * BLOCK_KW * 4 registers)."""
@@ -181,7 +177,7 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     workspace, tickets = Workspace.reserve(x.device, *gemv_workspace_size(n))
-    block_m = _block_m(m)
+    block_m = triton.next_power_of_2(m)
     group_words = max(1, (1 << min(group_shift, 30)) * bits // 32)
 
     def launch(cfg: dict) -> None:

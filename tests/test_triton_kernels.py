@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 from quant_kernels import gptq_format  # noqa: E402
 from quant_kernels.autotune_cache import Tuner  # noqa: E402
 from quant_kernels.quant_linear import QuantLinear  # noqa: E402
-from quant_kernels.triton_backend import PreparedWeight, TritonBackend, group_order, prepare_weight  # noqa: E402
+from quant_kernels.triton_backend import (Fallback, PreparedWeight, TritonBackend, group_order,  # noqa: E402
+                                          prepare_weight)
 from quant_kernels.triton_gemm import dequantize_into, quant_gemm  # noqa: E402
 from quant_kernels.triton_gemv import Workspace, quant_gemv  # noqa: E402
 
@@ -147,7 +148,8 @@ def test_backend_matches_torch_backend(rows, bits, act_order):
     out = layer(x)
     assert out.shape == expected.shape == (1, rows, 64)
     if bits == 3:
-        assert isinstance(layer._state, tuple) and torch.equal(out, expected)
+        assert isinstance(layer._state, Fallback) and layer._state.reason == "3-bit weights"
+        assert torch.equal(out, expected)
     else:
         assert isinstance(layer._state, PreparedWeight)
         assert relative_error(out[0], reference(layer, x[0])) < TOLERANCE
@@ -157,7 +159,7 @@ def test_unequal_groups_fall_back_to_torch():
     layer = random_layer(64, 32, 4, 32, act_order=False)
     layer.g_idx = torch.cat([torch.zeros(40), torch.ones(24)]).int().to(DEVICE)
     state = TritonBackend().prepare(layer)
-    assert isinstance(state, tuple)
+    assert isinstance(state, Fallback) and "unequal" in state.reason
     x = random_x(2, 64, seed=3)
     assert relative_error(TritonBackend().forward(layer, state, x), reference(layer, x)) < TOLERANCE
 
