@@ -222,8 +222,7 @@ class Generator:
         return self.model(tokens, start_pos=pos, pad_lens=self._pad_lens)[:, -1]
 
     def _ensure_cache(self, batch: int) -> None:
-        cache = getattr(self.model.model.layers[0].self_attn, "kv_cache", None)
-        if cache is None or cache.k.shape[0] < batch or cache.k.shape[2] != self.max_seq_len:
+        if self.model.cache_batch < batch or self.model.max_seq_len != self.max_seq_len:
             self.model.setup_cache(batch, self.max_seq_len)
 
     def _generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[TokenEvent]:
