@@ -3,22 +3,17 @@
 On CPU the decode step runs eagerly with its Triton ops under TRITON_INTERPRET=1; the tests marked gpu replay it
 as CUDA graphs and compare greedy tokens with the plain path.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
+from quant_kernels import gptq_format
+from quant_kernels.fuse import fuse_linears, fuse_model
+from quant_kernels.quant_linear import QuantLinear
+from talis_cli.config import ModelArgs
+from talis_cli.fast_decode import CudaGraphDecoder, DecodeStep, buckets
+from talis_cli.model import Transformer
 
-from quant_kernels import gptq_format  # noqa: E402
-from quant_kernels.fuse import fuse_linears, fuse_model  # noqa: E402
-from quant_kernels.quant_linear import QuantLinear  # noqa: E402
-from talis_cli.config import ModelArgs  # noqa: E402
-from talis_cli.fast_decode import CudaGraphDecoder, DecodeStep, buckets  # noqa: E402
-from talis_cli.model import Transformer  # noqa: E402
-
-from tiny_models import tiny_config  # noqa: E402
+from tests.tiny_models import tiny_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu

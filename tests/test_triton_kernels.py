@@ -3,21 +3,16 @@
 Without a GPU the kernels run under TRITON_INTERPRET=1 at small shapes; with one, the same tests run on it and
 the tests marked gpu add real LLaMA shapes.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
-
-from quant_kernels import gptq_format  # noqa: E402
-from quant_kernels.autotune_cache import Tuner  # noqa: E402
-from quant_kernels.quant_linear import QuantLinear  # noqa: E402
-from quant_kernels.triton_backend import (Fallback, PreparedWeight, TritonBackend, group_order,  # noqa: E402
+from quant_kernels import gptq_format
+from quant_kernels.autotune_cache import Tuner
+from quant_kernels.quant_linear import QuantLinear
+from quant_kernels.triton_backend import (Fallback, PreparedWeight, TritonBackend, group_order,
                                           prepare_weight)
-from quant_kernels.triton_gemm import dequantize_into, quant_gemm  # noqa: E402
-from quant_kernels.triton_gemv import Workspace, quant_gemv  # noqa: E402
+from quant_kernels.triton_gemm import dequantize_into, quant_gemm
+from quant_kernels.triton_gemv import Workspace, quant_gemv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

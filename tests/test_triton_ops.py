@@ -9,11 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
-
-from quant_kernels import triton_ops  # noqa: E402
-from talis_cli.model import RMSNorm, apply_rotary  # noqa: E402
+from quant_kernels import triton_ops
+from talis_cli.model import RMSNorm, apply_rotary
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.float32]
