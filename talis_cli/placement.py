@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import TalisError, UsageError
+from .json_files import read_json_object
 from .memory_plan import GiB, Footprint, available_memory, check_fits, plan_by_capacity
 
 COMPACT_KEYS = {"layers", "embed_tokens", "norm", "lm_head", "gpu_split", "device"}
@@ -65,13 +66,7 @@ def load_device_map(name_or_path: str | Path | None) -> tuple[str, dict]:
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"device map {spec!r} is neither a built-in name ({', '.join(builtin)}) nor an existing file")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: a device map must be a JSON object")
-    return str(path), raw
+    return str(path), read_json_object(path, UsageError)
 
 
 def plan_devices(raw: dict, n_layers: int, source: str = "device map", footprint: Footprint | None = None,

@@ -9,11 +9,11 @@ reads them from the model's own config.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
 from .errors import UsageError
+from .json_files import parse_json_object
 from .generation import FIELD_NAMES, GenerationConfig
 
 GEN_PRESETS_PACKAGE = "gen_presets"
@@ -53,13 +53,7 @@ def _read_json_object(name_or_path: str, package: str, available: list[str]) -> 
         if not entry.is_file():
             raise UsageError(f"unknown preset {name_or_path!r}; choose one of {', '.join(available)} or give a path to a JSON file")
         text = entry.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{source}:{e.lineno}:{e.colno}: broken JSON ({e.msg}); fix the file") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{source}: expected a JSON object of settings, found {type(data).__name__}")
-    return data, source
+    return parse_json_object(text, source, UsageError), source
 
 
 def load_generation_preset(name_or_path: str) -> GenerationConfig:

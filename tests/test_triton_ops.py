@@ -3,8 +3,6 @@
 Outputs are poisoned with NaN first, so an element a kernel forgets to write fails the comparison. Without a GPU
 the kernels run under TRITON_INTERPRET=1 at small shapes (fp16 and fp32 only).
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -8,13 +8,13 @@ A loader subclass says which folders it handles (`detect`), which quantization t
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ..config import ModelArgs
 from ..errors import TalisError
+from ..json_files import read_json_object
 from ..placement import DevicePlan
 
 Progress = Callable[[int, int, str], None]  # (done, total, message)
@@ -136,11 +136,7 @@ def read_model_args(folder: Path) -> ModelArgs:
     path = folder / "config.json"
     if not path.exists():
         raise TalisError(f"{folder}: no config.json; a model folder needs config.json, the tokenizer files and the weights")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TalisError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    return ModelArgs.from_hf_config(cfg, str(path))
+    return ModelArgs.from_hf_config(read_json_object(path), str(path))
 
 
 def swap_quantized_linears(model, shapes: dict[str, list[int]], quant: QuantSettings, dtype) -> None:

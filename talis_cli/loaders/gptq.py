@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import TalisError
+from ..json_files import read_json_object
 from . import register_loader
 from .base import Loader, LoadRequest, QuantSettings
 from .tensor_files import read_header, stream_safetensors, weight_files
@@ -19,23 +19,13 @@ def read_quantize_config(folder: Path) -> tuple[dict, Path] | None:
     for name in ("quantize_config.json", "quant_config.json"):
         path = folder / name
         if path.exists():
-            return _read_json(path), path
+            return read_json_object(path), path
     path = folder / "config.json"
     if path.exists():
-        qc = _read_json(path).get("quantization_config")
+        qc = read_json_object(path).get("quantization_config")
         if isinstance(qc, dict) and qc.get("quant_method", "gptq") == "gptq":
             return qc, path
     return None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TalisError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise TalisError(f"{path}: expected a JSON object")
-    return data
 
 
 def settings_from(qc: dict, source: Path, wbits: int | None, groupsize: int | None) -> QuantSettings:
