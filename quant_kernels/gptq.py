@@ -40,7 +40,7 @@ class PackedWeight:
 def _check_settings(bits: int, group_size: int) -> None:
     if bits not in gptq_format.SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {gptq_format.SUPPORTED_BITS}, got {bits}")
-    if group_size != -1 and (group_size <= 0 or group_size & (group_size - 1)):
+    if not gptq_format.valid_group_size(group_size):
         raise ValueError(f"group_size must be a power of two or -1, got {group_size}")
 
 

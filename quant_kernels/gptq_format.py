@@ -108,6 +108,11 @@ def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tenso
     return (torch.zeros_like(rows) if group_size == -1 else rows // group_size).to(device)
 
 
+def valid_group_size(group_size: int) -> bool:
+    """Group sizes the format allows: a power of two, or -1 for one group over all input rows."""
+    return group_size == -1 or (group_size > 0 and group_size & (group_size - 1) == 0)
+
+
 def num_groups(in_features: int, group_size: int) -> int:
     """Rows of `scales` / `qzeros` for a layer with `in_features` inputs."""
     return 1 if group_size == -1 else -(-in_features // group_size)

@@ -30,7 +30,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         if bits not in gptq_format.SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {gptq_format.SUPPORTED_BITS}, got {bits}")
-        if group_size != -1 and (group_size <= 0 or group_size & (group_size - 1)):
+        if not gptq_format.valid_group_size(group_size):
             raise ValueError(f"group_size must be a power of two or -1, got {group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.zero_offset = bits, group_size, zero_offset

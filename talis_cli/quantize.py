@@ -74,11 +74,11 @@ def quantize_model(model_dir: Path, out_dir: Path, bits: int = 4, group_size: in
 
 
 def _check_settings(bits, group_size, method, nsamples, seqlen, damp_percent) -> None:
-    from quant_kernels.gptq_format import SUPPORTED_BITS
+    from quant_kernels.gptq_format import SUPPORTED_BITS, valid_group_size
 
     if bits not in SUPPORTED_BITS:
         raise UsageError(f"--bits {bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
-    if group_size != -1 and (group_size <= 0 or group_size & (group_size - 1)):
+    if not valid_group_size(group_size):
         raise UsageError(f"--group-size {group_size} must be a power of two (e.g. 128) or -1 for one group per column")
     if method not in METHODS:
         raise UsageError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quant_kernels.gptq_format import SUPPORTED_BITS, valid_group_size
+
 from ..errors import TalisError
 from ..json_files import read_json_object
 from . import register_loader
 from .base import Loader, LoadRequest, QuantSettings
 from .tensor_files import read_header, stream_safetensors, weight_files
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_FORMATS = ("gptq", "gptq_v2")
 
 
@@ -37,7 +38,7 @@ def settings_from(qc: dict, source: Path, wbits: int | None, groupsize: int | No
     fmt = qc.get("checkpoint_format", "gptq")
     if bits not in SUPPORTED_BITS:
         raise TalisError(f"{source}: bits {bits} is not supported; talis reads {', '.join(map(str, SUPPORTED_BITS))}-bit GPTQ")
-    if group != -1 and (group <= 0 or group & (group - 1)):
+    if not valid_group_size(group):
         raise TalisError(f"{source}: group_size {group} must be a power of two or -1")
     if fmt not in SUPPORTED_FORMATS:
         raise TalisError(f"{source}: checkpoint_format {fmt!r} is not supported; talis reads {', '.join(SUPPORTED_FORMATS)}")
