@@ -89,6 +89,11 @@ _RULES = {
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerationConfig))
 
 
+def allowed_values(name: str) -> str:
+    """The allowed range of a GenerationConfig field, in words (for error messages)."""
+    return _RULES[name][2]
+
+
 @dataclass
 class TokenEvent:
     """One new token of one prompt."""
@@ -212,7 +217,7 @@ class Generator:
         if n > room:
             raise TalisError(
                 f"{which} is {n} tokens, {n - room} too many for a context of {self.max_seq_len} "
-                f"(room for {room} plus one new token); shorten it or raise the maximum context"
+                f"(room for {room} plus one new token); shorten it or raise --max-seq-len"
             )
 
     def _decode_step(self, tokens, pos: int):

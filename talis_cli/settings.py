@@ -96,8 +96,11 @@ def convert_setting(name: str, value, origin: str):
     try:
         return kind(value)
     except (TypeError, ValueError):
+        from talis_cli.generation import FIELD_NAMES, allowed_values
+
         noun = {int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
-        raise UsageError(f"{origin}: {name} must be {noun}, got {value!r}") from None
+        allowed = f" (allowed: {allowed_values(name)})" if name in FIELD_NAMES else ""
+        raise UsageError(f"{origin}: {name} must be {noun}, got {value!r}{allowed}") from None
 
 
 def _parse_key_values(text: str, origin: str) -> dict:

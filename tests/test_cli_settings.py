@@ -86,3 +86,11 @@ def test_out_of_range_values_from_a_config_file_name_the_allowed_range(tmp_path)
     config.write_text('{"top_p": 1.5}')
     with pytest.raises(UsageError, match=r"top_p = 1.5 is out of range: allowed 0 < top_p <= 1"):
         resolve_settings(no_flags(), config).generation_config()
+
+
+@pytest.mark.parametrize("name, value, allowed", [("top_p", "abc", "0 < top_p <= 1"), ("top_k", "1.5", "an integer >= 0")])
+def test_a_value_of_the_wrong_type_names_the_allowed_range(name, value, allowed):
+    from talis_cli.settings import convert_setting
+
+    with pytest.raises(UsageError, match=f"{name} must be .*got '{value}'.*allowed: {allowed}"):
+        convert_setting(name, value, "/set")
