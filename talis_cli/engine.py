@@ -20,14 +20,13 @@ DENSE_CPU_LIMIT = 2_000_000_000  # bytes of float weights
 class LoadSettings:
     model_dir: Path | str | None = None  # None: the embedded default model
     checkpoint: Path | str | None = None  # weights file apart from the model folder
-    wbits: int | None = None
+    wbits: int | None = None  # GPTQ: must match the checkpoint; fp16 weights: round-to-nearest quantize on load
     groupsize: int | None = None
     device_map: str | Path | None = "auto"  # a packaged name or a JSON file
     max_memory: str | None = None  # caps for planning, like "0=22GiB,1=24GiB,cpu=32GiB"
     max_seq_len: int | None = None  # context size of the KV cache; default min(model's, 2048)
     allow_pickle: bool = False  # .bin/.pt checkpoints (no code runs: tensors only)
     backend: str = "auto"  # QuantLinear backend: auto, torch, torch_dense, triton
-    quantize_bits: int | None = None  # fp16 weights: round-to-nearest quantize on load
     loader: str | None = None  # force a registered loader by name
 
 
@@ -63,7 +62,7 @@ class Engine:
             raise UsageError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
         label, raw_map = load_device_map(settings.device_map)
         request = LoadRequest(model_dir, None, Path(settings.checkpoint) if settings.checkpoint else None,
-                              settings.wbits, settings.groupsize, settings.allow_pickle, settings.quantize_bits)
+                              settings.wbits, settings.groupsize, settings.allow_pickle)
         loader = pick_loader(request, settings.loader)
         args = read_model_args(model_dir)
         max_seq_len = check_max_seq_len(settings.max_seq_len, args)

@@ -64,7 +64,7 @@ def quantize_model(model_dir: Path, out_dir: Path, bits: int = 4, group_size: in
         packed = _gptq_layers(model, tokens, bits, group_size, sym, act_order, true_sequential, damp_percent,
                               device, progress)
     else:
-        packed = _rtn_layers(model, bits, group_size, sym, progress)
+        packed = rtn_layers(model, bits, group_size, sym, progress)
 
     settings = dict(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, true_sequential=true_sequential,
                     damp_percent=damp_percent, static_groups=False, checkpoint_format="gptq",
@@ -189,7 +189,7 @@ def _solve(solver, name, bits, group_size, sym, act_order, damp_percent):
                          "calibration text, or a larger damp_percent") from None
 
 
-def _rtn_layers(model, bits, group_size, sym, progress) -> dict:
+def rtn_layers(model, bits: int, group_size: int, sym: bool = True, progress: Progress | None = None) -> dict:
     """Round-to-nearest for every decoder linear; returns {linear name: PackedWeight}."""
     from quant_kernels.gptq import rtn_quantize
 

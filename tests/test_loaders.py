@@ -108,7 +108,7 @@ def test_shape_mismatch_and_missing_tensor(tmp_path, gptq_dir):
 def test_fp16_weights_round_to_nearest_on_load(tmp_path):
     model = hf_model(seed=2)
     save_fp16(model, tmp_path, dtype=torch.float32)
-    rtn = logits(tmp_path, quantize_bits=4, groupsize=64)
+    rtn = logits(tmp_path, wbits=4, groupsize=64)
     expected = {name: rtn_quantize(m.weight.data, 4, 64).dequantize() for name, m in model.model.named_modules()
                 if isinstance(m, torch.nn.Linear)}
     with torch.no_grad():

@@ -33,7 +33,9 @@ class QuantSettings:
 
     @property
     def zero_offset(self) -> int:
-        return 1 if self.checkpoint_format == "gptq" else 0
+        from quant_kernels.gptq_format import zero_offset_for
+
+        return zero_offset_for(self.checkpoint_format)
 
 
 @dataclass
@@ -44,7 +46,6 @@ class LoadRequest:
     wbits: int | None = None  # bits given by the user; must agree with the checkpoint
     groupsize: int | None = None
     allow_pickle: bool = False
-    quantize_bits: int | None = None  # fp16 weights: round-to-nearest quantize on load
     dtype: object = None  # torch dtype; default fp16 on GPU, fp32 on CPU
 
 
@@ -149,8 +150,16 @@ def swap_quantized_linears(model, shapes: dict[str, list[int]], quant: QuantSett
         if isinstance(module, nn.Linear) and f"{name}.qweight" in shapes:
             q = QuantLinear(module.in_features, module.out_features, quant.bits, quant.group_size,
                             bias=module.bias is not None, zero_offset=quant.zero_offset, dtype=dtype, device="meta")
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, q)
+            replace_module(model, name, q)
+
+
+def replace_module(model, name: str, new) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)
+
+
+def has_qweights(shapes: dict[str, list[int]]) -> bool:
+    return any(k.endswith(".qweight") for k in shapes)
 
 
 def assign_tensor(model, name: str, tensor, device: str, dtype, source: Path) -> None:

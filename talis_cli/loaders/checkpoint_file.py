@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import TalisError
 from . import register_loader
-from .base import Loader, LoadRequest
+from .base import Loader, LoadRequest, has_qweights
 from .gptq import read_quantize_config, settings_from
 from .tensor_files import PICKLE_SUFFIXES, pickle_state_dict, read_header, stream_safetensors
 
@@ -36,9 +36,12 @@ class CheckpointFileLoader(Loader):
         return [self.path]
 
     def tensor_shapes(self) -> dict[str, list[int]]:
-        if self._pickled is not None:
-            return {k: list(v.shape) for k, v in self._pickled.items()}
-        return {k: shape for k, (_, shape) in read_header(self.path).items()}
+        if not hasattr(self, "_shapes"):  # asked by the planner and by load: read the header once
+            if self._pickled is not None:
+                self._shapes = {k: list(v.shape) for k, v in self._pickled.items()}
+            else:
+                self._shapes = {k: shape for k, (_, shape) in read_header(self.path).items()}
+        return self._shapes
 
     def tensors(self):
         if self._pickled is not None:
@@ -47,7 +50,7 @@ class CheckpointFileLoader(Loader):
             yield from stream_safetensors(self.path)
 
     def quant_settings(self, shapes):
-        if not any(k.endswith(".qweight") for k in shapes):
+        if not has_qweights(shapes):
             return None  # a plain fp16 checkpoint file
         found = read_quantize_config(self.folder)
         if found is not None:

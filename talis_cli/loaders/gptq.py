@@ -9,7 +9,7 @@ from quant_kernels.gptq_format import SUPPORTED_BITS, valid_group_size
 from ..errors import TalisError
 from ..json_files import read_json_object
 from . import register_loader
-from .base import Loader, LoadRequest, QuantSettings
+from .base import Loader, LoadRequest, QuantSettings, has_qweights
 from .tensor_files import read_header, stream_safetensors, weight_files
 
 SUPPORTED_FORMATS = ("gptq", "gptq_v2")
@@ -89,6 +89,6 @@ class GPTQLoader(SafetensorsFolderLoader):
         self.base_name = self.qc.get("model_file_base_name")
 
     def quant_settings(self, shapes):
-        if not any(k.endswith(".qweight") for k in shapes):
+        if not has_qweights(shapes):
             raise TalisError(f"{self.folder}: {self.qc_path.name} says GPTQ but the weights hold no qweight tensors")
         return settings_from(self.qc, self.qc_path, self.request.wbits, self.request.groupsize)

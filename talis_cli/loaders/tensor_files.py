@@ -31,7 +31,7 @@ def weight_files(folder: Path, base_name: str | None = None) -> list[Path]:
         raise TalisError(f"{folder}: several .safetensors files and no model.safetensors.index.json; pass the one to use with --checkpoint")
     if not files:
         pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        hint = f" (found {', '.join(pickles)}: pickle files need --allow-pickle)" if pickles else ""
+        hint = f" (found {', '.join(pickles)}: load a pickle file with --checkpoint FILE --allow-pickle)" if pickles else ""
         raise TalisError(f"{folder}: no .safetensors weights found{hint}")
     return files
 
