@@ -111,7 +111,11 @@ def _tokenizer_template(tokenizer) -> Optional[ChatTemplate]:
         return None
 
     def render(messages: Messages, bos: str, eos: str) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template's own checks raise (e.g. roles must alternate)
+            raise UsageError(f"the tokenizer's chat template refused this conversation ({str(exc).splitlines()[0][:120]}); "
+                             f"pick another with --template or /template (llama2, llama3, chatml, raw)") from None
 
     return ChatTemplate("tokenizer", render)
 

@@ -362,6 +362,8 @@ def perplexity(
         raise UsageError(f"text file {file} does not exist: check --file") from None
     except UnicodeDecodeError:
         raise UsageError(f"{file} is not UTF-8 text; convert it first, e.g. with iconv") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {file}: {exc.strerror or exc}; check --file") from None
     engine = load_engine(run_settings(load))
     from talis_cli.perplexity import perplexity as windowed_perplexity
 

@@ -83,7 +83,11 @@ def convert_setting(name: str, value, origin: str):
     """`value` as the type of setting `name` (config files may hold strings for everything)."""
     kind = SETTING_TYPES[name]
     if kind is list:
-        return [value] if isinstance(value, str) else [str(item) for item in value]
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+        raise UsageError(f"{origin}: {name} must be a string or a list of strings, got {value!r}")
     if kind is Path:
         return Path(str(value)).expanduser()
     if kind is bool:
@@ -91,7 +95,8 @@ def convert_setting(name: str, value, origin: str):
         if isinstance(value, bool) or str(value).strip().lower() in words:
             return value if isinstance(value, bool) else words[str(value).strip().lower()]
         raise UsageError(f"{origin}: {name} must be true or false, got {value!r}")
-    if isinstance(value, bool) or (kind is str and not isinstance(value, str)):
+    if isinstance(value, bool) or (kind is str and not isinstance(value, str)) or (
+            kind is int and isinstance(value, float) and not value.is_integer()):
         raise UsageError(f"{origin}: {name} must be a {kind.__name__}, got {value!r}")
     try:
         return kind(value)

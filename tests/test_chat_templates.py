@@ -80,6 +80,18 @@ def test_auto_prefers_the_tokenizers_own_template(tokenizer):
         tokenizer.chat_template = None
 
 
+def test_a_tokenizer_template_that_refuses_a_conversation_is_a_usage_error(tokenizer):
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('Conversation roles must "
+                               "alternate user/assistant') }}{% endif %}{{ messages[0]['content'] }}")
+    try:
+        own = resolve_template("auto", tokenizer)
+        assert own.render([{"role": "user", "content": "hi"}]) == "hi"
+        with pytest.raises(UsageError, match="refused this conversation.*roles must alternate.*--template"):
+            own.render([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
+    finally:
+        tokenizer.chat_template = None
+
+
 def test_a_jinja_file_renders_like_transformers(tokenizer, tmp_path):
     path = tmp_path / "llama2.jinja"
     path.write_text(JINJA_FORMATS["llama2"], encoding="utf-8")

@@ -94,3 +94,11 @@ def test_a_value_of_the_wrong_type_names_the_allowed_range(name, value, allowed)
 
     with pytest.raises(UsageError, match=f"{name} must be .*got '{value}'.*allowed: {allowed}"):
         convert_setting(name, value, "/set")
+
+
+@pytest.mark.parametrize("name, value", [("stop", 5), ("stop", ["ok", 3]), ("max_new_tokens", 2.7)])
+def test_config_values_of_the_wrong_shape_are_refused(name, value):
+    from talis_cli.settings import convert_setting
+
+    with pytest.raises(UsageError, match=f"{name} must be"):
+        convert_setting(name, value, "talis.json")

@@ -190,6 +190,22 @@ def test_a_message_longer_than_the_context_is_kept_in_history(model_dir, tmp_pat
     assert long_message in (tmp_path / "h").read_text()
 
 
+def test_a_failed_save_or_regen_leaves_the_conversation_as_it_was(model_dir, engine, tmp_path):
+    session = new_session(engine)
+    printed = drive(session, f"one\r/save {tmp_path}\r", tmp_path / "h")  # a folder, not a file
+    assert f"cannot save to {tmp_path}" in printed
+    kept = [dict(m) for m in session.messages]
+    assert len(kept) == 2
+    from talis_cli.engine import Engine, LoadSettings
+
+    small = Engine.load(LoadSettings(model_dir=model_dir, max_seq_len=24))
+    tight = new_session(small)
+    tight.messages = [{"role": "user", "content": "and it was so " * 20}, {"role": "assistant", "content": "ok"}]
+    printed = drive(tight, "/regen\r", tmp_path / "h")  # the prompt no longer fits: no new reply
+    assert "conversation is as it was" in printed
+    assert tight.messages[-1] == {"role": "assistant", "content": "ok"} and len(tight.messages) == 2
+
+
 def test_toolbar_and_completion(engine, tmp_path):
     from talis_cli.repl.app import ChatRepl
     from talis_cli.repl.io import SlashCompleter

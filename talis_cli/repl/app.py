@@ -47,21 +47,25 @@ class ChatRepl:
         if not line.strip():
             return Outcome.CONTINUE
         if line.startswith("/"):
+            before = list(self.session.messages)
             try:
                 outcome = self.commands.run(line)
             except TalisError as exc:
                 self.io.error(str(exc))
                 return Outcome.CONTINUE
-            if outcome is Outcome.REPLY:
-                self.respond()
+            if outcome is Outcome.REPLY and not self.respond():
+                self.session.messages[:] = before  # e.g. a failed /regen keeps the reply it was replacing
+                self.io.info("(no new reply; the conversation is as it was)")
             return outcome
         self.session.add_user(line)
-        self.respond()
+        if not self.respond():
+            self.session.messages.pop()
+            self.io.info("(the message was not sent; press Up to edit it)")
         return Outcome.CONTINUE
 
-    def respond(self) -> None:
-        """Stream a reply to the conversation. When none comes (an error, Ctrl-C before generation started), the
-        unanswered message leaves the conversation; the input history still holds it."""
+    def respond(self) -> bool:
+        """Stream a reply to the conversation; False when none came (an error, or Ctrl-C before generation
+        started), and the caller then puts the conversation back (the input history still holds the message)."""
         try:
             self._stream_reply()
         except TalisError as exc:
@@ -73,9 +77,7 @@ class ChatRepl:
             if message is None:
                 raise
             self.io.error(message)
-        if self.session.messages and self.session.messages[-1]["role"] == "user":
-            self.session.messages.pop()
-            self.io.info("(the message was not sent; press Up to edit it)")
+        return bool(self.session.messages) and self.session.messages[-1]["role"] != "user"
 
     def _stream_reply(self) -> None:
         ids, dropped = self.session.fit_to_context()

@@ -151,15 +151,20 @@ class ChatSession:
         path = Path(path).expanduser()
         if not path.parent.is_dir():
             raise UsageError(f"cannot save to {path}: folder {path.parent} does not exist")
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise UsageError(f"cannot save to {path}: {exc.strerror or exc}") from None
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as file:
                 json.dump(self.to_transcript(), file, ensure_ascii=False, indent=2)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
-        except BaseException:
+        except BaseException as exc:
             Path(temporary).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise UsageError(f"cannot save to {path}: {exc.strerror or exc}") from None
             raise
 
     def load(self, path: Path) -> None:
