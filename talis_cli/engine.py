@@ -53,7 +53,7 @@ class Engine:
         from .loaders.base import read_model_args
         from .memory_plan import footprint, parse_max_memory
         from .model_info import kv_cache_bytes
-        from .placement import load_device_map, plan_devices
+        from .placement import load_device_map, map_may_use_gpu, plan_devices
 
         settings = settings or LoadSettings()
         t0 = time.perf_counter()
@@ -67,11 +67,12 @@ class Engine:
         args = read_model_args(model_dir)
         max_seq_len = check_max_seq_len(settings.max_seq_len, args)
         max_memory = parse_max_memory(settings.max_memory) if settings.max_memory else None
-        fp = footprint(loader.tensor_shapes(), args.n_layers, kv_cache_bytes(args, max_seq_len) // args.n_layers,
-                       float_bytes=2 if _cuda_available() else 4)
+        float_bytes = 2 if map_may_use_gpu(raw_map) else 4  # fp16 on GPUs, fp32 on the CPU
+        fp = footprint(loader.tensor_shapes(), args.n_layers,
+                       kv_cache_bytes(args, max_seq_len, dtype_bytes=float_bytes) // args.n_layers, float_bytes)
         request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
+        tokenizer = load_tokenizer(model_dir)  # before the weights: a broken folder fails fast
         loaded = loader.load(progress)
-        tokenizer = load_tokenizer(model_dir)
         backend = choose_backend(settings.backend, loaded.model, request.plan)
         loaded.model.setup_cache(1, max_seq_len)
         engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, time.perf_counter() - t0, backend)
@@ -110,10 +111,10 @@ def eos_ids(args, tokenizer) -> list[int]:
     ids = list(args.eos_token_ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
     for token in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>"):  # chat turn ends of LLaMA 3 and ChatML
-        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        if tid is not None and tid not in ids:
-            ids.append(tid)
+        if token in vocab and vocab[token] not in ids:
+            ids.append(vocab[token])
     return ids
 
 
@@ -149,12 +150,6 @@ def choose_backend(requested: str, model, plan) -> str:
     for m in layers:
         m.set_backend(name)
     return name
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _triton_backend_available() -> bool:

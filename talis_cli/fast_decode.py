@@ -80,15 +80,16 @@ class CudaGraphDecoder:
         self.pool = torch.cuda.graph_pool_handle()
         self._steps: dict[int, DecodeStep] = {}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._cache_id = None
+        self._cache_version = None
+        self._buckets: list[int] = []
 
     def __call__(self, tokens: torch.Tensor, pos: int, pad_lens: torch.Tensor | None = None) -> torch.Tensor:
         """tokens int64 [B, 1] at cache slot `pos` (pad_lens int64 [B] or None) -> float32 logits [B, vocab]."""
-        cache_id = self.model.model.layers[0].self_attn.kv_cache.k.data_ptr()
-        if cache_id != self._cache_id:  # the cache was reallocated: captured pointers are stale
+        if self.model.cache_version != self._cache_version:  # a new cache: captured pointers are stale
             self._steps.clear()
             self._graphs.clear()
-            self._cache_id = cache_id
+            self._cache_version = self.model.cache_version
+            self._buckets = buckets(self.model.max_seq_len)
         B = tokens.shape[0]
         step = self._steps.get(B)
         if step is None:
@@ -99,7 +100,7 @@ class CudaGraphDecoder:
             step.pad_lens.zero_()
         else:
             step.pad_lens.copy_(pad_lens)
-        capacity = next(b for b in buckets(self.model.max_seq_len) if b > pos)
+        capacity = next(b for b in self._buckets if b > pos)
         captured = self._graphs.get((B, capacity))
         if captured is None:
             captured = self._graphs[(B, capacity)] = self._capture(step, capacity)

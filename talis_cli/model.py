@@ -142,12 +142,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_seq_len = args.max_position_embeddings
         self._inv_freq: torch.Tensor | None = None
+        self.cache_version = 0  # bumped by setup_cache
 
     # --- cache -------------------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_seq_len: int) -> None:
         """Allocate a static KV cache for `max_batch` rows of `max_seq_len` slots, each on its layer's device."""
         self.max_seq_len = max_seq_len
         self._inv_freq = None
+        self.cache_version += 1  # anything that captured the old buffers (CUDA graphs) must start again
         for layer in self.model.layers:
             w = layer.input_layernorm.weight
             layer.self_attn.kv_cache = KVCache(max_batch, max_seq_len, self.args.n_kv_heads, self.args.head_dim, w.dtype, w.device)

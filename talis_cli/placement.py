@@ -173,6 +173,14 @@ def _device(v, source: str, key: str) -> str:
     raise UsageError(f"{source}: {key}: device must be a GPU index, \"cuda:N\" or \"cpu\", not {v!r}")
 
 
+def map_may_use_gpu(raw: dict) -> bool:
+    """Whether a raw map (either form) can place anything on a GPU of this machine."""
+    if not _cuda_count():
+        return False
+    values = [v for k, v in raw.items() if k != "layers"] + list((raw.get("layers") or {}).values())
+    return any(v != "cpu" for v in values)
+
+
 def _cuda_count() -> int:
     import torch
 
