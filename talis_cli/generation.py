@@ -108,6 +108,7 @@ class TokenEvent:
 @dataclass
 class GenerationStats:
     prompt_tokens: int  # real prompt tokens, padding not counted
+    reused_tokens: int = 0  # prompt tokens whose keys/values were still in the cache (not computed again)
     new_tokens: int = 0  # tokens produced over all rows
     prefill_s: float = 0.0  # prompt forward and first draw
     decode_s: float = 0.0  # decode steps and draws (time spent by the consumer not included)
@@ -191,6 +192,10 @@ class Generator:
         self.last_stats: GenerationStats | None = None
         self._pad_lens = None  # int64 [B] left padding of the running batch, None when there is none
         self.fast_decode = None  # a runner (tokens, pos, pad_lens) -> logits replacing the step (fast_decode.py)
+        # (cache version, token ids whose keys/values fill row 0's first slots): a chat's next prompt starts with
+        # the previous prompt and reply, so only the new part needs a forward pass.
+        self._in_cache: tuple[int, list[int]] | None = None
+        self._runs = 0  # generations started; only the latest may record what the cache holds
 
     def stream(self, prompt_ids: Sequence[int], cfg: GenerationConfig) -> Iterator[TokenEvent]:
         """Events for one prompt (token ids, BOS included if the model wants one)."""
@@ -230,6 +235,17 @@ class Generator:
         if self.model.cache_batch < batch or self.model.max_seq_len != self.max_seq_len:
             self.model.setup_cache(batch, self.max_seq_len)
 
+    def _reusable_prefix(self, prompts: list[list[int]]) -> int:
+        """How many leading prompt tokens already sit in the cache (one prompt only); at least one token is
+        always computed again, for the logits of the first new token."""
+        if len(prompts) != 1 or self._in_cache is None or self._in_cache[0] != self.model.cache_version:
+            return 0
+        cached, prompt = self._in_cache[1], prompts[0]
+        n, limit = 0, min(len(cached), len(prompt) - 1)
+        while n < limit and cached[n] == prompt[n]:
+            n += 1
+        return n
+
     def _generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[TokenEvent]:
         import torch
 
@@ -248,33 +264,44 @@ class Generator:
         pad_lens = torch.tensor([T - n for n in lens], device=device) if min(lens) < T else None
         self._pad_lens = pad_lens
         self._ensure_cache(B)
+        self._runs += 1
+        run = self._runs
+        reused = stats.reused_tokens = self._reusable_prefix(prompts)
+        in_cache = prompts[0][:reused]  # grows as slots are written; row 0 only matters for a single prompt
+        self._in_cache = None
         rows = [
             _Row(b, IncrementalDetokenizer(self.tokenizer, p, self.skip_ids), cfg, self.eos_ids)
             for b, p in enumerate(prompts)
         ]
 
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.model(history[:, :T], start_pos=0, pad_lens=pad_lens, last_only=True)[:, -1]
-            sampler = Sampler(cfg, history, pad_lens, T, logits.shape[-1])
-            tokens = sampler(logits)  # int64 [B]
-            sampler.append(tokens)
-        ids = tokens.tolist()
-        stats.prefill_s = time.perf_counter() - t0
-        stats.first_token_s = time.perf_counter() - t_call
-
-        for step in range(budget):
-            is_last = step == budget - 1
-            for row in rows:
-                if not row.finished:
-                    stats.new_tokens += 1
-                    yield row.accept(ids[row.index], is_last)
-            if is_last or all(row.finished for row in rows):
-                return
+        try:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                logits = self._decode_step(tokens[:, None], T + step)
-                tokens = sampler(logits)
+                logits = self.model(history[:, reused:T], start_pos=reused, pad_lens=pad_lens, last_only=True)[:, -1]
+                in_cache = list(prompts[0])
+                sampler = Sampler(cfg, history, pad_lens, T, logits.shape[-1])
+                tokens = sampler(logits)  # int64 [B]
                 sampler.append(tokens)
             ids = tokens.tolist()
-            stats.decode_s += time.perf_counter() - t0
+            stats.prefill_s = time.perf_counter() - t0
+            stats.first_token_s = time.perf_counter() - t_call
+
+            for step in range(budget):
+                is_last = step == budget - 1
+                for row in rows:
+                    if not row.finished:
+                        stats.new_tokens += 1
+                        yield row.accept(ids[row.index], is_last)
+                if is_last or all(row.finished for row in rows):
+                    return
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    logits = self._decode_step(tokens[:, None], T + step)
+                    in_cache.append(ids[0])
+                    tokens = sampler(logits)
+                    sampler.append(tokens)
+                ids = tokens.tolist()
+                stats.decode_s += time.perf_counter() - t0
+        finally:  # also when the consumer stops early or Ctrl-C lands mid-step: only completed writes count
+            if B == 1 and run == self._runs:  # a stream closed after a newer one started knows nothing
+                self._in_cache = (self.model.cache_version, in_cache)

@@ -155,6 +155,7 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = KVCache(max_batch, max_seq_len, self.args.n_kv_heads, self.args.head_dim, w.dtype, w.device)
 
     def clear_cache(self) -> None:
+        self.cache_version += 1
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 

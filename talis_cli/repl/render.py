@@ -55,7 +55,7 @@ def _rate(tokens: int, seconds: float) -> float:
 
 def timings_of(stats) -> dict:
     """Timings of a GenerationStats as a JSON-ready dict (seconds and tokens per second)."""
-    prefill_tokens = stats.prompt_tokens
+    prefill_tokens = stats.prompt_tokens - getattr(stats, "reused_tokens", 0)  # tokens computed, not reused
     decode_tokens = max(stats.new_tokens - 1, 0)  # the first new token comes out of the prefill
     return dict(prefill_s=round(stats.prefill_s, 6), decode_s=round(stats.decode_s, 6),
                 first_token_s=round(stats.first_token_s, 6),
