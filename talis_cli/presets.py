@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import UsageError
-from .json_files import parse_json_object
+from .json_files import parse_json_object, read_json_object
 from .generation import FIELD_NAMES, GenerationConfig
 
 GEN_PRESETS_PACKAGE = "gen_presets"
@@ -40,20 +40,14 @@ def _read_json_object(name_or_path: str, package: str, available: list[str]) -> 
     """(parsed object, source name for messages) for a preset name or a path."""
     if _is_path(name_or_path):
         path = Path(name_or_path).expanduser()
-        source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UsageError(f"{source}: no such file; give a preset name ({', '.join(available)}) or a JSON file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"{source}: cannot read it ({e.__class__.__name__}); check the file") from None
-    else:
-        source = f"{package}/{name_or_path}.json"
-        entry = resources.files(package) / f"{name_or_path}.json"
-        if not entry.is_file():
-            raise UsageError(f"unknown preset {name_or_path!r}; choose one of {', '.join(available)} or give a path to a JSON file")
-        text = entry.read_text(encoding="utf-8")
-    return parse_json_object(text, source, UsageError), source
+        if not path.exists():
+            raise UsageError(f"{path}: no such file; give a preset name ({', '.join(available)}) or a JSON file")
+        return read_json_object(path, UsageError), str(path)
+    source = f"{package}/{name_or_path}.json"
+    entry = resources.files(package) / f"{name_or_path}.json"
+    if not entry.is_file():
+        raise UsageError(f"unknown preset {name_or_path!r}; choose one of {', '.join(available)} or give a path to a JSON file")
+    return parse_json_object(entry.read_text(encoding="utf-8"), source, UsageError), source
 
 
 def load_generation_preset(name_or_path: str) -> GenerationConfig:
