@@ -50,6 +50,11 @@ def footprint(shapes: dict[str, list[int]], n_layers: int, kv_bytes_per_layer: i
     return Footprint(embed, layers, head)
 
 
+def reserve(device: str) -> int:
+    """Bytes kept free on a device for what is not weights or cache (GPUs only)."""
+    return ACTIVATION_RESERVE if device.startswith("cuda") else 0
+
+
 def parse_max_memory(text: str) -> dict[str, int]:
     """'0=22GiB,1=24GiB,cpu=32GiB' -> {"cuda:0": bytes, "cuda:1": bytes, "cpu": bytes} (order kept)."""
     caps = {}
@@ -69,7 +74,7 @@ def parse_max_memory(text: str) -> dict[str, int]:
 def plan_by_capacity(fp: Footprint, caps: dict[str, int]) -> dict[str, str]:
     """Module prefixes -> device, filling devices in order; a clear error when the model does not fit."""
     devices = list(caps)
-    room = {d: caps[d] - (ACTIVATION_RESERVE if d.startswith("cuda") else 0) for d in devices}
+    room = {d: caps[d] - reserve(d) for d in devices}
     plan: dict[str, str] = {}
     i = 0
 
@@ -78,7 +83,7 @@ def plan_by_capacity(fp: Footprint, caps: dict[str, int]) -> dict[str, str]:
         while i < len(devices) and size > room[devices[i]]:
             i += 1  # this device is full: the rest goes to the next one
         if i == len(devices):
-            missing = fp.total - sum(max(caps[d] - (ACTIVATION_RESERVE if d.startswith("cuda") else 0), 0) for d in devices)
+            missing = fp.total - sum(max(caps[d] - reserve(d), 0) for d in devices)
             raise TalisError(
                 f"the model does not fit: it needs {fp.total / GiB:.1f} GiB (weights + KV cache) and the devices give "
                 f"{sum(caps.values()) / GiB:.1f} GiB less {ACTIVATION_RESERVE / GiB:.0f} GiB reserve per GPU; about "
@@ -125,6 +130,6 @@ def check_fits(fp: Footprint, plan_prefixes: dict[str, str], caps: dict[str, int
     use[dev] = use.get(dev, 0) + fp.head
     for dev, need in use.items():
         cap = caps.get(dev)
-        if cap is not None and need + (ACTIVATION_RESERVE if dev.startswith("cuda") else 0) > cap:
+        if cap is not None and need + reserve(dev) > cap:
             raise TalisError(f"{source}: {dev} would need {need / GiB:.1f} GiB plus {ACTIVATION_RESERVE / GiB:.0f} GiB reserve "
                              f"but has {cap / GiB:.1f} GiB; move layers to another device or lower --max-seq-len")

@@ -73,12 +73,8 @@ def plan_devices(raw: dict, n_layers: int, source: str = "device map", footprint
                  max_memory: dict[str, int] | None = None) -> DevicePlan:
     """Turn a raw map (either form) into a DevicePlan for a model of `n_layers` layers, checking that the devices
     exist and, when the model's footprint is known, that its parts fit the capacities."""
-    if raw.get("device") == "auto" and footprint is not None:
-        caps = max_memory or available_memory()
-        _check_available(DevicePlan({d: d for d in caps}), "--max-memory")
-        return DevicePlan(plan_by_capacity(footprint, caps))
-    if "gpu_split" in raw and footprint is not None:
-        caps = {f"cuda:{i}": int(gb * GiB) for i, gb in enumerate(_gpu_split(raw["gpu_split"], source))}
+    caps = _capacities(raw, source, max_memory) if footprint is not None else None
+    if caps is not None:
         _check_available(DevicePlan({d: d for d in caps}), source)
         return DevicePlan(plan_by_capacity(footprint, caps))
     plan = _plan_from_map(raw, n_layers, source)
@@ -86,6 +82,15 @@ def plan_devices(raw: dict, n_layers: int, source: str = "device map", footprint
     if footprint is not None and max_memory:
         check_fits(footprint, {k: plan.device_for(k) for k in _parts(n_layers)}, max_memory, source)
     return plan
+
+
+def _capacities(raw: dict, source: str, max_memory: dict[str, int] | None) -> dict[str, int] | None:
+    """Bytes each device may hold, for the maps planned by capacity ("auto", "gpu_split"); None for the others."""
+    if raw.get("device") == "auto":
+        return max_memory or available_memory()
+    if "gpu_split" in raw:
+        return {f"cuda:{i}": int(gb * GiB) for i, gb in enumerate(_gpu_split(raw["gpu_split"], source))}
+    return None
 
 
 def _parts(n_layers: int) -> list[str]:
