@@ -118,6 +118,11 @@ def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-in_features // group_size)
 
 
+def unpack_zeros(qzeros: torch.Tensor, bits: int, cols: int, zero_offset: int) -> torch.Tensor:
+    """The zero points themselves, int32 [G, cols]: stored values plus the format's offset."""
+    return unpack_cols(qzeros, bits, cols) + zero_offset
+
+
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                bits: int, zero_offset: int) -> torch.Tensor:
     """The reference dequantization: float weights [K, N] (input rows, output columns) in scales' dtype.
@@ -128,6 +133,6 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     """
     rows, cols = g_idx.shape[0], scales.shape[1]
     q = unpack_rows(qweight, bits, rows)
-    zeros = unpack_cols(qzeros, bits, cols) + zero_offset
+    zeros = unpack_zeros(qzeros, bits, cols, zero_offset)
     groups = g_idx.long()
     return scales[groups] * (q - zeros[groups]).to(scales.dtype)

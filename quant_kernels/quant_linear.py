@@ -110,7 +110,7 @@ class TorchBackend:
     block_elements = 1 << 22
 
     def prepare(self, layer: QuantLinear) -> dict:
-        zeros = gptq_format.unpack_cols(layer.qzeros, layer.bits, layer.out_features) + layer.zero_offset
+        zeros = gptq_format.unpack_zeros(layer.qzeros, layer.bits, layer.out_features, layer.zero_offset)
         rows = max(32, self.block_elements // max(layer.out_features, 1) // 32 * 32)  # a multiple of 32: word-aligned
         return {"zeros": zeros.to(layer.scales.dtype), "groups": layer.g_idx.long(), "block_rows": rows}
 

@@ -84,7 +84,7 @@ def prepare_weight(layer: QuantLinear) -> PreparedWeight:
     if perm is not None:
         rows = gptq_format.unpack_rows(qweight, layer.bits, layer.in_features)
         qweight = gptq_format.pack_rows(rows[perm.long()], layer.bits)
-    zeros = gptq_format.unpack_cols(layer.qzeros, layer.bits, layer.out_features) + layer.zero_offset
+    zeros = gptq_format.unpack_zeros(layer.qzeros, layer.bits, layer.out_features, layer.zero_offset)
     return PreparedWeight(qweight, fp16_pairs(layer.scales, zeros.half()), perm, layer.bits, group_shift)
 
 
