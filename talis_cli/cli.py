@@ -154,7 +154,7 @@ def collect_prompts(prompt: Optional[str], each_line: bool) -> list[str]:
 @with_option_groups
 def generate(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (after stdin's, if both).")] = None,
-    each_line: Annotated[bool, typer.Option("--each-line", help="Each stdin line is its own prompt; batched.")] = False,
+    each_line: Annotated[bool, typer.Option("--each-line", help="Each stdin line is its own prompt, batched; each result is written on one line (newlines become spaces; --json keeps them).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per batch with --each-line.", min=1)] = 8,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt (implies --chat).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the chat template.")] = False,
@@ -182,7 +182,7 @@ def generate(
     ids = [prompt_ids for prompt_ids, _ in encoded]
     config = with_stops(config, [stop for _, stops in encoded for stop in stops])
 
-    writer = JsonLinesWriter(prompts, ids) if json_lines else StreamWriter(len(prompts))
+    writer = JsonLinesWriter(prompts, ids) if json_lines else StreamWriter(len(prompts), one_line=each_line)
     totals = run_batches(engine, ids, config, batch_size if each_line else 1, writer)
     if stats:
         print_stats_block(totals, load_s=loaded - launched, total_s=time.perf_counter() - launched)
@@ -220,19 +220,25 @@ def _write_out(text: str) -> None:
         raise SystemExit(0) from None
 
 
-class StreamWriter:
-    """Writes each prompt's text in prompt order: the earliest unfinished prompt streams live, later ones wait."""
+LINE_BREAKS_TO_SPACES = str.maketrans("\r\n", "  ")
 
-    def __init__(self, count: int):
+
+class StreamWriter:
+    """Writes each prompt's text in prompt order: the earliest unfinished prompt streams live, later ones wait.
+    With `one_line`, a result's own line breaks become spaces, so line N of the output answers prompt N."""
+
+    def __init__(self, count: int, one_line: bool = False):
         self.pending = [""] * count  # text of prompts that are not at the head yet
         self.finished = [False] * count
         self.head = 0
+        self.one_line = one_line
 
     def add(self, index: int, event) -> None:
+        text = event.text.translate(LINE_BREAKS_TO_SPACES) if self.one_line else event.text
         if index == self.head:
-            _write_out(event.text)
+            _write_out(text)
         else:
-            self.pending[index] += event.text
+            self.pending[index] += text
         if event.finish_reason is not None:
             self._finish([index])
 
