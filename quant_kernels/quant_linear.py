@@ -3,6 +3,8 @@
 A backend is a class with `prepare(layer) -> state` (run once per layer, after its tensors are in place) and
 `forward(layer, state, x2d) -> y2d`. Backends register by name; another module adds one with
 `register_backend("name", MyBackend)` and layers switch to it with `layer.set_backend("name")`.
+A backend whose state holds the whole weight in a layout of its own may say so with `self_contained(state)`;
+`set_backend(name, keep_source=False)` then frees the layer's GPTQ tensors (one copy of the weight less).
 """
 
 import torch
@@ -46,6 +48,7 @@ class QuantLinear(nn.Module):
         self.backend_name = "torch"
         self._backend = None
         self._state = None  # the backend's per-layer state; rebuilt whenever the tensors change
+        self.source_released = False  # the GPTQ tensors were freed: only the backend's state holds the weight
 
     @classmethod
     def from_quantized(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
@@ -65,13 +68,27 @@ class QuantLinear(nn.Module):
             setattr(layer, name, tensor)
         return layer
 
-    def set_backend(self, name: str) -> None:
-        """Compute with backend `name` from now on; its `prepare` runs now (or at the first forward on meta)."""
+    def set_backend(self, name: str, keep_source: bool = True) -> None:
+        """Compute with backend `name` from now on; its `prepare` runs now (or at the first forward on meta).
+
+        keep_source=False frees qweight, qzeros and scales when the backend's state no longer needs them; the layer
+        can then not change backend, device or dtype again (reload the model for that).
+        """
         if name not in _BACKENDS:
             raise ValueError(f"unknown QuantLinear backend {name!r}; available: {', '.join(available_backends())}")
+        self._check_source()
         self.backend_name, self._backend, self._state = name, _BACKENDS[name](), None
         if self.qweight.device.type != "meta":
             self._state = self._backend.prepare(self)
+            if not keep_source and getattr(self._backend, "self_contained", lambda state: False)(self._state):
+                for buffer in ("qweight", "qzeros", "scales"):
+                    setattr(self, buffer, getattr(self, buffer).new_empty(0))
+                self.source_released = True
+
+    def _check_source(self) -> None:
+        if self.source_released:
+            raise RuntimeError("this QuantLinear handed its GPTQ tensors to its backend at load; reload the model "
+                               "to change its backend, device or dtype")
 
     def _apply(self, fn, *args, **kwargs):
         self._state = None  # moving or casting tensors makes prepared state stale
@@ -86,12 +103,14 @@ class QuantLinear(nn.Module):
         if self._backend is None:
             self._backend = _BACKENDS[self.backend_name]()
         if self._state is None:
+            self._check_source()
             self._state = self._backend.prepare(self)
         y = self._backend.forward(self, self._state, x.reshape(-1, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight [out_features, in_features] (nn.Linear orientation) in the scales' dtype."""
+        self._check_source()
         return gptq_format.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                       self.zero_offset).t()
 

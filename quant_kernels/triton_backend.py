@@ -4,10 +4,12 @@
 - scales and zero points become one int32 word per group and column: the fp16 scale in the low half, the fp16
   full zero point (stored zero + offset, an exact small integer) in the high half. The kernels read it with the
   same wide loads as qweight and do no bit work per weight word for it.
-- act-order: input rows are sorted by group once (qweight repacked, the permutation kept), so each group's
-  scales are read in one run; at run time the kernels read x through the permutation. The layer's own tensors
-  stay as loaded (files on disk are standard GPTQ); the state holds the reordered copy of `qweight`, so an
-  act-order layer keeps two copies of its words while the original stays registered.
+- qweight is repacked so that rows 2p and 2p+1 of each word share one shift (`triton_gemv.word_slot`): the GEMV
+  then unpacks two values per instruction.
+- act-order: input rows are sorted by group once (the permutation kept), so each group's scales are read in one
+  run; at run time the kernels read x through the permutation. The layer's own tensors stay as loaded (files on
+  disk are standard GPTQ); the state holds the repacked copy of `qweight`, so a layer keeps two copies of its
+  words while the original stays registered.
 - anything the kernels do not cover (3-bit words, rows of a group not contiguous after sorting, K not a whole
   number of words, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
@@ -24,7 +26,7 @@ from . import gptq_format
 from .autotune_cache import interpreting
 from .quant_linear import QuantLinear, TorchBackend, register_backend
 from .triton_gemm import dequantize_into
-from .triton_gemv import MAX_ROWS, Workspace, gemv_workspace_size, quant_gemv
+from .triton_gemv import MAX_ROWS, Workspace, gemv_workspace_size, quant_gemv, word_slot
 
 TRITON_BITS = (2, 4, 8)  # whole values per int32 word; 3-bit values straddle words
 
@@ -80,12 +82,21 @@ def prepare_weight(layer: QuantLinear) -> PreparedWeight:
     # One group of 2**31 rows stands for group_size -1: every row index shifts down to group 0.
     group_shift = 31 if layer.group_size == -1 else layer.group_size.bit_length() - 1
     perm = group_order(layer.g_idx, 1 << group_shift)
-    qweight = layer.qweight
+    rows = gptq_format.unpack_rows(layer.qweight, layer.bits, layer.in_features)
     if perm is not None:
-        rows = gptq_format.unpack_rows(qweight, layer.bits, layer.in_features)
-        qweight = gptq_format.pack_rows(rows[perm.long()], layer.bits)
+        rows = rows[perm.long()]
+    qweight = gptq_format.pack_rows(rows[kernel_row_order(layer.in_features, layer.bits)], layer.bits)
     zeros = gptq_format.unpack_zeros(layer.qzeros, layer.bits, layer.out_features, layer.zero_offset)
     return PreparedWeight(qweight, fp16_pairs(layer.scales, zeros.half()), perm, layer.bits, group_shift)
+
+
+def kernel_row_order(rows: int, bits: int) -> torch.Tensor:
+    """Row index to pack at each position so that word slot s holds the row `triton_gemv.word_slot` puts there."""
+    per_word = 32 // bits
+    slot_row = [0] * per_word
+    for row in range(per_word):
+        slot_row[word_slot(row, bits)] = row
+    return (torch.arange(0, rows, per_word)[:, None] + torch.tensor(slot_row)).flatten()
 
 
 def fp16_pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -134,6 +145,11 @@ class TritonBackend:
         if layer.qweight.device.type == "cuda":
             Workspace.reserve(layer.qweight.device, *gemv_workspace_size(layer.out_features))
         return weight
+
+    @staticmethod
+    def self_contained(state) -> bool:
+        """Whether `state` needs none of the layer's GPTQ tensors (only its bias)."""
+        return isinstance(state, PreparedWeight)
 
     def forward(self, layer: QuantLinear, state, x2d: torch.Tensor) -> torch.Tensor:
         """x2d: [M, in] -> [M, out] in x2d's dtype."""

@@ -25,7 +25,8 @@ def _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_
     mask = mask_k[:, None] & mask_n[None, :]
     # Each word is loaded by the PER_WORD rows it holds; the repeats hit L1.
     packed = tl.load(qweight_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    q = (packed >> ((offs_k % PER_WORD) * BITS)[:, None]) & MASK
+    row = offs_k % PER_WORD  # at slot triton_gemv.word_slot(row, BITS)
+    q = (packed >> (((row % 2) * (PER_WORD // 2) + row // 2) * BITS)[:, None]) & MASK
     group_rows = (offs_k >> group_shift)[:, None] * N + offs_n[None, :]
     scale, zero = _unpack_scale_zero(tl.load(scale_zero_ptr + group_rows, mask=mask, other=0))
     return (q.to(tl.float32) - zero) * scale

@@ -7,8 +7,16 @@ sums meet in a shared fp32 workspace through atomic adds; the last program to fi
 an atomic ticket) writes the output and zeroes its workspace slice and ticket again, so one launch does the whole
 job and the workspace is always clean for the next call (launches on one stream must not overlap).
 
-Unpacking avoids the slow int->float conversion unit: a `bits`-wide value OR-ed into the mantissa of 2**23 is the
-float 2**23 + q, and one subtraction gives q exactly (see the kernel for the zero point folded into it).
+The inner loop works on pairs of fp16 values packed in one 32-bit register (PTX f16x2), two weights per
+instruction: fp32 arithmetic per weight made the kernel instruction bound at ~6 instructions per weight.
+- Words are repacked at load (triton_backend.prepare_weight) so that rows 2p and 2p+1 of a word sit at bit
+  offsets BITS*p and 16 + BITS*p: one shift and one mask give both, each in the low bits of one 16-bit half.
+- OR-ing 0x6400 (fp16 1024.0) into a half whose low bits hold q gives the fp16 1024 + q exactly; one f16x2
+  fused multiply-add by 2**-BITS minus (1024 + zero) * 2**-BITS leaves (q - zero) * 2**-BITS, also exact.
+  The factor 2**-BITS keeps |weight| <= 1 so that fp16 products and sums of large activations cannot overflow.
+- Products with the matching pair of activations accumulate in f16x2 for one word only (at most 16 products),
+  then go to fp32; the fp32 sum over a group is multiplied by scale * 2**BITS.
+Under TRITON_INTERPRET=1 (no GPU, no PTX) the same arithmetic runs in plain fp32 Triton operations.
 """
 import itertools
 
@@ -16,9 +24,35 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune_cache import Tuner
+from .autotune_cache import Tuner, interpreting
 
 MAX_ROWS = 8  # the GEMV serves up to this many rows; the backend sends more rows to dequantize + cuBLAS
+
+
+def word_slot(row: int, bits: int) -> int:
+    """Where row `row` (0 <= row < 32 / bits) of a word sits in the kernel layout, in units of `bits` bits:
+    rows 2p and 2p+1 at slots p and 16 / bits + p (bit offsets bits*p and 16 + bits*p)."""
+    return (row % 2) * (16 // bits) + row // 2
+
+
+def _pair_fma_asm(bits: int) -> str:
+    """PTX for acc2 += x2 * (q - zero) * 2**-bits on two fp16 lanes; operands: $0 acc2 out, $1 the word shifted so
+    the pair's values are in the low bits of each half, $2 -(1024 + zero) * 2**-bits in both halves, $3 the
+    activation pair, $4 acc2 in (all .b32)."""
+    mask = ((1 << bits) - 1) * 0x10001
+    step = {2: 0x3400, 4: 0x2C00, 8: 0x1C00}[bits] * 0x10001  # fp16 2**-bits in both halves
+    return (
+        "{ .reg .b32 t, s;\n"
+        f"lop3.b32 t, $1, {mask:#010x}, 0x64006400, 0xea;\n"  # (word & mask) | 0x6400 in each half: 1024 + q
+        f"mov.b32 s, {step:#010x};\n"
+        "fma.rn.f16x2 t, t, s, $2;\n"  # (1024 + q) * 2**-bits - (1024 + zero) * 2**-bits, exact
+        "fma.rn.f16x2 $0, t, $3, $4; }"
+    )
+
+
+# f16x2 -> the fp32 sum of its two lanes
+_PAIR_SUM_ASM = ("{ .reg .f16 lo, hi; .reg .f32 a, b;\n mov.b32 {lo, hi}, $1;\n"
+                 " cvt.f32.f16 a, lo;\n cvt.f32.f16 b, hi;\n add.f32 $0, a, b; }")
 
 
 @triton.jit
@@ -30,30 +64,83 @@ def _unpack_scale_zero(word):
 
 
 @triton.jit
+def _fp16_halves(pairs):
+    """fp32 (low, high) of int32 words holding two fp16 values."""
+    low = (pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    high = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def _x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask, stride_xm, p,
+            PER_WORD: tl.constexpr, HAS_PERM: tl.constexpr):
+    """int32 [BLOCK_M, BLOCK_KW, 1]: the fp16 activations of rows 2p and 2p+1 of each word (low, high half)."""
+    if HAS_PERM:
+        k = offs_kw * PER_WORD + 2 * p
+        low = tl.load(x16_ptr + offs_m * stride_xm + tl.load(perm_ptr + k, mask=mask, other=0), mask=mask, other=0)
+        high = tl.load(x16_ptr + offs_m * stride_xm + tl.load(perm_ptr + k + 1, mask=mask, other=0),
+                       mask=mask, other=0)
+        return (low.to(tl.int32) & 0xFFFF) | (high.to(tl.int32) << 16)
+    else:
+        return tl.load(x32_ptr + offs_m * (stride_xm // 2) + offs_kw * (PER_WORD // 2) + p, mask=mask, other=0)
+
+
+@triton.jit
+def _word_dot(packed, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm,
+              BITS: tl.constexpr, HAS_PERM: tl.constexpr, PAIR_FMA: tl.constexpr, PAIR_SUM: tl.constexpr,
+              EMULATE: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_KW, BLOCK_N]: sum over each word's rows of x * (q - zero) * 2**-BITS.
+
+    packed: int32 [1, BLOCK_KW, BLOCK_N] words in kernel layout (`word_slot`); zero: fp32 [1, 1, BLOCK_N].
+    """
+    PER_WORD: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    STEP: tl.constexpr = 1.0 / (1 << BITS)
+    if EMULATE:  # the interpreter runs no PTX: the same sum in fp32
+        dot = tl.zeros_like(zero * packed.to(tl.float32)) * tl.zeros_like(offs_m.to(tl.float32))
+        for p in tl.static_range(PER_WORD // 2):
+            x_low, x_high = _fp16_halves(_x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm, p,
+                                                 PER_WORD, HAS_PERM))
+            halves = packed >> (BITS * p)
+            dot += x_low * (((halves & MASK).to(tl.float32) - zero) * STEP)
+            dot += x_high * ((((halves >> 16) & MASK).to(tl.float32) - zero) * STEP)
+        return dot
+    else:
+        neg_zero = (-(1024.0 + zero) * STEP).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        neg_zero = neg_zero | (neg_zero << 16)
+        acc2 = tl.zeros_like(packed) + tl.zeros_like(offs_m)  # fp16 +0.0 in both halves, [BLOCK_M, KW, N]
+        for p in tl.static_range(PER_WORD // 2):
+            x2 = _x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm, p, PER_WORD, HAS_PERM)
+            acc2 = tl.inline_asm_elementwise(PAIR_FMA, "=r,r,r,r,r", [packed >> (BITS * p), neg_zero, x2, acc2],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(PAIR_SUM, "=f,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _gemv_kernel(
-    x_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
+    x16_ptr, x32_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
     M, N, K, group_shift, split_k, stride_xm, stride_om,
     BITS: tl.constexpr, HAS_PERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIR_FMA: tl.constexpr, PAIR_SUM: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, perm[k]] * scale[g, n] * (q[k, n] - zero[g, n]), g = k >> group_shift.
 
-    x: [M, K_in] fp16/bf16/fp32, row stride stride_xm, unit column stride.
-    qweight: int32 [K * BITS / 32, N], 32 / BITS values of one column per word along K, least significant first.
+    x16 / x32: the same fp16 activations [M, K_in] viewed as int16 / int32, row stride stride_xm (in fp16
+    elements, even), unit column stride.
+    qweight: int32 [K * BITS / 32, N], 32 / BITS values of one column per word along K, row r of a word at slot
+    `word_slot(r, BITS)`.
     scale_zero: int32 [n_groups, N], the fp16 scale in the low half and the fp16 full zero point (stored zero +
     offset) in the high half: one word, in the same layout as qweight's, per group and column.
     perm: int32 [K] (only when HAS_PERM): row k of qweight multiplies input feature perm[k].
-    out: [M, N] in x's dtype, row stride stride_om. workspace: fp32 [>= M * N], zero on entry and exit.
+    out: [M, N] fp16/bf16/fp32, row stride stride_om. workspace: fp32 [>= M * N], zero on entry and exit.
     tickets: int32 [>= cdiv(N, BLOCK_N)], zero on entry and exit.
+    PAIR_FMA / PAIR_SUM: `_pair_fma_asm(BITS)` / `_PAIR_SUM_ASM` (unused when EMULATE).
     Assumes K % (32 / BITS) == 0, M <= BLOCK_M, and that a block of BLOCK_KW words lies in one group
     (BLOCK_KW * 32 / BITS divides 2**group_shift). Grid: (cdiv(N, BLOCK_N), split_k).
     Every tensor is 3-D [rows, words, columns] from the start so no value changes layout inside the loop.
     """
     PER_WORD: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    # Values whose bits lie below bit 23 fit in the mantissa of 2**23 where they are; the rest are brought down
-    # with one shift per word.
-    LOW_VALUES: tl.constexpr = (23 - BITS) // BITS + 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
 
@@ -73,26 +160,11 @@ def _gemv_kernel(
         offs_kw = kw0 + offs_w
         mask_kw = offs_kw < kw_end
         packed = tl.load(qweight_ptr + offs_kw * N + offs_n, mask=mask_kw & mask_n, other=0)
-        high = packed >> (LOW_VALUES * BITS)
         group_row = ((kw0 * PER_WORD) >> group_shift) * N
         scale, zero = _unpack_scale_zero(tl.load(scale_zero_ptr + group_row + offs_n, mask=mask_n, other=0))
-
-        dot = tl.zeros([BLOCK_M, BLOCK_KW, BLOCK_N], dtype=tl.float32)  # sum_j x_j * (q_j - zero)
-        for j in tl.static_range(PER_WORD):
-            k = offs_kw * PER_WORD + j
-            if HAS_PERM:
-                k = tl.load(perm_ptr + k, mask=mask_kw, other=0)
-            x_j = tl.load(x_ptr + offs_m * stride_xm + k, mask=mask_m & mask_kw, other=0.0).to(tl.float32)
-            # The value at bit `position` OR-ed into 2**23 is the float 2**23 + q_j * 2**position; subtracting
-            # 2**23 + zero * 2**position leaves (q_j - zero) * 2**position exactly, and x_j takes the 2**-position.
-            if j < LOW_VALUES:
-                biased = ((packed & (MASK << (BITS * j))) | 0x4B000000).to(tl.float32, bitcast=True)
-                dot += (x_j * (1.0 / (1 << (BITS * j)))) * (biased - (8388608.0 + zero * (1 << (BITS * j))))
-            else:
-                biased = ((high & (MASK << (BITS * (j - LOW_VALUES)))) | 0x4B000000).to(tl.float32, bitcast=True)
-                dot += (x_j * (1.0 / (1 << (BITS * (j - LOW_VALUES))))) * \
-                    (biased - (8388608.0 + zero * (1 << (BITS * (j - LOW_VALUES)))))
-        acc += scale * tl.sum(dot, axis=1, keep_dims=True)
+        dot = _word_dot(packed, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_m & mask_kw, stride_xm,
+                        BITS, HAS_PERM, PAIR_FMA, PAIR_SUM, EMULATE)
+        acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
 
     mask_out = mask_m & mask_n
     out_ptrs = out_ptr + offs_m * stride_om + offs_n
@@ -166,6 +238,8 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
                out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """y = x @ W for x [M, K] (M <= MAX_ROWS, unit column stride), W the GPTQ weight [K, N]; returns [M, N] in x.dtype.
 
+    The product runs in fp16 (x of another dtype is converted first; |x| must stay below the fp16 range).
+
     Tensors as in `_gemv_kernel`; groups hold 2**group_shift rows (at least one word).
     `out` ([M, N], unit column stride) receives the result if given. `config` forces one launch configuration
     (tests); otherwise the tuned one for this shape is used.
@@ -176,17 +250,26 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     assert x.stride(1) == 1 and k * bits == qweight.shape[0] * 32, "x must be [M, K] with unit column stride"
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # The kernel reads fp16 activations two at a time as int32 words: even row stride and offset.
+    x16 = x if x.dtype == torch.float16 else x.to(torch.float16)
+    if x16.stride(0) % 2 or x16.storage_offset() % 2:
+        x16 = x16.clone(memory_format=torch.contiguous_format)  # fresh storage: offset 0, stride K (even)
     workspace, tickets = Workspace.reserve(x.device, *gemv_workspace_size(n))
     block_m = triton.next_power_of_2(m)
     group_words = max(1, (1 << min(group_shift, 30)) * bits // 32)
+    emulate = interpreting()
+    pair_fma = "" if emulate else _pair_fma_asm(bits)
+    pair_sum = "" if emulate else _PAIR_SUM_ASM
 
     def launch(cfg: dict) -> None:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemv_kernel[grid](
-            x, qweight, scale_zero, perm if perm is not None else qweight, out, workspace, tickets,
-            m, n, k, group_shift, cfg["SPLIT_K"], x.stride(0), out.stride(0),
+            x16.view(torch.int16), x16.view(torch.int32), qweight, scale_zero,
+            perm if perm is not None else qweight, out, workspace, tickets,
+            m, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
             BITS=bits, HAS_PERM=perm is not None, BLOCK_M=block_m, BLOCK_KW=min(cfg["BLOCK_KW"], group_words),
-            BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, PAIR_SUM=pair_sum, EMULATE=emulate,
+            num_warps=cfg["num_warps"],
         )
 
     key = (block_m, n, k, bits, group_shift, perm is not None, str(x.dtype))

@@ -23,6 +23,7 @@ import triton.testing
 from torch import nn
 
 import quant_kernels.triton_backend  # noqa: F401  (registers the "triton" QuantLinear backend)
+from quant_kernels import gptq_format
 from quant_kernels.quant_linear import QuantLinear
 
 from .config import ModelArgs
@@ -141,7 +142,7 @@ def random_model(args: ModelArgs, kind: str, bits: int, group_size: int, act_ord
     def linear(k: int, n: int):
         if kind == "gptq":
             layer = random_quant_linear(k, n, bits, group_size, act_order, device)
-            layer.set_backend("triton")
+            layer.set_backend("triton", keep_source=False)
             return layer
         if kind == "int4":
             return TorchInt4Linear(k, n, group_size, device)
@@ -224,6 +225,12 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     return timing
 
 
+def gptq_bytes(layer: QuantLinear) -> int:
+    """Bytes of the layer's weight in the GPTQ format (qweight, fp16 scales, qzeros): what a GEMV must read."""
+    groups = gptq_format.num_groups(layer.in_features, layer.group_size)
+    return (layer.in_features * layer.bits + groups * (16 + layer.bits)) * layer.out_features // 8
+
+
 def gemv_table(model, bandwidth: float) -> list[dict]:
     """Each distinct quantized layer shape at batch 1: time (CUDA-graph replays over all layers of that shape,
     so the weights come from memory, not L2), achieved TB/s and % of copy bandwidth."""
@@ -234,12 +241,12 @@ def gemv_table(model, bandwidth: float) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for (k, n), layers in by_shape.items():
-            x = torch.randn(1, k, dtype=torch.float16, device=layers[0].qweight.device)
+            x = torch.randn(1, k, dtype=torch.float16, device=layers[0].g_idx.device)
             for layer in layers:
                 layer(x)  # tunes and prepares outside the graph
             seconds = triton.testing.do_bench_cudagraph(lambda: [layer(x) for layer in layers]) / 1e3 / len(layers)
             layer = layers[0]
-            moved = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.qzeros)) + 2 * (k + n)
+            moved = gptq_bytes(layer) + 2 * (k + n)
             rows.append(dict(shape=f"{k}x{n}", count=len(layers), us=seconds * 1e6, tbps=moved / seconds / 1e12,
                              pct_copy=100 * moved / seconds / bandwidth))
     return rows

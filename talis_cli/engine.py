@@ -73,10 +73,14 @@ class Engine:
         request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
         tokenizer = load_tokenizer(model_dir)  # before the weights: a broken folder fails fast
         loaded = loader.load(progress)
+        if request.plan.uses_cuda:  # fused q/k/v and gate/up: one launch each at decode
+            from quant_kernels.fuse import fuse_model
+
+            fuse_model(loaded.model)
         backend = choose_backend(settings.backend, loaded.model, request.plan)
         loaded.model.setup_cache(1, max_seq_len)
         engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, time.perf_counter() - t0, backend)
-        if request.plan.uses_cuda:  # fused projections and the CUDA-graph decode step
+        if request.plan.uses_cuda:  # the CUDA-graph decode step
             from .fast_decode import accelerate
 
             accelerate(engine.model, engine.generator)
@@ -148,7 +152,7 @@ def choose_backend(requested: str, model, plan) -> str:
     if name not in available_backends():
         raise UsageError(f"backend {name!r} is not available here; available: {', '.join(available_backends())}")
     for m in layers:
-        m.set_backend(name)
+        m.set_backend(name, keep_source=False)  # a backend with its own copy of the weight frees the GPTQ one
     return name
 
 

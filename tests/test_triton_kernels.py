@@ -150,6 +150,24 @@ def test_backend_matches_torch_backend(rows, bits, act_order):
         assert relative_error(out[0], reference(layer, x[0])) < TOLERANCE
 
 
+@pytest.mark.parametrize("bits", [4, 3])
+def test_released_source_frees_gptq_tensors_only_when_the_backend_holds_the_weight(bits):
+    layer = random_layer(256, 64, bits, 64, act_order=True, seed=bits)
+    x = random_x(3, 256, seed=5)
+    expected = reference(layer, x)
+    layer.set_backend("triton", keep_source=False)
+    assert layer.source_released == (bits != 3)  # the 3-bit fallback still reads the GPTQ tensors
+    assert relative_error(layer(x), expected) < TOLERANCE
+    if bits == 3:
+        return
+    assert layer.qweight.numel() == layer.qzeros.numel() == layer.scales.numel() == 0
+    with pytest.raises(RuntimeError, match="reload the model"):
+        layer.set_backend("torch")
+    layer.to(DEVICE)  # moving drops the prepared state, which cannot be rebuilt now
+    with pytest.raises(RuntimeError, match="reload the model"):
+        layer(x)
+
+
 def test_unequal_groups_fall_back_to_torch():
     layer = random_layer(64, 32, 4, 32, act_order=False)
     layer.g_idx = torch.cat([torch.zeros(40), torch.ones(24)]).int().to(DEVICE)
