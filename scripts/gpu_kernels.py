@@ -6,8 +6,8 @@
    int4 kernel (`_weight_int4pack_mm`), the few-row GEMV, and prefill (fused GEMM vs dequantize + cuBLAS);
 4. prints one table (us, TB/s, % of copy bandwidth, TFLOP/s for prefill) and writes it as JSON.
 
-Times are medians of triton.testing.do_bench (L2 flushed before each call) while rotating over weight copies
-larger than L2 together. Usage on the device machine:
+Times come from `autotune_cache.graph_time_us`: launches captured in a CUDA graph (no Python launch overhead),
+L2 emptied before each, while rotating over weight copies larger than L2 together. Usage on the device machine:
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 scripts/gpu_kernels.py [--skip-tests] [--shapes 7B,65B] [--json FILE]
 """
 import argparse
@@ -20,6 +20,7 @@ import torch
 import triton
 
 from quant_kernels import gptq_format
+from quant_kernels.autotune_cache import graph_time_us
 from quant_kernels.quant_linear import QuantLinear
 from quant_kernels.triton_backend import prepare_weight
 from quant_kernels.triton_gemm import dequantize_into, quant_gemm
@@ -34,7 +35,8 @@ def linear_shapes(dim: int, ffn: int) -> list[tuple[str, int, int]]:
 
 
 def median_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    fn()  # compile, tune and allocate before capture
+    return graph_time_us(fn)
 
 
 def rotating(make, bytes_each: int):
