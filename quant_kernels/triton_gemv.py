@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import Tuner, interpreting
+from .pdl import allow_next_kernel, pdl_args, wait_for_previous_kernel
 
 MAX_ROWS = 8  # the GEMV serves up to this many rows; the backend sends more rows to dequantize + cuBLAS
 
@@ -117,12 +118,24 @@ def _word_dot(packed, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x,
 
 
 @triton.jit
+def _load_block(qweight_ptr, scale_zero_ptr, kw0, kw_end, offs_w, offs_n, mask_n, N, group_shift,
+                PER_WORD: tl.constexpr):
+    """The words [1, BLOCK_KW, BLOCK_N] from word row kw0 (zeros past kw_end) and their group's scale/zero words
+    [1, 1, BLOCK_N] (past kw_end: those of the last row, a harmless valid read)."""
+    offs_kw = kw0 + offs_w
+    packed = tl.load(qweight_ptr + offs_kw * N + offs_n, mask=(offs_kw < kw_end) & mask_n, other=0)
+    group_row = ((tl.minimum(kw0, kw_end - 1) * PER_WORD) >> group_shift) * N
+    scale_zero = tl.load(scale_zero_ptr + group_row + offs_n, mask=mask_n, other=0)
+    return packed, scale_zero
+
+
+@triton.jit
 def _gemv_kernel(
     x16_ptr, x32_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
     M, N, K, group_shift, split_k, stride_xm, stride_om,
     BITS: tl.constexpr, HAS_PERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAIR_FMA: tl.constexpr, PAIR_SUM: tl.constexpr, EMULATE: tl.constexpr,
+    PAIR_FMA: tl.constexpr, PAIR_SUM: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, perm[k]] * scale[g, n] * (q[k, n] - zero[g, n]), g = k >> group_shift.
 
@@ -135,7 +148,7 @@ def _gemv_kernel(
     perm: int32 [K] (only when HAS_PERM): row k of qweight multiplies input feature perm[k].
     out: [M, N] fp16/bf16/fp32, row stride stride_om. workspace: fp32 [>= M * N], zero on entry and exit.
     tickets: int32 [>= cdiv(N, BLOCK_N)], zero on entry and exit.
-    PAIR_FMA / PAIR_SUM: `_pair_fma_asm(BITS)` / `_PAIR_SUM_ASM` (unused when EMULATE).
+    PAIR_FMA / PAIR_SUM: `_pair_fma_asm(BITS)` / `_PAIR_SUM_ASM` (unused when EMULATE). PDL: see quant_kernels.pdl.
     Assumes K % (32 / BITS) == 0, M <= BLOCK_M, and that a block of BLOCK_KW words lies in one group
     (BLOCK_KW * 32 / BITS divides 2**group_shift). Grid: (cdiv(N, BLOCK_N), split_k).
     Every tensor is 3-D [rows, words, columns] from the start so no value changes layout inside the loop.
@@ -155,16 +168,21 @@ def _gemv_kernel(
     kw_begin = pid_k * words_per_split
     kw_end = tl.minimum(kw_begin + words_per_split, words)
 
+    allow_next_kernel(PDL)
+    # Software pipeline: the words and scales of block i+1 are in flight while block i is computed; block 0 is
+    # loaded before waiting for the kernel that writes x (weights are never written while decoding).
+    packed, scale_zero = _load_block(qweight_ptr, scale_zero_ptr, kw_begin, kw_end, offs_w, offs_n, mask_n, N,
+                                     group_shift, PER_WORD)
+    wait_for_previous_kernel(PDL)
     acc = tl.zeros([BLOCK_M, 1, BLOCK_N], dtype=tl.float32)
     for kw0 in range(kw_begin, kw_end, BLOCK_KW):
-        offs_kw = kw0 + offs_w
-        mask_kw = offs_kw < kw_end
-        packed = tl.load(qweight_ptr + offs_kw * N + offs_n, mask=mask_kw & mask_n, other=0)
-        group_row = ((kw0 * PER_WORD) >> group_shift) * N
-        scale, zero = _unpack_scale_zero(tl.load(scale_zero_ptr + group_row + offs_n, mask=mask_n, other=0))
-        dot = _word_dot(packed, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_m & mask_kw, stride_xm,
-                        BITS, HAS_PERM, PAIR_FMA, PAIR_SUM, EMULATE)
+        next_packed, next_scale_zero = _load_block(qweight_ptr, scale_zero_ptr, kw0 + BLOCK_KW, kw_end, offs_w,
+                                                   offs_n, mask_n, N, group_shift, PER_WORD)
+        scale, zero = _unpack_scale_zero(scale_zero)
+        dot = _word_dot(packed, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, kw0 + offs_w,
+                        mask_m & (kw0 + offs_w < kw_end), stride_xm, BITS, HAS_PERM, PAIR_FMA, PAIR_SUM, EMULATE)
         acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
+        packed, scale_zero = next_packed, next_scale_zero
 
     mask_out = mask_m & mask_n
     out_ptrs = out_ptr + offs_m * stride_om + offs_n
@@ -269,7 +287,7 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
             m, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
             BITS=bits, HAS_PERM=perm is not None, BLOCK_M=block_m, BLOCK_KW=min(cfg["BLOCK_KW"], group_words),
             BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, PAIR_SUM=pair_sum, EMULATE=emulate,
-            num_warps=cfg["num_warps"],
+            num_warps=cfg["num_warps"], **pdl_args(x.device),
         )
 
     key = (block_m, n, k, bits, group_shift, perm is not None, str(x.dtype))

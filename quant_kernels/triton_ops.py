@@ -9,20 +9,25 @@
 
 Rounding follows the eager model (talis_cli.model) step by step in the model dtype, so greedy tokens match.
 Every function takes [B, features] rows (B the batch, one token each); tensors on CUDA, or on CPU under
-TRITON_INTERPRET=1.
+TRITON_INTERPRET=1. On Hopper they launch with programmatic dependent launch (quant_kernels.pdl).
 """
 import torch
 import triton
 import triton.language as tl
 
+from .pdl import allow_next_kernel, pdl_args, wait_for_previous_kernel
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_r, stride_o,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[r] = w * to_dtype(h * rsqrt(mean(h^2) + eps)), h = x[r] (+ res[r], stored back into res[r])."""
+    allow_next_kernel(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    wait_for_previous_kernel(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RES:
         res = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
@@ -31,7 +36,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_r,
     xf = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
     normed = (xf * inv_rms).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -48,13 +52,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res = residual if residual is not None else x
     _rms_norm_kernel[(B,)](x, res, weight, out, N, eps, x.stride(0), res.stride(0), out.stride(0),
                            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N),
-                           num_warps=8 if N >= 4096 else 4)
+                           num_warps=8 if N >= 4096 else 4, **pdl_args(x.device))
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     """out[b, n] = to_dtype(silu(gate[b, n])) * up[b, n]; grid (B, cdiv(N, BLOCK))."""
+    allow_next_kernel(PDL)
+    wait_for_previous_kernel(PDL)
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -72,7 +79,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
         out = torch.empty((B, N), dtype=gate.dtype, device=gate.device)
     block = 1024
     _silu_mul_kernel[(B, triton.cdiv(N, block))](gate, up, out, N, gate.stride(0), up.stride(0), out.stride(0),
-                                                 BLOCK=block, num_warps=4)
+                                                 BLOCK=block, num_warps=4, **pdl_args(gate.device))
     return out
 
 
@@ -92,7 +99,7 @@ def _rotate(src, cos, sin, offs, HD: tl.constexpr):
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pad_ptr, k_cache_ptr, v_cache_ptr, part_ptr, tickets_ptr,
     out_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs, n_heads, group, chunk, scale,
-    SPLITS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPLITS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b, h, s): head h of row b over cache slots [s*chunk, (s+1)*chunk), one launch for the whole step.
 
@@ -107,16 +114,18 @@ def _decode_attention_kernel(
     slot int64 [1]; pad int64 [B]; caches [batch, kv_heads, max_seq_len, HD]; part fp32 [B, n_heads, SPLITS,
     HD + 2]; tickets int32 [B * n_heads], zero on entry and exit; out [B, n_heads*HD].
     """
+    allow_next_kernel(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     offs_d = tl.arange(0, HD)
-    slot = tl.load(slot_ptr).to(tl.int32)
+    slot = tl.load(slot_ptr).to(tl.int32)  # slot, pad and the tables are set before the step's first kernel
     pad = tl.load(pad_ptr + b).to(tl.int32)
     position = tl.maximum(slot - pad, 0)
     kv_h = h // group
     cos = tl.load(cos_ptr + position * HD + offs_d)
     sin = tl.load(sin_ptr + position * HD + offs_d)
+    wait_for_previous_kernel(PDL)
     q = _rotate(q_ptr + b * stride_q + h * HD, cos, sin, offs_d, HD)
     k_new = _rotate(k_ptr + b * stride_k + kv_h * HD, cos, sin, offs_d, HD)
     v_new = tl.load(v_ptr + b * stride_v + kv_h * HD + offs_d)
@@ -217,5 +226,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         q, k, v, cos, sin, slot, pad_lens, k_cache, v_cache, parts, _tickets(q.device, B * n_heads), out,
         q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5, SPLITS=splits, HD=hd, BLOCK_S=32, num_warps=4,
+        **pdl_args(q.device),
     )
     return out
