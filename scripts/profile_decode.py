@@ -1,0 +1,59 @@
+"""Where one decode step's time goes: CUDA kernels of the CUDA-graph decode step of a random model, by name.
+
+    PYTHONPATH=. python3 scripts/profile_decode.py [--shape 7B] [--ctx 256] [--steps 20]
+
+Prints, per kernel name, launches per step, GPU microseconds per step and share of the step, plus the wall time
+per step of plain replays. With programmatic dependent launch (quant_kernels.pdl) kernels overlap, so the kernel
+times may add up to more than the step.
+"""
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from talis_cli.bench import random_model, shape_args
+from talis_cli.fast_decode import CudaGraphDecoder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="7B")
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    opts = parser.parse_args()
+    device = torch.device("cuda")
+    args = shape_args(opts.shape, opts.ctx)
+    model = random_model(args, "gptq", 4, 128, False, device)
+    model.setup_cache(1, opts.ctx)
+    runner = CudaGraphDecoder(model)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    start = opts.ctx - opts.steps
+
+    def steps():
+        for pos in range(start, opts.ctx):
+            runner(token, pos).argmax(-1).tolist()
+
+    with torch.inference_mode():
+        steps()  # tunes and captures
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        steps()
+        wall_us = (time.perf_counter() - began) / opts.steps * 1e6
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            steps()
+    totals, counts = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time
+            counts[event.name] += 1
+    print(f"{opts.shape} ctx {opts.ctx}: {wall_us:.0f} us per step (wall, with a host read per token)")
+    print(f"{'us/step':>8} {'share':>6} {'n/step':>6}  kernel")
+    for name, us in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"{us / opts.steps:8.1f} {100 * us / opts.steps / wall_us:5.1f}% {counts[name] / opts.steps:6.1f}  "
+              f"{name[:90]}")
+
+
+if __name__ == "__main__":
+    main()
