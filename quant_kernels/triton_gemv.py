@@ -190,13 +190,14 @@ def _gemv_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
     else:
         partial_ptrs = workspace_ptr + offs_m * N + offs_n
-        tl.atomic_add(partial_ptrs, acc, mask=mask_out)
-        tl.debug_barrier()  # every thread's partial is in before the ticket is taken
-        ticket = tl.atomic_add(tickets_ptr + pid_n, 1)
+        # Relaxed adds need no round trip each; the barrier and the ticket's acq_rel order them before the
+        # ticket for the whole program, so the last program sees every partial.
+        tl.atomic_add(partial_ptrs, acc, mask=mask_out, sem="relaxed")
+        tl.debug_barrier()
+        ticket = tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel")
         if ticket == split_k - 1:
-            # Read through L2 with an atomic (no stale L1 line), then clean up for the next launch.
-            total = tl.atomic_add(partial_ptrs, tl.zeros_like(acc), mask=mask_out)
-            total = tl.where(mask_out, total, 0.0)  # masked lanes return nothing defined
+            # .cg reads through L2: the other programs' partials are not in this SM's L1.
+            total = tl.load(partial_ptrs, mask=mask_out, other=0.0, cache_modifier=".cg")
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask_out)
             tl.store(partial_ptrs, tl.zeros_like(acc), mask=mask_out)
             tl.store(tickets_ptr + pid_n, 0)
