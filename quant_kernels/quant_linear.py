@@ -108,6 +108,11 @@ class QuantLinear(nn.Module):
         y = self._backend.forward(self, self._state, x.reshape(-1, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    @property
+    def backend_state(self):
+        """The backend's per-layer state (None until prepared)."""
+        return self._state
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight [out_features, in_features] (nn.Linear orientation) in the scales' dtype."""
         self._check_source()

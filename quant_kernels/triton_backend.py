@@ -167,3 +167,20 @@ class TritonBackend:
 
 
 register_backend("triton", TritonBackend)
+
+
+def input_gather(module) -> torch.Tensor | None:
+    """For a QuantLinear running the Triton kernels with act-order: the permutation of its input features that
+    its kernels read (int32 [K]); None for any other module. A kernel producing the input can write it in this
+    order, and `forward_gathered` then saves the GEMV its per-element gather."""
+    state = module.backend_state if isinstance(module, QuantLinear) else None
+    return state.perm if isinstance(state, PreparedWeight) else None
+
+
+def forward_gathered(layer: QuantLinear, x_gathered: torch.Tensor) -> torch.Tensor:
+    """layer(x) for x_gathered = x[:, input_gather(layer)], [M, in] with M <= MAX_ROWS -> [M, out]."""
+    state = layer.backend_state
+    y = quant_gemv(x_gathered, state.qweight, state.scale_zero, None, state.bits, state.group_shift)
+    if layer.bias is not None:
+        y += layer.bias.to(y.dtype)
+    return y

@@ -19,9 +19,10 @@ from .pdl import allow_next_kernel, pdl_args, wait_for_previous_kernel
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_r, stride_o,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out[r] = w * to_dtype(h * rsqrt(mean(h^2) + eps)), h = x[r] (+ res[r], stored back into res[r])."""
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, gather_ptr, out_ptr, N, eps, stride_x, stride_r, stride_o,
+                     HAS_RES: tl.constexpr, HAS_GATHER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """out[r] = w * to_dtype(h * rsqrt(mean(h^2) + eps)), h = x[r] (+ res[r], stored back into res[r]);
+    with HAS_GATHER, out[r, j] is that value for feature gather[j]. One program per row."""
     allow_next_kernel(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -35,51 +36,68 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_r,
         tl.store(res_ptr + row * stride_r + offs, x, mask=mask)
     xf = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    if HAS_GATHER:  # the same values, read again in the consumer's order
+        src = tl.load(gather_ptr + offs, mask=mask, other=0)
+        w = tl.load(w_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            tl.debug_barrier()  # the residual sum stored above is visible to every thread of the program
+            x = tl.load(res_ptr + row * stride_r + src, mask=mask, other=0.0)
+        else:
+            x = tl.load(x_ptr + row * stride_x + src, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
     normed = (xf * inv_rms).to(x.dtype).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, gather: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, N] (unit column stride); weight [N]; residual [B, N] or None -> normalized [B, N] in weight's dtype.
 
     With `residual`, the norm is of residual + x, and that sum is written into `residual` (the residual stream).
-    `out` ([B, N], unit column stride) receives the result if given.
+    `out` ([B, N], unit column stride) receives the result if given. `gather` (int32 [N]) permutes the output's
+    features: column j holds feature gather[j] (the order an act-order GEMV reads, triton_backend.input_gather).
     """
     B, N = x.shape
     if out is None:
         out = torch.empty((B, N), dtype=weight.dtype, device=x.device)
     res = residual if residual is not None else x
-    _rms_norm_kernel[(B,)](x, res, weight, out, N, eps, x.stride(0), res.stride(0), out.stride(0),
-                           HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N),
+    _rms_norm_kernel[(B,)](x, res, weight, gather if gather is not None else weight, out, N, eps,
+                           x.stride(0), res.stride(0), out.stride(0),
+                           HAS_RES=residual is not None, HAS_GATHER=gather is not None,
+                           BLOCK=triton.next_power_of_2(N),
                            num_warps=8 if N >= 4096 else 4, **pdl_args(x.device))
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
-    """out[b, n] = to_dtype(silu(gate[b, n])) * up[b, n]; grid (B, cdiv(N, BLOCK))."""
+def _silu_mul_kernel(gate_ptr, up_ptr, gather_ptr, out_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
+                     HAS_GATHER: tl.constexpr, PDL: tl.constexpr):
+    """out[b, n] = to_dtype(silu(gate[b, src])) * up[b, src], src = gather[n] or n; grid (B, cdiv(N, BLOCK))."""
     allow_next_kernel(PDL)
-    wait_for_previous_kernel(PDL)
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    g = tl.load(gate_ptr + b * stride_g + offs, mask=mask, other=0.0)
-    u = tl.load(up_ptr + b * stride_u + offs, mask=mask, other=0.0)
+    src = tl.load(gather_ptr + offs, mask=mask, other=0) if HAS_GATHER else offs
+    wait_for_previous_kernel(PDL)
+    g = tl.load(gate_ptr + b * stride_g + src, mask=mask, other=0.0)
+    u = tl.load(up_ptr + b * stride_u + src, mask=mask, other=0.0)
     gf = g.to(tl.float32)
     silu = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
     tl.store(out_ptr + b * stride_o + offs, (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """gate, up [B, N] (unit column stride) -> silu(gate) * up [B, N] (into `out` if given)."""
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None,
+             gather: torch.Tensor | None = None) -> torch.Tensor:
+    """gate, up [B, N] (unit column stride) -> silu(gate) * up [B, N] (into `out` if given); `gather` (int32
+    [N]) permutes the output's features as in `rms_norm`."""
     B, N = gate.shape
     if out is None:
         out = torch.empty((B, N), dtype=gate.dtype, device=gate.device)
     block = 1024
-    _silu_mul_kernel[(B, triton.cdiv(N, block))](gate, up, out, N, gate.stride(0), up.stride(0), out.stride(0),
-                                                 BLOCK=block, num_warps=4, **pdl_args(gate.device))
+    _silu_mul_kernel[(B, triton.cdiv(N, block))](gate, up, gather if gather is not None else gate, out, N,
+                                                 gate.stride(0), up.stride(0), out.stride(0), BLOCK=block,
+                                                 HAS_GATHER=gather is not None, num_warps=4,
+                                                 **pdl_args(gate.device))
     return out
 
 

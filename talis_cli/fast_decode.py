@@ -15,6 +15,7 @@ import torch
 
 from quant_kernels import triton_ops as ops
 from quant_kernels.fuse import fuse_model
+from quant_kernels.triton_backend import forward_gathered, input_gather
 
 MIN_BUCKET = 128  # smallest attention capacity captured
 
@@ -38,23 +39,36 @@ class DecodeStep:
         self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         self.n_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
+    @staticmethod
+    def _norm_qkv(x, residual, layer):
+        """q, k, v of `layer` from its input norm of x (+ residual). An act-order q/k/v GEMV on the Triton kernels
+        gets its input from the norm already in the order it reads (triton_backend.input_gather)."""
+        attn, norm = layer.self_attn, layer.input_layernorm
+        gather = input_gather(attn.qkv_proj)
+        h = ops.rms_norm(x, norm.weight, norm.eps, residual, gather=gather)
+        return attn.project_qkv(h) if gather is None else attn.split_qkv(forward_gathered(attn.qkv_proj, h))
+
     def run(self, capacity: int) -> torch.Tensor:
         layers = self.model.model.layers
         x = self.model.model.embed_tokens(self.tokens)  # [B, dim]
         residual = x.clone()  # the residual stream, updated in place by each fused add + norm
-        h = ops.rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+        q, k, v = self._norm_qkv(x, None, layers[0])
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             cache = attn.kv_cache
-            q, k, v = attn.project_qkv(h)
             y = ops.decode_attention(q, k, v, self.cos, self.sin, self.slot, self.pad_lens, cache.k, cache.v,
                                      capacity, self.n_sms)  # [B, heads*hd]
             norm = layer.post_attention_layernorm
-            h = ops.rms_norm(attn.o_proj(y), norm.weight, norm.eps, residual)
-            gate, up = mlp.project_gate_up(h)
-            out = mlp.down_proj(ops.silu_mul(gate, up))
-            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.model.norm
-            h = ops.rms_norm(out, norm.weight, norm.eps, residual)
+            gather = input_gather(mlp.gate_up_proj)
+            h = ops.rms_norm(attn.o_proj(y), norm.weight, norm.eps, residual, gather=gather)
+            gate, up = mlp.project_gate_up(h) if gather is None else forward_gathered(mlp.gate_up_proj, h).chunk(2, -1)
+            gather = input_gather(mlp.down_proj)
+            act = ops.silu_mul(gate, up, gather=gather)
+            out = mlp.down_proj(act) if gather is None else forward_gathered(mlp.down_proj, act)
+            if i + 1 < len(layers):
+                q, k, v = self._norm_qkv(out, residual, layers[i + 1])
+        norm = self.model.model.norm
+        h = ops.rms_norm(out, norm.weight, norm.eps, residual)
         return self.model.lm_head(h).float()
 
 

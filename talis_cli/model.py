@@ -70,8 +70,12 @@ class Attention(nn.Module):
         """x [..., dim] -> q [..., heads*hd], k and v [..., kv_heads*hd]."""
         if self.qkv_proj is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.split_qkv(self.qkv_proj(x))
+
+    def split_qkv(self, qkv):
+        """The fused projection's output [..., (heads + 2*kv_heads)*hd] -> views q, k, v."""
         kv_out = self.n_kv_heads * self.head_dim
-        return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_out, kv_out], dim=-1)
+        return qkv.split([self.n_heads * self.head_dim, kv_out, kv_out], dim=-1)
 
     def forward(self, x, cos, sin, start_pos: int, mask):
         B, T, _ = x.shape  # batch, time, hidden

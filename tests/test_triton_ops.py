@@ -51,6 +51,27 @@ def test_silu_mul_matches_torch(dtype):
     assert rel_err(out, F.silu(gate) * up) < 1e-3
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gathered_outputs_are_the_plain_outputs_permuted_exactly(with_residual):
+    """rms_norm / silu_mul with `gather` write feature gather[j] into column j, bit for bit."""
+    gen = torch.Generator().manual_seed(11)
+    dim = 200
+    gather = torch.randperm(dim, generator=gen).to(torch.int32).to(DEVICE)
+    x = torch.randn(2, dim, generator=gen).half().to(DEVICE)
+    weight = (torch.rand(dim, generator=gen) + 0.5).half().to(DEVICE)
+    residual = torch.randn(2, dim, generator=gen).half().to(DEVICE)
+    res_plain, res_gathered = (residual.clone(), residual.clone()) if with_residual else (None, None)
+    plain = triton_ops.rms_norm(x, weight, 1e-5, res_plain)
+    gathered = triton_ops.rms_norm(x, weight, 1e-5, res_gathered, out=poisoned((2, dim), torch.float16),
+                                   gather=gather)
+    assert torch.equal(gathered, plain[:, gather.long()])
+    if with_residual:
+        assert torch.equal(res_gathered, res_plain)  # the residual stream stays in feature order
+    gate, up = x * 3, residual
+    act = triton_ops.silu_mul(gate, up, out=poisoned((2, dim), torch.float16), gather=gather)
+    assert torch.equal(act, triton_ops.silu_mul(gate, up)[:, gather.long()])
+
+
 def rotary_tables(max_seq_len: int, hd: int, dtype):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
     freqs = torch.arange(max_seq_len).float()[:, None] * inv_freq
