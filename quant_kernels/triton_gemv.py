@@ -204,14 +204,14 @@ def _gemv_kernel(
 
 
 def _fits(config: dict, key: tuple) -> bool:
-    """Pruner: every split gets at least one block of words; between half a program and 32 programs per SM;
-    bounded per-thread accumulators (BLOCK_M * BLOCK_KW * 4 registers)."""
-    block_m, n, k, bits = key[:4]
+    """Pruner (key: N, K, bits, ...; one row): every split gets at least one block of words; between half a
+    program and 32 programs per SM."""
+    n, k, bits = key[:3]
     if k * bits // 32 < config["SPLIT_K"] * config["BLOCK_KW"]:
         return False
     programs = triton.cdiv(n, config["BLOCK_N"]) * config["SPLIT_K"]
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
-    return sms // 2 <= programs <= 32 * sms and block_m * config["BLOCK_KW"] <= 16
+    return sms // 2 <= programs <= 32 * sms
 
 
 # One 16-byte load per thread and word row: BLOCK_N = 4 words x 32 threads x num_warps. Any other width makes
@@ -274,23 +274,26 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     if x16.stride(0) % 2 or x16.storage_offset() % 2:
         x16 = x16.clone(memory_format=torch.contiguous_format)  # fresh storage: offset 0, stride K (even)
     workspace, tickets = Workspace.reserve(x.device, *gemv_workspace_size(n))
-    block_m = triton.next_power_of_2(m)
     group_words = max(1, (1 << min(group_shift, 30)) * bits // 32)
     emulate = interpreting()
     pair_fma = "" if emulate else _pair_fma_asm(bits)
     pair_sum = "" if emulate else _PAIR_SUM_ASM
 
-    def launch(cfg: dict) -> None:
+    def launch(cfg: dict, rows: int = m) -> None:
+        rows_block = triton.next_power_of_2(rows)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemv_kernel[grid](
             x16.view(torch.int16), x16.view(torch.int32), qweight, scale_zero,
             perm if perm is not None else qweight, out, workspace, tickets,
-            m, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
-            BITS=bits, HAS_PERM=perm is not None, BLOCK_M=block_m, BLOCK_KW=min(cfg["BLOCK_KW"], group_words),
+            rows, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
+            BITS=bits, HAS_PERM=perm is not None, BLOCK_M=rows_block,
+            BLOCK_KW=min(cfg["BLOCK_KW"], group_words, 16 // rows_block),  # bounded accumulators per thread
             BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, PAIR_SUM=pair_sum, EMULATE=emulate,
             num_warps=cfg["num_warps"], **pdl_args(x.device),
         )
 
-    key = (block_m, n, k, bits, group_shift, perm is not None, str(x.dtype))
-    launch(config or GEMV_TUNER.pick(key, launch))
+    # Every row count uses the configuration tuned for one row (the decode step's, tuned when the model loads):
+    # tuning each row count apart stalled the first short prompt of a session by seconds per layer shape.
+    key = (n, k, bits, group_shift, perm is not None)
+    launch(config or GEMV_TUNER.pick(key, lambda cfg: launch(cfg, rows=1)))
     return out
