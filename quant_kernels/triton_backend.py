@@ -7,9 +7,10 @@
 - qweight is repacked so that rows 2p and 2p+1 of each word share one shift (`triton_gemv.word_slot`): the GEMV
   then unpacks two values per instruction.
 - act-order: input rows are sorted by group once (the permutation kept), so each group's scales are read in one
-  run; at run time the kernels read x through the permutation. The layer's own tensors stay as loaded (files on
-  disk are standard GPTQ); the state holds the repacked copy of `qweight`, so a layer keeps two copies of its
-  words while the original stays registered.
+  run; at run time the kernels read x through the permutation, or the producer of x writes it in that order
+  (`input_gather`, used by the decode step).
+The state is self-contained: `set_backend("triton", keep_source=False)` (what the engine does) frees the layer's
+GPTQ tensors, so the weight is held once; otherwise the layer keeps both copies.
 - anything the kernels do not cover (3-bit words, rows of a group not contiguous after sorting, K not a whole
   number of words, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 

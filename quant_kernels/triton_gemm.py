@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import Tuner, generated_configs
-from .triton_gemv import _unpack_scale_zero
+from .triton_gemv import _fp16_halves
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_
     row = offs_k % PER_WORD  # at slot triton_gemv.word_slot(row, BITS)
     q = (packed >> (((row % 2) * (PER_WORD // 2) + row // 2) * BITS)[:, None]) & MASK
     group_rows = (offs_k >> group_shift)[:, None] * N + offs_n[None, :]
-    scale, zero = _unpack_scale_zero(tl.load(scale_zero_ptr + group_rows, mask=mask, other=0))
+    scale, zero = _fp16_halves(tl.load(scale_zero_ptr + group_rows, mask=mask, other=0))
     return (q.to(tl.float32) - zero) * scale
 
 

@@ -57,16 +57,8 @@ _PAIR_SUM_ASM = ("{ .reg .f16 lo, hi; .reg .f32 a, b;\n mov.b32 {lo, hi}, $1;\n"
 
 
 @triton.jit
-def _unpack_scale_zero(word):
-    """fp32 (scale, zero) from int32 words holding two fp16 values (scale low, zero high)."""
-    scale = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    zero = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return scale, zero
-
-
-@triton.jit
 def _fp16_halves(pairs):
-    """fp32 (low, high) of int32 words holding two fp16 values."""
+    """fp32 (low, high) of int32 words holding two fp16 values (an activation pair; a scale and a zero point)."""
     low = (pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     high = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return low, high
@@ -178,7 +170,7 @@ def _gemv_kernel(
     for kw0 in range(kw_begin, kw_end, BLOCK_KW):
         next_packed, next_scale_zero = _load_block(qweight_ptr, scale_zero_ptr, kw0 + BLOCK_KW, kw_end, offs_w,
                                                    offs_n, mask_n, N, group_shift, PER_WORD)
-        scale, zero = _unpack_scale_zero(scale_zero)
+        scale, zero = _fp16_halves(scale_zero)
         dot = _word_dot(packed, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, kw0 + offs_w,
                         mask_m & (kw0 + offs_w < kw_end), stride_xm, BITS, HAS_PERM, PAIR_FMA, PAIR_SUM, EMULATE)
         acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
