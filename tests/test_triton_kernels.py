@@ -89,6 +89,23 @@ def test_gemv_matches_reference(rows, k, n, bits, group_size, act_order, split_k
     assert relative_error(out, reference(layer, x)) < TOLERANCE
 
 
+def test_every_row_count_uses_the_one_row_tuning(monkeypatch):
+    """A short prompt (2-8 rows) must not trigger tuning of its own: the decode step's one-row choice serves it."""
+    layer = random_layer(256, 64, 4, 128, act_order=False)
+    weight = prepare_weight(layer)
+    keys = []
+
+    def pick(key, launch):
+        keys.append(key)
+        return dict(BLOCK_N=64, BLOCK_KW=8, SPLIT_K=2, num_warps=4)
+
+    monkeypatch.setattr("quant_kernels.triton_gemv.GEMV_TUNER.pick", pick)
+    for rows in (1, 5):
+        x = random_x(rows, 256, seed=rows)
+        assert relative_error(quant_gemv(x, *weight.args()), reference(layer, x)) < TOLERANCE
+    assert len(keys) == 2 and keys[0] == keys[1]
+
+
 def test_gemv_split_k_leaves_workspace_clean():
     layer = random_layer(512, 128, 4, 32, act_order=False)
     weight = prepare_weight(layer)
