@@ -5,7 +5,8 @@ in registers and never writes fp16 weights anywhere. Each program owns BLOCK_N o
 (split-K), so even narrow layers launch enough programs to keep every SM's memory pipeline busy. Split-K partial
 sums meet in a shared fp32 workspace through atomic adds; the last program to finish a column block (counted by
 an atomic ticket) writes the output and zeroes its workspace slice and ticket again, so one launch does the whole
-job and the workspace is always clean for the next call (launches on one stream must not overlap).
+job and the workspace is always clean for the next call (with programmatic dependent launch a GEMV touches it only
+after the previous kernel has finished: see quant_kernels.pdl).
 
 The inner loop works on pairs of fp16 values packed in one 32-bit register (PTX f16x2), two weights per
 instruction: fp32 arithmetic per weight made the kernel instruction bound at ~6 instructions per weight.
