@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 
 def parameter_count(args) -> int:
     """Parameters of the model as trained (quantized linears counted as their float weights)."""
@@ -17,12 +19,32 @@ def kv_cache_bytes(args, context: int, batch: int = 1, dtype_bytes: int = 2) -> 
 
 
 def weight_bytes_in_memory(model) -> int:
+    """Bytes of the weights as loaded: parameters, buffers (not the KV cache) and what quantized layers' backends
+    hold beside them (the Triton backend's repacked words, which replace the GPTQ tensors; a dense copy)."""
+    tensors = list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith((".k", ".v"))]
+    for module in model.modules():
+        tensors += _tensors_in(getattr(module, "backend_state", None))
     seen, total = set(), 0
-    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith((".k", ".v"))]:
+    for t in tensors:
         if t is not None and id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+def _tensors_in(state) -> list:
+    """The tensors a backend state holds: itself, or inside its dataclass fields, dict values or sequence items."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        state = [getattr(state, f.name) for f in dataclasses.fields(state)]
+    elif isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in _tensors_in(item)]
+    return []
 
 
 def describe(engine) -> dict:

@@ -185,6 +185,20 @@ def test_released_source_frees_gptq_tensors_only_when_the_backend_holds_the_weig
         layer(x)
 
 
+def test_weight_bytes_count_what_the_backend_holds():
+    """`talis info` reports the weights as held: after the GPTQ tensors are freed, the backend's repacked copy."""
+    from talis_cli.model_info import weight_bytes_in_memory
+
+    layer = random_layer(256, 64, 4, 64, act_order=True)
+    nbytes = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    gptq = nbytes(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
+    layer.set_backend("torch_dense")
+    assert weight_bytes_in_memory(layer) == gptq + nbytes(layer.backend_state)  # the dense copy counts too
+    layer.set_backend("triton", keep_source=False)
+    state = layer.backend_state
+    assert weight_bytes_in_memory(layer) == nbytes(layer.g_idx, state.qweight, state.scale_zero, state.perm)
+
+
 def test_unequal_groups_fall_back_to_torch():
     layer = random_layer(64, 32, 4, 32, act_order=False)
     layer.g_idx = torch.cat([torch.zeros(40), torch.ones(24)]).int().to(DEVICE)
