@@ -178,6 +178,12 @@ def input_gather(module) -> torch.Tensor | None:
     return state.perm if isinstance(state, PreparedWeight) else None
 
 
+def input_scatter(module) -> torch.Tensor | None:
+    """The inverse of `input_gather(module)`: feature j goes to column input_scatter[j] (int32 [K]), or None."""
+    perm = input_gather(module)
+    return None if perm is None else torch.argsort(perm).to(torch.int32)
+
+
 def forward_gathered(layer: QuantLinear, x_gathered: torch.Tensor) -> torch.Tensor:
     """layer(x) for x_gathered = x[:, input_gather(layer)], [M, in] with M <= MAX_ROWS -> [M, out]."""
     state = layer.backend_state
@@ -185,3 +191,22 @@ def forward_gathered(layer: QuantLinear, x_gathered: torch.Tensor) -> torch.Tens
     if layer.bias is not None:
         y += layer.bias.to(y.dtype)
     return y
+
+
+def runs_swiglu(layer) -> bool:
+    """Whether `forward_swiglu` serves this layer: a QuantLinear on the Triton kernels, without bias."""
+    return (isinstance(layer, QuantLinear) and isinstance(layer.backend_state, PreparedWeight)
+            and layer.bias is None and layer.out_features % 2 == 0)
+
+
+def forward_swiglu(layer: QuantLinear, x: torch.Tensor, gathered: bool = False,
+                   scatter: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up [M, out / 2] from a fused gate/up layer whose output interleaves gate and up columns
+    (quant_kernels.fuse), in one GEMV launch (`runs_swiglu(layer)` must hold; M <= MAX_ROWS).
+
+    gathered: x is already in `input_gather(layer)` order. scatter: int32 [out / 2]; feature j is written to
+    column scatter[j] (pass `input_scatter(consumer)` to hand an act-order consumer its input in the order it
+    reads)."""
+    state = layer.backend_state
+    return quant_gemv(x, state.qweight, state.scale_zero, None if gathered else state.perm, state.bits,
+                      state.group_shift, swiglu=True, scatter=scatter)

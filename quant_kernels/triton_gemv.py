@@ -123,10 +123,36 @@ def _load_block(qweight_ptr, scale_zero_ptr, kw0, kw_end, offs_w, offs_n, mask_n
 
 
 @triton.jit
+def _store_output(out_ptr, scatter_ptr, sums, offs_m, mask_m, pid_n, N, stride_om,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr, HAS_SCATTER: tl.constexpr):
+    """Write the fp32 sums [BLOCK_M, 1, BLOCK_N] of columns pid_n * BLOCK_N... in the output dtype.
+
+    SWIGLU: columns 2j and 2j+1 are gate and up of feature j; output column j gets silu(gate) * up, rounded step
+    by step as the eager model rounds (the gate and up outputs, silu, the product). HAS_SCATTER: output column j
+    goes to scatter[j] (the order an act-order consumer reads)."""
+    y = tl.reshape(sums, [BLOCK_M, BLOCK_N]).to(out_ptr.dtype.element_ty)
+    rows = tl.reshape(offs_m, [BLOCK_M, 1])
+    row_mask = tl.reshape(mask_m, [BLOCK_M, 1])
+    if SWIGLU:
+        gate, up = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
+        gf = gate.to(tl.float32)
+        silu = (gf / (1.0 + tl.exp(-gf))).to(y.dtype)
+        y = (silu.to(tl.float32) * up.to(tl.float32)).to(y.dtype)
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)[None, :]
+        mask = row_mask & (cols < N // 2)
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        mask = row_mask & (cols < N)
+    if HAS_SCATTER:
+        cols = tl.load(scatter_ptr + cols, mask=mask, other=0)
+    tl.store(out_ptr + rows * stride_om + cols, y, mask=mask)
+
+
+@triton.jit
 def _gemv_kernel(
-    x16_ptr, x32_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
+    x16_ptr, x32_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, scatter_ptr, workspace_ptr, tickets_ptr,
     M, N, K, group_shift, split_k, stride_xm, stride_om,
-    BITS: tl.constexpr, HAS_PERM: tl.constexpr,
+    BITS: tl.constexpr, HAS_PERM: tl.constexpr, SWIGLU: tl.constexpr, HAS_SCATTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
     PAIR_FMA: tl.constexpr, PAIR_SUM: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -139,7 +165,9 @@ def _gemv_kernel(
     scale_zero: int32 [n_groups, N], the fp16 scale in the low half and the fp16 full zero point (stored zero +
     offset) in the high half: one word, in the same layout as qweight's, per group and column.
     perm: int32 [K] (only when HAS_PERM): row k of qweight multiplies input feature perm[k].
-    out: [M, N] fp16/bf16/fp32, row stride stride_om. workspace: fp32 [>= M * N], zero on entry and exit.
+    out: [M, N] fp16/bf16/fp32 ([M, N / 2] with SWIGLU), row stride stride_om; `_store_output` says what SWIGLU
+    and scatter (int32, one entry per output column, when HAS_SCATTER) do.
+    workspace: fp32 [>= M * N], zero on entry and exit.
     tickets: int32 [>= cdiv(N, BLOCK_N)], zero on entry and exit.
     PAIR_FMA / PAIR_SUM: `_pair_fma_asm(BITS)` / `_PAIR_SUM_ASM` (unused when EMULATE). PDL: see quant_kernels.pdl.
     Assumes K % (32 / BITS) == 0, M <= BLOCK_M, and that a block of BLOCK_KW words lies in one group
@@ -178,9 +206,9 @@ def _gemv_kernel(
         packed, scale_zero = next_packed, next_scale_zero
 
     mask_out = mask_m & mask_n
-    out_ptrs = out_ptr + offs_m * stride_om + offs_n
     if split_k == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+        _store_output(out_ptr, scatter_ptr, acc, offs_m, mask_m, pid_n, N, stride_om, BLOCK_M, BLOCK_N, SWIGLU,
+                      HAS_SCATTER)
     else:
         partial_ptrs = workspace_ptr + offs_m * N + offs_n
         # Relaxed adds need no round trip each; the barrier and the ticket's acq_rel order them before the
@@ -191,7 +219,8 @@ def _gemv_kernel(
         if ticket == split_k - 1:
             # .cg reads through L2: the other programs' partials are not in this SM's L1.
             total = tl.load(partial_ptrs, mask=mask_out, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask_out)
+            _store_output(out_ptr, scatter_ptr, total, offs_m, mask_m, pid_n, N, stride_om, BLOCK_M, BLOCK_N,
+                          SWIGLU, HAS_SCATTER)
             tl.store(partial_ptrs, tl.zeros_like(acc), mask=mask_out)
             tl.store(tickets_ptr + pid_n, 0)
 
@@ -247,7 +276,8 @@ def gemv_workspace_size(n: int) -> tuple[int, int]:
 
 def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
                perm: torch.Tensor | None, bits: int, group_shift: int,
-               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, config: dict | None = None,
+               swiglu: bool = False, scatter: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W for x [M, K] (M <= MAX_ROWS, unit column stride), W the GPTQ weight [K, N]; returns [M, N] in x.dtype.
 
     The product runs in fp16 (x of another dtype is converted first; |x| must stay below the fp16 range).
@@ -255,13 +285,16 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     Tensors as in `_gemv_kernel`; groups hold 2**group_shift rows (at least one word).
     `out` ([M, N], unit column stride) receives the result if given. `config` forces one launch configuration
     (tests); otherwise the tuned one for this shape is used.
+    swiglu: W's columns interleave gate and up (quant_kernels.fuse); the result is silu(gate) * up, [M, N / 2].
+    scatter: int32 [result columns]; result column j is written to column scatter[j] of `out`.
     """
     m, k = x.shape
     n = qweight.shape[1]
     assert m <= MAX_ROWS, f"quant_gemv serves at most {MAX_ROWS} rows, got {m}"
     assert x.stride(1) == 1 and k * bits == qweight.shape[0] * 32, "x must be [M, K] with unit column stride"
+    assert not swiglu or n % 2 == 0, "a SwiGLU GEMV needs gate and up columns in pairs"
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, n // 2 if swiglu else n), dtype=x.dtype, device=x.device)
     # The kernel reads fp16 activations two at a time as int32 words: even row stride and offset.
     x16 = x if x.dtype == torch.float16 else x.to(torch.float16)
     if x16.stride(0) % 2 or x16.storage_offset() % 2:
@@ -277,9 +310,9 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemv_kernel[grid](
             x16.view(torch.int16), x16.view(torch.int32), qweight, scale_zero,
-            perm if perm is not None else qweight, out, workspace, tickets,
-            rows, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
-            BITS=bits, HAS_PERM=perm is not None, BLOCK_M=rows_block,
+            perm if perm is not None else qweight, out, scatter if scatter is not None else qweight, workspace,
+            tickets, rows, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
+            BITS=bits, HAS_PERM=perm is not None, SWIGLU=swiglu, HAS_SCATTER=scatter is not None, BLOCK_M=rows_block,
             BLOCK_KW=min(cfg["BLOCK_KW"], group_words, 16 // rows_block),  # bounded accumulators per thread
             BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, PAIR_SUM=pair_sum, EMULATE=emulate,
             num_warps=cfg["num_warps"], **pdl_args(x.device),

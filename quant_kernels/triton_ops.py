@@ -1,7 +1,8 @@
 """Small fused Triton kernels for the decode step: each replaces several eager PyTorch launches.
 
 - `rms_norm`: optional residual add (written back in place) + RMSNorm + weight, one pass over the row.
-- `silu_mul`: silu(gate) * up.
+- `silu_mul`: silu(gate) * up (the decode step folds it into the gate/up GEMV where it can:
+  triton_backend.forward_swiglu).
 - `decode_attention`: the whole attention of one new token per row in one launch: rotary on q and k read straight
   from the projection output, k and v written into the static KV cache at the current slot, softmax over the
   filled slots split along the sequence (flash-decoding, so short batches still fill the GPU), the splits merged
@@ -70,8 +71,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, gather_ptr, out_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
-                     HAS_GATHER: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, gather_ptr, out_ptr, N, stride_g, stride_gc, stride_u, stride_uc, stride_o,
+                     BLOCK: tl.constexpr, HAS_GATHER: tl.constexpr, PDL: tl.constexpr):
     """out[b, n] = to_dtype(silu(gate[b, src])) * up[b, src], src = gather[n] or n; grid (B, cdiv(N, BLOCK))."""
     allow_next_kernel(PDL)
     b = tl.program_id(0)
@@ -79,8 +80,8 @@ def _silu_mul_kernel(gate_ptr, up_ptr, gather_ptr, out_ptr, N, stride_g, stride_
     mask = offs < N
     src = tl.load(gather_ptr + offs, mask=mask, other=0) if HAS_GATHER else offs
     wait_for_previous_kernel(PDL)
-    g = tl.load(gate_ptr + b * stride_g + src, mask=mask, other=0.0)
-    u = tl.load(up_ptr + b * stride_u + src, mask=mask, other=0.0)
+    g = tl.load(gate_ptr + b * stride_g + src * stride_gc, mask=mask, other=0.0)
+    u = tl.load(up_ptr + b * stride_u + src * stride_uc, mask=mask, other=0.0)
     gf = g.to(tl.float32)
     silu = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
     tl.store(out_ptr + b * stride_o + offs, (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
@@ -88,16 +89,17 @@ def _silu_mul_kernel(gate_ptr, up_ptr, gather_ptr, out_ptr, N, stride_g, stride_
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None,
              gather: torch.Tensor | None = None) -> torch.Tensor:
-    """gate, up [B, N] (unit column stride) -> silu(gate) * up [B, N] (into `out` if given); `gather` (int32
-    [N]) permutes the output's features as in `rms_norm`."""
+    """gate, up [B, N] (any strides, e.g. the interleaved halves of a fused gate/up output) -> silu(gate) * up
+    [B, N] (into `out`, unit column stride, if given); `gather` (int32 [N]) permutes the output's features as in
+    `rms_norm`."""
     B, N = gate.shape
     if out is None:
         out = torch.empty((B, N), dtype=gate.dtype, device=gate.device)
     block = 1024
     _silu_mul_kernel[(B, triton.cdiv(N, block))](gate, up, gather if gather is not None else gate, out, N,
-                                                 gate.stride(0), up.stride(0), out.stride(0), BLOCK=block,
-                                                 HAS_GATHER=gather is not None, num_warps=4,
-                                                 **pdl_args(gate.device))
+                                                 gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
+                                                 out.stride(0), BLOCK=block, HAS_GATHER=gather is not None,
+                                                 num_warps=4, **pdl_args(gate.device))
     return out
 
 
@@ -111,6 +113,15 @@ def _rotate(src, cos, sin, offs, HD: tl.constexpr):
     a = (x.to(tl.float32) * cos.to(tl.float32)).to(x.dtype)
     c = (rotated_half.to(tl.float32) * sin.to(tl.float32)).to(x.dtype)
     return (a.to(tl.float32) + c.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _cached_kv(k_cache_ptr, v_cache_ptr, base, s0, end, pad, offs_d, stride_cs, BLOCK_S: tl.constexpr):
+    """Cached keys and values [BLOCK_S, HD] of slots s0.. (zeros where not visible: >= end or < pad)."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    visible = ((offs_s < end) & (offs_s >= pad))[:, None]
+    ptrs = base + offs_s[:, None] * stride_cs + offs_d[None, :]
+    return tl.load(k_cache_ptr + ptrs, mask=visible, other=0.0), tl.load(v_cache_ptr + ptrs, mask=visible, other=0.0)
 
 
 @triton.jit
@@ -128,6 +139,11 @@ def _decode_attention_kernel(
     - leaves its softmax partial (acc[HD], max, sum) in part[b, h, s]; the last split to finish (an atomic
       ticket per (b, h)) merges them into out[b, h*HD:(h+1)*HD] and resets the ticket to 0.
 
+    Decode attention at short contexts is a chain of dependent memory round trips, not a bandwidth problem: the
+    cached slots (written only by this layer's launches of earlier steps) and the rotary tables load before the
+    wait for the projection that produces q, k, v, and while one block of BLOCK_S slots is computed the next is
+    in flight.
+
     q [B, n_heads*HD], k and v [B, kv_heads*HD] with row strides; cos, sin [max_seq_len, HD] in the model dtype;
     slot int64 [1]; pad int64 [B]; caches [batch, kv_heads, max_seq_len, HD]; part fp32 [B, n_heads, SPLITS,
     HD + 2]; tickets int32 [B * n_heads], zero on entry and exit; out [B, n_heads*HD].
@@ -143,31 +159,32 @@ def _decode_attention_kernel(
     kv_h = h // group
     cos = tl.load(cos_ptr + position * HD + offs_d)
     sin = tl.load(sin_ptr + position * HD + offs_d)
+    base = b * stride_cb + kv_h * stride_ch
+    start = split * chunk
+    end = tl.minimum(start + chunk, slot)
+    k, v = _cached_kv(k_cache_ptr, v_cache_ptr, base, start, end, pad, offs_d, stride_cs, BLOCK_S)
     wait_for_previous_kernel(PDL)
     q = _rotate(q_ptr + b * stride_q + h * HD, cos, sin, offs_d, HD)
     k_new = _rotate(k_ptr + b * stride_k + kv_h * HD, cos, sin, offs_d, HD)
     v_new = tl.load(v_ptr + b * stride_v + kv_h * HD + offs_d)
     qf = q.to(tl.float32) * scale
-    base = b * stride_cb + kv_h * stride_ch
 
-    start = split * chunk
-    end = tl.minimum(start + chunk, slot)
     m = -1e30  # finite, so a split with no visible key merges with weight 0 instead of NaN
     l = 0.0
     acc = tl.zeros([HD], dtype=tl.float32)
     for s0 in range(start, end, BLOCK_S):
+        next_k, next_v = _cached_kv(k_cache_ptr, v_cache_ptr, base, s0 + BLOCK_S, end, pad, offs_d, stride_cs,
+                                    BLOCK_S)
         offs_s = s0 + tl.arange(0, BLOCK_S)
         visible = (offs_s < end) & (offs_s >= pad)
-        ptrs = base + offs_s[:, None] * stride_cs + offs_d[None, :]
-        k = tl.load(k_cache_ptr + ptrs, mask=visible[:, None], other=0.0).to(tl.float32)
-        scores = tl.where(visible, tl.sum(k * qf[None, :], axis=1), float("-inf"))
+        scores = tl.where(visible, tl.sum(k.to(tl.float32) * qf[None, :], axis=1), float("-inf"))
         m_next = tl.maximum(m, tl.max(scores, axis=0))
         p = tl.exp(scores - m_next)
         alpha = tl.exp(m - m_next)
-        v = tl.load(v_cache_ptr + ptrs, mask=visible[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l = l * alpha + tl.sum(p, axis=0)
         m = m_next
+        k, v = next_k, next_v
     if (slot >= start) & (slot < start + chunk):  # this split holds the new token
         score = tl.sum(k_new.to(tl.float32) * qf, axis=0)
         m_next = tl.maximum(m, score)
@@ -243,7 +260,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     _decode_attention_kernel[(B, n_heads, splits)](
         q, k, v, cos, sin, slot, pad_lens, k_cache, v_cache, parts, _tickets(q.device, B * n_heads), out,
         q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5, SPLITS=splits, HD=hd, BLOCK_S=32, num_warps=4,
+        n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5, SPLITS=splits, HD=hd, BLOCK_S=64, num_warps=8,
         **pdl_args(q.device),
     )
     return out

@@ -15,7 +15,7 @@ import torch
 
 from quant_kernels import triton_ops as ops
 from quant_kernels.fuse import fuse_model
-from quant_kernels.triton_backend import forward_gathered, input_gather
+from quant_kernels.triton_backend import forward_gathered, forward_swiglu, input_gather, input_scatter, runs_swiglu
 
 MIN_BUCKET = 128  # smallest attention capacity captured
 
@@ -38,6 +38,7 @@ class DecodeStep:
         cos, sin = model.rotary(positions, dtype)  # [1, 1, S, hd]: the eager model's own tables
         self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         self.n_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        self._scatters: dict = {}  # per MLP: where silu(gate) * up writes each feature for its down_proj
 
     @staticmethod
     def _norm_qkv(x, residual, layer):
@@ -47,6 +48,22 @@ class DecodeStep:
         gather = input_gather(attn.qkv_proj)
         h = ops.rms_norm(x, norm.weight, norm.eps, residual, gather=gather)
         return attn.project_qkv(h) if gather is None else attn.split_qkv(forward_gathered(attn.qkv_proj, h))
+
+    def _swiglu(self, h, mlp):
+        """silu(gate) * up of `mlp` for h (in gate/up's input_gather order), in the order its down_proj reads:
+        one GEMV launch where the Triton kernels run gate/up, else the projection and a silu * mul kernel."""
+        gate_up = mlp.gate_up_proj
+        gathered = input_gather(gate_up) is not None
+        if runs_swiglu(gate_up):
+            if mlp not in self._scatters:
+                self._scatters[mlp] = input_scatter(mlp.down_proj)
+            return forward_swiglu(gate_up, h, gathered, self._scatters[mlp])
+        if gathered:
+            both = forward_gathered(gate_up, h)
+            gate, up = both[:, 0::2], both[:, 1::2]  # interleaved (quant_kernels.fuse)
+        else:
+            gate, up = mlp.project_gate_up(h)
+        return ops.silu_mul(gate, up, gather=input_gather(mlp.down_proj))
 
     def run(self, capacity: int) -> torch.Tensor:
         layers = self.model.model.layers
@@ -59,12 +76,9 @@ class DecodeStep:
             y = ops.decode_attention(q, k, v, self.cos, self.sin, self.slot, self.pad_lens, cache.k, cache.v,
                                      capacity, self.n_sms)  # [B, heads*hd]
             norm = layer.post_attention_layernorm
-            gather = input_gather(mlp.gate_up_proj)
-            h = ops.rms_norm(attn.o_proj(y), norm.weight, norm.eps, residual, gather=gather)
-            gate, up = mlp.project_gate_up(h) if gather is None else forward_gathered(mlp.gate_up_proj, h).chunk(2, -1)
-            gather = input_gather(mlp.down_proj)
-            act = ops.silu_mul(gate, up, gather=gather)
-            out = mlp.down_proj(act) if gather is None else forward_gathered(mlp.down_proj, act)
+            h = ops.rms_norm(attn.o_proj(y), norm.weight, norm.eps, residual, gather=input_gather(mlp.gate_up_proj))
+            act = self._swiglu(h, mlp)
+            out = mlp.down_proj(act) if input_gather(mlp.down_proj) is None else forward_gathered(mlp.down_proj, act)
             if i + 1 < len(layers):
                 q, k, v = self._norm_qkv(out, residual, layers[i + 1])
         norm = self.model.model.norm
