@@ -1,9 +1,9 @@
 """Where one decode step's time goes: CUDA kernels of the CUDA-graph decode step of a random model, by name.
 
-    PYTHONPATH=. python3 scripts/profile_decode.py [--shape 7B] [--ctx 256] [--steps 20]
+    PYTHONPATH=. python3 scripts/profile_decode.py [--shape 7B] [--ctx 256] [--steps 20] [--bits 4] [--act-order]
 
 Prints, per kernel name, launches per step, GPU microseconds per step and share of the step, plus the wall time
-per step of plain replays. With programmatic dependent launch (quant_kernels.pdl) kernels overlap, so the kernel
+per step of plain replays (the best of three runs of --steps steps). With programmatic dependent launch (quant_kernels.pdl) kernels overlap, so the kernel
 times may add up to more than the step.
 """
 import argparse
@@ -22,10 +22,12 @@ def main() -> None:
     parser.add_argument("--shape", default="7B")
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--act-order", action="store_true")
     opts = parser.parse_args()
     device = torch.device("cuda")
     args = shape_args(opts.shape, opts.ctx)
-    model = random_model(args, "gptq", 4, 128, False, device)
+    model = random_model(args, "gptq", opts.bits, 128, opts.act_order, device)
     model.setup_cache(1, opts.ctx)
     runner = CudaGraphDecoder(model)
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -38,9 +40,12 @@ def main() -> None:
     with torch.inference_mode():
         steps()  # tunes and captures
         torch.cuda.synchronize()
-        began = time.perf_counter()
-        steps()
-        wall_us = (time.perf_counter() - began) / opts.steps * 1e6
+        walls = []
+        for _ in range(3):
+            began = time.perf_counter()
+            steps()
+            walls.append((time.perf_counter() - began) / opts.steps * 1e6)
+        wall_us = min(walls)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             steps()
     totals, counts = defaultdict(float), defaultdict(int)
@@ -48,7 +53,9 @@ def main() -> None:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] += event.device_time
             counts[event.name] += 1
-    print(f"{opts.shape} ctx {opts.ctx}: {wall_us:.0f} us per step (wall, with a host read per token)")
+    print(f"{opts.shape} {opts.bits}-bit{' act-order' if opts.act_order else ''} ctx {opts.ctx}: {wall_us:.0f} us "
+          f"per step = {1e6 / wall_us:.1f} tok/s (wall, with a host read per token; runs: "
+          + ", ".join(f"{w:.0f}" for w in walls) + ")")
     print(f"{'us/step':>8} {'share':>6} {'n/step':>6}  kernel")
     for name, us in sorted(totals.items(), key=lambda item: -item[1]):
         print(f"{us / opts.steps:8.1f} {100 * us / opts.steps / wall_us:5.1f}% {counts[name] / opts.steps:6.1f}  "
