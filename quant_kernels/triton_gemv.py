@@ -165,8 +165,8 @@ def _add_norm(sums, res_ptr, norm_w_ptr, gather_ptr, out_ptr, sum_sq_ptr, row_ti
     y = tl.reshape(sums, [BLOCK_M, BLOCK_N]).to(dtype)  # the GEMV's output as the model holds it
     h = (y.to(tl.float32) + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
     tl.store(res_ptrs, h, mask=mask)
-    h = h.to(tl.float32)
-    tl.atomic_add(sum_sq_ptr + tl.arange(0, BLOCK_M), tl.sum(h * h, axis=1), mask=tl.reshape(mask_m, [BLOCK_M]),
+    hf = h.to(tl.float32)
+    tl.atomic_add(sum_sq_ptr + tl.arange(0, BLOCK_M), tl.sum(hf * hf, axis=1), mask=tl.reshape(mask_m, [BLOCK_M]),
                   sem="relaxed")
     tl.debug_barrier()
     if tl.atomic_add(row_ticket_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
@@ -176,10 +176,10 @@ def _add_norm(sums, res_ptr, norm_w_ptr, gather_ptr, out_ptr, sum_sq_ptr, row_ti
         for chunk in tl.static_range(NORM_CHUNKS):
             offs = chunk * NORM_BLOCK + tl.arange(0, NORM_BLOCK)[None, :]
             src = tl.load(gather_ptr + offs, mask=offs < N, other=0) if HAS_GATHER else offs
-            h = tl.load(res_ptr + rows * stride_r + src, mask=row_mask & (offs < N), other=0.0,
-                        cache_modifier=".cg")
+            row_sum = tl.load(res_ptr + rows * stride_r + src, mask=row_mask & (offs < N), other=0.0,
+                              cache_modifier=".cg")
             w = tl.load(norm_w_ptr + src, mask=offs < N, other=0.0).to(tl.float32)
-            normed = (h.to(tl.float32) * inv_rms).to(dtype).to(tl.float32)
+            normed = (row_sum.to(tl.float32) * inv_rms).to(dtype).to(tl.float32)
             tl.store(out_ptr + rows * stride_om + offs, (w * normed).to(out_ptr.dtype.element_ty),
                      mask=row_mask & (offs < N))
         tl.store(sum_sq_ptr + rows, tl.zeros_like(sum_sq), mask=row_mask)
