@@ -26,7 +26,12 @@ class DecodeStep:
 
     Static inputs: `tokens` int64 [batch], `slot` int64 [1] (the cache slot being written), `pad_lens` int64
     [batch]. `run(capacity)` returns float32 logits [batch, vocab]; capacity >= slot + 1.
+    `fold_norms` / `fold_swiglu` (on by default; off for comparisons, scripts/ab_decode.py) let the GEMVs do the
+    residual add + RMSNorm and the silu * mul that follow them.
     """
+
+    fold_norms = True
+    fold_swiglu = True
 
     def __init__(self, model, batch: int):
         self.model = model
@@ -48,13 +53,12 @@ class DecodeStep:
             return attn.project_qkv(h)
         return attn.split_qkv(forward_gathered(attn.qkv_proj, h))
 
-    @staticmethod
-    def _add_norm(producer, x, gathered, residual, norm, consumer):
+    def _add_norm(self, producer, x, gathered, residual, norm, consumer):
         """norm(residual + producer(x)), the residual updated in place, in the order `consumer` reads (its
         input_gather): folded into the producer's GEMV where the Triton kernels run it, else a separate kernel.
         gathered: x is in the producer's input_gather order."""
         gather = input_gather(consumer)
-        if runs_fused_epilogues(producer):
+        if self.fold_norms and runs_fused_epilogues(producer):
             return forward_add_norm(producer, x, AddNorm(residual, norm.weight, norm.eps, gather), gathered)
         y = forward_gathered(producer, x) if gathered else producer(x)
         return ops.rms_norm(y, norm.weight, norm.eps, residual, gather=gather)
@@ -64,7 +68,7 @@ class DecodeStep:
         one GEMV launch where the Triton kernels run gate/up, else the projection and a silu * mul kernel."""
         gate_up = mlp.gate_up_proj
         gathered = input_gather(gate_up) is not None
-        if runs_fused_epilogues(gate_up):
+        if self.fold_swiglu and runs_fused_epilogues(gate_up):
             if mlp not in self._scatters:
                 self._scatters[mlp] = input_scatter(mlp.down_proj)
             return forward_swiglu(gate_up, h, gathered, self._scatters[mlp])

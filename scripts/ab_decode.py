@@ -1,0 +1,78 @@
+"""Compare variants of the CUDA-graph decode step on one random model, in one process, rounds interleaved.
+
+    PYTHONPATH=. python3 scripts/ab_decode.py [--shape 7B] [--ctx 256] [--steps 100] [--rounds 5] VARIANT ...
+
+A VARIANT is names joined by '+': `base` (everything on), `pdl0` (no programmatic dependent launch), `nonorm`
+(separate add + RMSNorm kernels), `noswiglu` (separate silu * mul kernel); e.g. `base pdl0 nonorm+noswiglu`.
+Step times of one build of the weights vary by a few percent from run to run and from machine to machine, so
+variants are only compared against each other here: each round times every variant once, in turn. Prints each
+variant's best and median step (wall, with the host read of each token) and its speed relative to the first.
+"""
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from talis_cli.bench import random_model, shape_args
+from talis_cli.fast_decode import CudaGraphDecoder, DecodeStep
+
+SWITCHES = {"pdl0": ("env", "TALIS_PDL", "0"), "nonorm": ("attr", "fold_norms", False),
+            "noswiglu": ("attr", "fold_swiglu", False)}
+
+
+def apply(variant: str) -> None:
+    """Set the switches of `variant` (and reset the others to their defaults)."""
+    names = set(variant.split("+")) - {"base"}
+    unknown = names - set(SWITCHES)
+    if unknown:
+        raise SystemExit(f"unknown variant part(s) {sorted(unknown)}; known: base, {', '.join(SWITCHES)}")
+    os.environ["TALIS_PDL"] = "0" if "pdl0" in names else "1"
+    DecodeStep.fold_norms = "nonorm" not in names
+    DecodeStep.fold_swiglu = "noswiglu" not in names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="+")
+    parser.add_argument("--shape", default="7B")
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--act-order", action="store_true")
+    opts = parser.parse_args()
+    device = torch.device("cuda")
+    args = shape_args(opts.shape, opts.ctx)
+    model = random_model(args, "gptq", opts.bits, 128, opts.act_order, device)
+    model.setup_cache(1, opts.ctx)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    start = opts.ctx - opts.steps
+
+    runners = {}
+    with torch.inference_mode():
+        for variant in opts.variants:  # capture each variant under its own switches
+            apply(variant)
+            runners[variant] = CudaGraphDecoder(model)
+            runners[variant](token, start)
+        times = {v: [] for v in opts.variants}
+        for _ in range(opts.rounds):
+            for variant, runner in runners.items():
+                torch.cuda.synchronize()
+                began = time.perf_counter()
+                for pos in range(start, opts.ctx):
+                    runner(token, pos).argmax(-1).tolist()
+                times[variant].append((time.perf_counter() - began) / opts.steps * 1e6)
+    apply("base")
+    first = min(times[opts.variants[0]])
+    print(f"{opts.shape} {opts.bits}-bit{' act-order' if opts.act_order else ''} ctx {opts.ctx}, "
+          f"{opts.rounds} rounds of {opts.steps} steps ({torch.cuda.get_device_name(device)})")
+    for variant, runs in times.items():
+        best = min(runs)
+        print(f"  {variant:24s} best {best:7.0f} us = {1e6 / best:6.1f} tok/s, median {statistics.median(runs):7.0f} us,"
+              f" {100 * first / best:5.1f}% of the first's speed")
+
+
+if __name__ == "__main__":
+    main()
