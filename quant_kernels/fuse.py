@@ -2,9 +2,7 @@
 
 One launch over the concatenated weight reads the input once and, at batch 1, replaces three (or two) small
 GEMVs that cannot fill the GPU by one that can. The fused output is the parts' outputs side by side along the
-last dim, in the order given, or with `interleave` (parts of equal width) column by column: gate/up fuse as
-gate 0, up 0, gate 1, up 1, ... so that one GEMV program holds both inputs of each silu(gate) * up and can
-finish the SwiGLU itself (triton_backend.forward_swiglu). Layers fuse only when they agree on input size, bits, group size, zero offset,
+last dim, in the order given. Layers fuse only when they agree on input size, bits, group size, zero offset,
 g_idx and dtype (GPTQ files quantize q/k/v with one Hessian, so act-order g_idx agree in practice); plain
 nn.Linear layers fuse when their dtype, device and bias presence agree.
 """
@@ -43,75 +41,56 @@ def _dense_compatible(parts: list[nn.Linear]) -> bool:
     )
 
 
-def _column_order(parts: list[nn.Module], interleave: bool) -> torch.Tensor | None:
-    """Which concatenated output column goes where in the fused output (None: as concatenated)."""
-    if not interleave:
-        return None
-    width = parts[0].out_features
-    assert all(p.out_features == width for p in parts), "interleaved parts must be of equal width"
-    return torch.arange(width * len(parts)).view(len(parts), width).T.flatten()
+def fuse_quant(parts: list[QuantLinear]) -> QuantLinear:
+    """One QuantLinear whose output is the parts' outputs concatenated; the parts must be `_quant_compatible`.
 
-
-def _cat_columns(tensors: list[torch.Tensor], order: torch.Tensor | None, dim: int) -> torch.Tensor:
-    fused = torch.cat(tensors, dim=dim)
-    return fused if order is None else fused.index_select(dim, order.to(fused.device)).contiguous()
-
-
-def fuse_quant(parts: list[QuantLinear], interleave: bool = False) -> QuantLinear:
-    """One fused QuantLinear (see the module docstring); the parts must be `_quant_compatible`.
-
-    qweight and scales are joined along the output dim as they are; qzeros are packed along the output dim, so
-    they are unpacked, joined and repacked (a part's width need not fill whole words).
+    qweight and scales concatenate along the output dim as they are; qzeros are packed along the output dim, so
+    they are unpacked, concatenated and repacked (a part's width need not fill whole words).
     """
     first = parts[0]
     bits = first.bits
-    order = _column_order(parts, interleave)
-    zeros = _cat_columns([gptq_format.unpack_cols(p.qzeros, bits, p.out_features) for p in parts], order, 1)
-    bias = _cat_columns([p.bias for p in parts], order, 0) if first.bias is not None else None
+    zeros = torch.cat([gptq_format.unpack_cols(p.qzeros, bits, p.out_features) for p in parts], dim=1)
+    bias = torch.cat([p.bias for p in parts]) if first.bias is not None else None
     fused = QuantLinear.from_quantized(
-        _cat_columns([p.qweight for p in parts], order, 1), gptq_format.pack_cols(zeros, bits),
-        _cat_columns([p.scales for p in parts], order, 1), first.g_idx, bits, first.group_size, first.zero_offset,
-        bias,
+        torch.cat([p.qweight for p in parts], dim=1), gptq_format.pack_cols(zeros, bits),
+        torch.cat([p.scales for p in parts], dim=1), first.g_idx, bits, first.group_size, first.zero_offset, bias,
     )
     fused.set_backend(first.backend_name)
     return fused
 
 
-def fuse_dense(parts: list[nn.Linear], interleave: bool = False) -> nn.Linear:
-    """One fused nn.Linear (see the module docstring); the parts must be `_dense_compatible`."""
+def fuse_dense(parts: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output is the parts' outputs concatenated; the parts must be `_dense_compatible`."""
     first = parts[0]
-    order = _column_order(parts, interleave)
     out_features = sum(p.out_features for p in parts)
     fused = nn.Linear(first.in_features, out_features, bias=first.bias is not None, device="meta")
-    fused.weight = nn.Parameter(_cat_columns([p.weight for p in parts], order, 0), requires_grad=False)
+    fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
     if first.bias is not None:
-        fused.bias = nn.Parameter(_cat_columns([p.bias for p in parts], order, 0), requires_grad=False)
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
     return fused
 
 
-def fuse_linears(parts: list[nn.Module], interleave: bool = False) -> nn.Module | None:
+def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
     """The fused layer, or None when the parts cannot be fused (then they stay as they are)."""
-    if interleave and len({p.out_features for p in parts}) != 1:
-        return None
     if _quant_compatible(parts):
-        return fuse_quant(parts, interleave)
+        return fuse_quant(parts)
     if _dense_compatible(parts):
-        return fuse_dense(parts, interleave)
+        return fuse_dense(parts)
     return None
 
 
 def fuse_model(model: nn.Module) -> int:
     """Fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj` in every layer that allows it; returns how many
     fused layers were made. The separate layers are removed, so their memory is freed as the model goes."""
-    groups = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj"), False),
-              "mlp": ("gate_up_proj", ("gate_proj", "up_proj"), True)}
+    groups = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+              "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
     made = 0
     for layer in model.model.layers:
-        for owner_name, (fused_name, part_names, interleave) in groups.items():
+        for owner_name, (fused_name, part_names) in groups.items():
             owner = getattr(layer, owner_name)
             if getattr(owner, fused_name, None) is not None:
                 continue
-            fused = fuse_linears([getattr(owner, n) for n in part_names], interleave)
+            fused = fuse_linears([getattr(owner, n) for n in part_names])
             if fused is None:
                 continue
             for n in part_names:

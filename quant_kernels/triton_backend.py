@@ -27,7 +27,7 @@ from . import gptq_format
 from .autotune_cache import interpreting
 from .quant_linear import QuantLinear, TorchBackend, register_backend
 from .triton_gemm import dequantize_into
-from .triton_gemv import MAX_ROWS, AddNorm, Workspace, gemv_workspace_size, quant_gemv, word_slot
+from .triton_gemv import MAX_ROWS, Workspace, gemv_workspace_size, quant_gemv, word_slot
 
 TRITON_BITS = (2, 4, 8)  # whole values per int32 word; 3-bit values straddle words
 
@@ -178,12 +178,6 @@ def input_gather(module) -> torch.Tensor | None:
     return state.perm if isinstance(state, PreparedWeight) else None
 
 
-def input_scatter(module) -> torch.Tensor | None:
-    """The inverse of `input_gather(module)`: feature j goes to column input_scatter[j] (int32 [K]), or None."""
-    perm = input_gather(module)
-    return None if perm is None else torch.argsort(perm).to(torch.int32)
-
-
 def forward_gathered(layer: QuantLinear, x_gathered: torch.Tensor) -> torch.Tensor:
     """layer(x) for x_gathered = x[:, input_gather(layer)], [M, in] with M <= MAX_ROWS -> [M, out]."""
     state = layer.backend_state
@@ -191,30 +185,3 @@ def forward_gathered(layer: QuantLinear, x_gathered: torch.Tensor) -> torch.Tens
     if layer.bias is not None:
         y += layer.bias.to(y.dtype)
     return y
-
-
-def runs_fused_epilogues(layer) -> bool:
-    """Whether `forward_swiglu` and `forward_add_norm` serve this layer: a QuantLinear on the Triton kernels,
-    without bias."""
-    return isinstance(layer, QuantLinear) and isinstance(layer.backend_state, PreparedWeight) and layer.bias is None
-
-
-def forward_swiglu(layer: QuantLinear, x: torch.Tensor, gathered: bool = False,
-                   scatter: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up [M, out / 2] from a fused gate/up layer whose output interleaves gate and up columns
-    (quant_kernels.fuse), in one GEMV launch (`runs_fused_epilogues(layer)` must hold; M <= MAX_ROWS).
-
-    gathered: x is already in `input_gather(layer)` order. scatter: int32 [out / 2]; feature j is written to
-    column scatter[j] (pass `input_scatter(consumer)` to hand an act-order consumer its input in the order it
-    reads)."""
-    state = layer.backend_state
-    return quant_gemv(x, state.qweight, state.scale_zero, None if gathered else state.perm, state.bits,
-                      state.group_shift, swiglu=True, scatter=scatter)
-
-
-def forward_add_norm(layer: QuantLinear, x: torch.Tensor, add_norm: AddNorm, gathered: bool = False) -> torch.Tensor:
-    """RMSNorm(residual + layer(x)) * weight, the residual updated in place (`AddNorm`), in one GEMV launch
-    (`runs_fused_epilogues(layer)` must hold; M <= MAX_ROWS). gathered: x is in `input_gather(layer)` order."""
-    state = layer.backend_state
-    return quant_gemv(x, state.qweight, state.scale_zero, None if gathered else state.perm, state.bits,
-                      state.group_shift, add_norm=add_norm)

@@ -20,7 +20,6 @@ instruction: fp32 arithmetic per weight made the kernel instruction bound at ~6 
 Under TRITON_INTERPRET=1 (no GPU, no PTX) the same arithmetic runs in plain fp32 Triton operations.
 """
 import itertools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -124,89 +123,10 @@ def _load_block(qweight_ptr, scale_zero_ptr, kw0, kw_end, offs_w, offs_n, mask_n
 
 
 @triton.jit
-def _store_output(out_ptr, scatter_ptr, sums, offs_m, mask_m, pid_n, N, stride_om,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr, HAS_SCATTER: tl.constexpr):
-    """Write the fp32 sums [BLOCK_M, 1, BLOCK_N] of columns pid_n * BLOCK_N... in the output dtype.
-
-    SWIGLU: columns 2j and 2j+1 are gate and up of feature j; output column j gets silu(gate) * up, rounded step
-    by step as the eager model rounds (the gate and up outputs, silu, the product). HAS_SCATTER: output column j
-    goes to scatter[j] (the order an act-order consumer reads)."""
-    y = tl.reshape(sums, [BLOCK_M, BLOCK_N]).to(out_ptr.dtype.element_ty)
-    rows = tl.reshape(offs_m, [BLOCK_M, 1])
-    row_mask = tl.reshape(mask_m, [BLOCK_M, 1])
-    if SWIGLU:
-        gate, up = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
-        gf = gate.to(tl.float32)
-        silu = (gf / (1.0 + tl.exp(-gf))).to(y.dtype)
-        y = (silu.to(tl.float32) * up.to(tl.float32)).to(y.dtype)
-        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)[None, :]
-        mask = row_mask & (cols < N // 2)
-    else:
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        mask = row_mask & (cols < N)
-    if HAS_SCATTER:
-        cols = tl.load(scatter_ptr + cols, mask=mask, other=0)
-    tl.store(out_ptr + rows * stride_om + cols, y, mask=mask)
-
-
-@triton.jit
-def _add_norm(sums, res_ptr, norm_w_ptr, gather_ptr, out_ptr, sum_sq_ptr, row_ticket_ptr, offs_m, mask_m, pid_n,
-              N, stride_r, stride_om, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr, HAS_GATHER: tl.constexpr):
-    """The residual add and RMSNorm that follow this GEMV, in its last programs (`AddNorm`; same rounding as
-    triton_ops.rms_norm): residual[:, cols] += y for this column block, its squares summed into sum_sq; the
-    last column block to finish (a ticket) normalizes the whole row into out."""
-    dtype = res_ptr.dtype.element_ty
-    rows = tl.reshape(offs_m, [BLOCK_M, 1])
-    row_mask = tl.reshape(mask_m, [BLOCK_M, 1])
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    mask = row_mask & (cols < N)
-    res_ptrs = res_ptr + rows * stride_r + cols
-    y = tl.reshape(sums, [BLOCK_M, BLOCK_N]).to(dtype)  # the GEMV's output as the model holds it
-    h = (y.to(tl.float32) + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-    tl.store(res_ptrs, h, mask=mask)
-    hf = h.to(tl.float32)
-    tl.atomic_add(sum_sq_ptr + tl.arange(0, BLOCK_M), tl.sum(hf * hf, axis=1), mask=tl.reshape(mask_m, [BLOCK_M]),
-                  sem="relaxed")
-    tl.debug_barrier()
-    if tl.atomic_add(row_ticket_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        # .cg: the other blocks' residual columns and squares are in L2, not in this SM's L1
-        sum_sq = tl.load(sum_sq_ptr + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
-        inv_rms = 1.0 / tl.sqrt(sum_sq / N + eps)
-        for chunk in tl.static_range(NORM_CHUNKS):
-            offs = chunk * NORM_BLOCK + tl.arange(0, NORM_BLOCK)[None, :]
-            src = tl.load(gather_ptr + offs, mask=offs < N, other=0) if HAS_GATHER else offs
-            row_sum = tl.load(res_ptr + rows * stride_r + src, mask=row_mask & (offs < N), other=0.0,
-                              cache_modifier=".cg")
-            w = tl.load(norm_w_ptr + src, mask=offs < N, other=0.0).to(tl.float32)
-            normed = (row_sum.to(tl.float32) * inv_rms).to(dtype).to(tl.float32)
-            tl.store(out_ptr + rows * stride_om + offs, (w * normed).to(out_ptr.dtype.element_ty),
-                     mask=row_mask & (offs < N))
-        tl.store(sum_sq_ptr + rows, tl.zeros_like(sum_sq), mask=row_mask)
-        tl.store(row_ticket_ptr, 0)
-
-
-@triton.jit
-def _finish(sums, out_ptr, scatter_ptr, res_ptr, norm_w_ptr, gather_ptr, sum_sq_ptr, row_ticket_ptr, offs_m,
-            mask_m, pid_n, N, stride_r, stride_om, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            SWIGLU: tl.constexpr, HAS_SCATTER: tl.constexpr, ADD_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
-            NORM_CHUNKS: tl.constexpr, HAS_GATHER: tl.constexpr):
-    """The epilogue of a column block's final sums [BLOCK_M, 1, BLOCK_N]: `_add_norm` or `_store_output`."""
-    if ADD_NORM:
-        _add_norm(sums, res_ptr, norm_w_ptr, gather_ptr, out_ptr, sum_sq_ptr, row_ticket_ptr, offs_m, mask_m,
-                  pid_n, N, stride_r, stride_om, eps, BLOCK_M, BLOCK_N, NORM_BLOCK, NORM_CHUNKS, HAS_GATHER)
-    else:
-        _store_output(out_ptr, scatter_ptr, sums, offs_m, mask_m, pid_n, N, stride_om, BLOCK_M, BLOCK_N, SWIGLU,
-                      HAS_SCATTER)
-
-
-@triton.jit
 def _gemv_kernel(
     x16_ptr, x32_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
-    scatter_ptr, res_ptr, norm_w_ptr, gather_ptr, sum_sq_ptr, row_ticket_ptr,
-    M, N, K, group_shift, split_k, stride_xm, stride_om, stride_r, eps,
-    BITS: tl.constexpr, HAS_PERM: tl.constexpr, SWIGLU: tl.constexpr, HAS_SCATTER: tl.constexpr,
-    ADD_NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr, HAS_GATHER: tl.constexpr,
+    M, N, K, group_shift, split_k, stride_xm, stride_om,
+    BITS: tl.constexpr, HAS_PERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
     PAIR_FMA: tl.constexpr, PAIR_SUM: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -219,13 +139,8 @@ def _gemv_kernel(
     scale_zero: int32 [n_groups, N], the fp16 scale in the low half and the fp16 full zero point (stored zero +
     offset) in the high half: one word, in the same layout as qweight's, per group and column.
     perm: int32 [K] (only when HAS_PERM): row k of qweight multiplies input feature perm[k].
-    out: [M, N] fp16/bf16/fp32 ([M, N / 2] with SWIGLU), row stride stride_om; `_store_output` says what SWIGLU
-    and scatter (int32, one entry per output column, when HAS_SCATTER) do.
-    workspace: fp32 [>= M * N], zero on entry and exit.
+    out: [M, N] fp16/bf16/fp32, row stride stride_om. workspace: fp32 [>= M * N], zero on entry and exit.
     tickets: int32 [>= cdiv(N, BLOCK_N)], zero on entry and exit.
-    ADD_NORM: out gets RMSNorm(residual + y) instead (`_add_norm`; residual [M, N] row stride stride_r, updated
-    in place; norm_w [N]; gather int32 [N] when HAS_GATHER; sum_sq fp32 [M] and row_ticket int32 [1], zero on
-    entry and exit; NORM_BLOCK * NORM_CHUNKS >= N).
     PAIR_FMA / PAIR_SUM: `_pair_fma_asm(BITS)` / `_PAIR_SUM_ASM` (unused when EMULATE). PDL: see quant_kernels.pdl.
     Assumes K % (32 / BITS) == 0, M <= BLOCK_M, and that a block of BLOCK_KW words lies in one group
     (BLOCK_KW * 32 / BITS divides 2**group_shift). Grid: (cdiv(N, BLOCK_N), split_k).
@@ -263,10 +178,9 @@ def _gemv_kernel(
         packed, scale_zero = next_packed, next_scale_zero
 
     mask_out = mask_m & mask_n
+    out_ptrs = out_ptr + offs_m * stride_om + offs_n
     if split_k == 1:
-        _finish(acc, out_ptr, scatter_ptr, res_ptr, norm_w_ptr, gather_ptr, sum_sq_ptr, row_ticket_ptr, offs_m,
-                mask_m, pid_n, N, stride_r, stride_om, eps, BLOCK_M, BLOCK_N, SWIGLU, HAS_SCATTER, ADD_NORM,
-                NORM_BLOCK, NORM_CHUNKS, HAS_GATHER)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
     else:
         partial_ptrs = workspace_ptr + offs_m * N + offs_n
         # Relaxed adds need no round trip each; the barrier and the ticket's acq_rel order them before the
@@ -277,10 +191,8 @@ def _gemv_kernel(
         if ticket == split_k - 1:
             # .cg reads through L2: the other programs' partials are not in this SM's L1.
             total = tl.load(partial_ptrs, mask=mask_out, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask_out)
             tl.store(partial_ptrs, tl.zeros_like(acc), mask=mask_out)
-            _finish(total, out_ptr, scatter_ptr, res_ptr, norm_w_ptr, gather_ptr, sum_sq_ptr, row_ticket_ptr,
-                    offs_m, mask_m, pid_n, N, stride_r, stride_om, eps, BLOCK_M, BLOCK_N, SWIGLU, HAS_SCATTER,
-                    ADD_NORM, NORM_BLOCK, NORM_CHUNKS, HAS_GATHER)
             tl.store(tickets_ptr + pid_n, 0)
 
 
@@ -309,8 +221,7 @@ GEMV_TUNER = Tuner(
 
 
 class Workspace:
-    """Zeroed fp32 partial sums and int32 tickets for split-K (and, at their ends, `AddNorm`'s sums of squares
-    and row ticket: `add_norm_slots`), one pair per device, grown on demand.
+    """Zeroed fp32 partial sums and int32 tickets for split-K, one pair per device, grown on demand.
 
     Call `reserve` outside CUDA-graph capture (the backend does it in `prepare`) so a launch never allocates.
     """
@@ -331,32 +242,12 @@ class Workspace:
 
 def gemv_workspace_size(n: int) -> tuple[int, int]:
     """(fp32 partials, int32 tickets) that any GEMV launch on N output columns may touch."""
-    return MAX_ROWS * n + MAX_ROWS, triton.cdiv(n, 16) + 1
-
-
-def add_norm_slots(workspace: torch.Tensor, tickets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sums of squares [MAX_ROWS] and the row ticket [1] of `AddNorm`: the buffers' last entries, past what
-    split-K touches."""
-    return workspace[-MAX_ROWS:], tickets[-1:]
-
-
-@dataclass
-class AddNorm:
-    """What follows a GEMV in a LLaMA block, done by its last programs: residual += y, then the output is
-    RMSNorm(residual) * weight, with its features in `gather` order when given (triton_backend.input_gather of
-    the consumer). residual: [M, N] in the model dtype, unit column stride; weight [N]."""
-
-    residual: torch.Tensor
-    weight: torch.Tensor
-    eps: float
-    gather: torch.Tensor | None = None
+    return MAX_ROWS * n, triton.cdiv(n, 16)
 
 
 def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
                perm: torch.Tensor | None, bits: int, group_shift: int,
-               out: torch.Tensor | None = None, config: dict | None = None,
-               swiglu: bool = False, scatter: torch.Tensor | None = None,
-               add_norm: AddNorm | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """y = x @ W for x [M, K] (M <= MAX_ROWS, unit column stride), W the GPTQ weight [K, N]; returns [M, N] in x.dtype.
 
     The product runs in fp16 (x of another dtype is converted first; |x| must stay below the fp16 range).
@@ -364,44 +255,31 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     Tensors as in `_gemv_kernel`; groups hold 2**group_shift rows (at least one word).
     `out` ([M, N], unit column stride) receives the result if given. `config` forces one launch configuration
     (tests); otherwise the tuned one for this shape is used.
-    swiglu: W's columns interleave gate and up (quant_kernels.fuse); the result is silu(gate) * up, [M, N / 2].
-    scatter: int32 [result columns]; result column j is written to column scatter[j] of `out`.
-    add_norm: the result is RMSNorm(residual + y) as `AddNorm` says, in the norm weight's dtype.
     """
     m, k = x.shape
     n = qweight.shape[1]
     assert m <= MAX_ROWS, f"quant_gemv serves at most {MAX_ROWS} rows, got {m}"
     assert x.stride(1) == 1 and k * bits == qweight.shape[0] * 32, "x must be [M, K] with unit column stride"
-    assert not swiglu or n % 2 == 0, "a SwiGLU GEMV needs gate and up columns in pairs"
-    assert not (swiglu and add_norm), "one epilogue at a time"
     if out is None:
-        dtype = add_norm.weight.dtype if add_norm else x.dtype
-        out = torch.empty((m, n // 2 if swiglu else n), dtype=dtype, device=x.device)
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # The kernel reads fp16 activations two at a time as int32 words: even row stride and offset.
     x16 = x if x.dtype == torch.float16 else x.to(torch.float16)
     if x16.stride(0) % 2 or x16.storage_offset() % 2:
         x16 = x16.clone(memory_format=torch.contiguous_format)  # fresh storage: offset 0, stride K (even)
     workspace, tickets = Workspace.reserve(x.device, *gemv_workspace_size(n))
-    sum_sq, row_ticket = add_norm_slots(workspace, tickets)
-    norm = add_norm or AddNorm(out, qweight, 0.0)  # placeholders, unread without ADD_NORM
-    norm_block = min(triton.next_power_of_2(n), 4096)
     group_words = max(1, (1 << min(group_shift, 30)) * bits // 32)
     emulate = interpreting()
     pair_fma = "" if emulate else _pair_fma_asm(bits)
     pair_sum = "" if emulate else _PAIR_SUM_ASM
 
-    def launch(cfg: dict, rows: int = m, fold_norm: bool = add_norm is not None) -> None:
+    def launch(cfg: dict, rows: int = m) -> None:
         rows_block = triton.next_power_of_2(rows)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemv_kernel[grid](
             x16.view(torch.int16), x16.view(torch.int32), qweight, scale_zero,
             perm if perm is not None else qweight, out, workspace, tickets,
-            scatter if scatter is not None else qweight, norm.residual, norm.weight,
-            norm.gather if norm.gather is not None else qweight, sum_sq, row_ticket,
-            rows, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0), norm.residual.stride(0), norm.eps,
-            BITS=bits, HAS_PERM=perm is not None, SWIGLU=swiglu, HAS_SCATTER=scatter is not None,
-            ADD_NORM=fold_norm, NORM_BLOCK=norm_block, NORM_CHUNKS=triton.cdiv(n, norm_block),
-            HAS_GATHER=norm.gather is not None, BLOCK_M=rows_block,
+            rows, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
+            BITS=bits, HAS_PERM=perm is not None, BLOCK_M=rows_block,
             BLOCK_KW=min(cfg["BLOCK_KW"], group_words, 16 // rows_block),  # bounded accumulators per thread
             BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, PAIR_SUM=pair_sum, EMULATE=emulate,
             num_warps=cfg["num_warps"], **pdl_args(x.device),
@@ -409,8 +287,6 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
 
     # Every row count uses the configuration tuned for one row (the decode step's, tuned when the model loads):
     # tuning each row count apart stalled the first short prompt of a session by seconds per layer shape.
-    # Tuning launches store the plain output into `out` instead of an AddNorm (which would add into the residual
-    # at every trial).
     key = (n, k, bits, group_shift, perm is not None)
-    launch(config or GEMV_TUNER.pick(key, lambda cfg: launch(cfg, rows=1, fold_norm=False)))
+    launch(config or GEMV_TUNER.pick(key, lambda cfg: launch(cfg, rows=1)))
     return out

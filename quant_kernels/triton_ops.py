@@ -1,8 +1,7 @@
 """Small fused Triton kernels for the decode step: each replaces several eager PyTorch launches.
 
 - `rms_norm`: optional residual add (written back in place) + RMSNorm + weight, one pass over the row.
-- `silu_mul`: silu(gate) * up (the decode step folds it into the gate/up GEMV where it can:
-  triton_backend.forward_swiglu).
+- `silu_mul`: silu(gate) * up.
 - `decode_attention`: the whole attention of one new token per row in one launch: rotary on q and k read straight
   from the projection output, k and v written into the static KV cache at the current slot, softmax over the
   filled slots split along the sequence (flash-decoding, so short batches still fill the GPU), the splits merged
@@ -71,8 +70,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, gather_ptr, out_ptr, N, stride_g, stride_gc, stride_u, stride_uc, stride_o,
-                     BLOCK: tl.constexpr, HAS_GATHER: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, gather_ptr, out_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
+                     HAS_GATHER: tl.constexpr, PDL: tl.constexpr):
     """out[b, n] = to_dtype(silu(gate[b, src])) * up[b, src], src = gather[n] or n; grid (B, cdiv(N, BLOCK))."""
     allow_next_kernel(PDL)
     b = tl.program_id(0)
@@ -80,8 +79,8 @@ def _silu_mul_kernel(gate_ptr, up_ptr, gather_ptr, out_ptr, N, stride_g, stride_
     mask = offs < N
     src = tl.load(gather_ptr + offs, mask=mask, other=0) if HAS_GATHER else offs
     wait_for_previous_kernel(PDL)
-    g = tl.load(gate_ptr + b * stride_g + src * stride_gc, mask=mask, other=0.0)
-    u = tl.load(up_ptr + b * stride_u + src * stride_uc, mask=mask, other=0.0)
+    g = tl.load(gate_ptr + b * stride_g + src, mask=mask, other=0.0)
+    u = tl.load(up_ptr + b * stride_u + src, mask=mask, other=0.0)
     gf = g.to(tl.float32)
     silu = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
     tl.store(out_ptr + b * stride_o + offs, (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
@@ -89,17 +88,16 @@ def _silu_mul_kernel(gate_ptr, up_ptr, gather_ptr, out_ptr, N, stride_g, stride_
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None,
              gather: torch.Tensor | None = None) -> torch.Tensor:
-    """gate, up [B, N] (any strides, e.g. the interleaved halves of a fused gate/up output) -> silu(gate) * up
-    [B, N] (into `out`, unit column stride, if given); `gather` (int32 [N]) permutes the output's features as in
-    `rms_norm`."""
+    """gate, up [B, N] (unit column stride) -> silu(gate) * up [B, N] (into `out` if given); `gather` (int32
+    [N]) permutes the output's features as in `rms_norm`."""
     B, N = gate.shape
     if out is None:
         out = torch.empty((B, N), dtype=gate.dtype, device=gate.device)
     block = 1024
     _silu_mul_kernel[(B, triton.cdiv(N, block))](gate, up, gather if gather is not None else gate, out, N,
-                                                 gate.stride(0), gate.stride(1), up.stride(0), up.stride(1),
-                                                 out.stride(0), BLOCK=block, HAS_GATHER=gather is not None,
-                                                 num_warps=4, **pdl_args(gate.device))
+                                                 gate.stride(0), up.stride(0), out.stride(0), BLOCK=block,
+                                                 HAS_GATHER=gather is not None, num_warps=4,
+                                                 **pdl_args(gate.device))
     return out
 
 

@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python3 scripts/ab_decode.py [--shape 7B] [--ctx 256] [--steps 100] [--rounds 5] VARIANT ...
 
-A VARIANT is names joined by '+': `base` (everything on), `pdl0` (no programmatic dependent launch), `nonorm`
-(separate add + RMSNorm kernels), `noswiglu` (separate silu * mul kernel); e.g. `base pdl0 nonorm+noswiglu`.
+A VARIANT is names joined by '+' from SWITCHES (environment variables the kernels read when the step is
+captured): `base` (defaults) or `pdl0` (no programmatic dependent launch) so far; e.g. `base pdl0`. A switch
+for a new code path goes into SWITCHES, so that it is measured against the default in one process.
 Step times of one build of the weights vary by a few percent from run to run and from machine to machine, so
 variants are only compared against each other here: each round times every variant once, in turn. Prints each
 variant's best and median step (wall, with the host read of each token) and its speed relative to the first.
@@ -16,10 +17,9 @@ import time
 import torch
 
 from talis_cli.bench import random_model, shape_args
-from talis_cli.fast_decode import CudaGraphDecoder, DecodeStep
+from talis_cli.fast_decode import CudaGraphDecoder
 
-SWITCHES = {"pdl0": ("env", "TALIS_PDL", "0"), "nonorm": ("attr", "fold_norms", False),
-            "noswiglu": ("attr", "fold_swiglu", False)}
+SWITCHES = {"pdl0": ("TALIS_PDL", "0", "1")}  # name: (environment variable, value when on, default)
 
 
 def apply(variant: str) -> None:
@@ -28,9 +28,8 @@ def apply(variant: str) -> None:
     unknown = names - set(SWITCHES)
     if unknown:
         raise SystemExit(f"unknown variant part(s) {sorted(unknown)}; known: base, {', '.join(SWITCHES)}")
-    os.environ["TALIS_PDL"] = "0" if "pdl0" in names else "1"
-    DecodeStep.fold_norms = "nonorm" not in names
-    DecodeStep.fold_swiglu = "noswiglu" not in names
+    for name, (variable, on, default) in SWITCHES.items():
+        os.environ[variable] = on if name in names else default
 
 
 def main() -> None:

@@ -15,8 +15,7 @@ import torch
 
 from quant_kernels import triton_ops as ops
 from quant_kernels.fuse import fuse_model
-from quant_kernels.triton_backend import (AddNorm, forward_add_norm, forward_gathered, forward_swiglu, input_gather,
-                                          input_scatter, runs_fused_epilogues)
+from quant_kernels.triton_backend import forward_gathered, input_gather
 
 MIN_BUCKET = 128  # smallest attention capacity captured
 
@@ -26,12 +25,7 @@ class DecodeStep:
 
     Static inputs: `tokens` int64 [batch], `slot` int64 [1] (the cache slot being written), `pad_lens` int64
     [batch]. `run(capacity)` returns float32 logits [batch, vocab]; capacity >= slot + 1.
-    `fold_norms` / `fold_swiglu` (on by default; off for comparisons, scripts/ab_decode.py) let the GEMVs do the
-    residual add + RMSNorm and the silu * mul that follow them.
     """
-
-    fold_norms = True
-    fold_swiglu = True
 
     def __init__(self, model, batch: int):
         self.model = model
@@ -44,62 +38,37 @@ class DecodeStep:
         cos, sin = model.rotary(positions, dtype)  # [1, 1, S, hd]: the eager model's own tables
         self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         self.n_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        self._scatters: dict = {}  # per MLP: where silu(gate) * up writes each feature for its down_proj
 
     @staticmethod
-    def _qkv(attn, h):
-        """q, k, v of `attn` from its normed input h (in the qkv GEMV's input_gather order)."""
-        if input_gather(attn.qkv_proj) is None:
-            return attn.project_qkv(h)
-        return attn.split_qkv(forward_gathered(attn.qkv_proj, h))
-
-    def _add_norm(self, producer, x, gathered, residual, norm, consumer):
-        """norm(residual + producer(x)), the residual updated in place, in the order `consumer` reads (its
-        input_gather): folded into the producer's GEMV where the Triton kernels run it, else a separate kernel.
-        gathered: x is in the producer's input_gather order."""
-        gather = input_gather(consumer)
-        if self.fold_norms and runs_fused_epilogues(producer):
-            return forward_add_norm(producer, x, AddNorm(residual, norm.weight, norm.eps, gather), gathered)
-        y = forward_gathered(producer, x) if gathered else producer(x)
-        return ops.rms_norm(y, norm.weight, norm.eps, residual, gather=gather)
-
-    def _swiglu(self, h, mlp):
-        """silu(gate) * up of `mlp` for h (in gate/up's input_gather order), in the order its down_proj reads:
-        one GEMV launch where the Triton kernels run gate/up, else the projection and a silu * mul kernel."""
-        gate_up = mlp.gate_up_proj
-        gathered = input_gather(gate_up) is not None
-        if self.fold_swiglu and runs_fused_epilogues(gate_up):
-            if mlp not in self._scatters:
-                self._scatters[mlp] = input_scatter(mlp.down_proj)
-            return forward_swiglu(gate_up, h, gathered, self._scatters[mlp])
-        if gathered:
-            both = forward_gathered(gate_up, h)
-            gate, up = both[:, 0::2], both[:, 1::2]  # interleaved (quant_kernels.fuse)
-        else:
-            gate, up = mlp.project_gate_up(h)
-        return ops.silu_mul(gate, up, gather=input_gather(mlp.down_proj))
+    def _norm_qkv(x, residual, layer):
+        """q, k, v of `layer` from its input norm of x (+ residual). An act-order q/k/v GEMV on the Triton kernels
+        gets its input from the norm already in the order it reads (triton_backend.input_gather)."""
+        attn, norm = layer.self_attn, layer.input_layernorm
+        gather = input_gather(attn.qkv_proj)
+        h = ops.rms_norm(x, norm.weight, norm.eps, residual, gather=gather)
+        return attn.project_qkv(h) if gather is None else attn.split_qkv(forward_gathered(attn.qkv_proj, h))
 
     def run(self, capacity: int) -> torch.Tensor:
-        """Each residual add + RMSNorm is done by the GEMV before it where it can (triton_gemv.AddNorm): one
-        launch fewer per norm."""
-        model = self.model.model
-        layers = model.layers
-        x = model.embed_tokens(self.tokens)  # [B, dim]
-        residual = x.clone()  # the residual stream, updated in place by each add + norm
-        norm = layers[0].input_layernorm
-        h = ops.rms_norm(x, norm.weight, norm.eps, gather=input_gather(layers[0].self_attn.qkv_proj))
+        layers = self.model.model.layers
+        x = self.model.model.embed_tokens(self.tokens)  # [B, dim]
+        residual = x.clone()  # the residual stream, updated in place by each fused add + norm
+        q, k, v = self._norm_qkv(x, None, layers[0])
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = self._qkv(attn, h)
             cache = attn.kv_cache
             y = ops.decode_attention(q, k, v, self.cos, self.sin, self.slot, self.pad_lens, cache.k, cache.v,
                                      capacity, self.n_sms)  # [B, heads*hd]
-            h = self._add_norm(attn.o_proj, y, False, residual, layer.post_attention_layernorm, mlp.gate_up_proj)
-            act = self._swiglu(h, mlp)
-            last = i + 1 == len(layers)
-            norm = model.norm if last else layers[i + 1].input_layernorm
-            h = self._add_norm(mlp.down_proj, act, input_gather(mlp.down_proj) is not None, residual, norm,
-                               None if last else layers[i + 1].self_attn.qkv_proj)
+            norm = layer.post_attention_layernorm
+            gather = input_gather(mlp.gate_up_proj)
+            h = ops.rms_norm(attn.o_proj(y), norm.weight, norm.eps, residual, gather=gather)
+            gate, up = mlp.project_gate_up(h) if gather is None else forward_gathered(mlp.gate_up_proj, h).chunk(2, -1)
+            gather = input_gather(mlp.down_proj)
+            act = ops.silu_mul(gate, up, gather=gather)
+            out = mlp.down_proj(act) if gather is None else forward_gathered(mlp.down_proj, act)
+            if i + 1 < len(layers):
+                q, k, v = self._norm_qkv(out, residual, layers[i + 1])
+        norm = self.model.model.norm
+        h = ops.rms_norm(out, norm.weight, norm.eps, residual)
         return self.model.lm_head(h).float()
 
 

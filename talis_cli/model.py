@@ -100,15 +100,13 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
-        # gate and up fused into one layer at load (quant_kernels.fuse), output columns interleaved: gate 0, up 0, ...
-        self.gate_up_proj: nn.Module | None = None
+        self.gate_up_proj: nn.Module | None = None  # gate and up fused into one layer at load (quant_kernels.fuse)
 
     def project_gate_up(self, x):
-        """x [..., dim] -> gate, up [..., intermediate] (views with column stride 2 when fused)."""
+        """x [..., dim] -> gate, up [..., intermediate]."""
         if self.gate_up_proj is None:
             return self.gate_proj(x), self.up_proj(x)
-        gate_up = self.gate_up_proj(x)
-        return gate_up[..., 0::2], gate_up[..., 1::2]
+        return self.gate_up_proj(x).chunk(2, dim=-1)
 
     def forward(self, x):
         gate, up = self.project_gate_up(x)

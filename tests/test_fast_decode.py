@@ -46,25 +46,6 @@ def test_fused_quant_layer_equals_concatenated_parts(bits, outs, act_order):
     torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_interleaved_fusion_alternates_the_parts_columns(act_order):
-    """gate/up fuse column by column (gate 0, up 0, gate 1, ...), quantized and dense alike."""
-    in_features, group_size, width = 128, 32, 24  # 24 columns: the packed zeros of a part end mid-word
-    g_idx = gptq_format.default_g_idx(in_features, group_size)
-    if act_order:
-        g_idx = g_idx[torch.randperm(in_features, generator=torch.Generator().manual_seed(2))]
-    parts = [random_quant(in_features, width, 4, group_size, g_idx, seed=i) for i in range(2)]
-    fused = fuse_linears(parts, interleave=True)
-    expected = torch.stack([p.dequantized_weight() for p in parts], dim=1).flatten(0, 1)
-    assert torch.equal(fused.dequantized_weight(), expected)
-    dense = [torch.nn.Linear(in_features, width) for _ in range(2)]
-    x = torch.randn(3, in_features)
-    y = fuse_linears(dense, interleave=True)(x)
-    torch.testing.assert_close(y[:, 0::2], dense[0](x))
-    torch.testing.assert_close(y[:, 1::2], dense[1](x))
-    assert fuse_linears([parts[0], random_quant(in_features, 2 * width, 4, group_size, g_idx, 3)], True) is None
-
-
 def test_layers_that_disagree_are_not_fused():
     g_idx = gptq_format.default_g_idx(64, 32)
     a, b = random_quant(64, 32, 4, 32, g_idx, 0), random_quant(64, 32, 4, 32, g_idx.flip(0), 1)

@@ -106,60 +106,6 @@ def test_every_row_count_uses_the_one_row_tuning(monkeypatch):
     assert len(keys) == 2 and keys[0] == keys[1]
 
 
-@pytest.mark.parametrize("rows,act_order,scattered", [(1, False, False), (3, True, True), (2, False, True)])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_swiglu_gemv_equals_gemv_then_silu_mul(rows, act_order, scattered, split_k):
-    """The SwiGLU epilogue rounds like the separate kernels: bit-identical to the GEMV's fp16 output followed by
-    silu_mul, written through the scatter when one is given."""
-    from quant_kernels.triton_ops import silu_mul
-
-    k, n = 256, 160  # N / 2 = 80 is not a multiple of half a column block
-    layer = random_layer(k, n, 4, 32, act_order, seed=rows)
-    weight = prepare_weight(layer)
-    x = random_x(rows, k, seed=split_k) * 4  # gate values where silu is far from linear
-    config = dict(BLOCK_N=64, BLOCK_KW=8, SPLIT_K=split_k, num_warps=4)
-    both = quant_gemv(x, *weight.args(), config=config)
-    expected = silu_mul(both[:, 0::2], both[:, 1::2])
-    scatter = torch.randperm(n // 2, generator=torch.Generator().manual_seed(rows)).to(DEVICE, torch.int32)
-    out = poisoned(rows, n // 2)
-    quant_gemv(x, *weight.args(), out=out, config=config, swiglu=True, scatter=scatter if scattered else None)
-    if scattered:
-        expected = torch.empty_like(expected).index_copy_(1, scatter.long(), expected)
-    assert torch.equal(out, expected)
-
-
-@pytest.mark.parametrize("rows,gathered", [(1, False), (3, True)])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_add_norm_gemv_equals_gemv_then_rms_norm(rows, gathered, split_k):
-    """The AddNorm epilogue: the residual gets exactly what the separate add + norm stores, the normed output
-    matches it (up to the order of the sum of squares) in the consumer's gather order, and the sums of squares
-    and the row ticket are left zero for the next launch."""
-    from quant_kernels.triton_gemv import AddNorm, add_norm_slots
-    from quant_kernels.triton_ops import rms_norm
-
-    k, n = 256, 200  # N is not a multiple of the column block
-    layer = random_layer(k, n, 4, 32, act_order=False, seed=rows)
-    weight = prepare_weight(layer)
-    config = dict(BLOCK_N=64, BLOCK_KW=8, SPLIT_K=split_k, num_warps=4)
-    gen = torch.Generator().manual_seed(split_k)
-    norm_weight = (torch.rand(n, generator=gen) + 0.5).half().to(DEVICE)
-    gather = torch.randperm(n, generator=gen).to(DEVICE, torch.int32) if gathered else None
-    residual = random_x(rows, n, seed=7) * 3
-    for seed in range(2):  # the second launch finds the sums of squares and the ticket reset
-        x = random_x(rows, k, seed)
-        expected_residual = residual.clone()
-        expected = rms_norm(quant_gemv(x, *weight.args(), config=config), norm_weight, 1e-5, expected_residual,
-                            gather=gather)
-        out = poisoned(rows, n)
-        quant_gemv(x, *weight.args(), out=out, config=config,
-                   add_norm=AddNorm(residual, norm_weight, 1e-5, gather))
-        assert torch.equal(residual, expected_residual)
-        assert not out.isnan().any()
-        torch.testing.assert_close(out, expected, rtol=2e-3, atol=1e-3)
-    sum_sq, row_ticket = add_norm_slots(*Workspace.reserve(torch.device(DEVICE), 0, 0))
-    assert not sum_sq.any() and not row_ticket.any()
-
-
 def test_gemv_split_k_leaves_workspace_clean():
     layer = random_layer(512, 128, 4, 32, act_order=False)
     weight = prepare_weight(layer)
