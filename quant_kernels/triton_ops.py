@@ -11,6 +11,8 @@ Rounding follows the eager model (talis_cli.model) step by step in the model dty
 Every function takes [B, features] rows (B the batch, one token each); tensors on CUDA, or on CPU under
 TRITON_INTERPRET=1. On Hopper they launch with programmatic dependent launch (quant_kernels.pdl).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -217,10 +219,12 @@ def _decode_attention_kernel(
 
 
 def attention_splits(capacity: int, rows: int, sms: int) -> tuple[int, int]:
-    """(splits, chunk) for keys up to `capacity` over `rows` = batch * heads programs: about two programs per SM,
-    chunks of at least 64 keys, splits a power of two (the merge loads them as one block)."""
+    """(splits, chunk) for keys up to `capacity` over `rows` = batch * heads programs: about
+    TALIS_ATTENTION_PROGRAMS_PER_SM (default 2) programs per SM, chunks of at least 64 keys, splits a power of two
+    (the merge loads them as one block)."""
+    per_sm = int(os.environ.get("TALIS_ATTENTION_PROGRAMS_PER_SM", "2"))
     splits = 1
-    while splits < 64 and rows * splits < 2 * sms and capacity > 64 * splits:
+    while splits < 64 and rows * splits < per_sm * sms and capacity > 64 * splits:
         splits *= 2
     return splits, triton.cdiv(capacity, splits)
 

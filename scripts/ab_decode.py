@@ -3,7 +3,8 @@
     PYTHONPATH=. python3 scripts/ab_decode.py [--shape 7B] [--ctx 256] [--steps 100] [--rounds 5] VARIANT ...
 
 A VARIANT is names joined by '+' from SWITCHES (environment variables the kernels read when the step is
-captured): `base` (defaults) or `pdl0` (no programmatic dependent launch) so far; e.g. `base pdl0`. A switch
+captured): `base` (defaults), `pdl0` (no programmatic dependent launch), `attn4` / `attn8` (decode attention
+split for 4 or 8 programs per SM instead of 2); e.g. `base pdl0 attn4`. A switch
 for a new code path goes into SWITCHES, so that it is measured against the default in one process.
 Step times of one build of the weights vary by a few percent from run to run and from machine to machine, so
 variants are only compared against each other here: each round times every variant once, in turn. Prints each
@@ -19,7 +20,11 @@ import torch
 from talis_cli.bench import random_model, shape_args
 from talis_cli.fast_decode import CudaGraphDecoder
 
-SWITCHES = {"pdl0": ("TALIS_PDL", "0", "1")}  # name: (environment variable, value when on, default)
+SWITCHES = {  # name: (environment variable, value when on, default)
+    "pdl0": ("TALIS_PDL", "0", "1"),
+    "attn4": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "4", "2"),
+    "attn8": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "8", "2"),
+}
 
 
 def apply(variant: str) -> None:
@@ -29,7 +34,10 @@ def apply(variant: str) -> None:
     if unknown:
         raise SystemExit(f"unknown variant part(s) {sorted(unknown)}; known: base, {', '.join(SWITCHES)}")
     for name, (variable, on, default) in SWITCHES.items():
-        os.environ[variable] = on if name in names else default
+        os.environ[variable] = default
+    for name in names:
+        variable, on, _ = SWITCHES[name]
+        os.environ[variable] = on
 
 
 def main() -> None:
