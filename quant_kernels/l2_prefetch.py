@@ -24,8 +24,8 @@ LINES_PER_PROGRAM = 1024
 DEFAULT_MB = "8"
 
 # $1: the line's address; $2: nonzero to prefetch. $0: a dummy result (Triton's inline asm returns a value).
-_PREFETCH_ASM = ("{ .reg .pred p; setp.ne.b32 p, $2, 0;\n"
-                 " @p prefetch.global.L2::evict_last [$1];\n mov.u32 $0, 0; }")
+_PREFETCH_ASM = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0;\n"
+                             " @p prefetch.global.L2::evict_last [$1];\n mov.u32 $0, 0; }")
 
 
 @triton.jit
