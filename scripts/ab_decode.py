@@ -4,8 +4,7 @@
 
 A VARIANT is names joined by '+' from SWITCHES (environment variables the kernels read when the step is
 captured): `base` (defaults), `pdl0` (no programmatic dependent launch), `attn4` / `attn8` (decode attention
-split for 4 or 8 programs per SM instead of 2), `pf0` / `pf16` / `pf32` (L2 prefetch of each GEMV's first 0, 16 or
-32 MiB instead of 8); e.g. `base pdl0 attn4 pf0`. A switch
+split for 4 or 8 programs per SM instead of 2); e.g. `base pdl0 attn4`. A switch
 for a new code path goes into SWITCHES, so that it is measured against the default in one process.
 Step times of one build of the weights vary by a few percent from run to run and from machine to machine, so
 variants are only compared against each other here: each round times every variant once, in turn. Prints each
@@ -25,9 +24,6 @@ SWITCHES = {  # name: (environment variable, value when on, default)
     "pdl0": ("TALIS_PDL", "0", "1"),
     "attn4": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "4", "2"),
     "attn8": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "8", "2"),
-    "pf0": ("TALIS_L2_PREFETCH_MB", "0", "8"),
-    "pf16": ("TALIS_L2_PREFETCH_MB", "16", "8"),
-    "pf32": ("TALIS_L2_PREFETCH_MB", "32", "8"),
 }
 
 

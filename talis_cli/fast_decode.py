@@ -15,8 +15,7 @@ import torch
 
 from quant_kernels import triton_ops as ops
 from quant_kernels.fuse import fuse_model
-from quant_kernels.l2_prefetch import L2Prefetch
-from quant_kernels.triton_backend import PreparedWeight, forward_gathered, input_gather
+from quant_kernels.triton_backend import forward_gathered, input_gather
 
 MIN_BUCKET = 128  # smallest attention capacity captured
 
@@ -26,8 +25,6 @@ class DecodeStep:
 
     Static inputs: `tokens` int64 [batch], `slot` int64 [1] (the cache slot being written), `pad_lens` int64
     [batch]. `run(capacity)` returns float32 logits [batch, vocab]; capacity >= slot + 1.
-    Before each latency-bound kernel (attention, a norm, SiLU*mul) the start of the next GEMV's weights is
-    prefetched into L2 (quant_kernels.l2_prefetch).
     """
 
     def __init__(self, model, batch: int):
@@ -41,18 +38,13 @@ class DecodeStep:
         cos, sin = model.rotary(positions, dtype)  # [1, 1, S, hd]: the eager model's own tables
         self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         self.n_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        self.prefetch = {name: [L2Prefetch(*_weights(getattr(layer, owner), name)) for layer in model.model.layers]
-                         for owner, name in [("self_attn", "qkv_proj"), ("self_attn", "o_proj"),
-                                             ("mlp", "gate_up_proj"), ("mlp", "down_proj")]}
-        self.prefetch_lm_head = L2Prefetch(*_weights(model, "lm_head"))
 
-    def _norm_qkv(self, x, residual, i):
-        """q, k, v of layer i from its input norm of x (+ residual). An act-order q/k/v GEMV on the Triton kernels
+    @staticmethod
+    def _norm_qkv(x, residual, layer):
+        """q, k, v of `layer` from its input norm of x (+ residual). An act-order q/k/v GEMV on the Triton kernels
         gets its input from the norm already in the order it reads (triton_backend.input_gather)."""
-        layer = self.model.model.layers[i]
         attn, norm = layer.self_attn, layer.input_layernorm
         gather = input_gather(attn.qkv_proj)
-        self.prefetch["qkv_proj"][i]()
         h = ops.rms_norm(x, norm.weight, norm.eps, residual, gather=gather)
         return attn.project_qkv(h) if gather is None else attn.split_qkv(forward_gathered(attn.qkv_proj, h))
 
@@ -60,40 +52,24 @@ class DecodeStep:
         layers = self.model.model.layers
         x = self.model.model.embed_tokens(self.tokens)  # [B, dim]
         residual = x.clone()  # the residual stream, updated in place by each fused add + norm
-        q, k, v = self._norm_qkv(x, None, 0)
+        q, k, v = self._norm_qkv(x, None, layers[0])
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             cache = attn.kv_cache
-            self.prefetch["o_proj"][i]()
             y = ops.decode_attention(q, k, v, self.cos, self.sin, self.slot, self.pad_lens, cache.k, cache.v,
                                      capacity, self.n_sms)  # [B, heads*hd]
             norm = layer.post_attention_layernorm
             gather = input_gather(mlp.gate_up_proj)
-            o = attn.o_proj(y)
-            self.prefetch["gate_up_proj"][i]()
-            h = ops.rms_norm(o, norm.weight, norm.eps, residual, gather=gather)
+            h = ops.rms_norm(attn.o_proj(y), norm.weight, norm.eps, residual, gather=gather)
             gate, up = mlp.project_gate_up(h) if gather is None else forward_gathered(mlp.gate_up_proj, h).chunk(2, -1)
             gather = input_gather(mlp.down_proj)
-            self.prefetch["down_proj"][i]()
             act = ops.silu_mul(gate, up, gather=gather)
             out = mlp.down_proj(act) if gather is None else forward_gathered(mlp.down_proj, act)
             if i + 1 < len(layers):
-                q, k, v = self._norm_qkv(out, residual, i + 1)
+                q, k, v = self._norm_qkv(out, residual, layers[i + 1])
         norm = self.model.model.norm
-        self.prefetch_lm_head()
         h = ops.rms_norm(out, norm.weight, norm.eps, residual)
         return self.model.lm_head(h).float()
-
-
-def _weights(owner, name: str) -> tuple:
-    """The tensors the GEMV of `owner.name` reads in order (for the L2 prefetch): the Triton kernels' packed words
-    and scales, or a dense layer's weight; none for anything else (a fused part missing, a fallback backend)."""
-    module = getattr(owner, name, None)
-    state = getattr(module, "backend_state", None)
-    if isinstance(state, PreparedWeight):
-        return state.qweight, state.scale_zero
-    weight = getattr(module, "weight", None)
-    return (weight,) if isinstance(weight, torch.Tensor) and isinstance(module, torch.nn.Linear) else ()
 
 
 def buckets(max_seq_len: int) -> list[int]:

@@ -129,27 +129,3 @@ def test_decode_attention_matches_eager_step(dtype, n_heads, n_kv_heads, slot, c
 def test_attention_splits_cover_capacity(capacity, rows):
     splits, chunk = triton_ops.attention_splits(capacity, rows, sms=132)
     assert splits & (splits - 1) == 0 and splits * chunk >= capacity and (splits - 1) * chunk < capacity
-
-
-def test_l2_prefetch_budget_covers_ranges_in_order():
-    from quant_kernels.l2_prefetch import split_budget
-
-    assert split_budget([8, 4], 10) == [8, 2]
-    assert split_budget([8, 4], 100) == [8, 4]
-    assert split_budget([8, 4], 0) == [0, 0]
-    assert split_budget([], 5) == []
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_l2_prefetch_launch_leaves_data_unchanged():
-    from quant_kernels.l2_prefetch import L2Prefetch
-
-    a = torch.randint(0, 1000, (3_000_000,), dtype=torch.int32, device="cuda")
-    b = torch.randn(1000, device="cuda")
-    before = (a.clone(), b.clone())
-    prefetch = L2Prefetch(a, b)
-    assert prefetch.enabled
-    prefetch()
-    torch.cuda.synchronize()
-    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
