@@ -178,6 +178,13 @@ def input_gather(module) -> torch.Tensor | None:
     return state.perm if isinstance(state, PreparedWeight) else None
 
 
+def input_scatter(module) -> torch.Tensor | None:
+    """The inverse of `input_gather(module)` (int32 [K]): a kernel producing the input writes feature f to column
+    input_scatter[f]; None where `input_gather` is None."""
+    perm = input_gather(module)
+    return None if perm is None else torch.argsort(perm).to(torch.int32)
+
+
 def forward_gathered(layer: QuantLinear, x_gathered: torch.Tensor) -> torch.Tensor:
     """layer(x) for x_gathered = x[:, input_gather(layer)], [M, in] with M <= MAX_ROWS -> [M, out]."""
     state = layer.backend_state

@@ -127,8 +127,8 @@ def _cached_kv(k_cache_ptr, v_cache_ptr, base, s0, end, pad, offs_d, stride_cs, 
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pad_ptr, k_cache_ptr, v_cache_ptr, part_ptr, tickets_ptr,
-    out_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs, n_heads, group, chunk, scale,
-    SPLITS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    out_ptr, scatter_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs, n_heads, group, chunk, scale,
+    SPLITS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b, h, s): head h of row b over cache slots [s*chunk, (s+1)*chunk), one launch for the whole step.
 
@@ -137,7 +137,8 @@ def _decode_attention_kernel(
       registers, so no program waits for the cache write; the split holding `slot` writes k, v there (once per
       kv head);
     - leaves its softmax partial (acc[HD], max, sum) in part[b, h, s]; the last split to finish (an atomic
-      ticket per (b, h)) merges them into out[b, h*HD:(h+1)*HD] and resets the ticket to 0.
+      ticket per (b, h)) merges them into out[b, h*HD:(h+1)*HD] (feature f at column scatter[f] with
+      HAS_SCATTER) and resets the ticket to 0.
 
     Decode attention at short contexts is a chain of dependent memory round trips, not a bandwidth problem: the
     cached slots (written only by this layer's launches of earlier steps) and the rotary tables load before the
@@ -214,7 +215,10 @@ def _decode_attention_kernel(
         accs = tl.load(parts[:, None] + offs_d[None, :], cache_modifier=".cg")
         weight = tl.exp(ms - tl.max(ms, axis=0))
         y = tl.sum(accs * weight[:, None], axis=0) / tl.sum(ls * weight, axis=0)
-        tl.store(out_ptr + row * HD + offs_d, y.to(out_ptr.dtype.element_ty))
+        cols = h * HD + offs_d
+        if HAS_SCATTER:
+            cols = tl.load(scatter_ptr + cols)
+        tl.store(out_ptr + b * n_heads * HD + cols, y.to(out_ptr.dtype.element_ty))
         tl.store(tickets_ptr + row, 0)
 
 
@@ -243,9 +247,12 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      slot: torch.Tensor, pad_lens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     capacity: int, n_sms: int = 132, out: torch.Tensor | None = None) -> torch.Tensor:
+                     capacity: int, n_sms: int = 132, out: torch.Tensor | None = None,
+                     scatter: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per row: rotary on q and k, k and v stored at cache slot `slot`, softmax over
     slots [pad_lens[b], slot]; returns [B, n_heads * hd] in q's dtype (into `out`, contiguous, if given).
+    `scatter` (int32 [n_heads * hd]) writes feature f to column scatter[f]: pass triton_backend.input_scatter of an
+    act-order o_proj to hand it its input in the order it reads.
 
     q [B, n_heads*hd], k and v [B, n_kv_heads*hd] (unit column stride, e.g. views of a fused projection);
     cos, sin [max_seq_len, hd]; slot int64 [1]; pad_lens int64 [B]; caches [batch, n_kv_heads, max_seq_len, hd].
@@ -261,8 +268,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         out = torch.empty((B, n_heads * hd), dtype=q.dtype, device=q.device)
     _decode_attention_kernel[(B, n_heads, splits)](
         q, k, v, cos, sin, slot, pad_lens, k_cache, v_cache, parts, _tickets(q.device, B * n_heads), out,
-        q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5, SPLITS=splits, HD=hd, BLOCK_S=64, num_warps=8,
+        scatter if scatter is not None else out, q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5, SPLITS=splits,
+        HD=hd, BLOCK_S=64, HAS_SCATTER=scatter is not None, num_warps=8,
         **pdl_args(q.device),
     )
     return out

@@ -15,7 +15,7 @@ import torch
 
 from quant_kernels import triton_ops as ops
 from quant_kernels.fuse import fuse_model
-from quant_kernels.triton_backend import forward_gathered, input_gather
+from quant_kernels.triton_backend import forward_gathered, input_gather, input_scatter
 
 MIN_BUCKET = 128  # smallest attention capacity captured
 
@@ -38,6 +38,8 @@ class DecodeStep:
         cos, sin = model.rotary(positions, dtype)  # [1, 1, S, hd]: the eager model's own tables
         self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         self.n_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        # where attention writes each feature for an act-order o_proj (None: in order)
+        self.o_scatter = [input_scatter(layer.self_attn.o_proj) for layer in model.model.layers]
 
     @staticmethod
     def _norm_qkv(x, residual, layer):
@@ -56,11 +58,13 @@ class DecodeStep:
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             cache = attn.kv_cache
+            scatter = self.o_scatter[i]
             y = ops.decode_attention(q, k, v, self.cos, self.sin, self.slot, self.pad_lens, cache.k, cache.v,
-                                     capacity, self.n_sms)  # [B, heads*hd]
+                                     capacity, self.n_sms, scatter=scatter)  # [B, heads*hd]
+            o = attn.o_proj(y) if scatter is None else forward_gathered(attn.o_proj, y)
             norm = layer.post_attention_layernorm
             gather = input_gather(mlp.gate_up_proj)
-            h = ops.rms_norm(attn.o_proj(y), norm.weight, norm.eps, residual, gather=gather)
+            h = ops.rms_norm(o, norm.weight, norm.eps, residual, gather=gather)
             gate, up = mlp.project_gate_up(h) if gather is None else forward_gathered(mlp.gate_up_proj, h).chunk(2, -1)
             gather = input_gather(mlp.down_proj)
             act = ops.silu_mul(gate, up, gather=gather)

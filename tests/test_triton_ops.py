@@ -123,6 +123,12 @@ def test_decode_attention_matches_eager_step(dtype, n_heads, n_kv_heads, slot, c
     torch.testing.assert_close(k_cache[:B, :, slot], k_ref[:B, :, slot], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(v_cache[:B, :, slot], v_ref[:B, :, slot])
     assert k_cache[:, :, slot + 1:].isnan().all() and k_cache[B].isnan()[:, slot].all()  # nothing else written
+    # an act-order consumer's order: feature f lands in column scatter[f], the values unchanged
+    scatter = torch.randperm(n_heads * hd, generator=gen).to(DEVICE, torch.int32)
+    k_cache[:B, :, slot] = float("nan")
+    scattered = triton_ops.decode_attention(q, k, v, cos, sin, slot_t, pad_lens, k_cache, v_cache, capacity,
+                                            n_sms=4, out=poisoned((B, n_heads * hd), dtype), scatter=scatter)
+    assert torch.equal(scattered[:, scatter.long()], out)
 
 
 @pytest.mark.parametrize("capacity,rows", [(64, 32), (2048, 32), (2048, 1), (300, 8)])
