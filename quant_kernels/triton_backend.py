@@ -15,7 +15,7 @@ GPTQ tensors, so the weight is held once; otherwise the layer keeps both copies.
   number of words, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
 `forward` routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV; more rows (prefill) are
-dequantized into a per-device fp16 scratch buffer and multiplied by cuBLAS. Measured on an H100 (BENCHMARKS.md,
+dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS. Measured on an H100 (BENCHMARKS.md,
 Kernels): at 2048 rows dequantize + cuBLAS ran at 550-630 TFLOP/s, 85-90% of fp16 cuBLAS, while the fused
 Triton GEMM (`triton_gemm.quant_gemm`) reached only ~155 TFLOP/s. Rows 9-64 were not compared yet.
 """
@@ -116,8 +116,11 @@ class Fallback:
 
 
 class Scratch:
-    """One dense-weight buffer per device and dtype for the dequantize + cuBLAS path, grown to the largest layer
-    (for LLaMA-65B's fused gate/up projection, 8192 x 44032 fp16: 721 MB)."""
+    """One dense-weight buffer per device and dtype for the dequantize + cuBLAS path. Layers are dequantized in
+    column slices of at most SLICE_ELEMENTS (128 MiB in fp16): the whole of LLaMA-65B's fused gate/up projection
+    would take 721 MB, memory the KV cache can use instead."""
+
+    SLICE_ELEMENTS = 64 * 2**20
 
     _buffers: dict = {}
 
@@ -128,6 +131,13 @@ class Scratch:
             buffer = torch.empty(rows * cols, dtype=dtype, device=device)
             cls._buffers[(device, dtype)] = buffer
         return buffer[: rows * cols].view(rows, cols)
+
+    @classmethod
+    def column_slices(cls, rows: int, cols: int) -> list[slice]:
+        """Column ranges of a [rows, cols] weight, each at most SLICE_ELEMENTS (whole multiples of 128 columns
+        where they are split)."""
+        width = max(128, cls.SLICE_ELEMENTS // rows // 128 * 128)
+        return [slice(c, min(c + width, cols)) for c in range(0, cols, width)]
 
 
 class TritonBackend:
@@ -160,8 +170,10 @@ class TritonBackend:
         if x2d.shape[0] <= MAX_ROWS:
             y = quant_gemv(x2d, *state.args())
         else:
-            scratch = Scratch.get(x2d.device, x2d.dtype, layer.in_features, layer.out_features)
-            y = torch.matmul(x2d, dequantize_into(scratch, *state.args()))
+            y = torch.empty((x2d.shape[0], layer.out_features), dtype=x2d.dtype, device=x2d.device)
+            for cols in Scratch.column_slices(layer.in_features, layer.out_features):
+                scratch = Scratch.get(x2d.device, x2d.dtype, layer.in_features, cols.stop - cols.start)
+                torch.matmul(x2d, dequantize_into(scratch, *state.args(), first_column=cols.start), out=y[:, cols])
         if layer.bias is not None:
             y += layer.bias.to(y.dtype)
         return y

@@ -72,15 +72,16 @@ def _gemm_kernel(
 
 
 @triton.jit
-def _dequantize_kernel(qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, N, K, group_shift,
+def _dequantize_kernel(qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, N, K, stride_w, group_shift,
                        BITS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[perm[k], n] = W[k, n] in out's dtype; out is [K, N] contiguous. Grid: (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))."""
+    """out[perm[k], n] = W[k, n] in out's dtype for N columns of W (qweight and scale_zero rows stride_w apart);
+    out is [K, N] contiguous. Grid: (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
     mask_n = offs_n < N
     w = _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_n,
-                          N, group_shift, BITS)
+                          stride_w, group_shift, BITS)
     dst_k = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
     tl.store(out_ptr + dst_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
              mask=mask_k[:, None] & mask_n[None, :])
@@ -135,14 +136,15 @@ def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
 
 
 def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
-                    perm: torch.Tensor | None, bits: int, group_shift: int) -> torch.Tensor:
-    """Write the dense weight [K, N] (original row order) into `out` (contiguous, fp16/bf16/fp32) and return it."""
+                    perm: torch.Tensor | None, bits: int, group_shift: int, first_column: int = 0) -> torch.Tensor:
+    """Write columns first_column ... first_column + out.shape[1] - 1 of the dense weight [K, N] (original row
+    order) into `out` (contiguous [K, columns], fp16/bf16/fp32) and return it."""
     k = qweight.shape[0] * 32 // bits
-    n = qweight.shape[1]
-    assert out.shape == (k, n) and out.is_contiguous()
+    n = out.shape[1]
+    assert out.shape[0] == k and out.is_contiguous() and first_column + n <= qweight.shape[1]
     block_k, block_n = 32, 128
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
-    _dequantize_kernel[grid](qweight, scale_zero, perm if perm is not None else qweight, out,
-                             n, k, group_shift, BITS=bits, HAS_PERM=perm is not None,
-                             BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    _dequantize_kernel[grid](qweight[:, first_column:], scale_zero[:, first_column:],
+                             perm if perm is not None else qweight, out, n, k, qweight.stride(0), group_shift,
+                             BITS=bits, HAS_PERM=perm is not None, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
     return out

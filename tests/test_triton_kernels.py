@@ -138,6 +138,25 @@ def test_dequantize_into_matches_reference_exactly(bits, group_size, act_order):
     assert torch.equal(dense, expected)
 
 
+def test_dequantize_into_a_column_slice_is_that_slice_of_the_weight():
+    layer = random_layer(256, 300, 4, 32, act_order=True, zero_offset=0)
+    whole = dequantize_into(poisoned(256, 300), *prepare_weight(layer).args())
+    part = dequantize_into(poisoned(256, 44), *prepare_weight(layer).args(), first_column=256)
+    assert torch.equal(part, whole[:, 256:])
+
+
+def test_prefill_dequantizes_wide_layers_in_column_slices(monkeypatch):
+    """More rows than the GEMV serves: dequantize + matmul slice by slice (three here, the last one narrower)."""
+    from quant_kernels.triton_backend import Scratch
+
+    monkeypatch.setattr(Scratch, "SLICE_ELEMENTS", 256 * 128)
+    assert [(c.start, c.stop) for c in Scratch.column_slices(256, 300)] == [(0, 128), (128, 256), (256, 300)]
+    layer = random_layer(256, 300, 4, 64, act_order=True, seed=3)
+    layer.set_backend("triton")
+    x = random_x(19, 256, seed=3)
+    assert relative_error(layer(x), reference(layer, x)) < TOLERANCE
+
+
 def test_group_order_sorts_rows_by_group():
     g_idx = torch.arange(96, dtype=torch.int32) // 32
     assert group_order(g_idx, 32) is None
