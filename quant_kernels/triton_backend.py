@@ -117,10 +117,11 @@ class Fallback:
 
 class Scratch:
     """One dense-weight buffer per device and dtype for the dequantize + cuBLAS path. Layers are dequantized in
-    column slices of at most SLICE_ELEMENTS (128 MiB in fp16): the whole of LLaMA-65B's fused gate/up projection
-    would take 721 MB, memory the KV cache can use instead."""
+    column slices of at most SLICE_ELEMENTS (256 MiB in fp16): the whole of LLaMA-65B's fused gate/up projection
+    would take 721 MB, memory the KV cache can use instead. Smaller slices cost time: at 128 MiB, the 7B gate/up
+    in two slices made a 128-token prefill 38 -> 53 ms on the H100 (BENCHMARKS.md); 7B layers fit one slice."""
 
-    SLICE_ELEMENTS = 64 * 2**20
+    SLICE_ELEMENTS = 128 * 2**20
 
     _buffers: dict = {}
 
