@@ -15,9 +15,9 @@ GPTQ tensors, so the weight is held once; otherwise the layer keeps both copies.
   number of words, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
 `forward` routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV; more rows (prefill) are
-dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS. Measured on an H100 (BENCHMARKS.md,
-Kernels): at 2048 rows dequantize + cuBLAS ran at 550-630 TFLOP/s, 85-90% of fp16 cuBLAS, while the fused
-Triton GEMM (`triton_gemm.quant_gemm`) reached only ~155 TFLOP/s. Rows 9-64 were not compared yet.
+dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS. Measured on an
+H100 (BENCHMARKS.md, Kernels): at 2048 rows dequantize + cuBLAS ran at 550-630 TFLOP/s, 85-90% of fp16 cuBLAS,
+while the fused Triton GEMM (`triton_gemm.quant_gemm`) reached only ~155 TFLOP/s. Rows 9-64 were not compared yet.
 """
 from dataclasses import dataclass
 
