@@ -29,7 +29,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, gather_ptr, out_ptr, N, eps, stride_
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # the output's features and their weights are constant: loaded before the wait, like weights
+    src = tl.load(gather_ptr + offs, mask=mask, other=0) if HAS_GATHER else offs
+    w = tl.load(w_ptr + src, mask=mask, other=0.0).to(tl.float32)
     wait_for_previous_kernel(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RES:
@@ -39,8 +41,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, gather_ptr, out_ptr, N, eps, stride_
     xf = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
     if HAS_GATHER:  # the same values, read again in the consumer's order
-        src = tl.load(gather_ptr + offs, mask=mask, other=0)
-        w = tl.load(w_ptr + src, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             tl.debug_barrier()  # the residual sum stored above is visible to every thread of the program
             x = tl.load(res_ptr + row * stride_r + src, mask=mask, other=0.0)
