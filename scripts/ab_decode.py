@@ -4,8 +4,8 @@
 
 A VARIANT is names joined by '+' from SWITCHES (environment variables the kernels read when the step is
 captured): `base` (defaults), `pdl0` (no programmatic dependent launch), `attn4` / `attn8` (decode attention
-split for 4 or 8 programs per SM instead of 2); e.g. `base pdl0 attn4`. A switch
-for a new code path goes into SWITCHES, so that it is measured against the default in one process.
+split for 4 or 8 programs per SM instead of 2); e.g. `base pdl0 attn4`. A switch for a new code path goes into
+SWITCHES, so that it is measured against the default in one process.
 Step times of one build of the weights vary by a few percent from run to run and from machine to machine, so
 variants are only compared against each other here: each round times every variant once, in turn. Prints each
 variant's best and median step (wall, with the host read of each token) and its speed relative to the first.
@@ -33,7 +33,7 @@ def apply(variant: str) -> None:
     unknown = names - set(SWITCHES)
     if unknown:
         raise SystemExit(f"unknown variant part(s) {sorted(unknown)}; known: base, {', '.join(SWITCHES)}")
-    for name, (variable, on, default) in SWITCHES.items():
+    for variable, _, default in SWITCHES.values():
         os.environ[variable] = default
     for name in names:
         variable, on, _ = SWITCHES[name]
