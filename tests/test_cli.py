@@ -232,11 +232,17 @@ def test_closed_pipe_ends_quietly(model_dir):
     assert len(head) == 20 and stderr == b""
 
 
+def default_sigint() -> None:
+    """In a child: SIGINT's default action, even when the tests run where it is ignored (a shell's background
+    job ignores it, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_generation_exits_130(model_dir):
     process = subprocess.Popen([sys.executable, "-m", "talis_cli", "generate", "-m", model_dir, "-p", "In the",
                                 "-n", "100000", "--temperature", "1", "--seed", "2", "--stop", "no-stop"],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               cwd=REPO, env=talis_env())
+                               cwd=REPO, env=talis_env(), preexec_fn=default_sigint)
     ready, _, _ = select.select([process.stdout], [], [], 60)
     assert ready, "no output within a minute"
     process.stdout.read1(1)  # generation has started

@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -261,7 +262,9 @@ class Terminal:
 
     @staticmethod
     def _take_terminal() -> None:
-        """In the child: a session of its own with the pseudo-terminal as controlling terminal (so ^C is SIGINT)."""
+        """In the child: a session of its own with the pseudo-terminal as controlling terminal (so ^C is SIGINT),
+        and SIGINT's default action even where the tests run with it ignored (a shell's background job)."""
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
