@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from talis_cli.bench import random_model, shape_args
+from profile_decode import add_model_options, random_decode_model  # scripts/ is on the path of scripts run
 from talis_cli.fast_decode import CudaGraphDecoder
 
 SWITCHES = {  # name: (environment variable, value when on, default)
@@ -43,17 +43,11 @@ def apply(variant: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="+")
-    parser.add_argument("--shape", default="7B")
-    parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=100)
+    add_model_options(parser, steps=100)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--act-order", action="store_true")
     opts = parser.parse_args()
     device = torch.device("cuda")
-    args = shape_args(opts.shape, opts.ctx)
-    model = random_model(args, "gptq", opts.bits, 128, opts.act_order, device)
-    model.setup_cache(1, opts.ctx)
+    model = random_decode_model(opts, device)
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     start = opts.ctx - opts.steps
 

@@ -17,18 +17,28 @@ from talis_cli.bench import random_model, shape_args
 from talis_cli.fast_decode import CudaGraphDecoder
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_options(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The options that pick the random model and the decode window (shared with scripts/ab_decode.py)."""
     parser.add_argument("--shape", default="7B")
     parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--act-order", action="store_true")
+
+
+def random_decode_model(opts, device: torch.device):
+    """A random GPTQ model of opts.shape on `device` with a one-row cache of opts.ctx slots."""
+    model = random_model(shape_args(opts.shape, opts.ctx), "gptq", opts.bits, 128, opts.act_order, device)
+    model.setup_cache(1, opts.ctx)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_options(parser, steps=20)
     opts = parser.parse_args()
     device = torch.device("cuda")
-    args = shape_args(opts.shape, opts.ctx)
-    model = random_model(args, "gptq", opts.bits, 128, opts.act_order, device)
-    model.setup_cache(1, opts.ctx)
+    model = random_decode_model(opts, device)
     runner = CudaGraphDecoder(model)
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     start = opts.ctx - opts.steps
