@@ -71,8 +71,8 @@ def main() -> None:
           f"{opts.rounds} rounds of {opts.steps} steps ({torch.cuda.get_device_name(device)})")
     for variant, runs in times.items():
         best = min(runs)
-        print(f"  {variant:24s} best {best:7.0f} us = {1e6 / best:6.1f} tok/s, median {statistics.median(runs):7.0f} us,"
-              f" {100 * first / best:5.1f}% of the first's speed")
+        print(f"  {variant:24s} best {best:7.0f} us = {1e6 / best:6.1f} tok/s, "
+              f"median {statistics.median(runs):7.0f} us, {100 * first / best:5.1f}% of the first's speed")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     PYTHONPATH=. python3 scripts/profile_decode.py [--shape 7B] [--ctx 256] [--steps 20] [--bits 4] [--act-order]
 
 Prints, per kernel name, launches per step, GPU microseconds per step and share of the step, plus the wall time
-per step of plain replays (the best of three runs of --steps steps). With programmatic dependent launch (quant_kernels.pdl) kernels overlap, so the kernel
-times may add up to more than the step.
+per step of plain replays (the best of three runs of --steps steps). With programmatic dependent launch
+(quant_kernels.pdl) kernels overlap, so the kernel times may add up to more than the step.
 """
 import argparse
 import time
