@@ -4,7 +4,9 @@
 
 Prints, per kernel name, launches per step, GPU microseconds per step and share of the step, plus the wall time
 per step of plain replays (the best of three runs of --steps steps). With programmatic dependent launch
-(quant_kernels.pdl) kernels overlap, so the kernel times may add up to more than the step.
+(quant_kernels.pdl) kernels overlap, so the kernel times may add up to more than the step; the column "adds"
+is what each kernel adds to the step instead: the time from the end of the kernel before it to its own end
+(kernels of one stream end in order), summed per name, so the column adds up to the GPU time of the step.
 """
 import argparse
 import time
@@ -33,6 +35,20 @@ def random_decode_model(opts, device: torch.device):
     return model
 
 
+def label(name: str, seen: dict, n_layers: int) -> str:
+    """The kernel's name, with its role in the layer for the GEMVs and norms (by how many of that kernel came
+    before it, counted in `seen`): a step runs 4 GEMVs per layer and 2 norms per layer plus the final one, in the
+    order of fast_decode.DecodeStep.run."""
+    for kernel, per_step, roles in (("_gemv_kernel", 4 * n_layers, ("qkv", "o", "gate_up", "down")),
+                                    ("_rms_norm_kernel", 2 * n_layers + 1, ("input", "post_attention"))):
+        if kernel in name:
+            index = seen[kernel] % per_step
+            seen[kernel] += 1
+            role = "final" if kernel == "_rms_norm_kernel" and index == per_step - 1 else roles[index % len(roles)]
+            return f"{kernel} ({role})"
+    return name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_options(parser, steps=20)
@@ -58,18 +74,25 @@ def main() -> None:
         wall_us = min(walls)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             steps()
-    totals, counts = defaultdict(float), defaultdict(int)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name] += event.device_time
-            counts[event.name] += 1
+    totals, counts, adds = defaultdict(float), defaultdict(int), defaultdict(float)
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.end)
+    previous_end, seen = None, defaultdict(int)
+    for event in kernels:
+        name = label(event.name, seen, len(model.model.layers))
+        totals[name] += event.device_time
+        counts[name] += 1
+        if previous_end is not None:
+            adds[name] += event.time_range.end - max(previous_end, event.time_range.start)
+        previous_end = event.time_range.end
     print(f"{opts.shape} {opts.bits}-bit{' act-order' if opts.act_order else ''} ctx {opts.ctx}: {wall_us:.0f} us "
           f"per step = {1e6 / wall_us:.1f} tok/s (wall, with a host read per token; runs: "
           + ", ".join(f"{w:.0f}" for w in walls) + ")")
-    print(f"{'us/step':>8} {'share':>6} {'n/step':>6}  kernel")
+    print(f"{'us/step':>8} {'share':>6} {'adds':>7} {'n/step':>6}  kernel")
     for name, us in sorted(totals.items(), key=lambda item: -item[1]):
-        print(f"{us / opts.steps:8.1f} {100 * us / opts.steps / wall_us:5.1f}% {counts[name] / opts.steps:6.1f}  "
-              f"{name[:90]}")
+        print(f"{us / opts.steps:8.1f} {100 * us / opts.steps / wall_us:5.1f}% {adds[name] / opts.steps:7.1f} "
+              f"{counts[name] / opts.steps:6.1f}  {name[:90]}")
+    print(f"GPU busy per step (sum of adds): {sum(adds.values()) / opts.steps:.0f} us")
 
 
 if __name__ == "__main__":
