@@ -20,7 +20,6 @@ instruction: fp32 arithmetic per weight made the kernel instruction bound at ~6 
 Under TRITON_INTERPRET=1 (no GPU, no PTX) the same arithmetic runs in plain fp32 Triton operations.
 """
 import itertools
-import os
 
 import torch
 import triton
@@ -197,110 +196,6 @@ def _gemv_kernel(
             tl.store(tickets_ptr + pid_n, 0)
 
 
-@triton.jit
-def _merge_partial(acc, out_ptr, workspace_ptr, tickets_ptr, col_block, blocks_done, k_blocks, offs_m, offs_n,
-                   mask_out, N, stride_om):
-    """Adds a program's partial sums of one column block (over `blocks_done` of its `k_blocks` word blocks) into
-    the workspace; the program that completes the column block writes the output and cleans up after itself."""
-    out_ptrs = out_ptr + offs_m * stride_om + offs_n
-    if blocks_done == k_blocks:  # the program did the whole column block alone
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
-    else:
-        partial_ptrs = workspace_ptr + offs_m * N + offs_n
-        # Relaxed adds need no round trip each; the barrier and the ticket's acq_rel order them before the
-        # ticket for the whole program, so the program that completes the count sees every partial.
-        tl.atomic_add(partial_ptrs, acc, mask=mask_out, sem="relaxed")
-        tl.debug_barrier()
-        done_before = tl.atomic_add(tickets_ptr + col_block, blocks_done, sem="acq_rel")
-        if done_before + blocks_done == k_blocks:
-            # .cg reads through L2: the other programs' partials are not in this SM's L1.
-            total = tl.load(partial_ptrs, mask=mask_out, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask_out)
-            tl.store(partial_ptrs, tl.zeros_like(acc), mask=mask_out)
-            tl.store(tickets_ptr + col_block, 0)
-
-
-@triton.jit
-def _balanced_gemv_kernel(
-    x16_ptr, x32_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
-    M, N, K, group_shift, stride_xm, stride_om,
-    BITS: tl.constexpr, HAS_PERM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAIR_FMA: tl.constexpr, PAIR_SUM: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
-):
-    """`_gemv_kernel`'s product with the work spread evenly over however many programs run (grid: (P,)).
-
-    The work is cdiv(N, BLOCK_N) column blocks times cdiv(K words, BLOCK_KW) word blocks, numbered column block
-    by column block; program p does items [p * W / P, (p + 1) * W / P). Every program gets the same number of
-    word blocks to within one, whatever the shape, so with P a whole number of programs per SM, all of them
-    run at once and finish together: no program waits for a second wave and no SM idles at the end. A program
-    whose items span a column block's end merges that block's partial sums (`_merge_partial`) and goes on.
-    """
-    PER_WORD: tl.constexpr = 32 // BITS
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    words = K // PER_WORD
-    k_blocks = tl.cdiv(words, BLOCK_KW)
-    items = k_blocks * tl.cdiv(N, BLOCK_N)
-    first = (pid * items) // programs
-    last = ((pid + 1) * items) // programs
-
-    offs_m = tl.arange(0, BLOCK_M)[:, None, None]
-    offs_w = tl.arange(0, BLOCK_KW)[None, :, None]
-    cols = tl.arange(0, BLOCK_N)[None, None, :]
-    mask_m = offs_m < M
-
-    allow_next_kernel(PDL)
-    # Software pipeline: the words and scales of item i+1 are in flight while item i is computed; the first
-    # item is loaded before waiting for the kernel that writes x (weights are never written while decoding).
-    offs_n = (first // k_blocks) * BLOCK_N + cols
-    packed, scale_zero = _load_block(qweight_ptr, scale_zero_ptr, (first % k_blocks) * BLOCK_KW, words, offs_w,
-                                     offs_n, offs_n < N, N, group_shift, PER_WORD)
-    wait_for_previous_kernel(PDL)
-    acc = tl.zeros([BLOCK_M, 1, BLOCK_N], dtype=tl.float32)
-    for item in range(first, last):
-        col_block = item // k_blocks
-        kw0 = (item % k_blocks) * BLOCK_KW
-        offs_n = col_block * BLOCK_N + cols
-        mask_n = offs_n < N
-        following = tl.minimum(item + 1, last - 1)  # the last item loads itself again: a harmless valid read
-        next_n = (following // k_blocks) * BLOCK_N + cols
-        next_packed, next_scale_zero = _load_block(qweight_ptr, scale_zero_ptr, (following % k_blocks) * BLOCK_KW,
-                                                   words, offs_w, next_n, next_n < N, N, group_shift, PER_WORD)
-        scale, zero = _fp16_halves(scale_zero)
-        dot = _word_dot(packed, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, kw0 + offs_w,
-                        mask_m & (kw0 + offs_w < words), stride_xm, BITS, HAS_PERM, PAIR_FMA, PAIR_SUM, EMULATE)
-        acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
-        packed, scale_zero = next_packed, next_scale_zero
-        if (kw0 + BLOCK_KW >= words) | (item == last - 1):  # the column block's or the program's last item
-            blocks_done = item + 1 - tl.maximum(first, col_block * k_blocks)
-            _merge_partial(acc, out_ptr, workspace_ptr, tickets_ptr, col_block, blocks_done, k_blocks, offs_m,
-                           offs_n, mask_m & mask_n, N, stride_om)
-            acc = tl.zeros([BLOCK_M, 1, BLOCK_N], dtype=tl.float32)
-
-
-def _fits_balanced(config: dict, key: tuple) -> bool:
-    """Pruner for the balanced GEMV (key: N, K, bits, ...): at least one word block per program."""
-    n, k, bits = key[:3]
-    items = triton.cdiv(n, config["BLOCK_N"]) * triton.cdiv(k * bits // 32, config["BLOCK_KW"])
-    return items >= config["PER_SM"] * sm_count(torch.device("cuda"))
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter), so PER_SM is the grid."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-BALANCED_TUNER = Tuner(
-    "gemv_balanced",
-    [dict(BLOCK_N=128 * warps, num_warps=warps, BLOCK_KW=block_kw, PER_SM=per_sm)
-     for warps, block_kw, per_sm in itertools.product([2, 4, 8], [2, 4, 8, 16], [1, 2, 3, 4, 6, 8, 12, 16])
-     if warps * per_sm <= 64],  # at most 64 warps on an SM
-    prune=_fits_balanced,
-    interpreter_config=dict(BLOCK_N=64, BLOCK_KW=8, PER_SM=3, num_warps=4),
-)
-
-
 def _fits(config: dict, key: tuple) -> bool:
     """Pruner (key: N, K, bits, ...; one row): every split gets at least one block of words; between half a
     program and 32 programs per SM."""
@@ -377,27 +272,21 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     pair_fma = "" if emulate else _pair_fma_asm(bits)
     pair_sum = "" if emulate else _PAIR_SUM_ASM
 
-    balanced = os.environ.get("TALIS_GEMV_BALANCED", "1") == "1" if config is None else "PER_SM" in config
-
     def launch(cfg: dict, rows: int = m) -> None:
         rows_block = triton.next_power_of_2(rows)
-        args = (x16.view(torch.int16), x16.view(torch.int32), qweight, scale_zero,
-                perm if perm is not None else qweight, out, workspace, tickets, rows, n, k, group_shift)
-        meta = dict(BITS=bits, HAS_PERM=perm is not None, BLOCK_M=rows_block,
-                    BLOCK_KW=min(cfg["BLOCK_KW"], group_words, 16 // rows_block),  # bounded accumulators per thread
-                    BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, PAIR_SUM=pair_sum, EMULATE=emulate,
-                    num_warps=cfg["num_warps"], **pdl_args(x.device))
-        if balanced:
-            items = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k * bits // 32, meta["BLOCK_KW"])
-            grid = (min(items, cfg["PER_SM"] * sm_count(x.device)),)
-            _balanced_gemv_kernel[grid](*args, x16.stride(0), out.stride(0), **meta)
-        else:
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-            _gemv_kernel[grid](*args, cfg["SPLIT_K"], x16.stride(0), out.stride(0), **meta)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        _gemv_kernel[grid](
+            x16.view(torch.int16), x16.view(torch.int32), qweight, scale_zero,
+            perm if perm is not None else qweight, out, workspace, tickets,
+            rows, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
+            BITS=bits, HAS_PERM=perm is not None, BLOCK_M=rows_block,
+            BLOCK_KW=min(cfg["BLOCK_KW"], group_words, 16 // rows_block),  # bounded accumulators per thread
+            BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, PAIR_SUM=pair_sum, EMULATE=emulate,
+            num_warps=cfg["num_warps"], **pdl_args(x.device),
+        )
 
     # Every row count uses the configuration tuned for one row (the decode step's, tuned when the model loads):
     # tuning each row count apart stalled the first short prompt of a session by seconds per layer shape.
     key = (n, k, bits, group_shift, perm is not None)
-    tuner = BALANCED_TUNER if balanced else GEMV_TUNER
-    launch(config or tuner.pick(key, lambda cfg: launch(cfg, rows=1)))
+    launch(config or GEMV_TUNER.pick(key, lambda cfg: launch(cfg, rows=1)))
     return out

@@ -24,7 +24,6 @@ SWITCHES = {  # name: (environment variable, value when on, default)
     "pdl0": ("TALIS_PDL", "0", "1"),
     "attn4": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "4", "2"),
     "attn8": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "8", "2"),
-    "split": ("TALIS_GEMV_BALANCED", "0", "1"),
 }
 
 
