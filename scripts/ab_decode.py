@@ -4,7 +4,9 @@
 
 A VARIANT is names joined by '+' from SWITCHES (environment variables the kernels read when the step is
 captured): `base` (defaults), `pdl0` (no programmatic dependent launch), `attn4` / `attn8` (decode attention
-split for 4 or 8 programs per SM instead of 2); e.g. `base pdl0 attn4`. A switch for a new code path goes into
+split for 4 or 8 programs per SM instead of 2); e.g. `base pdl0 attn4`. `inline` is no switch but the loop of
+earlier versions: each token read on the host before the next step is queued (by default the next step is
+queued first, as the Generator does on CUDA: talis_cli.step_queue). A switch for a new code path goes into
 SWITCHES, so that it is measured against the default in one process.
 Step times of one build of the weights vary by a few percent from run to run and from machine to machine, so
 variants are only compared against each other here: each round times every variant once, in turn. Prints each
@@ -19,6 +21,7 @@ import torch
 
 from profile_decode import add_model_options, random_decode_model  # scripts/ is on the path of scripts run
 from talis_cli.fast_decode import CudaGraphDecoder
+from talis_cli.step_queue import QueuedStep, host_buffers
 
 SWITCHES = {  # name: (environment variable, value when on, default)
     "pdl0": ("TALIS_PDL", "0", "1"),
@@ -27,17 +30,37 @@ SWITCHES = {  # name: (environment variable, value when on, default)
 }
 
 
+INLINE = "inline"
+
+
 def apply(variant: str) -> None:
     """Set the switches of `variant` (and reset the others to their defaults)."""
-    names = set(variant.split("+")) - {"base"}
+    names = set(variant.split("+")) - {"base", INLINE}
     unknown = names - set(SWITCHES)
     if unknown:
-        raise SystemExit(f"unknown variant part(s) {sorted(unknown)}; known: base, {', '.join(SWITCHES)}")
+        raise SystemExit(f"unknown variant part(s) {sorted(unknown)}; known: base, {INLINE}, {', '.join(SWITCHES)}")
     for variable, _, default in SWITCHES.values():
         os.environ[variable] = default
     for name in names:
         variable, on, _ = SWITCHES[name]
         os.environ[variable] = on
+
+
+def decode(runner, positions: range, inline: bool, buffers: list) -> None:
+    """Greedy steps at `positions` (the token fed back), one host read per token."""
+    token = torch.zeros(1, dtype=torch.long, device="cuda")
+    queued = None
+    for i, pos in enumerate(positions):
+        if inline:
+            token = runner(token[:, None], pos).argmax(-1)
+            token.tolist()
+            continue
+        step = QueuedStep(lambda: runner(token[:, None], pos).argmax(-1), buffers[i % 2])
+        if queued is not None:
+            queued.ids()
+        queued, token = step, step.tokens
+    if queued is not None:
+        queued.ids()
 
 
 def main() -> None:
@@ -51,7 +74,7 @@ def main() -> None:
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     start = opts.ctx - opts.steps
 
-    runners = {}
+    runners, buffers = {}, host_buffers(device, 1)
     with torch.inference_mode():
         for variant in opts.variants:  # capture each variant under its own switches
             apply(variant)
@@ -62,8 +85,7 @@ def main() -> None:
             for variant, runner in runners.items():
                 torch.cuda.synchronize()
                 began = time.perf_counter()
-                for pos in range(start, opts.ctx):
-                    runner(token, pos).argmax(-1).tolist()
+                decode(runner, range(start, opts.ctx), INLINE in variant.split("+"), buffers)
                 times[variant].append((time.perf_counter() - began) / opts.steps * 1e6)
     apply("base")
     first = min(times[opts.variants[0]])

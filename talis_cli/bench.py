@@ -7,8 +7,8 @@ directly on the GPU (no file); `--model DIR` loads a real checkpoint instead. Th
 fp16 weights (cuBLAS) and, where torch has it, with torch's int4 kernel, all through the same CUDA-graph decode.
 
 Timing windows: prefill of `prompt` tokens starting at slot 0 (its time is the time to first token, greedy
-draw included); decode of `gen` tokens in the last `gen` slots of a `ctx`-slot cache, one host read per token
-as streaming does. The floor's KV term uses the mean context of that window.
+draw included); decode of `gen` tokens in the last `gen` slots of a `ctx`-slot cache, one host read per token,
+each after the next step is queued, as streaming does (talis_cli.step_queue). The floor's KV term uses the mean context of that window.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from .engine import Engine, LoadSettings
 from .errors import TalisError, UsageError
 from .fast_decode import CudaGraphDecoder
 from .model import Transformer
+from .step_queue import QueuedStep, host_buffers
 
 GB = 1e9
 
@@ -207,11 +208,18 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     def prefill():
         model(tokens, start_pos=0, last_only=True)[:, -1].argmax(-1).tolist()  # the first token reaches the host
 
+    buffers = host_buffers(device, 1)
+
     def decode():
-        token = tokens[:, -1:]
-        for pos in range(start, ctx):
-            token = runner(token, pos).argmax(-1, keepdim=True)
-            token.tolist()  # one host read per token, as streaming does
+        # one host read per token, each after the next step is queued, as the Generator streams on CUDA
+        queued = None
+        for i, pos in enumerate(range(start, ctx)):
+            token = tokens[:, -1] if queued is None else queued.tokens
+            step = QueuedStep(lambda: runner(token[:, None], pos).argmax(-1), buffers[i % 2] if buffers else None)
+            if queued is not None:
+                queued.ids()
+            queued = step
+        queued.ids()
 
     timing = dict(prefill_s=None, prefill_error=None)
     with torch.inference_mode():

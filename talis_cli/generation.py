@@ -1,7 +1,8 @@
 """Streaming generation: GenerationConfig, TokenEvent, GenerationStats and the Generator.
 
 The chain is prefill (one forward over the padded prompts) -> sample -> decode step -> sample -> ...; the
-per-token step is the single call `Generator._decode_step`, so a CUDA-graph runner can replace it.
+per-token step is the single call `Generator._decode_step`, so a CUDA-graph runner can replace it. On CUDA each
+step is queued before the tokens of the step before it are handed out (talis_cli.step_queue).
 torch is imported only when generation starts, so reading presets and flags stays quick.
 """
 
@@ -111,7 +112,7 @@ class GenerationStats:
     reused_tokens: int = 0  # prompt tokens whose keys/values were still in the cache (not computed again)
     new_tokens: int = 0  # tokens produced over all rows
     prefill_s: float = 0.0  # prompt forward and first draw
-    decode_s: float = 0.0  # decode steps and draws (time spent by the consumer not included)
+    decode_s: float = 0.0  # decode steps and draws (GPU time on CUDA: talis_cli.step_queue); not the consumer's
     first_token_s: float = 0.0  # from the call to the first token, set-up included
 
 
@@ -250,6 +251,7 @@ class Generator:
         import torch
 
         from .sampling import Sampler
+        from .step_queue import QueuedStep, host_buffers
 
         t_call = time.perf_counter()
         lens = [len(p) for p in prompts]
@@ -286,22 +288,34 @@ class Generator:
             stats.prefill_s = time.perf_counter() - t0
             stats.first_token_s = time.perf_counter() - t_call
 
+            buffers = host_buffers(device, B)
+
+            def queue(step: int) -> QueuedStep:
+                """The decode step of the tokens drawn last (slot T + step) and the next draw, launched."""
+                def run():
+                    with torch.inference_mode():
+                        drawn = sampler(self._decode_step(tokens[:, None], T + step))
+                        sampler.append(drawn)
+                    return drawn
+                return QueuedStep(run, buffers[step % 2] if buffers else None)
+
+            ahead = bool(buffers)  # on CUDA the next step is queued before this one's tokens are handed out
+            queued = None
             for step in range(budget):
                 is_last = step == budget - 1
+                if ahead and not is_last:
+                    queued = queue(step)  # wasted only when every row ends at this token
                 for row in rows:
                     if not row.finished:
                         stats.new_tokens += 1
                         yield row.accept(ids[row.index], is_last)
                 if is_last or all(row.finished for row in rows):
                     return
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    logits = self._decode_step(tokens[:, None], T + step)
-                    in_cache.append(ids[0])
-                    tokens = sampler(logits)
-                    sampler.append(tokens)
-                ids = tokens.tolist()
-                stats.decode_s += time.perf_counter() - t0
+                queued = queued or queue(step)
+                in_cache.append(ids[0])  # the step writes this token's keys and values at slot T + step
+                tokens, ids = queued.tokens, queued.ids()
+                stats.decode_s += queued.seconds
+                queued = None
         finally:  # also when the consumer stops early or Ctrl-C lands mid-step: only completed writes count
             if B == 1 and run == self._runs:  # a stream closed after a newer one started knows nothing
                 self._in_cache = (self.model.cache_version, in_cache)

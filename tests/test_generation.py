@@ -215,3 +215,26 @@ def test_cuda_greedy_and_seeded_sampling(tokenizer):
     first, _, _ = run(gen, p, SAMPLING.with_overrides(seed=5, **PENALTIES))
     again, _, _ = run(gen, p, SAMPLING.with_overrides(seed=5, **PENALTIES))
     assert first == again
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_steps_queued_ahead_end_close_and_reuse_like_plain_steps(tokenizer):
+    """On CUDA each step is queued before the previous token is handed out (talis_cli.step_queue): an EOS, a
+    stream closed early and the prefix reuse that follows must behave as if nothing ran ahead."""
+    model = build_model(len(tokenizer), device="cuda", dtype=torch.float32)
+    gen, p = generator(model, tokenizer), prompt(tokenizer)
+    greedy, _, _ = run(gen, p, GREEDY)
+    assert greedy == reference_greedy(model, p, GREEDY.max_new_tokens)
+    stats = gen.last_stats
+    assert stats.new_tokens == GREEDY.max_new_tokens and 0 < stats.decode_s
+    k = next(i for i in range(3, len(greedy)) if greedy[i] not in greedy[:i])
+    tokens, _, events = run(generator(model, tokenizer, eos_ids=[greedy[k]]), p, GREEDY)
+    assert tokens == greedy[: k + 1] and events[-1].finish_reason == "eos"
+    stream = gen.stream(p, GREEDY)
+    taken = [next(stream).token_ids[0] for _ in range(3)]
+    stream.close()  # a fourth step was already queued
+    follow_up = p + taken + prompt(tokenizer, " and")
+    tokens, _, _ = run(gen, follow_up, GREEDY)
+    assert gen.last_stats.reused_tokens == len(p) + 2  # the slots of the streamed tokens whose steps ran
+    assert tokens == reference_greedy(model, follow_up, GREEDY.max_new_tokens)
