@@ -7,11 +7,19 @@ devices itself: each layer runs where its weights are, and the hidden state foll
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs, rope_inv_freq
+
+
+def current_device(device: torch.device):
+    """Makes `device` the current CUDA device for the block (nothing for a CPU): Triton launches a kernel on the
+    current device whatever its tensors' device, so a layer on the second GPU must run with that one current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class RMSNorm(nn.Module):
@@ -217,8 +225,11 @@ class Transformer(nn.Module):
             if x.device != w.device:  # a device-map boundary: only the hidden state moves
                 x, cos, sin = x.to(w.device), cos.to(w.device), sin.to(w.device)
                 mask = mask.to(w.device) if mask is not None else None
-            x = layer(x, cos, sin, start_pos, mask)
+            with current_device(w.device):
+                x = layer(x, cos, sin, start_pos, mask)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x.to(self.model.norm.weight.device))
-        return self.lm_head(x.to(self.lm_head.weight.device)).float()
+        with current_device(self.lm_head.weight.device):
+            return self.lm_head(x.to(self.lm_head.weight.device)).float()
+

@@ -99,3 +99,23 @@ def test_auto_plan_of_a_real_folder_uses_the_footprint(tmp_path):
         Engine.load(LoadSettings(model_dir=tmp_path, device_map="auto", max_memory="cpu=1MiB"))
     engine = Engine.load(LoadSettings(model_dir=tmp_path, device_map="auto", max_memory="cpu=1GiB"))
     assert engine.plan.devices == ["cpu"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpu_split_gives_the_one_gpu_greedy_tokens(tmp_path):
+    """The embedded model with its 8 layers over two GPUs: the same 64 greedy tokens as on one (the Triton
+    kernels of the second GPU's layers must launch on that GPU)."""
+    from talis_cli.generation import GenerationConfig
+
+    split = tmp_path / "split.json"
+    split.write_text('{"layers": {"0-3": 0, "4-7": 1}, "embed_tokens": 0, "norm": 1, "lm_head": 1}')
+    greedy = GenerationConfig(temperature=0, max_new_tokens=64)
+    replies = []
+    for device_map in ("single_gpu", str(split)):
+        engine = Engine.load(LoadSettings(device_map=device_map, max_seq_len=256))
+        layers = {str(layer.input_layernorm.weight.device) for layer in engine.model.model.layers}
+        assert layers == ({"cuda:0"} if device_map == "single_gpu" else {"cuda:0", "cuda:1"})
+        ids = engine.encode("In the beginning God created")
+        replies.append([event.token_ids[0] for event in engine.generator.stream(ids, greedy)])
+    assert len(replies[0]) == 64 and replies[1] == replies[0]
