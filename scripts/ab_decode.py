@@ -55,7 +55,7 @@ def decode(runner, positions: range, inline: bool, buffers: list) -> None:
             token = runner(token[:, None], pos).argmax(-1)
             token.tolist()
             continue
-        step = QueuedStep(lambda: runner(token[:, None], pos).argmax(-1), buffers[i % 2])
+        step = QueuedStep(lambda: runner(token[:, None], pos).argmax(-1), buffers[i % 2], token.device)
         if queued is not None:
             queued.ids()
         queued, token = step, step.tokens

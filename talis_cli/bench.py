@@ -200,6 +200,7 @@ def _sync_time(fn) -> float:
 def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict:
     """Prefill and decode timings (seconds, medians of `repeats` after a warm-up run) of a cached model."""
     device = model.model.embed_tokens.weight.device
+    logits_device = model.lm_head.weight.device  # another GPU when the model is split
     model.setup_cache(1, ctx)
     runner = CudaGraphDecoder(model)
     tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
@@ -208,14 +209,15 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     def prefill():
         model(tokens, start_pos=0, last_only=True)[:, -1].argmax(-1).tolist()  # the first token reaches the host
 
-    buffers = host_buffers(device, 1)
+    buffers = host_buffers(logits_device, 1)
 
     def decode():
         # one host read per token, each after the next step is queued, as the Generator streams on CUDA
         queued = None
         for i, pos in enumerate(range(start, ctx)):
             token = tokens[:, -1] if queued is None else queued.tokens
-            step = QueuedStep(lambda: runner(token[:, None], pos).argmax(-1), buffers[i % 2] if buffers else None)
+            step = QueuedStep(lambda: runner(token[:, None], pos).argmax(-1), buffers[i % 2] if buffers else None,
+                              logits_device)
             if queued is not None:
                 queued.ids()
             queued = step
@@ -270,7 +272,9 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
              bandwidth: float, device, kernels: bool = False) -> dict:
     """Build a model variant, time it, free it; the row of the report."""
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    for gpu in gpus:
+        torch.cuda.reset_peak_memory_stats(gpu)
     model = build()
     timing = time_model(model, prompt, gen, ctx)
     floor = floor_bytes(args, bits, group_size, ctx - gen / 2)
@@ -280,7 +284,8 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
                ttft_ms=prefill_s * 1e3 if prefill_s else None, prefill_error=timing["prefill_error"],
                ms_per_token=timing["decode_s"] / gen * 1e3,
                floor_tok_s=bandwidth / floor["total"], pct_floor=100 * decode_tps * floor["total"] / bandwidth,
-               bytes_per_token_gb=floor["total"] / GB, peak_vram_gb=torch.cuda.max_memory_allocated(device) / GB)
+               bytes_per_token_gb=floor["total"] / GB,
+               peak_vram_gb=sum(torch.cuda.max_memory_allocated(gpu) for gpu in gpus) / GB)  # all GPUs of a split
     if kernels:
         row["kernels"] = gemv_table(model, bandwidth)
     del model

@@ -21,25 +21,43 @@ MIN_BUCKET = 128  # smallest attention capacity captured
 
 
 class DecodeStep:
-    """One decode step of `model` (talis_cli.model.Transformer with a cache) for `batch` rows.
+    """One decode step of `model` (talis_cli.model.Transformer with a cache) for `batch` rows, over the decoder
+    layers `layers` (default: all), which must sit on one device.
 
-    Static inputs: `tokens` int64 [batch], `slot` int64 [1] (the cache slot being written), `pad_lens` int64
-    [batch]. `run(capacity)` returns float32 logits [batch, vocab]; capacity >= slot + 1.
+    Static inputs: `tokens` int64 [batch] (read by the step over the first layers only), `slot` int64 [1] (the cache
+    slot being written), `pad_lens` int64 [batch]; a step that does not start at layer 0 reads `x_in` and
+    `res_in` ([batch, dim] in the model dtype: the hidden state and residual stream after the layers before it,
+    filled by `feed`). `run(capacity)` returns float32 logits [batch, vocab] when it ends with the last layer,
+    else the (hidden state, residual stream) for the next step; capacity >= slot + 1.
+    A model split over GPUs runs one step per device, chained (`segments`); only the hidden state and the
+    residual stream cross from one device to the next.
     """
 
-    def __init__(self, model, batch: int):
+    def __init__(self, model, batch: int, layers: range | None = None):
         self.model = model
-        device = model.model.embed_tokens.weight.device
+        self.layers = layers if layers is not None else range(len(model.model.layers))
+        first_layer = model.model.layers[self.layers.start]
+        self.device = device = first_layer.input_layernorm.weight.device
         dtype = model.model.embed_tokens.weight.dtype
+        self.first = self.layers.start == 0
+        self.last = self.layers.stop == len(model.model.layers)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.pad_lens = torch.zeros(batch, dtype=torch.long, device=device)
+        if not self.first:
+            self.x_in = torch.zeros(batch, model.args.dim, dtype=dtype, device=device)
+            self.res_in = torch.zeros_like(self.x_in)
         positions = torch.arange(model.max_seq_len, device=device)[None]
         cos, sin = model.rotary(positions, dtype)  # [1, 1, S, hd]: the eager model's own tables
         self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         self.n_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         # where attention writes each feature for an act-order o_proj (None: in order)
-        self.o_scatter = [input_scatter(layer.self_attn.o_proj) for layer in model.model.layers]
+        self.o_scatter = [input_scatter(model.model.layers[i].self_attn.o_proj) for i in self.layers]
+
+    def feed(self, outputs: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Copy the (hidden state, residual stream) a step over the layers before this one returned."""
+        self.x_in.copy_(outputs[0])
+        self.res_in.copy_(outputs[1])
 
     @staticmethod
     def _norm_qkv(x, residual, layer):
@@ -50,11 +68,15 @@ class DecodeStep:
         h = ops.rms_norm(x, norm.weight, norm.eps, residual, gather=gather)
         return attn.project_qkv(h) if gather is None else attn.split_qkv(forward_gathered(attn.qkv_proj, h))
 
-    def run(self, capacity: int) -> torch.Tensor:
-        layers = self.model.model.layers
-        x = self.model.model.embed_tokens(self.tokens)  # [B, dim]
-        residual = x.clone()  # the residual stream, updated in place by each fused add + norm
-        q, k, v = self._norm_qkv(x, None, layers[0])
+    def run(self, capacity: int):
+        layers = [self.model.model.layers[i] for i in self.layers]
+        if self.first:
+            x = self.model.model.embed_tokens(self.tokens)  # [B, dim]
+            residual = x.clone()  # the residual stream, updated in place by each fused add + norm
+            q, k, v = self._norm_qkv(x, None, layers[0])
+        else:
+            residual = self.res_in
+            q, k, v = self._norm_qkv(self.x_in, residual, layers[0])
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             cache = attn.kv_cache
@@ -71,9 +93,22 @@ class DecodeStep:
             out = mlp.down_proj(act) if gather is None else forward_gathered(mlp.down_proj, act)
             if i + 1 < len(layers):
                 q, k, v = self._norm_qkv(out, residual, layers[i + 1])
+        if not self.last:
+            return out, residual
         norm = self.model.model.norm
         h = ops.rms_norm(out, norm.weight, norm.eps, residual)
         return self.model.lm_head(h).float()
+
+
+def segments(model, batch: int, bounds: list[int] | None = None) -> list[DecodeStep]:
+    """Decode steps over consecutive layer ranges, to run in turn: by default one per run of layers on one
+    device; `bounds` (first layer of each range after the first) forces other cuts (tests)."""
+    layers = model.model.layers
+    if bounds is None:
+        devices = [layer.input_layernorm.weight.device for layer in layers]
+        bounds = [i for i in range(1, len(layers)) if devices[i] != devices[i - 1]]
+    edges = [0, *bounds, len(layers)]
+    return [DecodeStep(model, batch, range(a, b)) for a, b in zip(edges, edges[1:])]
 
 
 def buckets(max_seq_len: int) -> list[int]:
@@ -86,18 +121,21 @@ def buckets(max_seq_len: int) -> list[int]:
 
 
 class CudaGraphDecoder:
-    """Replays a captured `DecodeStep` per (batch, bucket); `__call__` matches `Generator._decode_step`.
+    """Replays captured `DecodeStep`s per (batch, bucket); `__call__` matches `Generator._decode_step`.
 
-    Graphs are captured lazily on first use of a bucket (after one eager run, which also picks kernel configs)
-    and share one memory pool. A new KV cache (setup_cache) drops them. The returned logits are a static buffer,
-    valid until the next call.
+    A model on one GPU is one step and one graph; a model split over GPUs is one step and one graph per device
+    (`segments`), replayed in turn, the hidden state and residual stream copied from one device to the next
+    between them (a copy between devices waits for the source's work and holds back the destination's).
+    Graphs are captured lazily on first use of a bucket (after one eager run, which also picks kernel configs);
+    the graphs of one device share a memory pool. A new KV cache (setup_cache) drops them. The returned logits are
+    a static buffer on the last layer's device, valid until the next call.
     """
 
     def __init__(self, model):
         self.model = model
-        self.pool = torch.cuda.graph_pool_handle()
-        self._steps: dict[int, DecodeStep] = {}
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pools: dict[torch.device, tuple] = {}
+        self._steps: dict[int, list[DecodeStep]] = {}
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, object]] = {}
         self._cache_version = None
         self._buckets: list[int] = []
 
@@ -109,22 +147,27 @@ class CudaGraphDecoder:
             self._cache_version = self.model.cache_version
             self._buckets = buckets(self.model.max_seq_len)
         B = tokens.shape[0]
-        step = self._steps.get(B)
-        if step is None:
-            step = self._steps[B] = DecodeStep(self.model, B)
-        step.tokens.copy_(tokens[:, 0])
-        step.slot.fill_(pos)
-        if pad_lens is None:
-            step.pad_lens.zero_()
-        else:
-            step.pad_lens.copy_(pad_lens)
+        steps = self._steps.get(B)
+        if steps is None:
+            steps = self._steps[B] = segments(self.model, B)
+        steps[0].tokens.copy_(tokens[:, 0])
         capacity = next(b for b in self._buckets if b > pos)
-        captured = self._graphs.get((B, capacity))
-        if captured is None:
-            captured = self._graphs[(B, capacity)] = self._capture(step, capacity)
-        graph, logits = captured
-        graph.replay()
-        return logits
+        outputs = None
+        for index, step in enumerate(steps):
+            with torch.cuda.device(step.device):
+                step.slot.fill_(pos)
+                if pad_lens is None:
+                    step.pad_lens.zero_()
+                else:
+                    step.pad_lens.copy_(pad_lens)
+                if outputs is not None:
+                    step.feed(outputs)
+                captured = self._graphs.get((B, capacity, index))
+                if captured is None:
+                    captured = self._graphs[(B, capacity, index)] = self._capture(step, capacity)
+                graph, outputs = captured
+                graph.replay()
+        return outputs
 
     def capture_all(self, batch: int = 1) -> None:
         """Capture every bucket now (at load), so no reply stalls when its context crosses into a new bucket.
@@ -135,36 +178,47 @@ class CudaGraphDecoder:
             for capacity in buckets(self.model.max_seq_len):
                 self(tokens, capacity - 1)
 
-    def _capture(self, step: DecodeStep, capacity: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # The eager run writes the same cache slot the replay will write, so it changes nothing; it tunes kernels
-        # and warms the allocator outside the capture, on a side stream as capture requires.
+    def _capture(self, step: DecodeStep, capacity: int) -> tuple[torch.cuda.CUDAGraph, object]:
+        """(graph, its outputs) of `step`, under step.device made current by the caller."""
+        # The eager run writes the same cache slot the replay will write, from the same inputs, so it changes
+        # nothing; it tunes kernels and warms the allocator outside the capture, on a side stream as capture
+        # requires.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             step.run(capacity)
         torch.cuda.current_stream().wait_stream(stream)
+        pool = self._pools.get(step.device)
+        if pool is None:
+            pool = self._pools[step.device] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = step.run(capacity)
-        return graph, logits
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = step.run(capacity)
+        return graph, outputs
 
 
-def single_cuda_device(model) -> torch.device | None:
-    """The CUDA device holding every parameter and buffer of `model`, or None (CPU, or split across devices)."""
-    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
-    if len(devices) == 1:
-        device = devices.pop()
-        return device if device.type == "cuda" else None
-    return None
+def graph_devices(model) -> list[torch.device] | None:
+    """The CUDA devices of `model`'s decoder layers in order, one per run of layers, when the CUDA-graph step can
+    take it: every parameter and buffer on CUDA, the embedding with the first layer and the final norm and
+    lm_head with the last (as device maps place them). None otherwise (CPU parts: the plain path)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if not tensors or any(t.device.type != "cuda" for t in tensors):
+        return None
+    layers = [layer.input_layernorm.weight.device for layer in model.model.layers]
+    if (model.model.embed_tokens.weight.device != layers[0]
+            or {model.model.norm.weight.device, model.lm_head.weight.device} != {layers[-1]}):
+        return None
+    return [device for i, device in enumerate(layers) if i == 0 or device != layers[i - 1]]
 
 
 def accelerate(model, generator=None) -> CudaGraphDecoder | None:
-    """Fuse q/k/v and gate/up, then (model wholly on one CUDA device) give `generator` the CUDA-graph decode step.
+    """Fuse q/k/v and gate/up, then (model on CUDA GPUs, see `graph_devices`) give `generator` the CUDA-graph
+    decode step.
 
     Returns the runner, or None where the model stays on the plain path.
     """
     fuse_model(model)
-    if single_cuda_device(model) is None:
+    if graph_devices(model) is None:
         return None
     runner = CudaGraphDecoder(model)
     runner.capture_all(model.cache_batch)

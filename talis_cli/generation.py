@@ -297,7 +297,7 @@ class Generator:
                         drawn = sampler(self._decode_step(tokens[:, None], T + step))
                         sampler.append(drawn)
                     return drawn
-                return QueuedStep(run, buffers[step % 2] if buffers else None)
+                return QueuedStep(run, buffers[step % 2] if buffers else None, device)
 
             ahead = bool(buffers)  # on CUDA the next step is queued before this one's tokens are handed out
             queued = None

@@ -28,21 +28,25 @@ class QueuedStep:
     `tokens` are the drawn tokens on the device, for the next step's input. `ids()` waits for this step only
     and returns the tokens as a list; `seconds` (valid after `ids()`) is the step's device time: on CUDA between
     events around it, so time the GPU spent waiting for the host before the step does not count.
-    `buffer`: one of `host_buffers` on CUDA (not the one a step still unread uses), None on a CPU.
+    `buffer`: one of `host_buffers` on CUDA (not the one a step still unread uses), None on a CPU; `device`: where
+    `run` leaves the tokens.
     """
 
-    def __init__(self, run: Callable[[], torch.Tensor], buffer: torch.Tensor | None):
+    def __init__(self, run: Callable[[], torch.Tensor], buffer: torch.Tensor | None, device: torch.device):
         self._buffer = buffer
         if buffer is None:
             began = time.perf_counter()
             self.tokens = run()
             self.seconds = time.perf_counter() - began
             return
+        # both events on the stream of `device` (where the tokens are drawn, the last GPU of a split model)
+        stream = torch.cuda.current_stream(device)
         self._begin, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self._begin.record()
+        self._begin.record(stream)
         self.tokens = run()
-        buffer.copy_(self.tokens, non_blocking=True)
-        self._end.record()
+        with torch.cuda.device(device):
+            buffer.copy_(self.tokens, non_blocking=True)
+        self._end.record(stream)
         self.seconds = 0.0
 
     def ids(self) -> list[int]:

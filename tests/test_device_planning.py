@@ -104,8 +104,9 @@ def test_auto_plan_of_a_real_folder_uses_the_footprint(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpu_split_gives_the_one_gpu_greedy_tokens(tmp_path):
-    """The embedded model with its 8 layers over two GPUs: the same 64 greedy tokens as on one (the Triton
-    kernels of the second GPU's layers must launch on that GPU)."""
+    """The embedded model with its 8 layers over two GPUs: the same 64 greedy tokens as on one, through a CUDA
+    graph per GPU (fast_decode.segments), and on the plain path, whose Triton kernels for the second GPU's layers
+    must launch on that GPU."""
     from talis_cli.generation import GenerationConfig
 
     split = tmp_path / "split.json"
@@ -117,5 +118,10 @@ def test_two_gpu_split_gives_the_one_gpu_greedy_tokens(tmp_path):
         layers = {str(layer.input_layernorm.weight.device) for layer in engine.model.model.layers}
         assert layers == ({"cuda:0"} if device_map == "single_gpu" else {"cuda:0", "cuda:1"})
         ids = engine.encode("In the beginning God created")
+        runner = engine.generator.fast_decode
+        assert runner is not None and len(runner._steps[1]) == (1 if device_map == "single_gpu" else 2)
         replies.append([event.token_ids[0] for event in engine.generator.stream(ids, greedy)])
-    assert len(replies[0]) == 64 and replies[1] == replies[0]
+        if device_map != "single_gpu":
+            engine.generator.fast_decode = None
+            replies.append([event.token_ids[0] for event in engine.generator.stream(ids, greedy)])
+    assert len(replies[0]) == 64 and replies[1] == replies[0] and replies[2] == replies[0]

@@ -10,7 +10,7 @@ from quant_kernels import gptq_format
 from quant_kernels.fuse import fuse_linears, fuse_model
 from quant_kernels.quant_linear import QuantLinear
 from talis_cli.config import ModelArgs
-from talis_cli.fast_decode import CudaGraphDecoder, DecodeStep, buckets
+from talis_cli.fast_decode import CudaGraphDecoder, buckets, segments
 from talis_cli.model import Transformer
 
 from tests.tiny_models import tiny_config
@@ -83,6 +83,18 @@ def test_decode_step_matches_plain_forward(kv_heads, fused):
     assert_decode_step_matches_plain_forward(model)
 
 
+@pytest.mark.parametrize("bounds", [[1], [1, 2]])
+def test_decode_steps_chained_over_layer_ranges_match_plain_forward(bounds):
+    """What a model split over GPUs runs (one step per device, the hidden state and residual stream handed on):
+    here cut at `bounds` on one device."""
+    model = tiny_model(seed=3, device=DEVICE, num_key_value_heads=2, num_hidden_layers=3)
+    fuse_model(model)
+    steps = segments(model, 2, bounds)
+    assert [s.layers for s in steps] == [range(a, b) for a, b in zip([0, *bounds], [*bounds, 3])]
+    assert [s.first for s in steps] == [True] + [False] * len(bounds) and steps[-1].last and not steps[0].last
+    assert_decode_step_matches_plain_forward(model, bounds=bounds)
+
+
 def test_decode_step_of_act_order_triton_model_matches_plain_forward():
     """The embedded model (GPTQ act-order) on the Triton backend: norms and SiLU write the GEMVs' input already
     in their act-order row order (triton_backend.input_gather)."""
@@ -99,22 +111,28 @@ def test_decode_step_of_act_order_triton_model_matches_plain_forward():
     assert_decode_step_matches_plain_forward(model, steps=1, tolerance=0.03)
 
 
-def assert_decode_step_matches_plain_forward(model, steps: int = 3, tolerance: float = 1e-4):
-    """Prefill two left-padded rows, then decode steps with the Triton step vs the eager model on a copy."""
+def assert_decode_step_matches_plain_forward(model, steps: int = 3, tolerance: float = 1e-4,
+                                             bounds: list[int] | None = None):
+    """Prefill two left-padded rows, then decode steps with the Triton step (chained over the layer ranges cut at
+    `bounds`) vs the eager model on a copy."""
     prompts = torch.randint(0, 4096, (2, 6), device=DEVICE)
     pad_lens = torch.tensor([0, 2], device=DEVICE)
     model.setup_cache(2, 64)
-    step = DecodeStep(model, batch=2)
+    chain = segments(model, 2, bounds or [])
     with torch.no_grad():
         model(prompts, start_pos=0, pad_lens=pad_lens)
         reference_caches = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
                             for layer in model.model.layers]
         token = torch.randint(0, 4096, (2, 1), device=DEVICE)
         for pos in range(6, 6 + steps):
-            step.tokens.copy_(token[:, 0])
-            step.slot.fill_(pos)
-            step.pad_lens.copy_(pad_lens)
-            fast = step.run(capacity=64)
+            chain[0].tokens.copy_(token[:, 0])
+            fast = None
+            for step in chain:
+                step.slot.fill_(pos)
+                step.pad_lens.copy_(pad_lens)
+                if fast is not None:
+                    step.feed(fast)
+                fast = step.run(capacity=64)
             fast_caches = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
                            for layer in model.model.layers]
             for layer, (k, v) in zip(model.model.layers, reference_caches):  # replay the same step on the plain path
