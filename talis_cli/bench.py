@@ -29,7 +29,7 @@ from quant_kernels.quant_linear import QuantLinear
 from .config import ModelArgs
 from .engine import Engine, LoadSettings
 from .errors import TalisError, UsageError
-from .fast_decode import CudaGraphDecoder
+from .fast_decode import CudaGraphDecoder, graph_devices
 from .model import Transformer
 from .step_queue import QueuedStep, host_buffers
 
@@ -202,7 +202,10 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     device = model.model.embed_tokens.weight.device
     logits_device = model.lm_head.weight.device  # another GPU when the model is split
     model.setup_cache(1, ctx)
-    runner = CudaGraphDecoder(model)
+    if graph_devices(model) is not None:
+        runner = CudaGraphDecoder(model)
+    else:  # a model split over GPUs decodes on the plain path (fast_decode.graph_devices)
+        runner = lambda tokens, pos: model(tokens, start_pos=pos)[:, -1]  # noqa: E731
     tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
     start = ctx - gen  # decode fills the last `gen` slots
 
