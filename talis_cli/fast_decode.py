@@ -191,10 +191,10 @@ class CudaGraphDecoder:
         with torch.cuda.stream(stream):
             step.run(capacity)
         torch.cuda.current_stream().wait_stream(stream)
-        # torch.cuda.graph's default capture stream is made once, on the device current at its first use: each
-        # device gets its own capture stream here (and its own memory pool)
+        # Each device has its own memory pool. torch.cuda.graph's default capture stream is made once, on the device
+        # current at its first use (the first step's): the steps of later devices get a capture stream of their own.
         if step.device not in self._pools:
-            self._pools[step.device] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream())
+            self._pools[step.device] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream() if self._pools else None)
         pool, capture_stream = self._pools[step.device]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
