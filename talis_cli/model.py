@@ -232,4 +232,3 @@ class Transformer(nn.Module):
         x = self.model.norm(x.to(self.model.norm.weight.device))
         with current_device(self.lm_head.weight.device):
             return self.lm_head(x.to(self.lm_head.weight.device)).float()
-
