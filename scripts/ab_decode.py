@@ -21,7 +21,7 @@ import torch
 
 from profile_decode import add_model_options, random_decode_model  # scripts/ is on the path of scripts run
 from talis_cli.fast_decode import CudaGraphDecoder
-from talis_cli.step_queue import QueuedStep, host_buffers
+from talis_cli.step_queue import greedy_decode
 
 SWITCHES = {  # name: (environment variable, value when on, default)
     "pdl0": ("TALIS_PDL", "0", "1"),
@@ -46,21 +46,12 @@ def apply(variant: str) -> None:
         os.environ[variable] = on
 
 
-def decode(runner, positions: range, inline: bool, buffers: list) -> None:
-    """Greedy steps at `positions` (the token fed back), one host read per token."""
+def decode_inline(runner, positions: range) -> None:
+    """Greedy steps at `positions`, each token read on the host before the next step is queued."""
     token = torch.zeros(1, dtype=torch.long, device="cuda")
-    queued = None
-    for i, pos in enumerate(positions):
-        if inline:
-            token = runner(token[:, None], pos).argmax(-1)
-            token.tolist()
-            continue
-        step = QueuedStep(lambda: runner(token[:, None], pos).argmax(-1), buffers[i % 2], token.device)
-        if queued is not None:
-            queued.ids()
-        queued, token = step, step.tokens
-    if queued is not None:
-        queued.ids()
+    for pos in positions:
+        token = runner(token[:, None], pos).argmax(-1)
+        token.tolist()
 
 
 def main() -> None:
@@ -74,7 +65,7 @@ def main() -> None:
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     start = opts.ctx - opts.steps
 
-    runners, buffers = {}, host_buffers(device, 1)
+    runners = {}
     with torch.inference_mode():
         for variant in opts.variants:  # capture each variant under its own switches
             apply(variant)
@@ -85,7 +76,11 @@ def main() -> None:
             for variant, runner in runners.items():
                 torch.cuda.synchronize()
                 began = time.perf_counter()
-                decode(runner, range(start, opts.ctx), INLINE in variant.split("+"), buffers)
+                if INLINE in variant.split("+"):
+                    decode_inline(runner, range(start, opts.ctx))
+                else:
+                    greedy_decode(runner, torch.zeros(1, dtype=torch.long, device=device), range(start, opts.ctx),
+                                  device)
                 times[variant].append((time.perf_counter() - began) / opts.steps * 1e6)
     apply("base")
     first = min(times[opts.variants[0]])

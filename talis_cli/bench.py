@@ -32,7 +32,7 @@ from .engine import Engine, LoadSettings
 from .errors import TalisError, UsageError
 from .fast_decode import CudaGraphDecoder, graph_devices
 from .model import Transformer
-from .step_queue import QueuedStep, host_buffers
+from .step_queue import greedy_decode
 
 GB = 1e9
 
@@ -213,19 +213,8 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     def prefill():
         model(tokens, start_pos=0, last_only=True)[:, -1].argmax(-1).tolist()  # the first token reaches the host
 
-    buffers = host_buffers(logits_device, 1)
-
     def decode():
-        # one host read per token, each after the next step is queued, as the Generator streams on CUDA
-        queued = None
-        for i, pos in enumerate(range(start, ctx)):
-            token = tokens[:, -1] if queued is None else queued.tokens
-            step = QueuedStep(lambda: runner(token[:, None], pos).argmax(-1), buffers[i % 2] if buffers else None,
-                              logits_device)
-            if queued is not None:
-                queued.ids()
-            queued = step
-        queued.ids()
+        greedy_decode(runner, tokens[:, -1], range(start, ctx), logits_device)
 
     timing = dict(prefill_s=None, prefill_error=None)
     with torch.inference_mode():

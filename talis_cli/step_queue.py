@@ -55,3 +55,20 @@ class QueuedStep:
         self._end.synchronize()  # this step's copy, not what was queued after it
         self.seconds = self._begin.elapsed_time(self._end) / 1000
         return self._buffer.tolist()
+
+
+def greedy_decode(step: Callable[[torch.Tensor, int], torch.Tensor], token: torch.Tensor, positions: range,
+                  device: torch.device) -> None:
+    """Greedy steps at cache slots `positions` from `token` (int64 [B]), each drawn token fed back and read on the
+    host once, after the next step is queued, as the Generator streams on CUDA (benchmarks time this loop).
+    `step(tokens [B, 1], pos)` returns logits [B, vocab] on `device`."""
+    buffers = host_buffers(device, token.shape[0])
+    queued = None
+    for i, pos in enumerate(positions):
+        feed = token if queued is None else queued.tokens
+        current = QueuedStep(lambda: step(feed[:, None], pos).argmax(-1), buffers[i % 2] if buffers else None, device)
+        if queued is not None:
+            queued.ids()
+        queued = current
+    if queued is not None:
+        queued.ids()
