@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from talis_cli.bench import random_model, shape_args
 from talis_cli.fast_decode import CudaGraphDecoder
+from talis_cli.step_queue import greedy_decode
 
 
 def add_model_options(parser: argparse.ArgumentParser, steps: int) -> None:
@@ -59,9 +60,8 @@ def main() -> None:
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     start = opts.ctx - opts.steps
 
-    def steps():
-        for pos in range(start, opts.ctx):
-            runner(token, pos).argmax(-1).tolist()
+    def steps():  # as `talis bench` decodes: each token read after the next step is queued
+        greedy_decode(runner, token[:, 0], range(start, opts.ctx), device)
 
     with torch.inference_mode():
         steps()  # tunes and captures
