@@ -11,12 +11,17 @@ after the previous kernel has finished: see quant_kernels.pdl).
 The inner loop works on pairs of fp16 values packed in one 32-bit register (PTX f16x2), two weights per
 instruction: fp32 arithmetic per weight made the kernel instruction bound at ~6 instructions per weight.
 - Words are repacked at load (triton_backend.prepare_weight) so that rows 2p and 2p+1 of a word sit at bit
-  offsets BITS*p and 16 + BITS*p: one shift and one mask give both, each in the low bits of one 16-bit half.
-- OR-ing 0x6400 (fp16 1024.0) into a half whose low bits hold q gives the fp16 1024 + q exactly; one f16x2
-  fused multiply-add by 2**-BITS minus (1024 + zero) * 2**-BITS leaves (q - zero) * 2**-BITS, also exact.
-  The factor 2**-BITS keeps |weight| <= 1 so that fp16 products and sums of large activations cannot overflow.
+  offsets BITS*p and 16 + BITS*p: one mask gives both, each in one 16-bit half.
+- OR-ing 0x6400 (fp16 1024.0) into a half whose bits hold q at bit offset o (o + BITS <= 10) gives the fp16
+  1024 + q * 2**o exactly, so values below bit 8 are unpacked in place and the others after one shift by 8 for
+  the whole word (`unpack_offsets`); one f16x2 fused multiply-add by 2**-(BITS + o) plus a per-column addend
+  leaves (q - zero) * 2**-BITS, also exact. The factor 2**-BITS keeps |weight| <= 1 so that fp16 products and
+  sums of large activations cannot overflow.
 - Products with the matching pair of activations accumulate in f16x2 for one word only (at most 16 products),
-  then go to fp32; the fp32 sum over a group is multiplied by scale * 2**BITS.
+  then go to fp32; the fp32 sum over a group is multiplied by scale * 2**BITS. A word's activations come in one
+  vector load.
+Per 16 words and thread these cut the loop from 429 to 353 SASS instructions (sm_90, the 7B gate/up
+configuration), 7B decode 2,052 -> 1,909 us per step on an H100 (BENCHMARKS.md, fifth session).
 Under TRITON_INTERPRET=1 (no GPU, no PTX) the same arithmetic runs in plain fp32 Triton operations.
 """
 import itertools
@@ -37,19 +42,42 @@ def word_slot(row: int, bits: int) -> int:
     return (row % 2) * (16 // bits) + row // 2
 
 
-def _pair_fma_asm(bits: int) -> str:
-    """PTX for acc2 += x2 * (q - zero) * 2**-bits on two fp16 lanes; operands: $0 acc2 out, $1 the word shifted so
-    the pair's values are in the low bits of each half, $2 -(1024 + zero) * 2**-bits in both halves, $3 the
-    activation pair, $4 acc2 in (all .b32)."""
-    mask = ((1 << bits) - 1) * 0x10001
-    step = {2: 0x3400, 4: 0x2C00, 8: 0x1C00}[bits] * 0x10001  # fp16 2**-bits in both halves
+def unpack_offsets(bits: int) -> tuple[int, ...]:
+    """Bit offsets inside a 16-bit half at which the GEMV unpacks a value in place, without a shift: 1024 + q *
+    2**offset must stay an exact fp16 (q << offset below bit 10); the values above bit 7 are shifted down by 8."""
+    return tuple(range(0, 8, bits))
+
+
+def _pair_fma_asm(bits: int, offset: int) -> str:
+    """PTX for acc2 += x2 * (q - zero) * 2**-bits on two fp16 lanes, the pair's values at bit `offset` of each
+    half of the word. Operands: $0 acc2 out, $1 the word, $2 -(2**(10 - bits - offset) + zero * 2**-bits) in both
+    halves (`_neg_zero`), $3 the activation pair, $4 acc2 in (all .b32)."""
+    mask = (((1 << bits) - 1) << offset) * 0x10001
+    step = ((15 - bits - offset) << 10) * 0x10001  # fp16 2**-(bits + offset) in both halves
     return (
         "{ .reg .b32 t, s;\n"
-        f"lop3.b32 t, $1, {mask:#010x}, 0x64006400, 0xea;\n"  # (word & mask) | 0x6400 in each half: 1024 + q
+        f"lop3.b32 t, $1, {mask:#010x}, 0x64006400, 0xea;\n"  # (word & mask) | 0x6400: 1024 + q * 2**offset
         f"mov.b32 s, {step:#010x};\n"
-        "fma.rn.f16x2 t, t, s, $2;\n"  # (1024 + q) * 2**-bits - (1024 + zero) * 2**-bits, exact
+        "fma.rn.f16x2 t, t, s, $2;\n"  # q * 2**-bits + 2**(10-bits-offset) - that - zero * 2**-bits, exact
         "fma.rn.f16x2 $0, t, $3, $4; }"
     )
+
+
+def _neg_zero_asm(bits: int, offset: int) -> str:
+    """PTX for -(2**(10 - bits - offset) + zero * 2**-bits) in both fp16 halves (the addend `_pair_fma_asm`
+    takes; exact), from $1 the scale/zero word (the fp16 zero point in the high half); $0 out (.b32)."""
+    mul = (0x8000 | (15 - bits) << 10) * 0x10001  # fp16 -2**-bits
+    add = (0x8000 | (25 - bits - offset) << 10) * 0x10001  # fp16 -2**(10 - bits - offset)
+    return ("{ .reg .b32 z, m, a;\n"
+            "prmt.b32 z, $1, 0, 0x3232;\n"  # the high half in both halves
+            f"mov.b32 m, {mul:#010x};\n mov.b32 a, {add:#010x};\n"
+            "fma.rn.f16x2 $0, z, m, a; }")
+
+
+def _vector_load_asm(words: int) -> str:
+    """PTX loading `words` consecutive 32-bit words ($0..) from one aligned global address (the last operand)."""
+    outs = ", ".join(f"${i}" for i in range(words))
+    return f"ld.global.v{words}.b32 {{{outs}}}, [${words}];"
 
 
 # f16x2 -> the fp32 sum of its two lanes
@@ -80,19 +108,37 @@ def _x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask, stride_xm, p,
 
 
 @triton.jit
-def _word_dot(packed, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm,
-              BITS: tl.constexpr, HAS_PERM: tl.constexpr, PAIR_FMA: tl.constexpr, PAIR_SUM: tl.constexpr,
-              EMULATE: tl.constexpr):
+def _x_vector(x32_ptr, rows, offs_kw, stride_xm, first, X_LOAD: tl.constexpr, PAIRS: tl.constexpr,
+              COUNT: tl.constexpr):
+    """COUNT int32 [BLOCK_M, BLOCK_KW, 1]: activation pairs first.. of each word, from one vector load per word
+    (alignment: see quant_gemv). Not pure: the loads must stay after the wait for the kernel that writes x."""
+    ptrs = x32_ptr + rows * (stride_xm // 2) + offs_kw * PAIRS + first
+    if COUNT == 4:
+        return tl.inline_asm_elementwise(X_LOAD, "=r,=r,=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                         is_pure=False, pack=1)
+    else:
+        return tl.inline_asm_elementwise(X_LOAD, "=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32), is_pure=False,
+                                         pack=1)
+
+
+@triton.jit
+def _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, offs_kw, mask_x, stride_xm,
+              BITS: tl.constexpr, HAS_PERM: tl.constexpr, VECTOR_X: tl.constexpr, PAIR_FMA: tl.constexpr,
+              NEG_ZERO: tl.constexpr, PAIR_SUM: tl.constexpr, X_LOAD: tl.constexpr, EMULATE: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_KW, BLOCK_N]: sum over each word's rows of x * (q - zero) * 2**-BITS.
 
-    packed: int32 [1, BLOCK_KW, BLOCK_N] words in kernel layout (`word_slot`); zero: fp32 [1, 1, BLOCK_N].
+    packed: int32 [1, BLOCK_KW, BLOCK_N] words in kernel layout (`word_slot`); scale_zero: int32 [1, 1, BLOCK_N].
+    VECTOR_X: the activations of each word come in vector loads from rows `rows_x` (every word of the block is
+    in range); otherwise pair by pair, masked by mask_x.
     """
     PER_WORD: tl.constexpr = 32 // BITS
+    PAIRS: tl.constexpr = PER_WORD // 2
     MASK: tl.constexpr = (1 << BITS) - 1
     STEP: tl.constexpr = 1.0 / (1 << BITS)
     if EMULATE:  # the interpreter runs no PTX: the same sum in fp32
+        zero = _fp16_halves(scale_zero)[1]
         dot = tl.zeros_like(zero * packed.to(tl.float32)) * tl.zeros_like(offs_m.to(tl.float32))
-        for p in tl.static_range(PER_WORD // 2):
+        for p in tl.static_range(PAIRS):
             x_low, x_high = _fp16_halves(_x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm, p,
                                                  PER_WORD, HAS_PERM))
             halves = packed >> (BITS * p)
@@ -100,23 +146,33 @@ def _word_dot(packed, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x,
             dot += x_high * ((((halves >> 16) & MASK).to(tl.float32) - zero) * STEP)
         return dot
     else:
-        neg_zero = (-(1024.0 + zero) * STEP).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        neg_zero = neg_zero | (neg_zero << 16)
+        VECTOR: tl.constexpr = 4 if PAIRS >= 4 else PAIRS
         acc2 = tl.zeros_like(packed) + tl.zeros_like(offs_m)  # fp16 +0.0 in both halves, [BLOCK_M, KW, N]
-        for p in tl.static_range(PER_WORD // 2):
-            x2 = _x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm, p, PER_WORD, HAS_PERM)
-            acc2 = tl.inline_asm_elementwise(PAIR_FMA, "=r,r,r,r,r", [packed >> (BITS * p), neg_zero, x2, acc2],
-                                             dtype=tl.int32, is_pure=True, pack=1)
+        for p in tl.static_range(PAIRS):
+            if VECTOR_X:
+                if p % VECTOR == 0:
+                    xs = _x_vector(x32_ptr, rows_x, offs_kw, stride_xm, p, X_LOAD, PAIRS, VECTOR)
+                x2 = xs[p % VECTOR]
+            else:
+                x2 = _x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm, p, PER_WORD, HAS_PERM)
+            neg_zero = tl.inline_asm_elementwise(NEG_ZERO[(BITS * p) % 8 // BITS], "=r,r", [scale_zero],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            # pair p sits at bit BITS*p of each half: unpacked in place below bit 8 (`unpack_offsets`), else
+            # after a shift by 8 (the same shifted word for all pairs above)
+            acc2 = tl.inline_asm_elementwise(PAIR_FMA[(BITS * p) % 8 // BITS], "=r,r,r,r,r",
+                                             [packed >> ((BITS * p) // 8 * 8), neg_zero, x2, acc2], dtype=tl.int32, is_pure=True, pack=1)
         return tl.inline_asm_elementwise(PAIR_SUM, "=f,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
 def _load_block(qweight_ptr, scale_zero_ptr, kw0, kw_end, offs_w, offs_n, mask_n, N, group_shift,
-                PER_WORD: tl.constexpr):
+                PER_WORD: tl.constexpr, EVEN_K: tl.constexpr):
     """The words [1, BLOCK_KW, BLOCK_N] from word row kw0 (zeros past kw_end) and their group's scale/zero words
-    [1, 1, BLOCK_N] (past kw_end: those of the last row, a harmless valid read)."""
+    [1, 1, BLOCK_N] (past kw_end: those of the last row, a harmless valid read). EVEN_K: kw_end is a whole number
+    of blocks, so one comparison masks the block."""
     offs_kw = kw0 + offs_w
-    packed = tl.load(qweight_ptr + offs_kw * N + offs_n, mask=(offs_kw < kw_end) & mask_n, other=0)
+    in_k = (kw0 + 0 * offs_w < kw_end) if EVEN_K else (offs_kw < kw_end)  # (the first: a block-wide tensor)
+    packed = tl.load(qweight_ptr + offs_kw * N + offs_n, mask=in_k & mask_n, other=0)
     group_row = ((tl.minimum(kw0, kw_end - 1) * PER_WORD) >> group_shift) * N
     scale_zero = tl.load(scale_zero_ptr + group_row + offs_n, mask=mask_n, other=0)
     return packed, scale_zero
@@ -126,9 +182,10 @@ def _load_block(qweight_ptr, scale_zero_ptr, kw0, kw_end, offs_w, offs_n, mask_n
 def _gemv_kernel(
     x16_ptr, x32_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
     M, N, K, group_shift, split_k, stride_xm, stride_om,
-    BITS: tl.constexpr, HAS_PERM: tl.constexpr,
+    BITS: tl.constexpr, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr, VECTOR_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAIR_FMA: tl.constexpr, PAIR_SUM: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr,
+    PAIR_FMA: tl.constexpr, NEG_ZERO: tl.constexpr, PAIR_SUM: tl.constexpr, X_LOAD: tl.constexpr,
+    EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, perm[k]] * scale[g, n] * (q[k, n] - zero[g, n]), g = k >> group_shift.
 
@@ -141,7 +198,10 @@ def _gemv_kernel(
     perm: int32 [K] (only when HAS_PERM): row k of qweight multiplies input feature perm[k].
     out: [M, N] fp16/bf16/fp32, row stride stride_om. workspace: fp32 [>= M * N], zero on entry and exit.
     tickets: int32 [>= cdiv(N, BLOCK_N)], zero on entry and exit.
-    PAIR_FMA / PAIR_SUM: `_pair_fma_asm(BITS)` / `_PAIR_SUM_ASM` (unused when EMULATE). PDL: see quant_kernels.pdl.
+    PAIR_FMA / NEG_ZERO: `_pair_fma_asm` / `_neg_zero_asm` (BITS, offset) for each of `unpack_offsets(BITS)`; PAIR_SUM: `_PAIR_SUM_ASM`; X_LOAD:
+    `_vector_load_asm` of min(4, 16 / BITS) words (all unused when EMULATE). PDL: see quant_kernels.pdl.
+    EVEN_K: the words K * BITS / 32 are a whole number of blocks. VECTOR_X (needs EVEN_K, no perm): x's rows
+    start 16-byte aligned and each word's activations are read in vector loads.
     Assumes K % (32 / BITS) == 0, M <= BLOCK_M, and that a block of BLOCK_KW words lies in one group
     (BLOCK_KW * 32 / BITS divides 2**group_shift). Grid: (cdiv(N, BLOCK_N), split_k).
     Every tensor is 3-D [rows, words, columns] from the start so no value changes layout inside the loop.
@@ -154,6 +214,7 @@ def _gemv_kernel(
     offs_w = tl.arange(0, BLOCK_KW)[None, :, None]
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, None, :]
     mask_m = offs_m < M
+    rows_x = tl.minimum(offs_m, M - 1)  # rows past M compute on row M - 1 and are never stored
     mask_n = offs_n < N
 
     words = K // PER_WORD
@@ -165,15 +226,16 @@ def _gemv_kernel(
     # Software pipeline: the words and scales of block i+1 are in flight while block i is computed; block 0 is
     # loaded before waiting for the kernel that writes x (weights are never written while decoding).
     packed, scale_zero = _load_block(qweight_ptr, scale_zero_ptr, kw_begin, kw_end, offs_w, offs_n, mask_n, N,
-                                     group_shift, PER_WORD)
+                                     group_shift, PER_WORD, EVEN_K)
     wait_for_previous_kernel(PDL)
     acc = tl.zeros([BLOCK_M, 1, BLOCK_N], dtype=tl.float32)
     for kw0 in range(kw_begin, kw_end, BLOCK_KW):
         next_packed, next_scale_zero = _load_block(qweight_ptr, scale_zero_ptr, kw0 + BLOCK_KW, kw_end, offs_w,
-                                                   offs_n, mask_n, N, group_shift, PER_WORD)
-        scale, zero = _fp16_halves(scale_zero)
-        dot = _word_dot(packed, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, kw0 + offs_w,
-                        mask_m & (kw0 + offs_w < kw_end), stride_xm, BITS, HAS_PERM, PAIR_FMA, PAIR_SUM, EMULATE)
+                                                   offs_n, mask_n, N, group_shift, PER_WORD, EVEN_K)
+        scale = _fp16_halves(scale_zero)[0]
+        dot = _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, kw0 + offs_w,
+                        mask_m & (kw0 + offs_w < kw_end), stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO,
+                        PAIR_SUM, X_LOAD, EMULATE)
         acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
         packed, scale_zero = next_packed, next_scale_zero
 
@@ -212,7 +274,7 @@ def _fits(config: dict, key: tuple) -> bool:
 # shuffles values through shared memory. Decode is latency bound at these sizes: the best configurations split
 # K so finely that each program runs one or two iterations with all its loads in flight at once.
 GEMV_TUNER = Tuner(
-    "gemv",
+    "gemv2",  # renamed when the kernel changes enough to move its best configurations: they are tuned again
     [dict(BLOCK_N=128 * warps, num_warps=warps, BLOCK_KW=block_kw, SPLIT_K=split_k)
      for warps, block_kw, split_k in itertools.product([2, 4, 8], [2, 4, 8, 16], [1, 2, 4, 8, 16, 32, 64, 128])],
     prune=_fits,
@@ -262,26 +324,33 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     assert x.stride(1) == 1 and k * bits == qweight.shape[0] * 32, "x must be [M, K] with unit column stride"
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    # The kernel reads fp16 activations two at a time as int32 words: even row stride and offset.
+    # The kernel reads fp16 activations as int32 pairs, and each word's in vector loads of up to 16 bytes: rows
+    # must start at such a boundary (else they are copied: fresh storage is aligned, and a row is whole words).
     x16 = x if x.dtype == torch.float16 else x.to(torch.float16)
-    if x16.stride(0) % 2 or x16.storage_offset() % 2:
-        x16 = x16.clone(memory_format=torch.contiguous_format)  # fresh storage: offset 0, stride K (even)
+    vector_bytes = 4 * min(4, 16 // bits)
+    if (x16.stride(0) * 2) % vector_bytes or x16.data_ptr() % vector_bytes:
+        x16 = x16.clone(memory_format=torch.contiguous_format)
     workspace, tickets = Workspace.reserve(x.device, *gemv_workspace_size(n))
     group_words = max(1, (1 << min(group_shift, 30)) * bits // 32)
     emulate = interpreting()
-    pair_fma = "" if emulate else _pair_fma_asm(bits)
+    pair_fma = () if emulate else tuple(_pair_fma_asm(bits, offset) for offset in unpack_offsets(bits))
+    neg_zero = () if emulate else tuple(_neg_zero_asm(bits, offset) for offset in unpack_offsets(bits))
     pair_sum = "" if emulate else _PAIR_SUM_ASM
+    x_load = "" if emulate else _vector_load_asm(min(4, 16 // bits))
 
     def launch(cfg: dict, rows: int = m) -> None:
         rows_block = triton.next_power_of_2(rows)
+        block_kw = min(cfg["BLOCK_KW"], group_words, 16 // rows_block)  # bounded accumulators per thread
+        even_k = (k * bits // 32) % block_kw == 0
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemv_kernel[grid](
             x16.view(torch.int16), x16.view(torch.int32), qweight, scale_zero,
             perm if perm is not None else qweight, out, workspace, tickets,
             rows, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
-            BITS=bits, HAS_PERM=perm is not None, BLOCK_M=rows_block,
-            BLOCK_KW=min(cfg["BLOCK_KW"], group_words, 16 // rows_block),  # bounded accumulators per thread
-            BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, PAIR_SUM=pair_sum, EMULATE=emulate,
+            BITS=bits, HAS_PERM=perm is not None, EVEN_K=even_k, VECTOR_X=even_k and perm is None and not emulate,
+            BLOCK_M=rows_block, BLOCK_KW=block_kw, BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, NEG_ZERO=neg_zero,
+            PAIR_SUM=pair_sum,
+            X_LOAD=x_load, EMULATE=emulate,
             num_warps=cfg["num_warps"], **pdl_args(x.device),
         )
 

@@ -40,14 +40,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, gather_ptr, out_ptr, N, eps, stride_
         tl.store(res_ptr + row * stride_r + offs, x, mask=mask)
     xf = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
-    if HAS_GATHER:  # the same values, read again in the consumer's order
-        if HAS_RES:
-            tl.debug_barrier()  # the residual sum stored above is visible to every thread of the program
-            x = tl.load(res_ptr + row * stride_r + src, mask=mask, other=0.0)
-        else:
-            x = tl.load(x_ptr + row * stride_x + src, mask=mask, other=0.0)
-        xf = x.to(tl.float32)
     normed = (xf * inv_rms).to(x.dtype).to(tl.float32)
+    if HAS_GATHER:  # into the consumer's order in registers: a second pass over memory, gathering, cost ~1 us
+        normed = tl.gather(normed, src, 0)
     tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -95,10 +90,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
     B, N = gate.shape
     if out is None:
         out = torch.empty((B, N), dtype=gate.dtype, device=gate.device)
-    block = 1024
+    # Gathered loads touch one sector per element, which an SM's load unit serves one at a time: with a gather,
+    # many one-warp programs spread them over the SMs.
+    block, warps = (128, 1) if gather is not None else (1024, 4)
     _silu_mul_kernel[(B, triton.cdiv(N, block))](gate, up, gather if gather is not None else gate, out, N,
                                                  gate.stride(0), up.stride(0), out.stride(0), BLOCK=block,
-                                                 HAS_GATHER=gather is not None, num_warps=4,
+                                                 HAS_GATHER=gather is not None, num_warps=warps,
                                                  **pdl_args(gate.device))
     return out
 
@@ -158,6 +155,9 @@ def _decode_attention_kernel(
     pad = tl.load(pad_ptr + b).to(tl.int32)
     position = tl.maximum(slot - pad, 0)
     kv_h = h // group
+    cols = h * HD + offs_d  # the output columns of this head's features (loaded here, off the merge's path)
+    if HAS_SCATTER:
+        cols = tl.load(scatter_ptr + cols)
     cos = tl.load(cos_ptr + position * HD + offs_d)
     sin = tl.load(sin_ptr + position * HD + offs_d)
     base = b * stride_cb + kv_h * stride_ch
@@ -215,18 +215,16 @@ def _decode_attention_kernel(
         accs = tl.load(parts[:, None] + offs_d[None, :], cache_modifier=".cg")
         weight = tl.exp(ms - tl.max(ms, axis=0))
         y = tl.sum(accs * weight[:, None], axis=0) / tl.sum(ls * weight, axis=0)
-        cols = h * HD + offs_d
-        if HAS_SCATTER:
-            cols = tl.load(scatter_ptr + cols)
         tl.store(out_ptr + b * n_heads * HD + cols, y.to(out_ptr.dtype.element_ty))
         tl.store(tickets_ptr + row, 0)
 
 
 def attention_splits(capacity: int, rows: int, sms: int) -> tuple[int, int]:
-    """(splits, chunk) for keys up to `capacity` over `rows` = batch * heads programs: about
-    TALIS_ATTENTION_PROGRAMS_PER_SM (default 2) programs per SM, chunks of at least 64 keys, splits a power of two
-    (the merge loads them as one block)."""
-    per_sm = int(os.environ.get("TALIS_ATTENTION_PROGRAMS_PER_SM", "2"))
+    """(splits, chunk) for keys up to `capacity` over `rows` = batch * heads programs: at most
+    TALIS_ATTENTION_PROGRAMS_PER_SM (default 1) programs per SM, chunks of at least 64 keys, splits a power of two
+    (the merge loads them as one block). On an H100, 7B at 2048 context: 2,317 us per step at 1 per SM, 2,410 at 2,
+    5,120 unsplit (BENCHMARKS.md)."""
+    per_sm = int(os.environ.get("TALIS_ATTENTION_PROGRAMS_PER_SM", "1"))
     splits = 1
     while splits < 64 and rows * splits < per_sm * sms and capacity > 64 * splits:
         splits *= 2

@@ -3,10 +3,10 @@
     PYTHONPATH=. python3 scripts/ab_decode.py [--shape 7B] [--ctx 256] [--steps 100] [--rounds 5] VARIANT ...
 
 A VARIANT is names joined by '+' from SWITCHES (environment variables the kernels read when the step is
-captured): `base` (defaults), `pdl0` (no programmatic dependent launch), `attn4` / `attn8` (decode attention
-split for 4 or 8 programs per SM instead of 2); e.g. `base pdl0 attn4`. `inline` is no switch but the loop of
-earlier versions: each token read on the host before the next step is queued (by default the next step is
-queued first, as the Generator does on CUDA: talis_cli.step_queue). A switch for a new code path goes into
+captured): `base` (defaults), `pdl0` (no programmatic dependent launch), `attn2` / `attn4` / `attn0` (decode
+attention split for 2 or 4 programs per SM instead of 1, or not split); e.g. `base pdl0 attn2`.
+`inline` is no switch but the loop of earlier versions: each token read on the host before the next step is
+queued (by default the next step is queued first, as the Generator does on CUDA: talis_cli.step_queue). A switch for a new code path goes into
 SWITCHES, so that it is measured against the default in one process.
 Step times of one build of the weights vary by a few percent from run to run and from machine to machine, so
 variants are only compared against each other here: each round times every variant once, in turn. Prints each
@@ -25,8 +25,9 @@ from talis_cli.step_queue import greedy_decode
 
 SWITCHES = {  # name: (environment variable, value when on, default)
     "pdl0": ("TALIS_PDL", "0", "1"),
-    "attn4": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "4", "2"),
-    "attn8": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "8", "2"),
+    "attn2": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "2", "1"),
+    "attn4": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "4", "1"),
+    "attn0": ("TALIS_ATTENTION_PROGRAMS_PER_SM", "0", "1"),  # no split: one program per head
 }
 
 
