@@ -3,9 +3,7 @@
 `prepare` turns a layer into the layout the kernels read fastest:
 - scales and zero points become one int32 word per group and column: the fp16 scale in the low half, the fp16
   full zero point (stored zero + offset, an exact small integer) in the high half. The kernels read it with the
-  same wide loads as qweight and do no bit work per weight word for it. A symmetric checkpoint (every zero point
-  the same, as GPTQ's default sym=True writes them) keeps the fp16 scales alone and the zero point as a kernel
-  constant: half the bytes (1 GB less for LLaMA-65B) and fewer to read per token.
+  same wide loads as qweight and do no bit work per weight word for it.
 - qweight is repacked so that rows 2p and 2p+1 of each word share one shift (`triton_gemv.word_slot`): the GEMV
   then unpacks two values per instruction.
 - act-order: input rows are sorted by group once (the permutation kept), so each group's scales are read in one
@@ -37,8 +35,7 @@ TRITON_BITS = (2, 4, 8)  # whole values per int32 word; 3-bit values straddle wo
 @dataclass
 class PreparedWeight:
     """Tensors in kernel layout. qweight: int32 [K*bits/32, N], rows sorted by group when `perm` is set;
-    scale_zero: int32 [n_groups, N], fp16 scale (low half) and fp16 full zero point (high half), or, when `zero`
-    (the full zero point of every group and column) is set, fp16 [n_groups, N] scales alone;
+    scale_zero: int32 [n_groups, N], fp16 scale (low half) and fp16 full zero point (high half);
     perm: int32 [K] or None, row k of qweight multiplies input feature perm[k]; groups of 2**group_shift rows."""
 
     qweight: torch.Tensor
@@ -46,10 +43,9 @@ class PreparedWeight:
     perm: torch.Tensor | None
     bits: int
     group_shift: int
-    zero: int | None = None
 
     def args(self) -> tuple:
-        return (self.qweight, self.scale_zero, self.perm, self.bits, self.group_shift, self.zero)
+        return (self.qweight, self.scale_zero, self.perm, self.bits, self.group_shift)
 
 
 def unsupported_reason(layer: QuantLinear) -> str | None:
@@ -92,9 +88,6 @@ def prepare_weight(layer: QuantLinear) -> PreparedWeight:
         rows = rows[perm.long()]
     qweight = gptq_format.pack_rows(rows[kernel_row_order(layer.in_features, layer.bits)], layer.bits)
     zeros = gptq_format.unpack_zeros(layer.qzeros, layer.bits, layer.out_features, layer.zero_offset)
-    first = int(zeros.flatten()[0])
-    if torch.all(zeros == first):  # symmetric
-        return PreparedWeight(qweight, layer.scales.contiguous(), perm, layer.bits, group_shift, zero=first)
     return PreparedWeight(qweight, fp16_pairs(layer.scales, zeros.half()), perm, layer.bits, group_shift)
 
 
@@ -208,7 +201,7 @@ def input_scatter(module) -> torch.Tensor | None:
 def forward_gathered(layer: QuantLinear, x_gathered: torch.Tensor) -> torch.Tensor:
     """layer(x) for x_gathered = x[:, input_gather(layer)], [M, in] with M <= MAX_ROWS -> [M, out]."""
     state = layer.backend_state
-    y = quant_gemv(x_gathered, state.qweight, state.scale_zero, None, state.bits, state.group_shift, state.zero)
+    y = quant_gemv(x_gathered, state.qweight, state.scale_zero, None, state.bits, state.group_shift)
     if layer.bias is not None:
         y += layer.bias.to(y.dtype)
     return y

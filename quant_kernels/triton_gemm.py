@@ -18,9 +18,8 @@ from .triton_gemv import _fp16_halves
 
 @triton.jit
 def _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_n,
-                      N, group_shift, BITS: tl.constexpr, ZERO: tl.constexpr):
-    """fp32 [BLOCK_K, BLOCK_N] tile of W = scale * (q - zero) for rows offs_k (packed row order); scale_zero and
-    ZERO as in triton_gemv._gemv_kernel."""
+                      N, group_shift, BITS: tl.constexpr):
+    """fp32 [BLOCK_K, BLOCK_N] tile of W = scale * (q - zero) for rows offs_k (packed row order)."""
     PER_WORD: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     mask = mask_k[:, None] & mask_n[None, :]
@@ -29,11 +28,7 @@ def _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_
     row = offs_k % PER_WORD  # at slot triton_gemv.word_slot(row, BITS)
     q = (packed >> (((row % 2) * (PER_WORD // 2) + row // 2) * BITS)[:, None]) & MASK
     group_rows = (offs_k >> group_shift)[:, None] * N + offs_n[None, :]
-    if ZERO < 0:
-        scale, zero = _fp16_halves(tl.load(scale_zero_ptr + group_rows, mask=mask, other=0))
-    else:
-        scale = tl.load(scale_zero_ptr + group_rows, mask=mask, other=0).to(tl.float32)
-        zero = ZERO * 1.0
+    scale, zero = _fp16_halves(tl.load(scale_zero_ptr + group_rows, mask=mask, other=0))
     return (q.to(tl.float32) - zero) * scale
 
 
@@ -41,7 +36,7 @@ def _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_
 def _gemm_kernel(
     x_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr,
     M, N, K, group_shift, stride_xm, stride_om,
-    BITS: tl.constexpr, ZERO: tl.constexpr, HAS_PERM: tl.constexpr,
+    BITS: tl.constexpr, HAS_PERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = x[M, perm[K]] @ W[K, N], W dequantized tile by tile into x's dtype (fp32 accumulation).
@@ -70,7 +65,7 @@ def _gemm_kernel(
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_n,
-                              N, group_shift, BITS, ZERO)
+                              N, group_shift, BITS)
         acc = tl.dot(a, b.to(a.dtype), acc)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -78,8 +73,7 @@ def _gemm_kernel(
 
 @triton.jit
 def _dequantize_kernel(qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, N, K, stride_w, group_shift,
-                       BITS: tl.constexpr, ZERO: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BITS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[perm[k], n] = W[k, n] in out's dtype for N columns of W (qweight and scale_zero rows stride_w apart);
     out is [K, N] contiguous. Grid: (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -87,7 +81,7 @@ def _dequantize_kernel(qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, N, K, str
     mask_k = offs_k < K
     mask_n = offs_n < N
     w = _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_n,
-                          stride_w, group_shift, BITS, ZERO)
+                          stride_w, group_shift, BITS)
     dst_k = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
     tl.store(out_ptr + dst_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
              mask=mask_k[:, None] & mask_n[None, :])
@@ -115,7 +109,7 @@ GEMM_TUNER = Tuner(
 
 
 def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
-               perm: torch.Tensor | None, bits: int, group_shift: int, zero: int | None = None,
+               perm: torch.Tensor | None, bits: int, group_shift: int,
                out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """y = x @ W for x [M, K] (unit column stride) and the GPTQ weight W [K, N]; returns [M, N] in x.dtype.
 
@@ -132,8 +126,7 @@ def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
         _gemm_kernel[grid](
             x, qweight, scale_zero, perm if perm is not None else qweight, out,
             m, n, k, group_shift, x.stride(0), out.stride(0),
-            BITS=bits, ZERO=-1 if zero is None else zero, HAS_PERM=perm is not None, BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
+            BITS=bits, HAS_PERM=perm is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -143,8 +136,7 @@ def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
 
 
 def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
-                    perm: torch.Tensor | None, bits: int, group_shift: int, zero: int | None = None,
-                    first_column: int = 0) -> torch.Tensor:
+                    perm: torch.Tensor | None, bits: int, group_shift: int, first_column: int = 0) -> torch.Tensor:
     """Write columns first_column ... first_column + out.shape[1] - 1 of the dense weight [K, N] (original row
     order) into `out` (contiguous [K, columns], fp16/bf16/fp32) and return it."""
     k = qweight.shape[0] * 32 // bits
@@ -154,6 +146,5 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     _dequantize_kernel[grid](qweight[:, first_column:], scale_zero[:, first_column:],
                              perm if perm is not None else qweight, out, n, k, qweight.stride(0), group_shift,
-                             BITS=bits, ZERO=-1 if zero is None else zero, HAS_PERM=perm is not None,
-                             BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+                             BITS=bits, HAS_PERM=perm is not None, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
     return out

@@ -63,13 +63,9 @@ def _pair_fma_asm(bits: int, offset: int) -> str:
     )
 
 
-def _neg_zero_asm(bits: int, offset: int, zero: int | None = None) -> str:
+def _neg_zero_asm(bits: int, offset: int) -> str:
     """PTX for -(2**(10 - bits - offset) + zero * 2**-bits) in both fp16 halves (the addend `_pair_fma_asm`
-    takes; exact), from $1 the scale/zero word (the fp16 zero point in the high half); $0 out (.b32). With
-    `zero` given (a symmetric weight), that constant, and $1 is not read."""
-    if zero is not None:
-        half = int(torch.tensor(-(2.0 ** (10 - bits - offset) + zero / 2**bits)).half().view(torch.int16)) & 0xFFFF
-        return f"mov.b32 $0, {half * 0x10001:#010x};"
+    takes; exact), from $1 the scale/zero word (the fp16 zero point in the high half); $0 out (.b32)."""
     mul = (0x8000 | (15 - bits) << 10) * 0x10001  # fp16 -2**-bits
     add = (0x8000 | (25 - bits - offset) << 10) * 0x10001  # fp16 -2**(10 - bits - offset)
     return ("{ .reg .b32 z, m, a;\n"
@@ -118,8 +114,7 @@ def _x_vector(x32_ptr, rows, offs_kw, stride_xm, first, X_LOAD: tl.constexpr, PA
     (alignment: see quant_gemv). Not pure: the loads must stay after the wait for the kernel that writes x."""
     ptrs = x32_ptr + rows * (stride_xm // 2) + offs_kw * PAIRS + first
     if COUNT == 4:
-        return tl.inline_asm_elementwise(X_LOAD, "=r,=r,=r,=r,l", [ptrs],
-                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+        return tl.inline_asm_elementwise(X_LOAD, "=r,=r,=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
                                          is_pure=False, pack=1)
     else:
         return tl.inline_asm_elementwise(X_LOAD, "=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32), is_pure=False,
@@ -127,13 +122,12 @@ def _x_vector(x32_ptr, rows, offs_kw, stride_xm, first, X_LOAD: tl.constexpr, PA
 
 
 @triton.jit
-def _word_dot(packed, zero_word, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, offs_kw, mask_x, stride_xm,
+def _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, offs_kw, mask_x, stride_xm,
               BITS: tl.constexpr, HAS_PERM: tl.constexpr, VECTOR_X: tl.constexpr, PAIR_FMA: tl.constexpr,
               NEG_ZERO: tl.constexpr, PAIR_SUM: tl.constexpr, X_LOAD: tl.constexpr, EMULATE: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_KW, BLOCK_N]: sum over each word's rows of x * (q - zero) * 2**-BITS.
 
-    packed: int32 [1, BLOCK_KW, BLOCK_N] words in kernel layout (`word_slot`); zero_word: int32 [1, 1, BLOCK_N],
-    what NEG_ZERO reads; zero: the fp32 zero points (EMULATE only).
+    packed: int32 [1, BLOCK_KW, BLOCK_N] words in kernel layout (`word_slot`); scale_zero: int32 [1, 1, BLOCK_N].
     VECTOR_X: the activations of each word come in vector loads from rows `rows_x` (every word of the block is
     in range); otherwise pair by pair, masked by mask_x.
     """
@@ -142,6 +136,7 @@ def _word_dot(packed, zero_word, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_
     MASK: tl.constexpr = (1 << BITS) - 1
     STEP: tl.constexpr = 1.0 / (1 << BITS)
     if EMULATE:  # the interpreter runs no PTX: the same sum in fp32
+        zero = _fp16_halves(scale_zero)[1]
         dot = tl.zeros_like(zero * packed.to(tl.float32)) * tl.zeros_like(offs_m.to(tl.float32))
         for p in tl.static_range(PAIRS):
             x_low, x_high = _fp16_halves(_x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm, p,
@@ -160,13 +155,12 @@ def _word_dot(packed, zero_word, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_
                 x2 = xs[p % VECTOR]
             else:
                 x2 = _x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm, p, PER_WORD, HAS_PERM)
-            neg_zero = tl.inline_asm_elementwise(NEG_ZERO[(BITS * p) % 8 // BITS], "=r,r", [zero_word],
+            neg_zero = tl.inline_asm_elementwise(NEG_ZERO[(BITS * p) % 8 // BITS], "=r,r", [scale_zero],
                                                  dtype=tl.int32, is_pure=True, pack=1)
             # pair p sits at bit BITS*p of each half: unpacked in place below bit 8 (`unpack_offsets`), else
             # after a shift by 8 (the same shifted word for all pairs above)
             acc2 = tl.inline_asm_elementwise(PAIR_FMA[(BITS * p) % 8 // BITS], "=r,r,r,r,r",
-                                             [packed >> ((BITS * p) // 8 * 8), neg_zero, x2, acc2],
-                                             dtype=tl.int32, is_pure=True, pack=1)
+                                             [packed >> ((BITS * p) // 8 * 8), neg_zero, x2, acc2], dtype=tl.int32, is_pure=True, pack=1)
         return tl.inline_asm_elementwise(PAIR_SUM, "=f,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
 
 
@@ -188,7 +182,7 @@ def _load_block(qweight_ptr, scale_zero_ptr, kw0, kw_end, offs_w, offs_n, mask_n
 def _gemv_kernel(
     x16_ptr, x32_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
     M, N, K, group_shift, split_k, stride_xm, stride_om,
-    BITS: tl.constexpr, ZERO: tl.constexpr, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr, VECTOR_X: tl.constexpr,
+    BITS: tl.constexpr, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr, VECTOR_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
     PAIR_FMA: tl.constexpr, NEG_ZERO: tl.constexpr, PAIR_SUM: tl.constexpr, X_LOAD: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr,
@@ -200,14 +194,12 @@ def _gemv_kernel(
     qweight: int32 [K * BITS / 32, N], 32 / BITS values of one column per word along K, row r of a word at slot
     `word_slot(r, BITS)`.
     scale_zero: int32 [n_groups, N], the fp16 scale in the low half and the fp16 full zero point (stored zero +
-    offset) in the high half: one word, in the same layout as qweight's, per group and column; or, with ZERO >= 0
-    (the zero point of every group and column), fp16 [n_groups, N] scales alone.
+    offset) in the high half: one word, in the same layout as qweight's, per group and column.
     perm: int32 [K] (only when HAS_PERM): row k of qweight multiplies input feature perm[k].
     out: [M, N] fp16/bf16/fp32, row stride stride_om. workspace: fp32 [>= M * N], zero on entry and exit.
     tickets: int32 [>= cdiv(N, BLOCK_N)], zero on entry and exit.
-    PAIR_FMA / NEG_ZERO: `_pair_fma_asm` / `_neg_zero_asm` (BITS, offset, zero) for each of `unpack_offsets(BITS)`;
-    PAIR_SUM: `_PAIR_SUM_ASM`; X_LOAD: `_vector_load_asm` of min(4, 16 / BITS) words (all unused when EMULATE).
-    PDL: see quant_kernels.pdl.
+    PAIR_FMA / NEG_ZERO: `_pair_fma_asm` / `_neg_zero_asm` (BITS, offset) for each of `unpack_offsets(BITS)`; PAIR_SUM: `_PAIR_SUM_ASM`; X_LOAD:
+    `_vector_load_asm` of min(4, 16 / BITS) words (all unused when EMULATE). PDL: see quant_kernels.pdl.
     EVEN_K: the words K * BITS / 32 are a whole number of blocks. VECTOR_X (needs EVEN_K, no perm): x's rows
     start 16-byte aligned and each word's activations are read in vector loads.
     Assumes K % (32 / BITS) == 0, M <= BLOCK_M, and that a block of BLOCK_KW words lies in one group
@@ -240,14 +232,8 @@ def _gemv_kernel(
     for kw0 in range(kw_begin, kw_end, BLOCK_KW):
         next_packed, next_scale_zero = _load_block(qweight_ptr, scale_zero_ptr, kw0 + BLOCK_KW, kw_end, offs_w,
                                                    offs_n, mask_n, N, group_shift, PER_WORD, EVEN_K)
-        if ZERO < 0:
-            scale, zero = _fp16_halves(scale_zero)
-            zero_word = scale_zero
-        else:
-            scale = scale_zero.to(tl.float32)
-            zero = ZERO * 1.0
-            zero_word = offs_n  # not read: NEG_ZERO is a constant
-        dot = _word_dot(packed, zero_word, zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, kw0 + offs_w,
+        scale = _fp16_halves(scale_zero)[0]
+        dot = _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, kw0 + offs_w,
                         mask_m & (kw0 + offs_w < kw_end), stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO,
                         PAIR_SUM, X_LOAD, EMULATE)
         acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
@@ -322,14 +308,13 @@ def gemv_workspace_size(n: int) -> tuple[int, int]:
 
 
 def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
-               perm: torch.Tensor | None, bits: int, group_shift: int, zero: int | None = None,
+               perm: torch.Tensor | None, bits: int, group_shift: int,
                out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """y = x @ W for x [M, K] (M <= MAX_ROWS, unit column stride), W the GPTQ weight [K, N]; returns [M, N] in x.dtype.
 
     The product runs in fp16 (x of another dtype is converted first; |x| must stay below the fp16 range).
 
-    Tensors as in `_gemv_kernel`; groups hold 2**group_shift rows (at least one word); `zero`: the zero point
-    shared by every group and column, scale_zero then holding fp16 scales alone (triton_backend.PreparedWeight).
+    Tensors as in `_gemv_kernel`; groups hold 2**group_shift rows (at least one word).
     `out` ([M, N], unit column stride) receives the result if given. `config` forces one launch configuration
     (tests); otherwise the tuned one for this shape is used.
     """
@@ -349,7 +334,7 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     group_words = max(1, (1 << min(group_shift, 30)) * bits // 32)
     emulate = interpreting()
     pair_fma = () if emulate else tuple(_pair_fma_asm(bits, offset) for offset in unpack_offsets(bits))
-    neg_zero = () if emulate else tuple(_neg_zero_asm(bits, offset, zero) for offset in unpack_offsets(bits))
+    neg_zero = () if emulate else tuple(_neg_zero_asm(bits, offset) for offset in unpack_offsets(bits))
     pair_sum = "" if emulate else _PAIR_SUM_ASM
     x_load = "" if emulate else _vector_load_asm(min(4, 16 // bits))
 
@@ -362,8 +347,7 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
             x16.view(torch.int16), x16.view(torch.int32), qweight, scale_zero,
             perm if perm is not None else qweight, out, workspace, tickets,
             rows, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
-            BITS=bits, ZERO=-1 if zero is None else zero, HAS_PERM=perm is not None, EVEN_K=even_k,
-            VECTOR_X=even_k and perm is None and not emulate,
+            BITS=bits, HAS_PERM=perm is not None, EVEN_K=even_k, VECTOR_X=even_k and perm is None and not emulate,
             BLOCK_M=rows_block, BLOCK_KW=block_kw, BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, NEG_ZERO=neg_zero,
             PAIR_SUM=pair_sum,
             X_LOAD=x_load, EMULATE=emulate,

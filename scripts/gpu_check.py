@@ -19,7 +19,7 @@ TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fast_decode.py", "test
               "tests/test_bench.py", "tests/test_generation.py", "tests/test_device_planning.py",
               "tests/test_step_queue.py"]
 INT_KEYS = {"prompt", "gen", "ctx", "bits", "group_size"}
-BOOL_KEYS = {"act_order", "kernels", "asym"}
+BOOL_KEYS = {"act_order", "kernels"}
 
 
 def parse_spec(spec: str) -> dict:

@@ -27,13 +27,11 @@ def add_model_options(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--act-order", action="store_true")
-    parser.add_argument("--asym", action="store_true", help="random zero points instead of one shared zero point")
 
 
 def random_decode_model(opts, device: torch.device):
     """A random GPTQ model of opts.shape on `device` with a one-row cache of opts.ctx slots."""
-    model = random_model(shape_args(opts.shape, opts.ctx), "gptq", opts.bits, 128, opts.act_order, device,
-                         symmetric=not opts.asym)
+    model = random_model(shape_args(opts.shape, opts.ctx), "gptq", opts.bits, 128, opts.act_order, device)
     model.setup_cache(1, opts.ctx)
     return model
 

@@ -102,18 +102,12 @@ def _packed_constant(value: int, bits: int) -> int:
     return word - (1 << 32) if word >= 1 << 31 else word
 
 
-def random_quant_linear(in_features: int, out_features: int, bits: int, group_size: int, act_order: bool, device,
-                        symmetric: bool = True):
-    """A QuantLinear of random GPTQ tensors made on `device`: uniform codes, symmetric zeros (v1 format; with
-    `symmetric` False, random zeros as sym=False checkpoints have) and scales that keep the output's spread near
-    the input's."""
+def random_quant_linear(in_features: int, out_features: int, bits: int, group_size: int, act_order: bool, device):
+    """A QuantLinear of random GPTQ tensors made on `device`: uniform codes, symmetric zeros (v1 format) and
+    scales that keep the output's spread near the input's."""
     layer = QuantLinear(in_features, out_features, bits, group_size, device=device)
-    random_words = lambda shape: torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device=device)  # noqa: E731
-    layer.qweight.copy_(random_words(layer.qweight.shape))
-    if symmetric:
-        layer.qzeros.fill_(_packed_constant(2 ** (bits - 1) - 1, bits))  # zero = 2^(bits-1): codes centred
-    else:
-        layer.qzeros.copy_(random_words(layer.qzeros.shape))
+    layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, dtype=torch.int32, device=device))
+    layer.qzeros.fill_(_packed_constant(2 ** (bits - 1) - 1, bits))  # zero = 2^(bits-1): codes centred
     code_std = math.sqrt((4 ** bits - 1) / 12)
     layer.scales.uniform_(0.5, 1.5).mul_(1 / (code_std * math.sqrt(in_features)))
     if act_order:
@@ -140,18 +134,16 @@ class TorchInt4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def random_model(args: ModelArgs, kind: str, bits: int, group_size: int, act_order: bool, device,
-                 symmetric: bool = True):
+def random_model(args: ModelArgs, kind: str, bits: int, group_size: int, act_order: bool, device):
     """A Transformer of random weights on `device`, q/k/v and gate/up already fused.
 
-    kind: "gptq" (QuantLinear, Triton backend, fp16; `symmetric` as in random_quant_linear), "fp16" (nn.Linear)
-    or "int4" (torch's int4 kernel, bf16).
+    kind: "gptq" (QuantLinear, Triton backend, fp16), "fp16" (nn.Linear) or "int4" (torch's int4 kernel, bf16).
     """
     dtype = torch.bfloat16 if kind == "int4" else torch.float16
 
     def linear(k: int, n: int):
         if kind == "gptq":
-            layer = random_quant_linear(k, n, bits, group_size, act_order, device, symmetric)
+            layer = random_quant_linear(k, n, bits, group_size, act_order, device)
             layer.set_backend("triton", keep_source=False)
             return layer
         if kind == "int4":
@@ -297,8 +289,7 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
 
 def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 128, gen: int = 128,
               ctx: int | None = None, bits: int = 4, group_size: int = 128, act_order: bool = False,
-              json_out: bool = False, kernels: bool = False, device_map: str | None = None,
-              asym: bool = False) -> dict:
+              json_out: bool = False, kernels: bool = False, device_map: str | None = None) -> dict:
     """Time one model and its baselines; returns the report (see `format_report`). `json_out` is the caller's
     choice of printer and changes nothing here."""
     if not torch.cuda.is_available():
@@ -314,7 +305,7 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     bandwidth = copy_bandwidth(device)
     report = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, copy_tb_s=bandwidth / 1e12,
                   prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size, act_order=act_order,
-                  asym=asym, rows=[], notes=[])
+                  rows=[], notes=[])
     if model is not None:
         engine = _load_engine(model, ctx, device_map)
         args, bits, group_size = engine.args, engine.quant.bits, engine.quant.group_size
@@ -323,8 +314,7 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     else:
         args = shape_args(shape, ctx)
         report["shape"] = shape.upper()
-        build_ours = lambda: random_model(args, "gptq", bits, group_size, act_order, device,  # noqa: E731
-                                          symmetric=not asym)
+        build_ours = lambda: random_model(args, "gptq", bits, group_size, act_order, device)  # noqa: E731
     common = dict(args=args, prompt=prompt, gen=gen, ctx=ctx, bandwidth=bandwidth, device=device)
     report["rows"].append(_measure(f"talis gptq {bits}-bit g{group_size}", build_ours, bits=bits,
                                    group_size=group_size, kernels=kernels, **common))
@@ -362,8 +352,7 @@ def _load_engine(model_dir: str, ctx: int, device_map: str | None):
 def format_report(report: dict) -> str:
     """The report as a few lines of text (what `talis bench` prints without --json)."""
     what = report.get("shape") or report.get("model")
-    tags = (" act-order" if report["act_order"] else "") + (" asym" if report.get("asym") else "")
-    lines = [f"{what}  {report['bits']}-bit g{report['group_size']}{tags}  "
+    lines = [f"{what}  {report['bits']}-bit g{report['group_size']}{' act-order' if report['act_order'] else ''}  "
              f"prompt {report['prompt']}  gen {report['gen']}  ctx {report['ctx']}",
              f"{report['device']}, torch {report['torch']}, copy bandwidth {report['copy_tb_s']:.2f} TB/s", "",
              f"{'variant':<28} {'decode tok/s':>12} {'% floor':>8} {'prefill tok/s':>13} {'TTFT ms':>8} "

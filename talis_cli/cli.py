@@ -411,8 +411,6 @@ def bench(
     bits: Annotated[int, typer.Option("--bits", help="Bits per weight for --shape: 4 or 8.")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", help="Group size for --shape.")] = 128,
     act_order: Annotated[bool, typer.Option("--act-order", help="Act-order weights for --shape.")] = False,
-    asym: Annotated[bool, typer.Option("--asym", help="Random zero points for --shape (as sym=False checkpoints), "
-                                                      "instead of one shared zero point.")] = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Also time each quantized GEMV shape.")] = False,
     device_map: Annotated[Optional[str], typer.Option("--device-map", help="Device map for --model.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
@@ -421,8 +419,7 @@ def bench(
     from talis_cli.bench import format_report, run_bench
 
     report = run_bench(shape=shape, model=model, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size,
-                       act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map,
-                       asym=asym)
+                       act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map)
     _write_out(json.dumps(report, default=str) + "\n" if json_output else format_report(report) + "\n")
 
 
