@@ -107,8 +107,9 @@ def test_decode_step_of_act_order_triton_model_matches_plain_forward():
         if isinstance(module, QuantLinear):
             module.set_backend("triton")
     assert all(input_gather(layer.mlp.down_proj) is not None for layer in model.model.layers)
-    # fp16: the two paths round differently (one ulp of a logit is ~0.008); a wrong row order is off by O(1)
-    assert_decode_step_matches_plain_forward(model, steps=1, tolerance=0.03)
+    # fp16: the two paths round differently (one ulp of a logit is ~0.008; cached k/v of deep layers differed by
+    # 0.0034 for one prompt in eight on an H100); a wrong row order is off by O(1)
+    assert_decode_step_matches_plain_forward(model, steps=1, tolerance=0.05)
 
 
 def assert_decode_step_matches_plain_forward(model, steps: int = 3, tolerance: float = 1e-4,
