@@ -200,6 +200,9 @@ def _decode_attention_kernel(
             tl.store(v_cache_ptr + new, v_new)
 
     row = b * n_heads + h
+    if SPLITS == 1:  # nothing to merge
+        tl.store(out_ptr + b * n_heads * HD + cols, (acc / l).to(out_ptr.dtype.element_ty))
+        return
     part = part_ptr + (row * SPLITS + split) * (HD + 2)
     tl.store(part + offs_d, acc)
     tl.store(part + HD, m)
