@@ -83,12 +83,25 @@ def prepare_weight(layer: QuantLinear) -> PreparedWeight:
     # One group of 2**31 rows stands for group_size -1: every row index shifts down to group 0.
     group_shift = 31 if layer.group_size == -1 else layer.group_size.bit_length() - 1
     perm = group_order(layer.g_idx, 1 << group_shift)
-    rows = gptq_format.unpack_rows(layer.qweight, layer.bits, layer.in_features)
+    order = kernel_row_order(layer.in_features, layer.bits).to(layer.qweight.device)
     if perm is not None:
-        rows = rows[perm.long()]
-    qweight = gptq_format.pack_rows(rows[kernel_row_order(layer.in_features, layer.bits)], layer.bits)
+        order = perm.long()[order]  # sorted by group, then into kernel slots
+    # Column slices: unpacked, a layer takes 32 / bits times its packed size (1.4 GB more for LLaMA-65B's
+    # gate/up in one piece, on the GPU that is loading it).
+    qweight = torch.cat([
+        gptq_format.pack_rows(gptq_format.unpack_rows(layer.qweight[:, cols], layer.bits, layer.in_features)[order],
+                              layer.bits)
+        for cols in column_slices(layer.out_features, REPACK_COLUMNS)], dim=1)
     zeros = gptq_format.unpack_zeros(layer.qzeros, layer.bits, layer.out_features, layer.zero_offset)
     return PreparedWeight(qweight, fp16_pairs(layer.scales, zeros.half()), perm, layer.bits, group_shift)
+
+
+REPACK_COLUMNS = 2048  # per slice of prepare_weight: 64 MiB unpacked at K = 8192
+
+
+def column_slices(cols: int, width: int) -> list[slice]:
+    """Consecutive ranges of `width` columns (the last one narrower) covering `cols`."""
+    return [slice(c, min(c + width, cols)) for c in range(0, cols, width)]
 
 
 def kernel_row_order(rows: int, bits: int) -> torch.Tensor:
@@ -137,8 +150,7 @@ class Scratch:
     def column_slices(cls, rows: int, cols: int) -> list[slice]:
         """Column ranges of a [rows, cols] weight, each at most SLICE_ELEMENTS (whole multiples of 128 columns
         where they are split)."""
-        width = max(128, cls.SLICE_ELEMENTS // rows // 128 * 128)
-        return [slice(c, min(c + width, cols)) for c in range(0, cols, width)]
+        return column_slices(cols, max(128, cls.SLICE_ELEMENTS // rows // 128 * 128))
 
 
 class TritonBackend:

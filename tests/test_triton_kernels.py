@@ -157,6 +157,20 @@ def test_prefill_dequantizes_wide_layers_in_column_slices(monkeypatch):
     assert relative_error(layer(x), reference(layer, x)) < TOLERANCE
 
 
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, True), (2, 32, False), (8, -1, True)])
+def test_repacking_in_column_slices_gives_the_layout_of_one_piece(monkeypatch, bits, group_size, act_order):
+    """prepare_weight repacks wide layers slice by slice (to bound the memory it needs while loading); an odd
+    slice width must give the same kernel layout as the whole layer at once."""
+    import quant_kernels.triton_backend as backend
+
+    layer = random_layer(256, 300, bits, group_size, act_order, seed=5)
+    monkeypatch.setattr(backend, "REPACK_COLUMNS", 10**6)
+    whole = prepare_weight(layer)
+    monkeypatch.setattr(backend, "REPACK_COLUMNS", 7)
+    sliced = prepare_weight(layer)
+    assert torch.equal(sliced.qweight, whole.qweight) and torch.equal(sliced.scale_zero, whole.scale_zero)
+
+
 def test_group_order_sorts_rows_by_group():
     g_idx = torch.arange(96, dtype=torch.int32) // 32
     assert group_order(g_idx, 32) is None
