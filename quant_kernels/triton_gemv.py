@@ -51,7 +51,7 @@ def unpack_offsets(bits: int) -> tuple[int, ...]:
 def _pair_fma_asm(bits: int, offset: int) -> str:
     """PTX for acc2 += x2 * (q - zero) * 2**-bits on two fp16 lanes, the pair's values at bit `offset` of each
     half of the word. Operands: $0 acc2 out, $1 the word, $2 -(2**(10 - bits - offset) + zero * 2**-bits) in both
-    halves (`_neg_zero`), $3 the activation pair, $4 acc2 in (all .b32)."""
+    halves (`_neg_zero_asm`), $3 the activation pair, $4 acc2 in (all .b32)."""
     mask = (((1 << bits) - 1) << offset) * 0x10001
     step = ((15 - bits - offset) << 10) * 0x10001  # fp16 2**-(bits + offset) in both halves
     return (
@@ -114,8 +114,8 @@ def _x_vector(x32_ptr, rows, offs_kw, stride_xm, first, X_LOAD: tl.constexpr, PA
     (alignment: see quant_gemv). Not pure: the loads must stay after the wait for the kernel that writes x."""
     ptrs = x32_ptr + rows * (stride_xm // 2) + offs_kw * PAIRS + first
     if COUNT == 4:
-        return tl.inline_asm_elementwise(X_LOAD, "=r,=r,=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-                                         is_pure=False, pack=1)
+        return tl.inline_asm_elementwise(X_LOAD, "=r,=r,=r,=r,l", [ptrs],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)
     else:
         return tl.inline_asm_elementwise(X_LOAD, "=r,=r,l", [ptrs], dtype=(tl.int32, tl.int32), is_pure=False,
                                          pack=1)
@@ -160,7 +160,8 @@ def _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, of
             # pair p sits at bit BITS*p of each half: unpacked in place below bit 8 (`unpack_offsets`), else
             # after a shift by 8 (the same shifted word for all pairs above)
             acc2 = tl.inline_asm_elementwise(PAIR_FMA[(BITS * p) % 8 // BITS], "=r,r,r,r,r",
-                                             [packed >> ((BITS * p) // 8 * 8), neg_zero, x2, acc2], dtype=tl.int32, is_pure=True, pack=1)
+                                             [packed >> ((BITS * p) // 8 * 8), neg_zero, x2, acc2],
+                                             dtype=tl.int32, is_pure=True, pack=1)
         return tl.inline_asm_elementwise(PAIR_SUM, "=f,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
 
 
@@ -171,7 +172,8 @@ def _load_block(qweight_ptr, scale_zero_ptr, kw0, kw_end, offs_w, offs_n, mask_n
     [1, 1, BLOCK_N] (past kw_end: those of the last row, a harmless valid read). EVEN_K: kw_end is a whole number
     of blocks, so one comparison masks the block."""
     offs_kw = kw0 + offs_w
-    in_k = (kw0 + 0 * offs_w < kw_end) if EVEN_K else (offs_kw < kw_end)  # (the first: a block-wide tensor)
+    # EVEN_K: the block's test against kw_end, as a block-shaped tensor (a scalar mask fails in the interpreter)
+    in_k = (kw0 + 0 * offs_w < kw_end) if EVEN_K else (offs_kw < kw_end)
     packed = tl.load(qweight_ptr + offs_kw * N + offs_n, mask=in_k & mask_n, other=0)
     group_row = ((tl.minimum(kw0, kw_end - 1) * PER_WORD) >> group_shift) * N
     scale_zero = tl.load(scale_zero_ptr + group_row + offs_n, mask=mask_n, other=0)
@@ -198,8 +200,9 @@ def _gemv_kernel(
     perm: int32 [K] (only when HAS_PERM): row k of qweight multiplies input feature perm[k].
     out: [M, N] fp16/bf16/fp32, row stride stride_om. workspace: fp32 [>= M * N], zero on entry and exit.
     tickets: int32 [>= cdiv(N, BLOCK_N)], zero on entry and exit.
-    PAIR_FMA / NEG_ZERO: `_pair_fma_asm` / `_neg_zero_asm` (BITS, offset) for each of `unpack_offsets(BITS)`; PAIR_SUM: `_PAIR_SUM_ASM`; X_LOAD:
-    `_vector_load_asm` of min(4, 16 / BITS) words (all unused when EMULATE). PDL: see quant_kernels.pdl.
+    PAIR_FMA / NEG_ZERO: `_pair_fma_asm` / `_neg_zero_asm` (BITS, offset) for each of `unpack_offsets(BITS)`;
+    PAIR_SUM: `_PAIR_SUM_ASM`; X_LOAD: `_vector_load_asm` of min(4, 16 / BITS) words (all unused when EMULATE).
+    PDL: see quant_kernels.pdl.
     EVEN_K: the words K * BITS / 32 are a whole number of blocks. VECTOR_X (needs EVEN_K, no perm): x's rows
     start 16-byte aligned and each word's activations are read in vector loads.
     Assumes K % (32 / BITS) == 0, M <= BLOCK_M, and that a block of BLOCK_KW words lies in one group
@@ -349,8 +352,7 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
             rows, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
             BITS=bits, HAS_PERM=perm is not None, EVEN_K=even_k, VECTOR_X=even_k and perm is None and not emulate,
             BLOCK_M=rows_block, BLOCK_KW=block_kw, BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, NEG_ZERO=neg_zero,
-            PAIR_SUM=pair_sum,
-            X_LOAD=x_load, EMULATE=emulate,
+            PAIR_SUM=pair_sum, X_LOAD=x_load, EMULATE=emulate,
             num_warps=cfg["num_warps"], **pdl_args(x.device),
         )
 

@@ -6,8 +6,8 @@ A VARIANT is names joined by '+' from SWITCHES (environment variables the kernel
 captured): `base` (defaults), `pdl0` (no programmatic dependent launch), `attn2` / `attn4` / `attn0` (decode
 attention split for 2 or 4 programs per SM instead of 1, or not split); e.g. `base pdl0 attn2`.
 `inline` is no switch but the loop of earlier versions: each token read on the host before the next step is
-queued (by default the next step is queued first, as the Generator does on CUDA: talis_cli.step_queue). A switch for a new code path goes into
-SWITCHES, so that it is measured against the default in one process.
+queued (by default the next step is queued first, as the Generator does on CUDA: talis_cli.step_queue). A switch
+for a new code path goes into SWITCHES, so that it is measured against the default in one process.
 Step times of one build of the weights vary by a few percent from run to run and from machine to machine, so
 variants are only compared against each other here: each round times every variant once, in turn. Prints each
 variant's best and median step (wall, with the host read of each token) and its speed relative to the first.

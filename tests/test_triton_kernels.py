@@ -62,7 +62,8 @@ def random_x(rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=gen).half().to(DEVICE)
 
 
-# K = 200 and 264 are not multiples of the interpreter's K block (64 words); N = 80 is not a multiple of BLOCK_N.
+# K = 200 and 264 are not multiples of the interpreter's K block (64 words); N = 80 is not a multiple of BLOCK_N;
+# N = 90 is not a whole number of packed zero words.
 SMALL_CASES = [
     # rows, K, N, bits, group_size, act_order
     (1, 256, 64, 4, 128, False),
@@ -74,6 +75,7 @@ SMALL_CASES = [
     (7, 128, 64, 8, -1, True),
     (1, 256, 64, 2, 128, True),
     (5, 512, 32, 2, 32, False),
+    (2, 256, 90, 4, 64, False),
 ]
 
 
