@@ -5,6 +5,7 @@ Start-up stays light: torch and the engine are imported inside the command bodie
 """
 
 import dataclasses
+import errno
 import functools
 import inspect
 import json
@@ -446,6 +447,13 @@ def main(argv: Optional[list] = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="talis", standalone_mode=False)  # Ctrl-C: returns 130
+    except SystemExit as exc:
+        # click ends a write into a pipe whose reader has gone (`talis --help | head -1`) with exit 1; like
+        # `_write_out`, stop quietly with 0
+        if not (isinstance(exc.__context__, OSError) and exc.__context__.errno == errno.EPIPE):
+            raise
+        _silence_stdout()
+        code = 0
     except TalisError as exc:
         _report_error(str(exc))
         code = exc.exit_code

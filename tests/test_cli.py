@@ -232,6 +232,16 @@ def test_closed_pipe_ends_quietly(model_dir):
     assert len(head) == 20 and stderr == b""
 
 
+@pytest.mark.parametrize("args", [["--help"], ["presets"]])
+def test_output_into_a_pipe_already_closed_exits_0(args):
+    """`talis --help | head -1`: click turns the failed write into exit 1; talis ends quietly with 0 instead."""
+    process = subprocess.Popen([sys.executable, "-m", "talis_cli", *args], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=talis_env())
+    process.stdout.close()  # the reader is gone before talis writes anything
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 0 and stderr == b""
+
+
 def default_sigint() -> None:
     """In a child: SIGINT's default action, even when the tests run where it is ignored (a shell's background
     job ignores it, and children inherit that)."""
