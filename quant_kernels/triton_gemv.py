@@ -85,6 +85,16 @@ _PAIR_SUM_ASM = ("{ .reg .f16 lo, hi; .reg .f32 a, b;\n mov.b32 {lo, hi}, $1;\n"
                  " cvt.f32.f16 a, lo;\n cvt.f32.f16 b, hi;\n add.f32 $0, a, b; }")
 
 
+def asm_arguments(bits: int, emulate: bool) -> dict:
+    """The `_gemv_kernel` arguments holding its PTX (empty under the interpreter, which runs none)."""
+    if emulate:
+        return dict(PAIR_FMA=(), NEG_ZERO=(), PAIR_SUM="", X_LOAD="")
+    offsets = unpack_offsets(bits)
+    return dict(PAIR_FMA=tuple(_pair_fma_asm(bits, o) for o in offsets),
+                NEG_ZERO=tuple(_neg_zero_asm(bits, o) for o in offsets),
+                PAIR_SUM=_PAIR_SUM_ASM, X_LOAD=_vector_load_asm(min(4, 16 // bits)))
+
+
 @triton.jit
 def _fp16_halves(pairs):
     """fp32 (low, high) of int32 words holding two fp16 values (an activation pair; a scale and a zero point)."""
@@ -200,8 +210,7 @@ def _gemv_kernel(
     perm: int32 [K] (only when HAS_PERM): row k of qweight multiplies input feature perm[k].
     out: [M, N] fp16/bf16/fp32, row stride stride_om. workspace: fp32 [>= M * N], zero on entry and exit.
     tickets: int32 [>= cdiv(N, BLOCK_N)], zero on entry and exit.
-    PAIR_FMA / NEG_ZERO: `_pair_fma_asm` / `_neg_zero_asm` (BITS, offset) for each of `unpack_offsets(BITS)`;
-    PAIR_SUM: `_PAIR_SUM_ASM`; X_LOAD: `_vector_load_asm` of min(4, 16 / BITS) words (all unused when EMULATE).
+    PAIR_FMA, NEG_ZERO, PAIR_SUM, X_LOAD: the PTX snippets, from `asm_arguments` (unused when EMULATE).
     PDL: see quant_kernels.pdl.
     EVEN_K: the words K * BITS / 32 are a whole number of blocks. VECTOR_X (needs EVEN_K, no perm): x's rows
     start 16-byte aligned and each word's activations are read in vector loads.
@@ -336,10 +345,7 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     workspace, tickets = Workspace.reserve(x.device, *gemv_workspace_size(n))
     group_words = max(1, (1 << min(group_shift, 30)) * bits // 32)
     emulate = interpreting()
-    pair_fma = () if emulate else tuple(_pair_fma_asm(bits, offset) for offset in unpack_offsets(bits))
-    neg_zero = () if emulate else tuple(_neg_zero_asm(bits, offset) for offset in unpack_offsets(bits))
-    pair_sum = "" if emulate else _PAIR_SUM_ASM
-    x_load = "" if emulate else _vector_load_asm(min(4, 16 // bits))
+    asm = asm_arguments(bits, emulate)
 
     def launch(cfg: dict, rows: int = m) -> None:
         rows_block = triton.next_power_of_2(rows)
@@ -351,8 +357,7 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
             perm if perm is not None else qweight, out, workspace, tickets,
             rows, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
             BITS=bits, HAS_PERM=perm is not None, EVEN_K=even_k, VECTOR_X=even_k and perm is None and not emulate,
-            BLOCK_M=rows_block, BLOCK_KW=block_kw, BLOCK_N=cfg["BLOCK_N"], PAIR_FMA=pair_fma, NEG_ZERO=neg_zero,
-            PAIR_SUM=pair_sum, X_LOAD=x_load, EMULATE=emulate,
+            BLOCK_M=rows_block, BLOCK_KW=block_kw, BLOCK_N=cfg["BLOCK_N"], EMULATE=emulate, **asm,
             num_warps=cfg["num_warps"], **pdl_args(x.device),
         )
 

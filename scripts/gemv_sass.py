@@ -31,12 +31,9 @@ def compile_gemv(bits: int, block_kw: int, warps: int, act_order: bool) -> trito
                  "perm_ptr": "*i32", "out_ptr": "*fp16", "workspace_ptr": "*fp32", "tickets_ptr": "*i32",
                  "N": "i32", "K": "i32", "group_shift": "i32", "split_k": "i32", "stride_xm": "i32",
                  "stride_om": "i32"}
-    offsets = gemv.unpack_offsets(bits)
     constants = dict(M=1, BITS=bits, HAS_PERM=act_order, EVEN_K=True, VECTOR_X=not act_order, BLOCK_M=1,
                      BLOCK_KW=block_kw, BLOCK_N=128 * warps, EMULATE=False, PDL=True,
-                     PAIR_FMA=tuple(gemv._pair_fma_asm(bits, o) for o in offsets),
-                     NEG_ZERO=tuple(gemv._neg_zero_asm(bits, o) for o in offsets),
-                     PAIR_SUM=gemv._PAIR_SUM_ASM, X_LOAD=gemv._vector_load_asm(min(4, 16 // bits)))
+                     **gemv.asm_arguments(bits, emulate=False))
     signature.update({name: "constexpr" for name in constants})
     names = list(kernel.arg_names)
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_BY_16}
