@@ -19,12 +19,13 @@ def stderr_console() -> Console:
 
 
 @contextlib.contextmanager
-def progress_bar(label: str = "loading", unit: str = "tensors", min_seconds: float = 0.5):
+def progress_bar(label: str = "loading", unit: str = "tensors", min_seconds: float = 0.5, lines: bool = False):
     """Yield a `progress(done, total, message)` callback that shows a bar on stderr once the work outlasts
-    `min_seconds`. Nothing is drawn when stderr is not a terminal, so pipes and logs stay clean."""
+    `min_seconds`. When stderr is not a terminal nothing is drawn, so pipes and logs stay clean; with `lines`
+    (work that runs for minutes) one plain line is written there each time `done` grows instead."""
     console = stderr_console()
     if not console.is_terminal:
-        yield None
+        yield _progress_lines(console, label, unit) if lines else None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -40,13 +41,27 @@ def progress_bar(label: str = "loading", unit: str = "tensors", min_seconds: flo
                 return
             bar.start()
             task = bar.add_task("", total=total)
-        bar.update(task, completed=done, total=total, description=message if unit == "steps" else "")
+        bar.update(task, completed=done, total=total, description=message if unit != "tensors" else "")
 
     try:
         yield progress
     finally:
         if task is not None:
             bar.stop()
+
+
+def _progress_lines(console: Console, label: str, unit: str):
+    """A progress callback writing `label: done/total unit (elapsed s)` once per increase of `done`."""
+    started, shown = time.perf_counter(), [0]
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        if done > shown[0]:
+            shown[0] = done
+            console.print(f"{label}: {done}/{total} {unit} ({time.perf_counter() - started:.0f} s)",
+                          markup=False, highlight=False)
+            console.file.flush()
+
+    return progress
 
 
 def _rate(tokens: int, seconds: float) -> float:
