@@ -370,9 +370,9 @@ def chat(
     sampling: SamplingFlags = None,
 ):
     """Chat with the model (/help inside lists the commands; Ctrl-D or /bye leaves)."""
+    settings = run_settings(load, sampling, system=system)  # a missing file is named first
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("talis chat needs a terminal; for piped text use talis generate (--each-line: a prompt per line)")
-    settings = run_settings(load, sampling, system=system)
     config = settings.generation_config()
     engine = load_engine(settings)
     from talis_cli.repl.app import run_chat

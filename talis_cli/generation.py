@@ -107,12 +107,13 @@ def format_setting(name: str, value) -> str:
     return str(value)
 
 
-def context_advice(needed: int, max_seq_len: int, limit: int, flag: str = "--max-seq-len") -> str:
-    """What to do when `needed` tokens do not fit the allocated context of `max_seq_len` slots, for a model
-    trained for `limit`: allocate more (up to the limit) when that helps, else shorten the text."""
-    if max_seq_len < limit:
-        return f"pass {flag} {min(max(needed, 2), limit)} (the model allows up to {limit}) or shorten it"
-    return f"shorten it: {max_seq_len} tokens is the model's whole context"
+def context_advice(prompt_tokens: int, wanted: int, limit: int, verb: str = "pass") -> str:
+    """What to do about a prompt of `prompt_tokens` that leaves no room in the allocated context, for a model
+    trained for `limit` tokens: allocate `wanted` slots (prompt and reply, never past the limit) when the prompt
+    fits the model at all, else shorten it."""
+    if prompt_tokens >= limit:
+        return f"shorten it: the model's whole context is {limit} tokens"
+    return f"{verb} --max-seq-len {min(wanted, limit)} (the model allows up to {limit}) or shorten it"
 
 
 @dataclass
@@ -244,9 +245,7 @@ class Generator:
             raise TalisError(f"{which} is empty; give at least one token")
         room = self.max_seq_len - 1  # one slot stays free for the first new token
         if n > room:
-            advice = context_advice(n + max_new_tokens, self.max_seq_len, self.context_limit)
-            if n >= self.context_limit:
-                advice = f"shorten it: the model's whole context is {self.context_limit} tokens"
+            advice = context_advice(n, n + max_new_tokens, self.context_limit)
             raise TalisError(
                 f"{which} is {n} tokens, {n - room} too many for a context of {self.max_seq_len} "
                 f"(room for {room} plus one new token); {advice}"

@@ -68,9 +68,15 @@ def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
+def computed_prompt_tokens(stats) -> int:
+    """Prompt tokens the prefill computed: all of them but those whose keys and values were still cached."""
+    return stats.prompt_tokens - stats.reused_tokens
+
+
 def timings_of(stats) -> dict:
-    """Timings of a GenerationStats as a JSON-ready dict (seconds and tokens per second)."""
-    prefill_tokens = stats.prompt_tokens - getattr(stats, "reused_tokens", 0)  # tokens computed, not reused
+    """Timings of a GenerationStats as a JSON-ready dict (seconds and tokens per second; the prefill rate
+    counts computed prompt tokens only)."""
+    prefill_tokens = computed_prompt_tokens(stats)
     decode_tokens = max(stats.new_tokens - 1, 0)  # the first new token comes out of the prefill
     return dict(prefill_s=round(stats.prefill_s, 6), decode_s=round(stats.decode_s, 6),
                 first_token_s=round(stats.first_token_s, 6),
@@ -99,9 +105,11 @@ def _resident_bytes() -> int:
 
 
 def stats_line(stats) -> str:
-    """One line after a reply: prompt tokens, prefill rate, generated tokens, decode rate, first token, memory."""
+    """One line after a reply: prompt tokens computed (and reused from the cache), prefill rate, generated
+    tokens, decode rate, first token, memory."""
     t = timings_of(stats)
-    return (f"prompt {stats.prompt_tokens} tok, {t['prefill_tok_s']:.1f} tok/s | "
+    cached = f" (+{stats.reused_tokens} cached)" if stats.reused_tokens else ""
+    return (f"prompt {computed_prompt_tokens(stats)} tok{cached}, {t['prefill_tok_s']:.1f} tok/s | "
             f"reply {stats.new_tokens} tok, {t['decode_tok_s']:.1f} tok/s | "
             f"first token {t['first_token_s']:.2f} s | {memory_in_use()}")
 
@@ -110,7 +118,8 @@ def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Co
     """The --stats block on stderr, laid out like `ollama run --verbose`."""
     t = timings_of(stats)
     rows = [("total duration", f"{total_s:.3f} s"), ("load duration", f"{load_s:.3f} s"),
-            ("prompt eval count", f"{stats.prompt_tokens} token(s)"),
+            ("prompt eval count", f"{computed_prompt_tokens(stats)} token(s)"),
+            *([("prompt cached", f"{stats.reused_tokens} token(s)")] if stats.reused_tokens else []),
             ("prompt eval duration", f"{stats.prefill_s * 1000:.1f} ms"),
             ("prompt eval rate", f"{t['prefill_tok_s']:.2f} tokens/s"),
             ("eval count", f"{stats.new_tokens} token(s)"), ("eval duration", f"{stats.decode_s * 1000:.1f} ms"),
@@ -137,11 +146,15 @@ class ReplyRenderer:
             self.console.file.flush()
             self.ended_with_newline = text.endswith("\n")
 
-    def end(self, stats, interrupted: bool) -> None:
+    def end(self, stats, interrupted: bool, context_full: str = "") -> None:
+        """Close the reply: a note when it was interrupted or `context_full` (the note to show when the context
+        filled up), then the stats line."""
         if not self.ended_with_newline:
             self.console.print()
         if interrupted:
             self.console.print(Text("(stopped; the partial reply is kept)", style="yellow"))
+        if context_full:
+            self.console.print(Text(context_full, style="yellow"))
         if stats is not None:
             self.console.print(Text(stats_line(stats), style="dim"))
 
