@@ -216,7 +216,7 @@ def generate(
     """Generate text from a prompt (-p, or stdin) and stream it to stdout."""
     import time
 
-    from talis_cli.repl.render import print_stats_block
+    from talis_cli.repl.render import ContextFullNotice, print_stats_block
 
     launched = time.perf_counter()
     settings = run_settings(load, sampling, system=system)
@@ -233,7 +233,7 @@ def generate(
     config = with_stops(config, [stop for _, stops in encoded for stop in stops])
 
     writer = JsonLinesWriter(prompts, ids) if json_lines else StreamWriter(len(prompts), one_line=each_line)
-    writer = ContextFullNotice(writer)
+    writer = ContextFullNotice(writer)  # a note on stderr for replies cut by the full context
     totals = run_batches(engine, ids, config, batch_size if each_line else 1, writer)
     writer.report(engine, len(prompts))
     if stats:
@@ -260,35 +260,6 @@ def run_batches(engine, ids: list, config, batch_size: int, writer):
         for name in ("prompt_tokens", "reused_tokens", "new_tokens", "prefill_s", "decode_s"):
             setattr(totals, name, getattr(totals, name) + getattr(stats, name))
     return totals
-
-
-class ContextFullNotice:
-    """Passes events on to a writer and notes the prompts whose reply stopped because the context was full
-    (finish reason "context"), to say so on stderr once generation is over."""
-
-    def __init__(self, writer):
-        self.writer = writer
-        self.cut: list[int] = []
-
-    def add(self, index: int, event) -> None:
-        if event.finish_reason == "context":
-            self.cut.append(index)
-        self.writer.add(index, event)
-
-    def end_batch(self, indices, stats) -> None:
-        self.writer.end_batch(indices, stats)
-
-    def report(self, engine, count: int) -> None:
-        if not self.cut:
-            return
-        from talis_cli.repl.render import stderr_console
-
-        which = "the reply" if count == 1 else "the replies to prompts " + ", ".join(str(i + 1) for i in self.cut)
-        size, limit = engine.max_seq_len, engine.context_limit
-        advice = (f"--max-seq-len can allocate up to {limit}" if size < limit
-                  else "that is the model's whole context; a shorter prompt leaves more room")
-        stderr_console().print(f"note: {which} stopped at the end of the context ({size} tokens) before "
-                               f"--max-new-tokens; {advice}", markup=False, highlight=False)
 
 
 def _write_out(text: str) -> None:

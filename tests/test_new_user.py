@@ -71,14 +71,14 @@ def test_version_prints_the_package_version(capsys):
         assert talis(capsys, flag) == (0, f"talis {version('talis')}\n", "")
 
 
-COMMANDS = ("generate", "chat", "info", "presets", "perplexity", "quantize", "bench")
+COMMANDS = ("", "generate", "chat", "info", "presets", "perplexity", "quantize", "bench")  # "": talis itself
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_metavars_and_defaults(capsys, command):
     from talis_cli.generation import FIELD_NAMES, GenerationConfig, format_setting
 
-    code, out, _ = talis(capsys, command, "--help")
+    code, out, _ = talis(capsys, *([command] if command else []), "--help")
     assert code == 0
     for python_value in ("<bool>", "<list[", "<str>", "<int", "<float", "<path>", "{"):
         assert python_value not in out, (command, python_value)
@@ -153,7 +153,21 @@ def missing_file_cases(tmp: Path, model_dir: Path):
                                   f"model folder {absent} does not exist: check MODEL_DIR"),
         "quantize calibration file": (["quantize", model_dir, tmp / "out", "--calib", absent / "c.txt"],
                                       f"calibration file {absent / 'c.txt'} does not exist: check --calib"),
+        "transcript (chat's /load)": (None, f"no transcript at {absent / 'chat.json'}; check the path"),
     }
+
+
+def load_transcript(path: Path) -> tuple:
+    """(exit code, "error: ..." line) of a chat session's /load of `path` (the REPL prints UsageErrors so)."""
+    from types import SimpleNamespace
+
+    from talis_cli.errors import UsageError
+    from talis_cli.repl.session import ChatSession
+
+    session = ChatSession(SimpleNamespace(tokenizer=None), config=None, template_spec="raw")
+    with pytest.raises(UsageError) as raised:
+        session.load(path)
+    return raised.value.exit_code, f"error: {raised.value}\n"
 
 
 CASES = list(missing_file_cases(Path("/x"), Path("/y")))
@@ -163,7 +177,10 @@ CASES = list(missing_file_cases(Path("/x"), Path("/y")))
 def test_a_missing_file_exits_2_with_one_line(capsys, tmp_path, model_dir, case):
     (tmp_path / "text.txt").write_text("In the beginning God created the heaven and the earth.\n" * 20)
     args, message = missing_file_cases(tmp_path, model_dir)[case]
-    code, out, err = talis(capsys, *args)
+    if args is None:
+        (code, err), out = load_transcript(tmp_path / "absent" / "chat.json"), ""
+    else:
+        code, out, err = talis(capsys, *args)
     assert code == 2 and out == ""
     assert one_line(err).startswith(message), err
 

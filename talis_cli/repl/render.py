@@ -130,6 +130,33 @@ def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Co
         console.print(Text.assemble((f"{name + ':':<22}", "bold"), value))
 
 
+class ContextFullNotice:
+    """Passes events on to a writer and notes the prompts whose reply stopped because the context was full
+    (finish reason "context"), to say so on stderr once generation is over."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.cut: list[int] = []
+
+    def add(self, index: int, event) -> None:
+        if event.finish_reason == "context":
+            self.cut.append(index)
+        self.writer.add(index, event)
+
+    def end_batch(self, indices, stats) -> None:
+        self.writer.end_batch(indices, stats)
+
+    def report(self, engine, count: int) -> None:
+        if not self.cut:
+            return
+        which = "the reply" if count == 1 else "the replies to prompts " + ", ".join(str(i + 1) for i in self.cut)
+        size, limit = engine.max_seq_len, engine.context_limit
+        advice = (f"--max-seq-len can allocate up to {limit}" if size < limit
+                  else "that is the model's whole context; a shorter prompt leaves more room")
+        stderr_console().print(f"note: {which} stopped at the end of the context ({size} tokens) before "
+                               f"--max-new-tokens; {advice}", markup=False, highlight=False)
+
+
 class ReplyRenderer:
     """Streams a reply's text to a console as it arrives, then the stats line under it."""
 
