@@ -481,7 +481,12 @@ def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ):
     """Time decode and prefill on the GPU next to fp16 (cuBLAS) and torch's int4 kernel, against the bandwidth floor."""
-    from talis_cli.bench import format_report, run_bench
+    try:
+        from talis_cli.bench import format_report, run_bench
+    except ImportError as exc:  # triton is not installed with talis on CPU-only machines
+        if not (exc.name or "").startswith("triton"):
+            raise
+        raise TalisError("talis bench times the Triton kernels on a CUDA GPU: install triton (pip install triton)") from None
 
     report = run_bench(shape=shape, model=model, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size,
                        act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map)

@@ -308,6 +308,11 @@ except UsageError as error:
 print(len(events), e.backend, engine._triton_backend_available(), choose_backend("auto", e.model, OnCuda()),
       "quant_kernels.triton_backend" in sys.modules)
 print(refused)
+from talis_cli.cli import main
+try:
+    main(["bench", "--shape", "7B"])
+except SystemExit as ended:
+    print(ended.code)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120,
                             env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1"))
@@ -315,4 +320,6 @@ print(refused)
     assert result.stdout.splitlines() == [
         "3 torch_dense False torch False",
         "--backend triton needs a CUDA GPU and the triton package (pip install triton); use --backend torch on this machine",
+        "1",
     ]
+    assert result.stderr == "error: talis bench times the Triton kernels on a CUDA GPU: install triton (pip install triton)\n"
