@@ -17,6 +17,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from rich.markup import escape as rich_escape
+
 from talis_cli.errors import TalisError, UsageError
 
 app = typer.Typer(
@@ -31,41 +33,86 @@ app = typer.Typer(
 MODEL_PANEL, SAMPLING_PANEL = "Model", "Generation"
 
 
-def _option(*names: str, help: str, panel: str = MODEL_PANEL, **kwargs):
+def package_version() -> str:
+    """talis's version from the installed package's metadata (the source tree's when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("talis")
+    except PackageNotFoundError:
+        from talis_cli import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        _write_out(f"talis {package_version()}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", "-V", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
+):
+    """Run GPTQ-quantized LLaMA-family models from a terminal."""
+
+
+def _option(*names: str, help: str, panel: str = MODEL_PANEL, default: Optional[str] = None, **kwargs):
+    """An option whose value None means "not given" (the config file, preset or engine decides); `default` is
+    what then applies, shown in the help as typer shows real defaults."""
+    if default is not None:
+        help = f"{help}  {rich_escape(f'[default: {default}]')}"
     return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False, **kwargs)
+
+
+def _sampling_default(name: str) -> str:
+    """GenerationConfig's default of setting `name`, as the help shows it."""
+    from talis_cli.generation import GenerationConfig, format_setting
+
+    return format_setting(name, getattr(GenerationConfig(), name))
+
+
+def _sampling(*names: str, help: str, setting: str, **kwargs):
+    return _option(*names, help=help, panel=SAMPLING_PANEL, default=_sampling_default(setting), **kwargs)
 
 
 @dataclass
 class LoadFlags:
     """Options of every command that loads a model (None = not given: the config file or default decides)."""
 
-    model: Annotated[Optional[Path], _option("--model", "-m", help="Model folder (default: the embedded model).")] = None
-    checkpoint: Annotated[Optional[Path], _option("--checkpoint", help="Weights file inside or beside the model folder.")] = None
-    wbits: Annotated[Optional[int], _option("--wbits", help="Bits per weight when the folder does not say.")] = None
-    groupsize: Annotated[Optional[int], _option("--groupsize", help="Quantization group size when the folder does not say.")] = None
-    device_map: Annotated[Optional[str], _option("--device-map", help="Device map: a name from `talis presets`, a JSON file, or auto.")] = None
-    max_memory: Annotated[Optional[str], _option("--max-memory", help="Memory caps for placing layers, e.g. 0=22GiB,1=24GiB,cpu=32GiB.")] = None
-    max_seq_len: Annotated[Optional[int], _option("--max-seq-len", help="Context length to allocate (default: the model's, at most 2048).", min=2)] = None
-    backend: Annotated[Optional[str], _option("--backend", help="Quantized matmul backend: auto, torch, torch_dense or triton.")] = None
+    model: Annotated[Optional[Path], _option("--model", "-m", metavar="DIR", help="Model folder.", default="the embedded model")] = None
+    checkpoint: Annotated[Optional[Path], _option("--checkpoint", metavar="FILE", help="Weights file inside or beside the model folder.")] = None
+    wbits: Annotated[Optional[int], _option("--wbits", metavar="BITS", help="Bits per weight when the folder does not say.")] = None
+    groupsize: Annotated[Optional[int], _option("--groupsize", metavar="N", help="Quantization group size when the folder does not say.")] = None
+    device_map: Annotated[Optional[str], _option("--device-map", metavar="NAME|FILE", help="Device map: a name from `talis presets`, a JSON file, or auto.", default="auto")] = None
+    max_memory: Annotated[Optional[str], _option("--max-memory", metavar="CAPS", help="Memory caps for placing layers, e.g. 0=22GiB,1=24GiB,cpu=32GiB.")] = None
+    max_seq_len: Annotated[Optional[int], _option("--max-seq-len", metavar="TOKENS", help="Context length to allocate.", default="the model's, at most 2048", min=2)] = None
+    backend: Annotated[Optional[str], _option("--backend", metavar="NAME", help="Quantized matmul backend: auto, torch, torch_dense or triton.", default="auto")] = None
+    threads: Annotated[Optional[int], _option("--threads", "-t", metavar="N", help="CPU threads for torch.", default="the free cores: usable cores minus the load average, at least 1; OMP_NUM_THREADS if set", min=1)] = None
     allow_pickle: Annotated[Optional[bool], _option("--allow-pickle", help="Read .bin/.pt checkpoints (tensors only).")] = None
-    config: Annotated[Optional[Path], _option("--config", help="File of settings (JSON, TOML or KEY=VALUE); flags win over it.")] = None
+    config: Annotated[Optional[Path], _option("--config", metavar="FILE", help="File of settings (JSON, TOML or KEY=VALUE); flags win over it.")] = None
 
 
 @dataclass
 class SamplingFlags:
-    """Options of every command that generates text."""
+    """Options of every command that generates text (one per GenerationConfig field)."""
 
-    preset: Annotated[Optional[str], _option("--preset", help="Generation preset: a name from `talis presets` or a JSON file.", panel=SAMPLING_PANEL)] = None
-    template: Annotated[Optional[str], _option("--template", help="Chat template: auto, tokenizer, llama2, llama3, chatml, raw, or a Jinja file.", panel=SAMPLING_PANEL)] = None
-    max_new_tokens: Annotated[Optional[int], _option("--max-new-tokens", "-n", help="Most tokens to generate per reply.", panel=SAMPLING_PANEL)] = None
-    temperature: Annotated[Optional[float], _option("--temperature", help="Sampling temperature; 0 is greedy.", panel=SAMPLING_PANEL)] = None
-    top_k: Annotated[Optional[int], _option("--top-k", help="Keep the k most likely tokens; 0 disables.", panel=SAMPLING_PANEL)] = None
-    top_p: Annotated[Optional[float], _option("--top-p", help="Nucleus sampling mass in (0, 1]; 1 disables.", panel=SAMPLING_PANEL)] = None
-    min_p: Annotated[Optional[float], _option("--min-p", help="Drop tokens below min-p times the top probability; 0 disables.", panel=SAMPLING_PANEL)] = None
-    typical_p: Annotated[Optional[float], _option("--typical-p", help="Locally typical sampling mass; 1 disables.", panel=SAMPLING_PANEL)] = None
-    repetition_penalty: Annotated[Optional[float], _option("--repetition-penalty", help="Penalty for repeated tokens; 1 disables.", panel=SAMPLING_PANEL)] = None
-    seed: Annotated[Optional[int], _option("--seed", help="Random seed, for reproducible sampling.", panel=SAMPLING_PANEL)] = None
-    stop: Annotated[Optional[list[str]], _option("--stop", help="Stop when this text appears (repeatable).", panel=SAMPLING_PANEL)] = None
+    preset: Annotated[Optional[str], _option("--preset", metavar="NAME|FILE", help="Generation preset: a name from `talis presets` or a JSON file.", panel=SAMPLING_PANEL)] = None
+    template: Annotated[Optional[str], _option("--template", metavar="NAME|FILE", help="Chat template: auto, tokenizer, llama2, llama3, chatml, raw, or a Jinja file.", panel=SAMPLING_PANEL, default="auto")] = None
+    max_new_tokens: Annotated[Optional[int], _sampling("--max-new-tokens", "-n", metavar="TOKENS", help="Most tokens to generate per reply.", setting="max_new_tokens")] = None
+    temperature: Annotated[Optional[float], _sampling("--temperature", metavar="T", help="Sampling temperature; 0 is greedy.", setting="temperature")] = None
+    top_k: Annotated[Optional[int], _sampling("--top-k", metavar="K", help="Keep the k most likely tokens; 0 disables.", setting="top_k")] = None
+    top_p: Annotated[Optional[float], _sampling("--top-p", metavar="P", help="Nucleus sampling mass in (0, 1]; 1 disables.", setting="top_p")] = None
+    min_p: Annotated[Optional[float], _sampling("--min-p", metavar="P", help="Drop tokens below min-p times the top probability; 0 disables.", setting="min_p")] = None
+    typical_p: Annotated[Optional[float], _sampling("--typical-p", metavar="P", help="Locally typical sampling mass; 1 disables.", setting="typical_p")] = None
+    repetition_penalty: Annotated[Optional[float], _sampling("--repetition-penalty", metavar="X", help="Penalty for repeated tokens; 1 disables.", setting="repetition_penalty")] = None
+    repetition_window: Annotated[Optional[int], _sampling("--repetition-window", metavar="TOKENS", help="Tokens looked back for every penalty (prompt included); 0 = the whole context.", setting="repetition_window")] = None
+    frequency_penalty: Annotated[Optional[float], _sampling("--frequency-penalty", metavar="X", help="Subtracted from a token's logit once per occurrence in the window; in [-2, 2].", setting="frequency_penalty")] = None
+    presence_penalty: Annotated[Optional[float], _sampling("--presence-penalty", metavar="X", help="Subtracted from a token's logit once if it occurs in the window; in [-2, 2].", setting="presence_penalty")] = None
+    seed: Annotated[Optional[int], _sampling("--seed", metavar="N", help="Random seed, for reproducible sampling.", setting="seed")] = None
+    stop: Annotated[Optional[list[str]], _sampling("--stop", metavar="TEXT", help="Stop when this text appears (repeatable).", setting="stop")] = None
 
 
 def with_option_groups(command):
@@ -104,6 +151,8 @@ def run_settings(load: LoadFlags, sampling: Optional[SamplingFlags] = None, **ex
     settings = resolve_settings(flags, load.config)
     if settings.model is not None and not settings.model.is_dir():
         raise UsageError(f"model folder {settings.model} does not exist: check --model")
+    if settings.checkpoint is not None and not settings.checkpoint.is_file():
+        raise UsageError(f"checkpoint file {settings.checkpoint} does not exist: check --checkpoint")
     if sampling is not None:
         from talis_cli.chat_templates import check_template_spec
 
@@ -154,10 +203,10 @@ def collect_prompts(prompt: Optional[str], each_line: bool) -> list[str]:
 @app.command()
 @with_option_groups
 def generate(
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (after stdin's, if both).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="Prompt text (after stdin's, if both).")] = None,
     each_line: Annotated[bool, typer.Option("--each-line", help="Each stdin line is its own prompt, batched; each result is written on one line (newlines become spaces; --json keeps them).")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per batch with --each-line.", min=1)] = 8,
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt (implies --chat).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Prompts per batch with --each-line.", min=1)] = 8,
+    system: Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="System prompt (implies --chat).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the chat template.")] = False,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr.")] = False,
@@ -167,7 +216,7 @@ def generate(
     """Generate text from a prompt (-p, or stdin) and stream it to stdout."""
     import time
 
-    from talis_cli.repl.render import print_stats_block
+    from talis_cli.repl.render import ContextFullNotice, print_stats_block
 
     launched = time.perf_counter()
     settings = run_settings(load, sampling, system=system)
@@ -184,7 +233,9 @@ def generate(
     config = with_stops(config, [stop for _, stops in encoded for stop in stops])
 
     writer = JsonLinesWriter(prompts, ids) if json_lines else StreamWriter(len(prompts), one_line=each_line)
+    writer = ContextFullNotice(writer)  # a note on stderr for replies cut by the full context
     totals = run_batches(engine, ids, config, batch_size if each_line else 1, writer)
+    writer.report(engine, len(prompts))
     if stats:
         print_stats_block(totals, load_s=loaded - launched, total_s=time.perf_counter() - launched)
 
@@ -206,7 +257,7 @@ def run_batches(engine, ids: list, config, batch_size: int, writer):
         writer.end_batch(range(start, start + len(batch)), stats)
         if totals is None:
             totals = GenerationStats(0, first_token_s=stats.first_token_s)
-        for name in ("prompt_tokens", "new_tokens", "prefill_s", "decode_s"):
+        for name in ("prompt_tokens", "reused_tokens", "new_tokens", "prefill_s", "decode_s"):
             setattr(totals, name, getattr(totals, name) + getattr(stats, name))
     return totals
 
@@ -284,15 +335,15 @@ class JsonLinesWriter:
 @app.command()
 @with_option_groups
 def chat(
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="First message to send.")] = None,
-    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="First message to send.")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="System prompt.")] = None,
     load: LoadFlags = None,
     sampling: SamplingFlags = None,
 ):
     """Chat with the model (/help inside lists the commands; Ctrl-D or /bye leaves)."""
+    settings = run_settings(load, sampling, system=system)  # a missing file is named first
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("talis chat needs a terminal; for piped text use talis generate (--each-line: a prompt per line)")
-    settings = run_settings(load, sampling, system=system)
     config = settings.generation_config()
     engine = load_engine(settings)
     from talis_cli.repl.app import run_chat
@@ -357,9 +408,9 @@ def _preset_value(value) -> str:
 @app.command()
 @with_option_groups
 def perplexity(
-    file: Annotated[Path, typer.Option("--file", "-f", help="UTF-8 text file to score.")],
-    ctx: Annotated[int, typer.Option("--ctx", help="Tokens per window.", min=2)] = 512,
-    stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens scored per window (default: ctx).", min=1)] = None,
+    file: Annotated[Path, typer.Option("--file", "-f", metavar="FILE", help="UTF-8 text file to score.")],
+    ctx: Annotated[int, typer.Option("--ctx", metavar="TOKENS", help="Tokens per window (at most the context, --max-seq-len).", min=2)] = 512,
+    stride: Annotated[Optional[int], _option("--stride", metavar="TOKENS", help="Tokens scored per window.", panel=None, default="--ctx", min=1)] = None,
     load: LoadFlags = None,
 ):
     """Perplexity of a model on a text file, over windows of --ctx tokens (lower is better)."""
@@ -371,7 +422,11 @@ def perplexity(
         raise UsageError(f"{file} is not UTF-8 text; convert it first, e.g. with iconv") from None
     except OSError as exc:
         raise UsageError(f"cannot read {file}: {exc.strerror or exc}; check --file") from None
-    engine = load_engine(run_settings(load))
+    settings = run_settings(load)
+    from talis_cli.perplexity import allocate_for_window
+
+    settings.max_seq_len = allocate_for_window(settings.model, ctx, settings.max_seq_len)
+    engine = load_engine(settings)
     from talis_cli.perplexity import perplexity as windowed_perplexity
 
     _write_out(f"{windowed_perplexity(engine, text, ctx, stride):.4f}\n")
@@ -382,21 +437,30 @@ def perplexity(
 
 @app.command()
 def quantize(
-    model_dir: Annotated[Path, typer.Argument(help="Folder of the fp16/bf16/fp32 model (config.json, weights, tokenizer).")],
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the GPTQ model to.")],
-    bits: Annotated[int, typer.Option("--bits", help="Bits per weight: 2, 3, 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option("--group-size", help="Weights per scale; -1 for one group per column.")] = 128,
+    model_dir: Annotated[Path, typer.Argument(metavar="MODEL_DIR", show_default=False, help="Folder of the fp16/bf16/fp32 model (config.json, weights, tokenizer).")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", show_default=False, help="Folder to write the GPTQ model to.")],
+    bits: Annotated[int, typer.Option("--bits", metavar="BITS", help="Bits per weight: 2, 3, 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", metavar="N", help="Weights per scale; -1 for one group per column.")] = 128,
     act_order: Annotated[bool, typer.Option("--act-order", help="Quantize columns by decreasing Hessian diagonal.")] = False,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="Plain-text calibration file (needed by gptq).")] = None,
-    method: Annotated[str, typer.Option("--method", help="gptq (needs --calib) or rtn (round to nearest).")] = "gptq",
-    nsamples: Annotated[int, typer.Option("--nsamples", help="Calibration sequences.", min=1)] = 128,
-    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per calibration sequence.", min=2)] = 2048,
+    calib: Annotated[Optional[Path], typer.Option("--calib", metavar="FILE", help="Plain-text calibration file (needed by gptq).")] = None,
+    method: Annotated[str, typer.Option("--method", metavar="NAME", help="gptq (needs --calib) or rtn (round to nearest).")] = "gptq",
+    nsamples: Annotated[int, typer.Option("--nsamples", metavar="N", help="Calibration sequences.", min=1)] = 128,
+    seqlen: Annotated[int, typer.Option("--seqlen", metavar="TOKENS", help="Tokens per calibration sequence.", min=2)] = 2048,
+    threads: Annotated[Optional[int], _option("--threads", "-t", metavar="N", help="CPU threads for torch.", panel=None, default="as for the other commands", min=1)] = None,
 ):
-    """Quantize a model to GPTQ, writing the AutoGPTQ layout that `talis --model OUT_DIR` loads."""
+    """Quantize a model to GPTQ, writing the AutoGPTQ layout that `talis --model OUT_DIR` loads.
+
+    On a terminal a progress bar shows each step; otherwise one line per finished layer goes to stderr."""
+    if not model_dir.is_dir():
+        raise UsageError(f"model folder {model_dir} does not exist: check MODEL_DIR")
+    if calib is not None and not calib.is_file():
+        raise UsageError(f"calibration file {calib} does not exist: check --calib")
     from talis_cli.quantize import quantize_model
     from talis_cli.repl.render import progress_bar
+    from talis_cli.threads import set_threads
 
-    with progress_bar("quantizing", "steps", min_seconds=0) as progress:
+    set_threads(threads)
+    with progress_bar("quantizing", "layers", min_seconds=0, lines=True) as progress:
         written = quantize_model(model_dir, out_dir, bits=bits, group_size=group_size, act_order=act_order,
                                  method=method, calib_file=calib, nsamples=nsamples, seqlen=seqlen, progress=progress)
     _write_out(f"{written}\n")
@@ -404,20 +468,25 @@ def quantize(
 
 @app.command()
 def bench(
-    shape: Annotated[Optional[str], typer.Option("--shape", help="Random weights of a LLaMA shape: 7B, 13B, 33B, 65B, 70B, 8B.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A real model folder instead of --shape.")] = None,
-    prompt: Annotated[int, typer.Option("--prompt", help="Prompt tokens.")] = 128,
-    gen: Annotated[int, typer.Option("--gen", help="Tokens to generate.")] = 128,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context to allocate (default: prompt + gen).")] = None,
-    bits: Annotated[int, typer.Option("--bits", help="Bits per weight for --shape: 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option("--group-size", help="Group size for --shape.")] = 128,
+    shape: Annotated[Optional[str], typer.Option("--shape", metavar="NAME", help="Random weights of a LLaMA shape: 7B, 13B, 33B, 65B, 70B, 8B.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="DIR", help="A real model folder instead of --shape.")] = None,
+    prompt: Annotated[int, typer.Option("--prompt", metavar="TOKENS", help="Prompt tokens.")] = 128,
+    gen: Annotated[int, typer.Option("--gen", metavar="TOKENS", help="Tokens to generate.")] = 128,
+    ctx: Annotated[Optional[int], _option("--ctx", metavar="TOKENS", help="Context to allocate.", panel=None, default="--prompt + --gen")] = None,
+    bits: Annotated[int, typer.Option("--bits", metavar="BITS", help="Bits per weight for --shape: 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", metavar="N", help="Group size for --shape.")] = 128,
     act_order: Annotated[bool, typer.Option("--act-order", help="Act-order weights for --shape.")] = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Also time each quantized GEMV shape.")] = False,
-    device_map: Annotated[Optional[str], typer.Option("--device-map", help="Device map for --model.")] = None,
+    device_map: Annotated[Optional[str], typer.Option("--device-map", metavar="NAME|FILE", help="Device map for --model.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ):
     """Time decode and prefill on the GPU next to fp16 (cuBLAS) and torch's int4 kernel, against the bandwidth floor."""
-    from talis_cli.bench import format_report, run_bench
+    try:
+        from talis_cli.bench import format_report, run_bench
+    except ImportError as exc:  # triton is not installed with talis on CPU-only machines
+        if not (exc.name or "").startswith("triton"):
+            raise
+        raise TalisError("talis bench times the Triton kernels on a CUDA GPU: install triton (pip install triton)") from None
 
     report = run_bench(shape=shape, model=model, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size,
                        act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map)
@@ -445,6 +514,7 @@ def main(argv: Optional[list] = None) -> None:
     """Console-script entry point: one line on stderr for every error the user can cause, and exit codes
     0 success, 1 runtime error, 2 bad usage, 130 interrupted."""
     command = typer.main.get_command(app)
+    _tidy_help(command)
     try:
         code = command.main(args=argv, prog_name="talis", standalone_mode=False)  # Ctrl-C: returns 130
     except SystemExit as exc:
@@ -462,6 +532,23 @@ def main(argv: Optional[list] = None) -> None:
     except Exception as exc:
         code = _report_unexpected(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _tidy_help(command) -> None:
+    """Help as users read it: a flag shows no value type (typer prints `<bool>`), and an argument shows its
+    metavar alone (MODEL_DIR, not `{model_dir} <path>`)."""
+    import click
+
+    root = click.Context(command, info_name="talis", **command.context_settings)  # -h and --help
+    for sub in [command, *getattr(command, "commands", {}).values()]:
+        help_option = sub.get_help_option(root if sub is command else click.Context(sub, parent=root, info_name=sub.name))
+        for param in [*sub.params, *([help_option] if help_option else [])]:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+            if param.param_type_name == "argument" and param.metavar:
+                # instance attributes over typer's methods: the usage line and the type column
+                param._usage_display_name = lambda metavar=param.metavar: metavar
+                param.display_type_rich = lambda ctx: None
 
 
 def _report_unexpected(exc: Exception) -> int:

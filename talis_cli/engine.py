@@ -28,6 +28,7 @@ class LoadSettings:
     allow_pickle: bool = False  # .bin/.pt checkpoints (no code runs: tensors only)
     backend: str = "auto"  # QuantLinear backend: auto, torch, torch_dense, triton
     loader: str | None = None  # force a registered loader by name
+    threads: int | None = None  # torch CPU threads; None: talis_cli.threads.default_threads()
 
 
 class Engine:
@@ -45,7 +46,8 @@ class Engine:
         self.load_s = load_s
         self.backend = backend
         self.eos_ids = eos_ids(loaded.args, tokenizer)
-        self.generator = Generator(self.model, tokenizer, self.eos_ids, max_seq_len)
+        self.context_limit = context_limit(loaded.args)  # the most --max-seq-len may allocate
+        self.generator = Generator(self.model, tokenizer, self.eos_ids, max_seq_len, self.context_limit)
 
     @classmethod
     def load(cls, settings: LoadSettings | None = None, progress=None) -> "Engine":
@@ -55,8 +57,11 @@ class Engine:
         from .model_info import kv_cache_bytes
         from .placement import load_device_map, map_may_use_gpu, plan_devices
 
+        from .threads import set_threads
+
         settings = settings or LoadSettings()
         t0 = time.perf_counter()
+        set_threads(settings.threads)
         model_dir = Path(settings.model_dir) if settings.model_dir else DEFAULT_MODEL_DIR
         if settings.backend not in BACKENDS:
             raise UsageError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -80,7 +85,7 @@ class Engine:
         backend = choose_backend(settings.backend, loaded.model, request.plan)
         loaded.model.setup_cache(1, max_seq_len)
         engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, time.perf_counter() - t0, backend)
-        if request.plan.uses_cuda:  # the CUDA-graph decode step
+        if request.plan.uses_cuda and _triton_backend_available():  # the CUDA-graph decode step (Triton ops)
             from .fast_decode import accelerate
 
             accelerate(engine.model, engine.generator)
@@ -122,10 +127,16 @@ def eos_ids(args, tokenizer) -> list[int]:
     return ids
 
 
-def check_max_seq_len(requested: int | None, args) -> int:
+def context_limit(args) -> int:
+    """The longest context the model was trained for, in tokens (stretched by linear/dynamic rope scaling)."""
     limit = args.max_position_embeddings
     if args.rope_scaling and args.rope_scaling.get("rope_type") in ("linear", "dynamic"):
         limit = int(limit * float(args.rope_scaling.get("factor", 1.0)))
+    return limit
+
+
+def check_max_seq_len(requested: int | None, args) -> int:
+    limit = context_limit(args)
     if requested is None:
         return min(limit, DEFAULT_MAX_SEQ_LEN)
     if requested < 2:
@@ -148,7 +159,8 @@ def choose_backend(requested: str, model, plan) -> str:
             float_bytes = sum(m.in_features * m.out_features * 4 for m in layers)
             name = "torch_dense" if float_bytes <= DENSE_CPU_LIMIT else "torch"
     elif requested == "triton" and not (plan.uses_cuda and _triton_backend_available()):
-        raise UsageError("--backend triton needs a CUDA GPU and the Triton kernels; use --backend torch on this machine")
+        raise UsageError("--backend triton needs a CUDA GPU and the triton package (pip install triton); "
+                         "use --backend torch on this machine")
     if name not in available_backends():
         raise UsageError(f"backend {name!r} is not available here; available: {', '.join(available_backends())}")
     for m in layers:

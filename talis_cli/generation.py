@@ -9,6 +9,7 @@ torch is imported only when generation starts, so reading presets and flags stay
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -95,6 +96,26 @@ def allowed_values(name: str) -> str:
     return _RULES[name][2]
 
 
+def format_setting(name: str, value) -> str:
+    """A GenerationConfig value as users write it: seed `random` for None, stop strings quoted or `none`."""
+    if name == "seed" and value is None:
+        return "random"
+    if name == "stop":
+        return ", ".join(json.dumps(s, ensure_ascii=False) for s in value) if value else "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def context_advice(prompt_tokens: int, wanted: int, limit: int, verb: str = "pass") -> str:
+    """What to do about a prompt of `prompt_tokens` that leaves no room in the allocated context, for a model
+    trained for `limit` tokens: allocate `wanted` slots (prompt and reply, never past the limit) when the prompt
+    fits the model at all, else shorten it."""
+    if prompt_tokens >= limit:
+        return f"shorten it: the model's whole context is {limit} tokens"
+    return f"{verb} --max-seq-len {min(wanted, limit)} (the model allows up to {limit}) or shorten it"
+
+
 @dataclass
 class TokenEvent:
     """One new token of one prompt."""
@@ -102,7 +123,8 @@ class TokenEvent:
     index: int  # which prompt of the batch (always 0 for stream())
     text: str  # text this token completed; "" while a character or a possible stop string is held back
     token_ids: list[int]  # the new token
-    finish_reason: str | None = None  # None while going on; "eos" | "stop" | "length" on the row's last event
+    finish_reason: str | None = None  # None while going on; on the row's last event "eos" | "stop" | "length"
+    # (max_new_tokens reached) | "context" (the context is full: no slot for another token)
     # ("interrupted" is the consumer's to report: closing the stream ends it without another event)
 
 
@@ -159,16 +181,17 @@ class _Row:
         self.eos_ids = eos_ids
         self.finished = False
 
-    def accept(self, token_id: int, is_last: bool) -> TokenEvent:
-        """The event for a new token; `is_last` when the token budget ends here."""
+    def accept(self, token_id: int, last: str | None) -> TokenEvent:
+        """The event for a new token; `last` is the finish reason when the budget ends here ("length" or
+        "context"), else None."""
         if token_id in self.eos_ids:
             return self._finish(token_id, "", "eos")
         text, stopped = self.stop_filter.feed(self.detokenizer.push(token_id))
         if stopped:
             self.finished = True
             return TokenEvent(self.index, text, [token_id], "stop")
-        if is_last:
-            return self._finish(token_id, text, "length")
+        if last:
+            return self._finish(token_id, text, last)
         return TokenEvent(self.index, text, [token_id])
 
     def _finish(self, token_id: int, text: str, reason: str) -> TokenEvent:
@@ -183,11 +206,12 @@ class _Row:
 class Generator:
     """Streams tokens and text from a model with a static KV cache (talis_cli.model.Transformer interface)."""
 
-    def __init__(self, model, tokenizer, eos_ids: Sequence[int], max_seq_len: int):
+    def __init__(self, model, tokenizer, eos_ids: Sequence[int], max_seq_len: int, context_limit: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
-        self.max_seq_len = max_seq_len
+        self.max_seq_len = max_seq_len  # slots of the KV cache
+        self.context_limit = context_limit or max_seq_len  # the most the model allows (for advice in errors)
         self.skip_ids = special_ids_to_skip(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.last_stats: GenerationStats | None = None
@@ -212,18 +236,19 @@ class Generator:
         if not prompts:
             raise UsageError("no prompts given; pass at least one")
         for i, p in enumerate(prompts):
-            self._check_prompt_fits(i, len(p), len(prompts))
+            self._check_prompt_fits(i, len(p), len(prompts), cfg.max_new_tokens)
         return self._generate(prompts, cfg)
 
-    def _check_prompt_fits(self, i: int, n: int, n_prompts: int) -> None:
+    def _check_prompt_fits(self, i: int, n: int, n_prompts: int, max_new_tokens: int) -> None:
         which = f"prompt {i + 1}" if n_prompts > 1 else "the prompt"
         if n == 0:
             raise TalisError(f"{which} is empty; give at least one token")
         room = self.max_seq_len - 1  # one slot stays free for the first new token
         if n > room:
+            advice = context_advice(n, n + max_new_tokens, self.context_limit)
             raise TalisError(
                 f"{which} is {n} tokens, {n - room} too many for a context of {self.max_seq_len} "
-                f"(room for {room} plus one new token); shorten it or raise --max-seq-len"
+                f"(room for {room} plus one new token); {advice}"
             )
 
     def _decode_step(self, tokens, pos: int):
@@ -257,6 +282,7 @@ class Generator:
         lens = [len(p) for p in prompts]
         B, T = len(prompts), max(lens)  # batch, longest prompt
         budget = min(cfg.max_new_tokens, self.max_seq_len - T)
+        out_of_room = "context" if budget < cfg.max_new_tokens else "length"  # why the last step is the last
         stats = self.last_stats = GenerationStats(prompt_tokens=sum(lens))
         device = self.model.lm_head.weight.device  # where logits, samples and the token history live
         history = torch.full((B, self.max_seq_len), self.pad_id, dtype=torch.long)  # [B, S] slot -> token
@@ -303,12 +329,13 @@ class Generator:
             queued = None
             for step in range(budget):
                 is_last = step == budget - 1
+                last = out_of_room if is_last else None
                 if ahead and not is_last:
                     queued = queue(step)  # wasted only when every row ends at this token
                 for row in rows:
                     if not row.finished:
                         stats.new_tokens += 1
-                        yield row.accept(ids[row.index], is_last)
+                        yield row.accept(ids[row.index], last)
                 if is_last or all(row.finished for row in rows):
                     return
                 queued = queued or queue(step)

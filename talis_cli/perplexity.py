@@ -5,14 +5,35 @@ and only each window's last `stride` tokens are scored (each token scored once, 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from .errors import UsageError
 
 
+def allocate_for_window(model_dir, ctx: int, max_seq_len: int | None) -> int | None:
+    """The context to allocate for windows of `ctx` tokens (before the weights load): `max_seq_len` when given,
+    else enough for one window. UsageError when the window exceeds the given context or the model's own."""
+    from .engine import DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL_DIR, context_limit
+    from .loaders.base import read_model_args
+
+    limit = context_limit(read_model_args(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR))
+    if ctx > limit:
+        raise UsageError(f"--ctx {ctx} is longer than the model's context of {limit} tokens; use --ctx {limit} or less")
+    if max_seq_len is not None and ctx > max_seq_len:
+        raise UsageError(f"--ctx {ctx} is longer than the context allocated by --max-seq-len {max_seq_len}; "
+                         f"raise --max-seq-len to {ctx} (the model allows up to {limit}) or use a smaller --ctx")
+    return max_seq_len if max_seq_len is not None else max(ctx, min(limit, DEFAULT_MAX_SEQ_LEN))
+
+
 def perplexity(engine, text: str, ctx: int = 512, stride: int | None = None, max_windows: int | None = None,
                progress=None) -> float:
+    """exp(mean negative log-likelihood) of `text` over windows of `ctx` tokens; UsageError when a window is
+    longer than the engine's context (engine.max_seq_len)."""
+    if ctx > engine.max_seq_len:
+        raise UsageError(f"--ctx {ctx} is longer than the context of {engine.max_seq_len} tokens; "
+                         f"use --ctx {engine.max_seq_len} or less")
     ids = engine.encode(text, add_bos=False)
     return perplexity_of_ids(engine.model, ids, ctx, stride, max_windows, progress)
 

@@ -9,6 +9,7 @@ worked on sits on the work device.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 
 from .errors import TalisError, UsageError
 
-Progress = Callable[[int, int, str], None]  # (step, total, message)
+Progress = Callable[[int, int, str], None]  # (layers done, layers, message), called once per finished layer
 
 METHODS = ("gptq", "rtn")
 # Linears of one decoder layer in true-sequential order: each group sees the quantized outputs of the previous.
@@ -144,7 +145,6 @@ def _gptq_layers(model, tokens, bits, group_size, sym, act_order, true_sequentia
         cos, sin = model.rotary(positions, dtype)  # (1, 1, T, head_dim)
     groups = SEQUENTIAL_GROUPS if true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     layers = model.model.layers
-    total, step = len(layers) * len(groups), 0
     packed = {}
     for index, layer in enumerate(layers):
         layer.to(device)
@@ -161,11 +161,10 @@ def _gptq_layers(model, tokens, bits, group_size, sym, act_order, true_sequentia
                 result = _solve(solver, full_name, bits, group_size, sym, act_order, damp_percent)
                 linear.weight.data = result.dequantize().to(device, dtype)
                 packed[full_name] = replace(result, **{k: v.cpu() for k, v in result.tensors().items()})
-            step += 1
-            if progress:
-                progress(step, total, f"layer {index + 1}/{len(layers)}: {', '.join(n.split('.')[-1] for n in names)}")
         hidden = _run_layer(layer, hidden, cos, sin)  # outputs of the quantized layer feed the next one
         layer.to("cpu")
+        if progress:  # once per layer, as rtn_layers: a log gets one line per layer
+            progress(index + 1, len(layers), f"layer {index + 1}/{len(layers)}")
     return packed
 
 
@@ -204,6 +203,13 @@ def rtn_layers(model, bits: int, group_size: int, sym: bool = True, progress: Pr
     return packed
 
 
+def _give_normal_mode(path: Path) -> None:
+    """The mode a newly created file gets from the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_output(model, packed: dict, model_dir: Path, out_dir: Path, settings: dict) -> None:
     """model.safetensors (AutoGPTQ names, fp16 for what stays unquantized), quantize_config.json, config.json
     with `quantization_config`, and the tokenizer files."""
@@ -223,6 +229,7 @@ def _write_output(model, packed: dict, model_dir: Path, out_dir: Path, settings:
         tensors[name] = value.to("cpu", torch.float16).contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    _give_normal_mode(out_dir / "model.safetensors")  # safetensors creates it owner-only (0600)
     (out_dir / "quantize_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = settings

@@ -153,7 +153,7 @@ def test_length_is_capped_by_the_context(model, tokenizer):
     gen = generator(model, tokenizer)
     long_prompt = (prompt(tokenizer) * 10)[: CONTEXT - 4]
     tokens, _, events = run(gen, long_prompt, GREEDY)
-    assert len(tokens) == 4 and events[-1].finish_reason == "length"
+    assert len(tokens) == 4 and events[-1].finish_reason == "context"  # issue 15: not "length" (the budget's)
     tokens, _, _ = run(gen, long_prompt + [5, 6, 7], GREEDY)
     assert len(tokens) == 1
     with pytest.raises(TalisError, match=f"is {CONTEXT + 2} tokens, 3 too many"):

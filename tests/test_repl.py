@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
+from talis_cli.errors import TalisError, UsageError
 from tests.tiny_models import hf_model, save_gptq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,8 +221,8 @@ def test_toolbar_and_completion(engine, tmp_path):
     assert engine.model_dir.name in toolbar and f"context {session.context_used}/256" in toolbar
     from talis_cli.repl.session import render_chat
 
-    prompt = render_chat(engine, session.template, session.system, session.messages[:1])
-    assert session.context_used == len(prompt) + session.last_stats.new_tokens
+    # issue 15: "context used" is the conversation as it stands, rendered (no longer prompt + reply tokens)
+    assert session.context_used == len(render_chat(engine, session.template, session.system, session.messages))
 
     def complete(text):
         return [c.text for c in SlashCompleter(repl.commands).get_completions(Document(text), None)]
@@ -230,6 +232,105 @@ def test_toolbar_and_completion(engine, tmp_path):
     assert "temperature" in complete("/set temp")
     assert set(complete("/template ch")) == {"chatml"}
     assert complete("hello") == []
+
+
+def test_regen_stats_count_computed_and_cached_prompt_tokens(engine, tmp_path):
+    from talis_cli.repl.render import timings_of
+
+    session = new_session(engine, system="Be brief.")
+    drive(session, "In the beginning\r", tmp_path / "h")
+    first = session.last_stats
+    printed = drive(session, "/regen\r/stats\r", tmp_path / "h")
+    stats = session.last_stats
+    assert stats.prompt_tokens == first.prompt_tokens and stats.reused_tokens == stats.prompt_tokens - 1
+    rate = timings_of(stats)["prefill_tok_s"]
+    assert rate == round(1 / stats.prefill_s, 2)  # over the one computed token
+    assert f"prompt 1 tok (+{stats.prompt_tokens - 1} cached), {rate:.1f} tok/s | reply {REPLY_TOKENS} tok" in printed
+    assert re.search(rf"^cached tokens +{stats.reused_tokens} *$", printed, re.M)
+    assert re.search(rf"^first token +{timings_of(stats)['first_token_s']:.3f} s *$", printed, re.M)
+
+
+def test_context_used_follows_every_change_of_the_conversation(engine, tmp_path):
+    from talis_cli.repl.app import ChatRepl
+    from talis_cli.repl.session import render_chat
+
+    session = new_session(engine, system="Be brief.")
+    with create_pipe_input() as keyboard:
+        repl = ChatRepl(session, history_path=tmp_path / "h", input=keyboard, output=DummyOutput())
+
+    def shown() -> int:
+        count = int(repl.toolbar().split("context ")[1].split("/")[0])
+        assert count == session.context_used
+        return count
+
+    def rendered(messages) -> int:
+        return len(render_chat(engine, session.template, session.system, messages))
+
+    assert shown() == rendered([])  # the system prompt alone
+    drive(session, "one\rtwo\r", tmp_path / "h")
+    assert shown() == rendered(session.messages) and len(session.messages) == 4
+    two_exchanges = shown()
+    drive(session, "/undo\r", tmp_path / "h")
+    assert shown() == rendered(session.messages) < two_exchanges and len(session.messages) == 2
+    before_save = shown()
+    drive(session, f"/save {tmp_path / 'chat.json'}\r", tmp_path / "h")
+    other = new_session(engine)
+    drive(other, f"/load {tmp_path / 'chat.json'}\r", tmp_path / "h")
+    assert other.context_used == before_save
+    drive(session, "/system A much longer system prompt than before, to be sure.\r", tmp_path / "h")
+    assert shown() == rendered(session.messages) > before_save
+    drive(session, "/clear\r", tmp_path / "h")
+    assert shown() == rendered([])
+
+
+def test_settings_are_shown_as_users_write_them(engine, tmp_path):
+    session = new_session(engine)
+    printed = drive(session, "/set\r/set stop LORD\r/set seed 5\r/set seed random\r/set stop none\r"
+                             "/system Be brief.\r/system\r", tmp_path / "h")
+    lines = printed.splitlines()
+    assert re.search(r"^seed +random *$", printed, re.M) and re.search(r"^stop +none *$", printed, re.M)
+    assert re.search(r"^temperature +0 *$", printed, re.M) and re.search(r"^max_new_tokens +6 *$", printed, re.M)
+    assert ['stop = "LORD"', "seed = 5", "seed = random", "stop = none"] == [
+        line for line in lines if line.startswith(("stop =", "seed ="))]
+    assert 'system prompt: "Be brief."' in lines
+    for python_value in ("None", "()", "('", "'Be brief.'"):
+        assert python_value not in printed
+    assert session.config.stop == () and session.config.seed is None
+    printed = drive(session, "hello\r/stats\r", tmp_path / "h")
+    assert re.search(r"^first token +\d+\.\d{3} s *$", printed, re.M) and "first token s" not in printed
+    assert re.search(r"^prefill rate +\d+\.\d tok/s \(computed tokens\) *$", printed, re.M)
+
+
+def test_a_reply_that_fills_the_context_says_so(slow_model_dir, tmp_path):
+    from talis_cli.engine import Engine, LoadSettings
+
+    small = Engine.load(LoadSettings(model_dir=slow_model_dir, max_seq_len=48))
+    session = new_session(small)
+    session.config = session.config.with_overrides(max_new_tokens=100)
+    printed = drive(session, "In the beginning\r", tmp_path / "h")
+    assert ("(the reply stopped: the context of 48 tokens is full; /undo or /clear makes room, or the oldest "
+            "exchanges are dropped with the next message; talis chat --max-seq-len can allocate up to 4096)") in printed
+    assert session.context_used >= 48 - 1
+
+
+def test_a_message_too_long_gets_advice_that_works(model_dir, tmp_path):
+    from talis_cli.engine import Engine, LoadSettings
+
+    small = Engine.load(LoadSettings(model_dir=model_dir, max_seq_len=24))
+    session = new_session(small)
+    session.add_user("and it was so " * 20)
+    with pytest.raises(TalisError) as raised:
+        session.fit_to_context()
+    n = len(session.encode())
+    assert str(raised.value) == (f"this message is {n} tokens with the system prompt, {n - 23} more than the context "
+                                 f"of 24 holds; restart talis chat with --max-seq-len {n + REPLY_TOKENS} (the model "
+                                 "allows up to 256) or shorten it")
+    session.messages[-1]["content"] = "and it was so " * 100  # longer than the model's whole context
+    with pytest.raises(TalisError, match="; shorten it: the model's whole context is 256 tokens$"):
+        session.fit_to_context()
+    with pytest.raises(UsageError) as raised:  # a transcript that is not there: a usage error (exit code 2)
+        session.load(tmp_path / "absent.json")
+    assert raised.value.exit_code == 2 and str(raised.value) == f"no transcript at {tmp_path / 'absent.json'}; check the path"
 
 
 # ---------------------------------------------------------------- the whole command on a pseudo-terminal

@@ -86,7 +86,13 @@ class ChatRepl:
                             "the system prompt stays)")
         self.renderer.start()
         reply = self.session.reply(ids, self.renderer.feed)
-        self.renderer.end(reply.stats, interrupted=reply.finish_reason == "interrupted")
+        full = ""
+        if reply.finish_reason == "context":
+            size, limit = self.session.engine.max_seq_len, self.session.engine.context_limit
+            more = f"; talis chat --max-seq-len can allocate up to {limit}" if size < limit else ""
+            full = (f"(the reply stopped: the context of {size} tokens is full; /undo or /clear makes room, "
+                    f"or the oldest exchanges are dropped with the next message{more})")
+        self.renderer.end(reply.stats, interrupted=reply.finish_reason == "interrupted", context_full=full)
 
 
 def run_chat(session, first_message: Optional[str] = None) -> None:

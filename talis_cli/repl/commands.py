@@ -6,6 +6,7 @@ A docstring's first line reads "ARGUMENTS -- what it does"; `argument_choices_<n
 import dataclasses
 import enum
 import inspect
+import json
 
 from talis_cli.chat_templates import TEMPLATE_CHOICES
 from talis_cli.errors import UsageError
@@ -76,13 +77,15 @@ class Commands:
         if name not in FIELD_NAMES:
             raise UsageError(f"/set: unknown setting '{name}'; choose one of {', '.join(FIELD_NAMES)}")
         if not value.strip():
-            raise UsageError(f"/set {name} needs a value, e.g. /set {name} {getattr(self.session.config, name)}")
+            raise UsageError(f"/set {name} needs a value, e.g. /set {name} {self._shown(name)}")
         if name == "seed" and value.strip().lower() in ("none", "null", "random"):
             converted = None
+        elif name == "stop" and value.strip().lower() == "none":
+            converted = ()
         else:
             converted = convert_setting(name, value.strip(), "/set")
         self.session.config = dataclasses.replace(self.session.config, **{name: converted}).validate()
-        self.out.info(f"{name} = {getattr(self.session.config, name)!r}")
+        self.out.info(f"{name} = {self._shown(name)}")
 
     def cmd_preset(self, argument: str):
         """<name|file> -- replace every generation setting by a preset's (no argument: list presets)"""
@@ -101,7 +104,8 @@ class Commands:
             self.session.system = argument
             self.out.info("system prompt set")
         else:
-            self.out.info(f"system prompt: {self.session.system!r}" if self.session.system else "no system prompt")
+            self.out.info(f"system prompt: {json.dumps(self.session.system, ensure_ascii=False)}"
+                          if self.session.system else "no system prompt")
 
     def cmd_template(self, argument: str):
         """<name|file> -- change the chat template (no argument: show it)"""
@@ -146,8 +150,12 @@ class Commands:
         if stats is None:
             self.out.info(f"no reply yet; {memory_in_use()}")
             return
-        rows = [("prompt tokens", str(stats.prompt_tokens)), ("generated tokens", str(stats.new_tokens))]
-        rows += [(name.replace("_", " "), f"{value}") for name, value in timings_of(stats).items()]
+        t = timings_of(stats)
+        rows = [("prompt tokens", str(stats.prompt_tokens)), ("cached tokens", str(stats.reused_tokens)),
+                ("generated tokens", str(stats.new_tokens)), ("prefill", f"{t['prefill_s']:.3f} s"),
+                ("prefill rate", f"{t['prefill_tok_s']:.1f} tok/s (computed tokens)"),
+                ("decode", f"{t['decode_s']:.3f} s"), ("decode rate", f"{t['decode_tok_s']:.1f} tok/s"),
+                ("first token", f"{t['first_token_s']:.3f} s")]
         rows += [("context used", f"{self.session.context_used}/{self.session.engine.max_seq_len}"),
                  ("memory", memory_in_use())]
         self.out.table(rows)
@@ -166,6 +174,13 @@ class Commands:
         """-- leave (also /exit, Ctrl-D)"""
         return Outcome.EXIT
 
+    def _shown(self, name: str) -> str:
+        """The value of setting `name` as the user types it (seed random, stop "a", "b" or none)."""
+        from talis_cli.generation import format_setting
+
+        return format_setting(name, getattr(self.session.config, name))
+
     def _show_config(self) -> None:
-        config = dataclasses.asdict(self.session.config)
-        self.out.table([(name, repr(value)) for name, value in config.items()])
+        from talis_cli.generation import FIELD_NAMES
+
+        self.out.table([(name, self._shown(name)) for name in FIELD_NAMES])

@@ -19,12 +19,13 @@ def stderr_console() -> Console:
 
 
 @contextlib.contextmanager
-def progress_bar(label: str = "loading", unit: str = "tensors", min_seconds: float = 0.5):
+def progress_bar(label: str = "loading", unit: str = "tensors", min_seconds: float = 0.5, lines: bool = False):
     """Yield a `progress(done, total, message)` callback that shows a bar on stderr once the work outlasts
-    `min_seconds`. Nothing is drawn when stderr is not a terminal, so pipes and logs stay clean."""
+    `min_seconds`. When stderr is not a terminal nothing is drawn, so pipes and logs stay clean; with `lines`
+    (work that runs for minutes) one plain line is written there each time `done` grows instead."""
     console = stderr_console()
     if not console.is_terminal:
-        yield None
+        yield _progress_lines(console, label, unit) if lines else None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -40,7 +41,7 @@ def progress_bar(label: str = "loading", unit: str = "tensors", min_seconds: flo
                 return
             bar.start()
             task = bar.add_task("", total=total)
-        bar.update(task, completed=done, total=total, description=message if unit == "steps" else "")
+        bar.update(task, completed=done, total=total, description=message if unit != "tensors" else "")
 
     try:
         yield progress
@@ -49,13 +50,33 @@ def progress_bar(label: str = "loading", unit: str = "tensors", min_seconds: flo
             bar.stop()
 
 
+def _progress_lines(console: Console, label: str, unit: str):
+    """A progress callback writing `label: done/total unit (elapsed s)` once per increase of `done`."""
+    started, shown = time.perf_counter(), [0]
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        if done > shown[0]:
+            shown[0] = done
+            console.print(f"{label}: {done}/{total} {unit} ({time.perf_counter() - started:.0f} s)",
+                          markup=False, highlight=False)
+            console.file.flush()
+
+    return progress
+
+
 def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
+def computed_prompt_tokens(stats) -> int:
+    """Prompt tokens the prefill computed: all of them but those whose keys and values were still cached."""
+    return stats.prompt_tokens - stats.reused_tokens
+
+
 def timings_of(stats) -> dict:
-    """Timings of a GenerationStats as a JSON-ready dict (seconds and tokens per second)."""
-    prefill_tokens = stats.prompt_tokens - getattr(stats, "reused_tokens", 0)  # tokens computed, not reused
+    """Timings of a GenerationStats as a JSON-ready dict (seconds and tokens per second; the prefill rate
+    counts computed prompt tokens only)."""
+    prefill_tokens = computed_prompt_tokens(stats)
     decode_tokens = max(stats.new_tokens - 1, 0)  # the first new token comes out of the prefill
     return dict(prefill_s=round(stats.prefill_s, 6), decode_s=round(stats.decode_s, 6),
                 first_token_s=round(stats.first_token_s, 6),
@@ -84,9 +105,11 @@ def _resident_bytes() -> int:
 
 
 def stats_line(stats) -> str:
-    """One line after a reply: prompt tokens, prefill rate, generated tokens, decode rate, first token, memory."""
+    """One line after a reply: prompt tokens computed (and reused from the cache), prefill rate, generated
+    tokens, decode rate, first token, memory."""
     t = timings_of(stats)
-    return (f"prompt {stats.prompt_tokens} tok, {t['prefill_tok_s']:.1f} tok/s | "
+    cached = f" (+{stats.reused_tokens} cached)" if stats.reused_tokens else ""
+    return (f"prompt {computed_prompt_tokens(stats)} tok{cached}, {t['prefill_tok_s']:.1f} tok/s | "
             f"reply {stats.new_tokens} tok, {t['decode_tok_s']:.1f} tok/s | "
             f"first token {t['first_token_s']:.2f} s | {memory_in_use()}")
 
@@ -95,7 +118,8 @@ def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Co
     """The --stats block on stderr, laid out like `ollama run --verbose`."""
     t = timings_of(stats)
     rows = [("total duration", f"{total_s:.3f} s"), ("load duration", f"{load_s:.3f} s"),
-            ("prompt eval count", f"{stats.prompt_tokens} token(s)"),
+            ("prompt eval count", f"{computed_prompt_tokens(stats)} token(s)"),
+            *([("prompt cached", f"{stats.reused_tokens} token(s)")] if stats.reused_tokens else []),
             ("prompt eval duration", f"{stats.prefill_s * 1000:.1f} ms"),
             ("prompt eval rate", f"{t['prefill_tok_s']:.2f} tokens/s"),
             ("eval count", f"{stats.new_tokens} token(s)"), ("eval duration", f"{stats.decode_s * 1000:.1f} ms"),
@@ -104,6 +128,33 @@ def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Co
     console = console or stderr_console()
     for name, value in rows:
         console.print(Text.assemble((f"{name + ':':<22}", "bold"), value))
+
+
+class ContextFullNotice:
+    """Passes events on to a writer and notes the prompts whose reply stopped because the context was full
+    (finish reason "context"), to say so on stderr once generation is over."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.cut: list[int] = []
+
+    def add(self, index: int, event) -> None:
+        if event.finish_reason == "context":
+            self.cut.append(index)
+        self.writer.add(index, event)
+
+    def end_batch(self, indices, stats) -> None:
+        self.writer.end_batch(indices, stats)
+
+    def report(self, engine, count: int) -> None:
+        if not self.cut:
+            return
+        which = "the reply" if count == 1 else "the replies to prompts " + ", ".join(str(i + 1) for i in self.cut)
+        size, limit = engine.max_seq_len, engine.context_limit
+        advice = (f"--max-seq-len can allocate up to {limit}" if size < limit
+                  else "that is the model's whole context; a shorter prompt leaves more room")
+        stderr_console().print(f"note: {which} stopped at the end of the context ({size} tokens) before "
+                               f"--max-new-tokens; {advice}", markup=False, highlight=False)
 
 
 class ReplyRenderer:
@@ -122,11 +173,15 @@ class ReplyRenderer:
             self.console.file.flush()
             self.ended_with_newline = text.endswith("\n")
 
-    def end(self, stats, interrupted: bool) -> None:
+    def end(self, stats, interrupted: bool, context_full: str = "") -> None:
+        """Close the reply: a note when it was interrupted or `context_full` (the note to show when the context
+        filled up), then the stats line."""
         if not self.ended_with_newline:
             self.console.print()
         if interrupted:
             self.console.print(Text("(stopped; the partial reply is kept)", style="yellow"))
+        if context_full:
+            self.console.print(Text(context_full, style="yellow"))
         if stats is not None:
             self.console.print(Text(stats_line(stats), style="dim"))
 

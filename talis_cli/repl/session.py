@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from talis_cli.chat_templates import resolve_template, special_token_texts
 from talis_cli.errors import TalisError, UsageError
+from talis_cli.generation import context_advice
 
 TRANSCRIPT_VERSION = 1
 
@@ -41,7 +42,7 @@ def encode_prompt(engine, text: str, system: Optional[str], template_spec: Optio
 @dataclass
 class Reply:
     text: str
-    finish_reason: str  # "eos" | "stop" | "length" | "interrupted"
+    finish_reason: str  # "eos" | "stop" | "length" | "context" (the context filled up) | "interrupted"
     stats: object  # GenerationStats of the reply (partial when interrupted)
 
 
@@ -58,7 +59,7 @@ class ChatSession:
         self.system = system
         self.messages: list = []  # {"role": "user" | "assistant", "content": str}, oldest first
         self.last_stats = None
-        self.context_used = 0  # tokens of the conversation as of the last reply
+        self._context = (None, 0)  # (what was rendered, its token count): context_used's cache
 
     # ----- settings
 
@@ -70,6 +71,16 @@ class ChatSession:
 
     def encode(self) -> list:
         return render_chat(self.engine, self.template, self.system, self.messages)
+
+    @property
+    def context_used(self) -> int:
+        """Tokens of the conversation as it stands (system prompt, every message, rendered by the template):
+        what the next prompt starts with. The one measure of the toolbar and /stats, so it follows every change
+        (a reply, /undo, /clear, /load, /system, /template) and is the same before /save and after /load."""
+        key = (self.template, self.system, tuple((m["role"], m["content"]) for m in self.messages))
+        if self._context[0] != key:  # the toolbar asks at every redraw: render only after a change
+            self._context = (key, len(self.encode()) if self.messages or self.system else 0)
+        return self._context[1]
 
     def fit_to_context(self) -> tuple:
         """(prompt ids, turns dropped): drop the oldest turns until the prompt leaves room for a reply.
@@ -86,8 +97,10 @@ class ChatSession:
             dropped += 1
             ids = self.encode()
         if len(ids) >= limit:
+            advice = context_advice(len(ids), len(ids) + self.config.max_new_tokens, self.engine.context_limit,
+                                    verb="restart talis chat with")
             raise TalisError(f"this message is {len(ids)} tokens with the system prompt, {len(ids) - limit + 1} "
-                             f"more than the context of {limit} holds; shorten it or start with a larger --max-seq-len")
+                             f"more than the context of {limit} holds; {advice}")
         return ids, dropped
 
     def reply(self, ids: list, on_text: Callable[[str], None]) -> Reply:
@@ -111,7 +124,6 @@ class ChatSession:
             stats.prefill_s = stats.first_token_s = time.perf_counter() - started
         self.messages.append({"role": "assistant", "content": text})
         self.last_stats = stats
-        self.context_used = len(ids) + (stats.new_tokens if stats else 0)
         return Reply(text, finish, stats)
 
     def add_user(self, text: str) -> None:
@@ -120,7 +132,6 @@ class ChatSession:
     def clear(self) -> None:
         """Forget the turns; the system prompt stays."""
         self.messages.clear()
-        self.context_used = 0
 
     def undo(self) -> int:
         """Remove the last exchange (the last user message and the reply to it); how many messages went."""
@@ -184,4 +195,3 @@ class ChatSession:
         system = data.get("system")
         self.system = system if isinstance(system, str) and system else None
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        self.context_used = len(self.encode())
