@@ -117,14 +117,14 @@ def test_triton_head_in_the_decode_step_under_the_interpreter():
     from tests.test_fast_decode import DEVICE, tiny_model
 
     gen = torch.Generator().manual_seed(3)
-    model = tiny_model(seed=4, vocab_size=512, num_hidden_layers=1)
+    model = tiny_model(seed=4, vocab_size=256, num_hidden_layers=1)
     gptq = GPTQ(model.lm_head.weight.detach())
     gptq.add_batch(torch.randn(256, 128, generator=gen) @ torch.randn(128, 128, generator=gen) * 0.1)
     packed = gptq.quantize(4, 32, act_order=True)
     model.lm_head = QuantLinear.from_quantized(packed.qweight, packed.qzeros, packed.scales, packed.g_idx, 4, 32)
     model = model.to(DEVICE, torch.float16)
-    prompt = torch.randint(0, 512, (1, 6), generator=gen).to(DEVICE)
-    token = torch.randint(0, 512, (1, 1), generator=gen).to(DEVICE)
+    prompt = torch.randint(0, 256, (1, 6), generator=gen).to(DEVICE)
+    token = torch.randint(0, 256, (1, 1), generator=gen).to(DEVICE)
     with torch.no_grad():
         expected = model(prompt)
         model.lm_head.set_backend("triton")
