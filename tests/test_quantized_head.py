@@ -75,11 +75,12 @@ def test_generate_and_info_through_the_cli(folders):
     from tests.test_cli import greedy_text
 
     folder, hf, _ = folders["tied"]
-    engine = Engine.load(LoadSettings(model_dir=folder))  # what the CLI loads: the default backend
-    result = run_talis("generate", "-m", folder, "-p", "In the beginning", "--temperature", "0", "-n", "10")
+    engine = Engine.load(LoadSettings(model_dir=folder, device_map="cpu"))  # as the CLI loads it: default backend
+    result = run_talis("generate", "-m", folder, "--device-map", "cpu", "-p", "In the beginning", "--temperature", "0",
+                       "-n", "10")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode() == greedy_text(engine, [engine.encode("In the beginning")], 10)[0] + "\n"
-    result = run_talis("info", "-m", folder, "--json", "--backend", "torch")
+    result = run_talis("info", "-m", folder, "--json", "--device-map", "cpu", "--backend", "torch")
     assert result.returncode == 0, result.stderr.decode()
     assert_info_counts_the_head(json.loads(result.stdout), folder, hf)
 
