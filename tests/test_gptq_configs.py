@@ -116,8 +116,8 @@ def test_lm_head_key_must_agree_with_the_weights(tmp_path, model, v1_dir):
     edit_quantize_config(fp16_head, lm_head=False)
     assert torch.equal(logits(fp16_head)[0], logits(v1_dir)[0])
     edit_quantize_config(fp16_head, lm_head=True)
-    assert error_of(fp16_head) == (f"{qc}: lm_head is true but the weights hold no quantized lm_head (lm_head.qweight); "
-                                   f"the config and the weights don't belong together — set \"lm_head\": false if "
+    assert error_of(fp16_head) == (f"{qc}: lm_head is true but the weights hold no quantized lm_head "
+                                   f"(lm_head.qweight); the config and the weights don't belong together — set \"lm_head\": false if "
                                    f"the head is fp16")
     quantized_head = tmp_path / "quantized_head"
     save_gptq(model, quantized_head, bits=4, group_size=32, sym=False, lm_head=True)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from quant_kernels.quant_linear import QuantLinear
 from talis_cli.engine import Engine, LoadSettings
-from tests.test_cli import run_talis
+from tests.test_cli import greedy_text, run_talis
 from tests.test_parity import _greedy_hf, _greedy_talis
 from tests.tiny_models import hf_model, save_gptq, with_weights
 
@@ -33,14 +33,14 @@ def folders(tmp_path_factory):
     return out
 
 
-def load(folder, backend="torch", **kw):
-    return Engine.load(LoadSettings(model_dir=folder, device_map="cpu", backend=backend, max_seq_len=64, **kw))
+def load(folder, backend="torch"):
+    return Engine.load(LoadSettings(model_dir=folder, device_map="cpu", backend=backend, max_seq_len=64))
 
 
-def logits_of(engine, tokens=TOKENS):
+def logits_of(engine):
     engine.model.clear_cache()
     with torch.no_grad():
-        return engine.model(tokens)
+        return engine.model(TOKENS)
 
 
 def relative_diff(a, b) -> float:
@@ -72,8 +72,6 @@ def test_quantized_head_logits_and_greedy_match_transformers(folders, kind, back
 def test_generate_and_info_through_the_cli(folders):
     """The tied case, where config.json's tie_word_embeddings and the quantized head meet (subprocesses are slow:
     the untied one is checked in-process below)."""
-    from tests.test_cli import greedy_text
-
     folder, hf, _ = folders["tied"]
     engine = Engine.load(LoadSettings(model_dir=folder, device_map="cpu"))  # as the CLI loads it: default backend
     result = run_talis("generate", "-m", folder, "--device-map", "cpu", "-p", "In the beginning", "--temperature", "0",
@@ -133,7 +131,8 @@ def test_triton_head_in_the_decode_step_under_the_interpreter():
         assert relative_diff(model(prompt), expected) < 5e-3
         model.setup_cache(1, 16)
         model(prompt)
-        caches = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone()) for layer in model.model.layers]
+        caches = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
+                  for layer in model.model.layers]
         plain = model(token, start_pos=6)[:, -1]
         for layer, (k, v) in zip(model.model.layers, caches):  # the step writes slot 6 again, from the same state
             layer.self_attn.kv_cache.k.copy_(k)

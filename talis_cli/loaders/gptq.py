@@ -71,7 +71,8 @@ def check_pack_dtype(qc: dict, source: Path) -> None:
     """GPTQModel's `pack_dtype`: the integer type the codes are packed in; talis reads int32 words (the default)."""
     value = qc.get("pack_dtype")
     if value is not None and str(value).lower() not in ("int32", "torch.int32"):
-        raise TalisError(f"{source}: pack_dtype {value!r} is not supported; talis reads GPTQ weights packed in int32 words")
+        raise TalisError(f"{source}: pack_dtype {value!r} is not supported; "
+                         f"talis reads GPTQ weights packed in int32 words")
 
 
 def check_lm_head(qc: dict, source: Path, shapes: dict[str, list[int]]) -> None:
@@ -85,7 +86,8 @@ def check_lm_head(qc: dict, source: Path, shapes: dict[str, list[int]]) -> None:
     holds = "lm_head.qweight" in shapes
     if said and not holds:
         raise TalisError(f"{source}: lm_head is true but the weights hold no quantized lm_head (lm_head.qweight); "
-                         f"the config and the weights don't belong together — set \"lm_head\": false if the head is fp16")
+                         f"the config and the weights don't belong together — set \"lm_head\": false if the head "
+                         f"is fp16")
     if holds and not said:
         raise TalisError(f"{source}: lm_head is false but the weights hold a quantized lm_head (lm_head.qweight); "
                          f"the config and the weights don't belong together — set \"lm_head\": true if they do")

@@ -54,11 +54,13 @@ def shard_files(index: Path) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = list(dict.fromkeys(weight_map.values()))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise TalisError(f"{index}: not a valid shard index (needs a \"weight_map\" object); re-export the model") from None
+        raise TalisError(f"{index}: not a valid shard index (needs a \"weight_map\" object); "
+                         f"re-export the model") from None
     files = [folder / f for f in names]
     missing = [f.name for f in files if not f.exists()]
     if missing:
-        raise TalisError(f"{folder}: shard(s) {', '.join(missing)} named in {index.name} are missing; copy the whole model folder")
+        raise TalisError(f"{folder}: shard(s) {', '.join(missing)} named in {index.name} are missing; "
+                         f"copy the whole model folder")
     return files
 
 
