@@ -201,7 +201,7 @@ def _sync_time(fn) -> float:
 def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict:
     """Prefill and decode timings (seconds, medians of `repeats` after a warm-up run) of a cached model."""
     device = model.model.embed_tokens.weight.device
-    logits_device = model.lm_head.weight.device  # another GPU when the model is split
+    logits_device = model.logits_device  # another GPU when the model is split
     model.setup_cache(1, ctx)
     if graph_devices(model) is not None:
         runner = CudaGraphDecoder(model)

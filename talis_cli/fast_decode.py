@@ -98,9 +98,10 @@ class DecodeStep:
                 q, k, v = self._norm_qkv(out, residual, layers[i + 1])
         if not self.last:
             return out, residual
-        norm = self.model.model.norm
-        h = ops.rms_norm(out, norm.weight, norm.eps, residual)
-        return self.model.lm_head(h).float()
+        norm, head = self.model.model.norm, self.model.lm_head  # head: nn.Linear or a quantized QuantLinear
+        gather = input_gather(head)
+        h = ops.rms_norm(out, norm.weight, norm.eps, residual, gather=gather)
+        return (head(h) if gather is None else forward_gathered(head, h)).float()
 
 
 def segments(model, batch: int, bounds: list[int] | None = None) -> list[DecodeStep]:
@@ -216,7 +217,7 @@ def graph_devices(model) -> list[torch.device] | None:
         return None
     layers = [layer.input_layernorm.weight.device for layer in model.model.layers]
     if (model.model.embed_tokens.weight.device != layers[0]
-            or {model.model.norm.weight.device, model.lm_head.weight.device} != {layers[-1]}):
+            or {model.model.norm.weight.device, model.logits_device} != {layers[-1]}):
         return None
     devices = [device for i, device in enumerate(layers) if i == 0 or device != layers[i - 1]]
     if len(devices) > 1 and os.environ.get("TALIS_SPLIT_GRAPHS", "0") != "1":

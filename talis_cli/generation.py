@@ -284,7 +284,7 @@ class Generator:
         budget = min(cfg.max_new_tokens, self.max_seq_len - T)
         out_of_room = "context" if budget < cfg.max_new_tokens else "length"  # why the last step is the last
         stats = self.last_stats = GenerationStats(prompt_tokens=sum(lens))
-        device = self.model.lm_head.weight.device  # where logits, samples and the token history live
+        device = self.model.logits_device  # where logits, samples and the token history live
         history = torch.full((B, self.max_seq_len), self.pad_id, dtype=torch.long)  # [B, S] slot -> token
         for b, p in enumerate(prompts):
             history[b, T - len(p) : T] = torch.tensor(p, dtype=torch.long)

@@ -8,6 +8,7 @@ devices itself: each layer runs where its weights are, and the hidden state foll
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +172,19 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
+    # --- where the output is ----------------------------------------------------------------------------
+    @property
+    def logits_device(self) -> torch.device:
+        """Where lm_head runs and the logits come out: its weights' device (a quantized head's GPTQ tensors; on a
+        split model not the embedding's)."""
+        head = self.lm_head
+        return next(itertools.chain(head.parameters(), head.buffers())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype of activations and the KV cache (a quantized lm_head has no float `weight`)."""
+        return self.model.norm.weight.dtype
+
     @property
     def has_cache(self) -> bool:
         return self.model.layers[0].self_attn.kv_cache is not None
@@ -230,5 +244,6 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x.to(self.model.norm.weight.device))
-        with current_device(self.lm_head.weight.device):
-            return self.lm_head(x.to(self.lm_head.weight.device)).float()
+        device = self.logits_device
+        with current_device(device):
+            return self.lm_head(x.to(device)).float()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 
-def parameter_count(args) -> int:
-    """Parameters of the model as trained (quantized linears counted as their float weights)."""
+def parameter_count(args, tied_head: bool | None = None) -> int:
+    """Parameters of the model as trained (quantized linears counted as their float weights). tied_head: whether
+    lm_head shares the embedding's weights (default: as config.json says; a quantized head never does)."""
+    tied = args.tie_word_embeddings if tied_head is None else tied_head
     attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
     mlp = 3 * args.dim * args.intermediate_size
     norms = 2 * args.dim
-    embed = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    embed = args.vocab_size * args.dim * (1 if tied else 2)
     return args.n_layers * (attn + mlp + norms) + embed + args.dim
 
 
@@ -47,10 +49,19 @@ def _tensors_in(state) -> list:
     return []
 
 
+def head_kind(model) -> str:
+    """How lm_head holds its weights: "quantized" (GPTQ tensors), "tied" (the embedding's) or "float" (its own)."""
+    head = model.lm_head
+    if not hasattr(head, "weight"):
+        return "quantized"
+    return "tied" if head.weight is model.model.embed_tokens.weight else "float"
+
+
 def describe(engine) -> dict:
     args, quant = engine.args, engine.quant
     weights = weight_bytes_in_memory(engine.model)
-    kv = kv_cache_bytes(args, engine.max_seq_len, dtype_bytes=engine.model.lm_head.weight.element_size())
+    kv = kv_cache_bytes(args, engine.max_seq_len, dtype_bytes=engine.model.dtype.itemsize)
+    head = head_kind(engine.model)
     return {
         "model": str(engine.model_dir),
         "loader": engine.loaded.loader,
@@ -60,12 +71,12 @@ def describe(engine) -> dict:
             "layers": args.n_layers, "hidden": args.dim, "intermediate": args.intermediate_size,
             "heads": args.n_heads, "kv_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab": args.vocab_size,
             "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
-            "max_position_embeddings": args.max_position_embeddings, "tied_embeddings": args.tie_word_embeddings,
+            "max_position_embeddings": args.max_position_embeddings, "tied_embeddings": head == "tied",
         },
-        "parameters": parameter_count(args),
+        "parameters": parameter_count(args, tied_head=head == "tied"),
         "quantization": None if quant is None else {
             "bits": quant.bits, "group_size": quant.group_size, "act_order": quant.desc_act, "sym": quant.sym,
-            "format": quant.checkpoint_format,
+            "format": quant.checkpoint_format, "lm_head": head == "quantized",
         },
         "backend": engine.backend,
         "context": engine.max_seq_len,

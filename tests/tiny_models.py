@@ -56,8 +56,11 @@ def save_fp16(model, folder: Path, dtype=torch.float16) -> Path:
     return folder
 
 
-def quantize_tensors(model, bits: int, group_size: int, act_order: bool = False, sym: bool = True, seed: int = 0):
-    """GPTQ-quantize every decoder linear (random correlated calibration data), the rest stays fp16.
+def quantize_tensors(model, bits: int, group_size: int, act_order: bool = False, sym: bool = True, seed: int = 0,
+                     lm_head: bool = False):
+    """GPTQ-quantize every decoder linear (random correlated calibration data), and `lm_head` too when asked (as
+    GPTQModel and AutoGPTQ do with `lm_head: true`: a tied head is quantized from the embedding, which stays
+    fp16); the rest stays fp16.
 
     Returns (state dict in the AutoGPTQ layout, {linear name: dequantized weight [out, in]}).
     """
@@ -67,7 +70,7 @@ def quantize_tensors(model, bits: int, group_size: int, act_order: bool = False,
     sd, dequantized = {}, {}
     for name, tensor in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
-        if any(module.endswith(n) for n in LINEAR_NAMES):
+        if any(module.endswith(n) for n in LINEAR_NAMES) or (lm_head and name == "lm_head.weight"):
             weight = tensor.float()
             gptq = GPTQ(weight)
             x = torch.randn(256, weight.shape[1], generator=gen) @ torch.randn(weight.shape[1], weight.shape[1], generator=gen) * 0.1
@@ -81,14 +84,38 @@ def quantize_tensors(model, bits: int, group_size: int, act_order: bool = False,
     return sd, dequantized
 
 
+def to_gptq_v2(sd: dict, bits: int) -> dict:
+    """The same weights in the "gptq_v2" format: every qzeros word holds the zero itself, not zero - 1."""
+    from quant_kernels import gptq_format
+
+    out = dict(sd)
+    for name, tensor in sd.items():
+        if name.endswith(".qzeros"):
+            cols = sd[name.replace(".qzeros", ".scales")].shape[1]
+            out[name] = gptq_format.pack_cols(gptq_format.unpack_cols(tensor, bits, cols) + 1, bits)
+    return out
+
+
 def save_gptq(model, folder: Path, bits: int = 4, group_size: int = 128, act_order: bool = False,
-              sym: bool = True, shards: int = 1, config_style: str = "quantize_config"):
-    """Write an AutoGPTQ-style folder; return the dequantized weights by linear name."""
+              sym: bool = True, shards: int = 1, config_style: str = "quantize_config", lm_head: bool | None = None,
+              format_keys: dict | None = None, base_name: str = "model", index_name: str | None = None):
+    """Write an AutoGPTQ-style folder; return the dequantized weights by linear name.
+
+    lm_head: None writes no `lm_head` key and an fp16 head; True/False write the key, True a quantized head.
+    format_keys: the format key(s) of the quantize config (default {"checkpoint_format": "gptq"}); the weights are
+    written in the format they name (`format` wins, as in GPTQModel). base_name: `model_file_base_name` and the
+    weight files' stem; index_name: the shard index's name (default `<base_name>.safetensors.index.json`).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    sd, dequantized = quantize_tensors(model, bits, group_size, act_order, sym)
+    sd, dequantized = quantize_tensors(model, bits, group_size, act_order, sym, lm_head=bool(lm_head))
+    format_keys = {"checkpoint_format": "gptq"} if format_keys is None else format_keys
+    if format_keys.get("format", format_keys.get("checkpoint_format")) == "gptq_v2":
+        sd = to_gptq_v2(sd, bits)
     qc = dict(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, true_sequential=True,
-              damp_percent=0.01, static_groups=False, checkpoint_format="gptq", model_file_base_name="model",
+              damp_percent=0.01, static_groups=False, **format_keys, model_file_base_name=base_name,
               quant_method="gptq")
+    if lm_head is not None:
+        qc["lm_head"] = lm_head
     model.config.save_pretrained(folder)
     if config_style == "quantize_config":
         (folder / "quantize_config.json").write_text(json.dumps(qc))
@@ -96,32 +123,39 @@ def save_gptq(model, folder: Path, bits: int = 4, group_size: int = 128, act_ord
         cfg = json.loads((folder / "config.json").read_text())
         cfg["quantization_config"] = qc
         (folder / "config.json").write_text(json.dumps(cfg))
-    write_shards(sd, folder, shards)
+    write_shards(sd, folder, shards, base_name, index_name)
     copy_tokenizer(folder)
     return dequantized
 
 
-def write_shards(sd: dict, folder: Path, shards: int) -> None:
+def write_shards(sd: dict, folder: Path, shards: int, base_name: str = "model", index_name: str | None = None) -> None:
+    """`<base_name>.safetensors`, or `shards` files `<base_name>-0000i-of-0000n.safetensors` with a shard index
+    (`index_name`, default `<base_name>.safetensors.index.json`; False writes none)."""
     if shards == 1:
-        save_file(sd, str(folder / "model.safetensors"))
+        save_file(sd, str(folder / f"{base_name}.safetensors"))
         return
     names = sorted(sd)
     weight_map = {}
     for i in range(shards):
         part = names[i::shards]
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        fname = f"{base_name}-{i + 1:05d}-of-{shards:05d}.safetensors"
         save_file({k: sd[k] for k in part}, str(folder / fname))
         weight_map.update({k: fname for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if index_name is not False:
+        index = folder / (index_name or f"{base_name}.safetensors.index.json")
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def with_weights(model, weights: dict):
     """A copy of the HF model with the given linear weights [out, in] put in and every other weight rounded
-    to fp16 as the checkpoint stores it (to compare with quantized runs)."""
+    to fp16 as the checkpoint stores it (to compare with quantized runs). A tied model given an `lm_head` weight
+    gets its own head (the quantized head of a tied checkpoint) and keeps its fp16 embedding."""
     import copy
 
     out = copy.deepcopy(model)
     with torch.no_grad():
+        if "lm_head" in weights and out.lm_head.weight is out.model.embed_tokens.weight:
+            out.lm_head.weight = torch.nn.Parameter(out.lm_head.weight.detach().clone())
         for p in out.parameters():
             p.copy_(p.half().float())
         for name, w in weights.items():

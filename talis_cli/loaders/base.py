@@ -200,12 +200,19 @@ def shape_mismatch_message(source: Path, name: str, got: list[int], want: list[i
 
 
 def finish_tied_and_defaults(model, args: ModelArgs) -> None:
-    """Tie lm_head to the embeddings when the checkpoint has no lm_head; give old GPTQ files their g_idx."""
+    """Tie an fp16 lm_head to the embeddings when the checkpoint has no lm_head; give old GPTQ files their g_idx.
+
+    A quantized lm_head (`lm_head.qweight`, GPTQModel/AutoGPTQ `lm_head: true`) is its own layer even when
+    config.json ties the embeddings: the embedding stays fp16 and the head computes from its GPTQ tensors.
+    """
+    from torch import nn
+
     from quant_kernels.gptq_format import default_g_idx
     from quant_kernels.quant_linear import QuantLinear
 
-    if model.lm_head.weight.is_meta and args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    head = model.lm_head
+    if isinstance(head, nn.Linear) and head.weight.is_meta and args.tie_word_embeddings:
+        head.weight = model.model.embed_tokens.weight
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.g_idx.is_meta:
             module.g_idx = default_g_idx(module.in_features, module.group_size, module.qweight.device)

@@ -54,7 +54,7 @@ class CheckpointFileLoader(Loader):
             return None  # a plain fp16 checkpoint file
         found = read_quantize_config(self.folder)
         if found is not None:
-            return settings_from(found[0], found[1], self.request.wbits, self.request.groupsize)
+            return settings_from(found[0], found[1], self.request.wbits, self.request.groupsize, shapes)
         if self.request.wbits is None:
             raise TalisError(f"{self.path}: GPTQ checkpoint without a quantize config; pass --wbits (and --groupsize)")
         qc = {"bits": self.request.wbits, "group_size": self.request.groupsize or -1}

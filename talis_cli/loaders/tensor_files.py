@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -11,28 +12,55 @@ from ..errors import TalisError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
+SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")  # model-00001-of-00003.safetensors
+
+
 def weight_files(folder: Path, base_name: str | None = None) -> list[Path]:
-    """The safetensors files holding a model's weights: from the shard index, else the named or the only file."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise TalisError(f"{index}: not a valid shard index (needs a \"weight_map\" object); re-export the model") from None
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise TalisError(f"{folder}: shard(s) {', '.join(missing)} named in {index.name} are missing; copy the whole model folder")
-        return files
-    if base_name and (folder / f"{base_name}.safetensors").exists():
-        return [folder / f"{base_name}.safetensors"]
+    """The safetensors files holding a model's weights, looked up in this order:
+    `<base_name>.safetensors.index.json` (AutoGPTQ names its shard index after `model_file_base_name`),
+    `<base_name>.safetensors`, the folder's only `*.safetensors.index.json` (HF's `model.safetensors.index.json`),
+    the folder's only `.safetensors` file. Raises TalisError for several indexes, shards without their index, or
+    several unrelated files."""
+    if base_name:
+        if (folder / f"{base_name}.safetensors.index.json").exists():
+            return shard_files(folder / f"{base_name}.safetensors.index.json")
+        if (folder / f"{base_name}.safetensors").exists():
+            return [folder / f"{base_name}.safetensors"]
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise TalisError(f"{folder}: several shard indexes ({', '.join(i.name for i in indexes)}); keep the one of "
+                         f"these weights, or name it by model_file_base_name in the quantize config")
+    if indexes:
+        return shard_files(indexes[0])
     files = sorted(folder.glob("*.safetensors"))
+    shards = [f.name for f in files if (m := SHARD_NAME.search(f.name)) and int(m.group(2)) > 1]
+    if shards:
+        raise TalisError(f"{folder}: {shards[0]} is one shard of a model split in files, but there is no shard index "
+                         f"(*.safetensors.index.json) to join them; copy the index file that came with the shards")
     if len(files) > 1:
-        raise TalisError(f"{folder}: several .safetensors files and no model.safetensors.index.json; pass the one to use with --checkpoint")
+        raise TalisError(f"{folder}: several .safetensors files ({', '.join(f.name for f in files)}) that are not "
+                         f"shards of one model; pass the one to use with --checkpoint")
     if not files:
         pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         hint = f" (found {', '.join(pickles)}: load a pickle file with --checkpoint FILE --allow-pickle)" if pickles else ""
         raise TalisError(f"{folder}: no .safetensors weights found{hint}")
+    return files
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shard files a safetensors index (`{"weight_map": {tensor: file}}`) names, each once, in order."""
+    folder = index.parent
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise TalisError(f"{index}: not a valid shard index (needs a \"weight_map\" object); "
+                         f"re-export the model") from None
+    files = [folder / f for f in names]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise TalisError(f"{folder}: shard(s) {', '.join(missing)} named in {index.name} are missing; "
+                         f"copy the whole model folder")
     return files
 
 
