@@ -123,9 +123,9 @@ def eos_ids(args, tokenizer) -> list[int]:
 
 
 def check_max_seq_len(requested: int | None, args) -> int:
-    limit = args.max_position_embeddings
-    if args.rope_scaling and args.rope_scaling.get("rope_type") in ("linear", "dynamic"):
-        limit = int(limit * float(args.rope_scaling.get("factor", 1.0)))
+    from .rope import trained_context
+
+    limit = trained_context(args)
     if requested is None:
         return min(limit, DEFAULT_MAX_SEQ_LEN)
     if requested < 2:
