@@ -257,7 +257,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      capacity: int, n_sms: int = 132, out: torch.Tensor | None = None,
                      scatter: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of one new token per row: rotary on q and k, k and v stored at cache slot `slot`, softmax over
-    slots [max(pad_lens[b], slot - window + 1), slot]; returns [B, n_heads * hd] in q's dtype (into `out`, contiguous, if given).
+    slots [max(pad_lens[b], slot - window + 1), slot]; returns [B, n_heads * hd] in q's dtype (into `out`,
+    contiguous, if given).
     `scatter` (int32 [n_heads * hd]) writes feature f to column scatter[f]: pass triton_backend.input_scatter of an
     act-order o_proj to hand it its input in the order it reads.
 

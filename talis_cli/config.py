@@ -73,7 +73,8 @@ class ModelArgs:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise TalisError(f"{source}: rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         if self.sliding_window is not None and self.sliding_window < 1:
-            raise TalisError(f"{source}: sliding_window must be a positive number of tokens or null, not {self.sliding_window}")
+            raise TalisError(f"{source}: sliding_window must be a positive number of tokens or null, "
+                             f"not {self.sliding_window}")
 
 
 def _as_list(v) -> list[int]:
