@@ -43,12 +43,16 @@ def forget_scale(hf) -> None:
 
 
 # --- the frequencies --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", sorted(YARN))
+@pytest.mark.parametrize("case", [*sorted(YARN), "top-level-original"])
 def test_yarn_frequencies_and_attention_factor_equal_transformers(case):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    cfg = tiny_config(rope_scaling=dict(YARN[case]), max_position_embeddings=128)
+    if case == "top-level-original":  # Phi-3 style: config.json's own key wins over the rope dict's
+        cfg = tiny_config(rope_scaling=dict(YARN["plain"]), max_position_embeddings=128,
+                          original_max_position_embeddings=16)
+    else:
+        cfg = tiny_config(rope_scaling=dict(YARN[case]), max_position_embeddings=128)
     theirs, factor = ROPE_INIT_FUNCTIONS["yarn"](LlamaConfig(**cfg))
     args = ModelArgs.from_hf_config(cfg)
     torch.testing.assert_close(rope.inv_freq(args), theirs, rtol=1e-6, atol=0)

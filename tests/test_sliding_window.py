@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from quant_kernels import triton_ops
 from quant_kernels.fuse import fuse_model
 from talis_cli.config import ModelArgs
+from talis_cli.errors import TalisError
 from talis_cli.fast_decode import CudaGraphDecoder, bucket, buckets
 from talis_cli.generation import GenerationConfig, Generator
 from talis_cli.model import apply_rotary
@@ -39,6 +40,14 @@ def test_config_window_is_what_transformers_reads(model_type, extra):
     if cfg.get("use_sliding_window") is False:
         expected = None  # Qwen2's spelling: transformers' Qwen2Config drops the window
     assert ModelArgs.from_hf_config(cfg).sliding_window == expected
+
+
+@pytest.mark.parametrize("window", [0, "wide"])
+def test_bad_window_is_one_line(window):
+    with pytest.raises(TalisError) as error:
+        ModelArgs.from_hf_config(tiny_config(model_type="mistral", sliding_window=window))
+    assert "\n" not in str(error.value) and str(error.value).startswith("config.json: ")
+    assert "sliding_window" in str(error.value) or "wrong type" in str(error.value)
 
 
 def test_full_forward_matches_mistral(tmp_path):
