@@ -125,9 +125,12 @@ def _cached_kv(k_cache_ptr, v_cache_ptr, base, s0, end, pad, offs_d, stride_cs, 
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pad_ptr, k_cache_ptr, v_cache_ptr, part_ptr, tickets_ptr,
     out_ptr, scatter_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs, n_heads, group, chunk, scale,
-    SPLITS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr, PDL: tl.constexpr,
+    window, SPLITS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Program (b, h, s): head h of row b over cache slots [s*chunk, (s+1)*chunk), one launch for the whole step.
+    """Program (b, h, s): head h of row b over cache slots [lo + s*chunk, lo + (s+1)*chunk), one launch for the
+    whole step; lo is 0, or with HAS_WINDOW the first slot of the sliding window (slot - window + 1, at least 0),
+    so only the window's slots are read.
 
     - rotates q[b, h] and the new k of kv head h // group (position slot - pad[b], clamped at 0);
     - reads cached keys below `slot` that are not padding (>= pad[b]), and takes the new token's k, v from
@@ -161,7 +164,10 @@ def _decode_attention_kernel(
     cos = tl.load(cos_ptr + position * HD + offs_d)
     sin = tl.load(sin_ptr + position * HD + offs_d)
     base = b * stride_cb + kv_h * stride_ch
-    start = split * chunk
+    if HAS_WINDOW:
+        start = tl.maximum(slot + 1 - window, 0) + split * chunk
+    else:
+        start = split * chunk
     end = tl.minimum(start + chunk, slot)
     k, v = _cached_kv(k_cache_ptr, v_cache_ptr, base, start, end, pad, offs_d, stride_cs, BLOCK_S)
     wait_for_previous_kernel(PDL)
@@ -249,15 +255,18 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      slot: torch.Tensor, pad_lens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      capacity: int, n_sms: int = 132, out: torch.Tensor | None = None,
-                     scatter: torch.Tensor | None = None) -> torch.Tensor:
+                     scatter: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of one new token per row: rotary on q and k, k and v stored at cache slot `slot`, softmax over
-    slots [pad_lens[b], slot]; returns [B, n_heads * hd] in q's dtype (into `out`, contiguous, if given).
+    slots [max(pad_lens[b], slot - window + 1), slot]; returns [B, n_heads * hd] in q's dtype (into `out`,
+    contiguous, if given).
     `scatter` (int32 [n_heads * hd]) writes feature f to column scatter[f]: pass triton_backend.input_scatter of an
     act-order o_proj to hand it its input in the order it reads.
 
     q [B, n_heads*hd], k and v [B, n_kv_heads*hd] (unit column stride, e.g. views of a fused projection);
     cos, sin [max_seq_len, hd]; slot int64 [1]; pad_lens int64 [B]; caches [batch, n_kv_heads, max_seq_len, hd].
-    `capacity` (> slot) fixes the launch shape, so one CUDA graph serves every slot below it.
+    `capacity` (> slot) fixes the launch shape, so one CUDA graph serves every slot below it. With a sliding
+    `window` (a query sees the keys less than `window` slots back), only those slots are read, and a capacity of
+    at least `window` serves every slot.
     """
     B = q.shape[0]
     hd = cos.shape[1]
@@ -270,8 +279,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     _decode_attention_kernel[(B, n_heads, splits)](
         q, k, v, cos, sin, slot, pad_lens, k_cache, v_cache, parts, _tickets(q.device, B * n_heads), out,
         scatter if scatter is not None else out, q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5, SPLITS=splits,
-        HD=hd, BLOCK_S=64, HAS_SCATTER=scatter is not None, num_warps=8,
+        k_cache.stride(1), k_cache.stride(2), n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5, window or 0,
+        SPLITS=splits, HD=hd, BLOCK_S=64, HAS_SCATTER=scatter is not None, HAS_WINDOW=window is not None, num_warps=8,
         **pdl_args(q.device),
     )
     return out

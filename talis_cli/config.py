@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from .errors import TalisError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")  # computed in talis_cli.rope
 
 
 @dataclass
@@ -22,8 +21,10 @@ class ModelArgs:
     intermediate_size: int = 11008
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "linear" | "dynamic" | "llama3", "factor": ..., ...}
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "dynamic" | "llama3" | "yarn", "factor": ..., ...}
     max_position_embeddings: int = 2048
+    original_max_position_embeddings: int | None = None  # top-level in some configs (Phi-3); yarn reads it first
+    sliding_window: int | None = None  # Mistral: a query sees keys at most W-1 positions back; None: all keys
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -50,6 +51,8 @@ class ModelArgs:
                 rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
                 rope_scaling=_rope_scaling(cfg),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                original_max_position_embeddings=_int_or_none(cfg.get("original_max_position_embeddings")),
+                sliding_window=_sliding_window(cfg, model_type),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
@@ -69,12 +72,28 @@ class ModelArgs:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise TalisError(f"{source}: rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise TalisError(f"{source}: sliding_window must be a positive number of tokens or null, "
+                             f"not {self.sliding_window}")
 
 
 def _as_list(v) -> list[int]:
     if v is None:
         return []
     return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+
+
+def _int_or_none(v) -> int | None:
+    return None if v is None else int(v)
+
+
+def _sliding_window(cfg: dict, model_type: str) -> int | None:
+    """Mistral's `sliding_window` (transformers' MistralConfig reads an absent key as 4096, null as none; its
+    LLaMA ignores the key); Qwen2-style configs turn it off with `use_sliding_window: false`."""
+    if model_type != "mistral" or cfg.get("use_sliding_window") is False:
+        return None
+    window = cfg.get("sliding_window", 4096 if model_type == "mistral" else None)
+    return _int_or_none(window)
 
 
 def _rope_scaling(cfg: dict) -> dict | None:
@@ -87,44 +106,3 @@ def _rope_scaling(cfg: dict) -> dict | None:
     if rs["rope_type"] == "default":
         return None
     return rs
-
-
-def rope_inv_freq(args: ModelArgs, max_seq_len: int):
-    """Inverse frequencies [head_dim/2] (float32) with the config's rope scaling applied.
-
-    `dynamic` (NTK) scaling is applied once for `max_seq_len`, not per step, so it matches
-    transformers only once a sequence reaches that length.
-    """
-    import torch
-
-    hd = args.head_dim
-    theta = args.rope_theta
-    rs = args.rope_scaling or {}
-    kind = rs.get("rope_type", "default")
-    factor = float(rs.get("factor", 1.0))
-    if kind == "dynamic":
-        orig = int(rs.get("original_max_position_embeddings", args.max_position_embeddings))
-        if max_seq_len > orig:
-            theta = theta * ((factor * max_seq_len / orig) - (factor - 1)) ** (hd / (hd - 2))
-    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    if kind == "linear":
-        inv_freq = inv_freq / factor
-    elif kind == "llama3":
-        inv_freq = _llama3_scale(inv_freq, rs, factor)
-    return inv_freq.float()
-
-
-def _llama3_scale(inv_freq, rs: dict, factor: float):
-    """LLaMA 3.1 scaling: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
-    import torch
-
-    low = float(rs.get("low_freq_factor", 1.0))
-    high = float(rs.get("high_freq_factor", 4.0))
-    orig = float(rs.get("original_max_position_embeddings", 8192))
-    wavelen = 2 * math.pi / inv_freq
-    low_wavelen, high_wavelen = orig / low, orig / high
-    smooth = (orig / wavelen - low) / (high - low)
-    ramp = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    out = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-    return torch.where(mid, ramp, out)

@@ -34,6 +34,7 @@ class LoadSettings:
 class Engine:
     def __init__(self, loaded, tokenizer, plan, max_seq_len: int, model_dir: Path, load_s: float, backend: str):
         from .generation import Generator
+        from .rope import trained_context
 
         self.model = loaded.model
         self.args = loaded.args
@@ -46,7 +47,7 @@ class Engine:
         self.load_s = load_s
         self.backend = backend
         self.eos_ids = eos_ids(loaded.args, tokenizer)
-        self.context_limit = context_limit(loaded.args)  # the most --max-seq-len may allocate
+        self.context_limit = trained_context(loaded.args)  # the most --max-seq-len may allocate
         self.generator = Generator(self.model, tokenizer, self.eos_ids, max_seq_len, self.context_limit)
 
     @classmethod
@@ -127,16 +128,10 @@ def eos_ids(args, tokenizer) -> list[int]:
     return ids
 
 
-def context_limit(args) -> int:
-    """The longest context the model was trained for, in tokens (stretched by linear/dynamic rope scaling)."""
-    limit = args.max_position_embeddings
-    if args.rope_scaling and args.rope_scaling.get("rope_type") in ("linear", "dynamic"):
-        limit = int(limit * float(args.rope_scaling.get("factor", 1.0)))
-    return limit
-
-
 def check_max_seq_len(requested: int | None, args) -> int:
-    limit = context_limit(args)
+    from .rope import trained_context
+
+    limit = trained_context(args)
     if requested is None:
         return min(limit, DEFAULT_MAX_SEQ_LEN)
     if requested < 2:

@@ -3,8 +3,8 @@
 `DecodeStep` computes the same function as `Transformer.forward(tokens[B, 1], start_pos=pos, pad_lens)` on a
 model with a static KV cache, but reads the token, the slot and the padding from device buffers, so its kernel
 launches never change and a CUDA graph can capture them. Attention runs over the first `capacity` slots only,
-so graphs are captured per context-length bucket (powers of two up to the cache length): short contexts do not
-pay for launching over the whole cache.
+so graphs are captured per context-length bucket (powers of two up to the cache length, or up to the sliding
+window, whose slots are all a step reads): short contexts do not pay for launching over the whole cache.
 
 `CudaGraphDecoder` is the runner the Generator calls in place of its plain decode step; `accelerate(model,
 generator)` fuses q/k/v and gate/up and plugs the runner in when the model sits on one CUDA device (on several,
@@ -19,6 +19,8 @@ import torch
 from quant_kernels import triton_ops as ops
 from quant_kernels.fuse import fuse_model
 from quant_kernels.triton_backend import forward_gathered, input_gather, input_scatter
+
+from . import rope
 
 MIN_BUCKET = 128  # smallest attention capacity captured
 
@@ -53,6 +55,9 @@ class DecodeStep:
         positions = torch.arange(model.max_seq_len, device=device)[None]
         cos, sin = model.rotary(positions, dtype)  # [1, 1, S, hd]: the eager model's own tables
         self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
+        # dynamic NTK: the step rewrites its rows' entries for this step's sequence length (`_update_rotary`)
+        self.dynamic_rope = rope.is_dynamic(model.args)
+        self.window = sliding_window(model)
         self.n_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         # where attention writes each feature for an act-order o_proj (None: in order)
         self.o_scatter = [input_scatter(model.model.layers[i].self_attn.o_proj) for i in self.layers]
@@ -71,8 +76,18 @@ class DecodeStep:
         h = ops.rms_norm(x, norm.weight, norm.eps, residual, gather=gather)
         return attn.project_qkv(h) if gather is None else attn.split_qkv(forward_gathered(attn.qkv_proj, h))
 
+    def _update_rotary(self) -> None:
+        """Dynamic NTK: the frequencies of a step follow its longest row, so the table entries at this step's
+        positions are rewritten (rows at one position share them; earlier entries are never read again)."""
+        positions = (self.slot - self.pad_lens).clamp(min=0)  # [B], as the eager forward computes them
+        cos, sin = self.model.rotary(positions[:, None], self.cos.dtype)  # [B, 1, 1, hd]
+        self.cos[positions] = cos[:, 0, 0]
+        self.sin[positions] = sin[:, 0, 0]
+
     def run(self, capacity: int):
         layers = [self.model.model.layers[i] for i in self.layers]
+        if self.dynamic_rope:
+            self._update_rotary()
         if self.first:
             x = self.model.model.embed_tokens(self.tokens)  # [B, dim]
             residual = x.clone()  # the residual stream, updated in place by each fused add + norm
@@ -85,7 +100,7 @@ class DecodeStep:
             cache = attn.kv_cache
             scatter = self.o_scatter[i]
             y = ops.decode_attention(q, k, v, self.cos, self.sin, self.slot, self.pad_lens, cache.k, cache.v,
-                                     capacity, self.n_sms, scatter=scatter)  # [B, heads*hd]
+                                     capacity, self.n_sms, scatter=scatter, window=self.window)  # [B, heads*hd]
             o = attn.o_proj(y) if scatter is None else forward_gathered(attn.o_proj, y)
             norm = layer.post_attention_layernorm
             gather = input_gather(mlp.gate_up_proj)
@@ -115,13 +130,27 @@ def segments(model, batch: int, bounds: list[int] | None = None) -> list[DecodeS
     return [DecodeStep(model, batch, range(a, b)) for a, b in zip(edges, edges[1:])]
 
 
-def buckets(max_seq_len: int) -> list[int]:
-    """Attention capacities captured: powers of two from MIN_BUCKET, the last one the whole cache."""
+def sliding_window(model) -> int | None:
+    """The model's sliding window when it is shorter than its cache (else every slot is in it: None)."""
+    window = model.args.sliding_window
+    return window if window is not None and window < model.max_seq_len else None
+
+
+def buckets(max_seq_len: int, window: int | None = None) -> list[int]:
+    """Attention capacities captured: powers of two from MIN_BUCKET, the last one the whole cache, or the sliding
+    `window` when it is shorter (a step reads at most its slots, at any position)."""
+    limit = min(max_seq_len, window) if window is not None else max_seq_len
     sizes, size = [], MIN_BUCKET
-    while size < max_seq_len:
+    while size < limit:
         sizes.append(size)
         size *= 2
-    return sizes + [max_seq_len]
+    return sizes + [limit]
+
+
+def bucket(sizes: list[int], pos: int) -> int:
+    """The capacity for a step writing slot `pos`: the smallest bucket above it, else (past a sliding window) the
+    last one."""
+    return next((size for size in sizes if size > pos), sizes[-1])
 
 
 class CudaGraphDecoder:
@@ -149,13 +178,13 @@ class CudaGraphDecoder:
             self._steps.clear()
             self._graphs.clear()
             self._cache_version = self.model.cache_version
-            self._buckets = buckets(self.model.max_seq_len)
+            self._buckets = buckets(self.model.max_seq_len, sliding_window(self.model))
         B = tokens.shape[0]
         steps = self._steps.get(B)
         if steps is None:
             steps = self._steps[B] = segments(self.model, B)
         steps[0].tokens.copy_(tokens[:, 0])
-        capacity = next(b for b in self._buckets if b > pos)
+        capacity = bucket(self._buckets, pos)
         outputs = None
         for index, step in enumerate(steps):
             with torch.cuda.device(step.device):
@@ -179,7 +208,7 @@ class CudaGraphDecoder:
         device = self.model.model.embed_tokens.weight.device
         tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         with torch.inference_mode():
-            for capacity in buckets(self.model.max_seq_len):
+            for capacity in buckets(self.model.max_seq_len, sliding_window(self.model)):
                 self(tokens, capacity - 1)
 
     def _capture(self, step: DecodeStep, capacity: int) -> tuple[torch.cuda.CUDAGraph, object]:

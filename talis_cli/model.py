@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelArgs, rope_inv_freq
+from . import rope
+from .config import ModelArgs
 
 
 def current_device(device: torch.device):
@@ -63,6 +64,19 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+def attention_mask(slots, keys, pad_lens=None, window: int | None = None):
+    """bool [B or 1, 1, T, S]: which key slots [S] each query slot [T] (int64) sees. Causal over slots; with
+    `window`, only keys with query - key < window (transformers' sliding window); row b's first pad_lens[b] slots
+    (int64 [B]) are hidden, and a padding query sees only itself, so no row is fully masked (NaN)."""
+    mask = keys[None, None, :] <= slots[None, :, None]  # [1, T, S]
+    if window is not None:
+        mask = mask & (keys[None, None, :] > slots[None, :, None] - window)
+    if pad_lens is not None:
+        mask = mask & (keys[None, None, :] >= pad_lens[:, None, None])
+        mask = mask | (keys[None, None, :] == slots[None, :, None])
+    return mask[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -86,7 +100,9 @@ class Attention(nn.Module):
         kv_out = self.n_kv_heads * self.head_dim
         return qkv.split([self.n_heads * self.head_dim, kv_out, kv_out], dim=-1)
 
-    def forward(self, x, cos, sin, start_pos: int, mask):
+    def forward(self, x, cos, sin, start_pos: int, mask, key_start: int = 0):
+        """x [B, T, dim] at cache slots start_pos..; with a cache, attends to its slots key_start..start_pos+T-1
+        (earlier ones are outside every query's sliding window)."""
         B, T, _ = x.shape  # batch, time, hidden
         q, k, v = self.project_qkv(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -95,6 +111,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start_pos, k, v)
+            k, v = k[:, :, key_start:], v[:, :, key_start:]
         # mask None means plain causal attention over exactly these T tokens.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
@@ -130,8 +147,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, start_pos, mask):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
+    def forward(self, x, cos, sin, start_pos, mask, key_start: int = 0):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask, key_start)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -197,19 +214,28 @@ class Transformer(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------
     def rotary(self, positions, dtype):
-        """cos, sin [B, 1, T, hd] for integer positions [B, T]."""
-        if self._inv_freq is None or self._inv_freq.device != positions.device:
-            self._inv_freq = rope_inv_freq(self.args, self.max_seq_len).to(positions.device)
-        freqs = positions.float()[..., None] * self._inv_freq  # [B, T, hd/2]
+        """cos, sin [B, 1, T, hd] for integer positions [B, T] of one forward (with dynamic NTK scaling, the
+        frequencies follow the largest position: talis_cli.rope)."""
+        if rope.is_dynamic(self.args):
+            inv_freq = rope.dynamic_inv_freq(self.args, positions)
+        else:
+            if self._inv_freq is None or self._inv_freq.device != positions.device:
+                self._inv_freq = rope.inv_freq(self.args).to(positions.device)
+            inv_freq = self._inv_freq
+        freqs = positions.float()[..., None] * inv_freq  # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        scale = rope.attention_factor(self.args)
+        if scale != 1.0:  # YaRN's mscale
+            cos, sin = cos * scale, sin * scale
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(self, tokens, start_pos: int = 0, pad_lens=None, last_only: bool = False):
         """tokens [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] with last_only).
 
         With a cache, `tokens` fill slots start_pos..start_pos+T-1; row b's first pad_lens[b] slots are left
         padding (masked out, rotary positions shifted back by pad_lens[b]). Without a cache, the tokens
-        attend only to each other.
+        attend only to each other. With args.sliding_window W, a query sees only the keys less than W slots back.
         """
         B, T = tokens.shape
         embed = self.model.embed_tokens
@@ -217,22 +243,17 @@ class Transformer(nn.Module):
         device = x.device
         slots = torch.arange(start_pos, start_pos + T, device=device)
         positions = slots.expand(B, T)
-        mask = None
         use_cache = self.has_cache
+        window = self.args.sliding_window
         if pad_lens is not None:
             pad_lens = pad_lens.to(device)
             positions = (positions - pad_lens[:, None]).clamp(min=0)
-        if pad_lens is not None or (use_cache and start_pos > 0 and T > 1):
-            n_keys = start_pos + T if use_cache else T
-            keys = torch.arange(n_keys, device=device) + (0 if use_cache else start_pos)
-            mask = keys[None, None, :] <= slots[None, :, None]  # [1, T, S] causal over slots
-            if pad_lens is not None:
-                # padding slots are hidden; a padding query sees only itself, so no row is fully masked (NaN)
-                mask = mask & (keys[None, None, :] >= pad_lens[:, None, None])
-                mask = mask | (keys[None, None, :] == slots[None, :, None])
-            mask = mask[:, None]  # [B or 1, 1, T, S]
-        elif use_cache and T == 1:
-            mask = None  # one new token sees every filled slot
+        # the cache slots any query here may see: the earlier ones are outside every sliding window
+        key_start = max(0, start_pos - window + 1) if use_cache and window else 0
+        keys = torch.arange(key_start, start_pos + T, device=device) if use_cache else slots
+        mask = None  # None: plain causal attention, the first query at the first key
+        if pad_lens is not None or (T > 1 and (len(keys) != T or (window is not None and T > window))):
+            mask = attention_mask(slots, keys, pad_lens, window)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.model.layers:
             w = layer.input_layernorm.weight
@@ -240,7 +261,7 @@ class Transformer(nn.Module):
                 x, cos, sin = x.to(w.device), cos.to(w.device), sin.to(w.device)
                 mask = mask.to(w.device) if mask is not None else None
             with current_device(w.device):
-                x = layer(x, cos, sin, start_pos, mask)
+                x = layer(x, cos, sin, start_pos, mask, key_start)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x.to(self.model.norm.weight.device))

@@ -72,6 +72,7 @@ def describe(engine) -> dict:
             "heads": args.n_heads, "kv_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab": args.vocab_size,
             "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
             "max_position_embeddings": args.max_position_embeddings, "tied_embeddings": head == "tied",
+            "sliding_window": args.sliding_window,
         },
         "parameters": parameter_count(args, tied_head=head == "tied"),
         "quantization": None if quant is None else {

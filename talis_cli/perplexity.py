@@ -15,10 +15,11 @@ from .errors import UsageError
 def allocate_for_window(model_dir, ctx: int, max_seq_len: int | None) -> int | None:
     """The context to allocate for windows of `ctx` tokens (before the weights load): `max_seq_len` when given,
     else enough for one window. UsageError when the window exceeds the given context or the model's own."""
-    from .engine import DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL_DIR, context_limit
+    from .engine import DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL_DIR
+    from .rope import trained_context
     from .loaders.base import read_model_args
 
-    limit = context_limit(read_model_args(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR))
+    limit = trained_context(read_model_args(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR))
     if ctx > limit:
         raise UsageError(f"--ctx {ctx} is longer than the model's context of {limit} tokens; use --ctx {limit} or less")
     if max_seq_len is not None and ctx > max_seq_len:

@@ -138,11 +138,15 @@ def _gptq_layers(model, tokens, bits, group_size, sym, act_order, true_sequentia
     """GPTQ every decoder linear; returns {linear name: PackedWeight} (on the CPU)."""
     from quant_kernels.gptq import GPTQ
 
+    from .model import attention_mask
+
     dtype = model.model.embed_tokens.weight.dtype
     with torch.no_grad():
         hidden = model.model.embed_tokens(tokens).to(device)  # (nsamples, T, dim)
         positions = torch.arange(tokens.shape[1], device=device)[None]
         cos, sin = model.rotary(positions, dtype)  # (1, 1, T, head_dim)
+        window = model.args.sliding_window  # a window shorter than the samples needs a mask; else plain causal
+        mask = attention_mask(positions[0], positions[0], None, window) if window and window < tokens.shape[1] else None
     groups = SEQUENTIAL_GROUPS if true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     layers = model.model.layers
     packed = {}
@@ -152,7 +156,7 @@ def _gptq_layers(model, tokens, bits, group_size, sym, act_order, true_sequentia
             solvers = {name: GPTQ(layer.get_submodule(name).weight.data) for name in names}
             hooks = [layer.get_submodule(name).register_forward_hook(_feeder(solver))
                      for name, solver in solvers.items()]
-            _run_layer(layer, hidden, cos, sin)  # only to capture the inputs
+            _run_layer(layer, hidden, cos, sin, mask)  # only to capture the inputs
             for hook in hooks:
                 hook.remove()
             for name, solver in solvers.items():
@@ -161,7 +165,7 @@ def _gptq_layers(model, tokens, bits, group_size, sym, act_order, true_sequentia
                 result = _solve(solver, full_name, bits, group_size, sym, act_order, damp_percent)
                 linear.weight.data = result.dequantize().to(device, dtype)
                 packed[full_name] = replace(result, **{k: v.cpu() for k, v in result.tensors().items()})
-        hidden = _run_layer(layer, hidden, cos, sin)  # outputs of the quantized layer feed the next one
+        hidden = _run_layer(layer, hidden, cos, sin, mask)  # outputs of the quantized layer feed the next one
         layer.to("cpu")
         if progress:  # once per layer, as rtn_layers: a log gets one line per layer
             progress(index + 1, len(layers), f"layer {index + 1}/{len(layers)}")
@@ -174,10 +178,11 @@ def _feeder(solver):
     return hook
 
 
-def _run_layer(layer, hidden: torch.Tensor, cos, sin) -> torch.Tensor:
-    """hidden (nsamples, T, dim) through one decoder layer, a few samples at a time."""
+def _run_layer(layer, hidden: torch.Tensor, cos, sin, mask=None) -> torch.Tensor:
+    """hidden (nsamples, T, dim) through one decoder layer, a few samples at a time (mask: model.attention_mask's,
+    None for plain causal attention)."""
     with torch.no_grad():
-        return torch.cat([layer(chunk, cos, sin, 0, None) for chunk in hidden.split(FORWARD_BATCH)])
+        return torch.cat([layer(chunk, cos, sin, 0, mask) for chunk in hidden.split(FORWARD_BATCH)])
 
 
 def _solve(solver, name, bits, group_size, sym, act_order, damp_percent):

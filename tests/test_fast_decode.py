@@ -113,9 +113,9 @@ def test_decode_step_of_act_order_triton_model_matches_plain_forward():
 
 
 def assert_decode_step_matches_plain_forward(model, steps: int = 3, tolerance: float = 1e-4,
-                                             bounds: list[int] | None = None):
+                                             bounds: list[int] | None = None, capacity: int = 64):
     """Prefill two left-padded rows, then decode steps with the Triton step (chained over the layer ranges cut at
-    `bounds`) vs the eager model on a copy."""
+    `bounds`, attention over `capacity` slots) vs the eager model on a copy."""
     prompts = torch.randint(0, 4096, (2, 6), device=DEVICE)
     pad_lens = torch.tensor([0, 2], device=DEVICE)
     model.setup_cache(2, 64)
@@ -133,7 +133,7 @@ def assert_decode_step_matches_plain_forward(model, steps: int = 3, tolerance: f
                 step.pad_lens.copy_(pad_lens)
                 if fast is not None:
                     step.feed(fast)
-                fast = step.run(capacity=64)
+                fast = step.run(capacity=capacity)
             fast_caches = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
                            for layer in model.model.layers]
             for layer, (k, v) in zip(model.model.layers, reference_caches):  # replay the same step on the plain path
