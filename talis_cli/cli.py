@@ -56,7 +56,7 @@ class LoadFlags:
 class SamplingFlags:
     """Options of every command that generates text."""
 
-    preset: Annotated[Optional[str], _option("--preset", help="Generation preset: a name from `talis presets` or a JSON file.", panel=SAMPLING_PANEL)] = None
+    preset: Annotated[Optional[str], _option("--preset", help="Generation preset: a name from `talis presets`, model (the model's generation_config.json), or a JSON file.", panel=SAMPLING_PANEL)] = None
     template: Annotated[Optional[str], _option("--template", help="Chat template: auto, tokenizer, llama2, llama3, chatml, raw, or a Jinja file.", panel=SAMPLING_PANEL)] = None
     max_new_tokens: Annotated[Optional[int], _option("--max-new-tokens", "-n", help="Most tokens to generate per reply.", panel=SAMPLING_PANEL)] = None
     temperature: Annotated[Optional[float], _option("--temperature", help="Sampling temperature; 0 is greedy.", panel=SAMPLING_PANEL)] = None
@@ -65,7 +65,7 @@ class SamplingFlags:
     min_p: Annotated[Optional[float], _option("--min-p", help="Drop tokens below min-p times the top probability; 0 disables.", panel=SAMPLING_PANEL)] = None
     typical_p: Annotated[Optional[float], _option("--typical-p", help="Locally typical sampling mass; 1 disables.", panel=SAMPLING_PANEL)] = None
     repetition_penalty: Annotated[Optional[float], _option("--repetition-penalty", help="Penalty for repeated tokens; 1 disables.", panel=SAMPLING_PANEL)] = None
-    seed: Annotated[Optional[int], _option("--seed", help="Random seed, for reproducible sampling.", panel=SAMPLING_PANEL)] = None
+    seed: Annotated[Optional[int], _option("--seed", help="Random seed 0..2^64-1, for reproducible sampling (the same for any --batch-size); -1 draws a fresh one.", panel=SAMPLING_PANEL)] = None
     stop: Annotated[Optional[list[str]], _option("--stop", help="Stop when this text appears (repeatable).", panel=SAMPLING_PANEL)] = None
 
 
@@ -261,6 +261,7 @@ def presets(json_output: Annotated[bool, typer.Option("--json", help="Print them
     for setting in next(iter(generation.values()), {}):
         table.add_row(setting, *(_preset_value(values[setting]) for values in generation.values()))
     console.print(table)
+    console.print("  model: the model folder's generation_config.json values (talis info)")
     console.print("\n[bold]device maps[/] (--device-map NAME, or a JSON file)")
     for name, mapping in found["device_maps"].items():
         console.print(f"  {name}: {json.dumps(mapping)}", markup=False)
