@@ -76,10 +76,8 @@ def run_batches(generator, prompts: list[Prompt], config, batch_size: int, write
         if prompt.error is not None:
             on_error(prompt.error)
             writer.fail(index, prompt.error)
-    runnable = [index for index, prompt in enumerate(prompts) if prompt.error is None]
     totals = None
-    for start in range(0, len(runnable), batch_size):
-        indices = runnable[start:start + batch_size]
+    for indices in plan_batches(prompts, batch_size, generator.max_seq_len - config.max_new_tokens):
         events = generator.stream_batch([prompts[i].ids for i in indices], config, prompt_indices=indices)
         for event in events:
             writer.add(indices[event.index], event)
@@ -90,6 +88,27 @@ def run_batches(generator, prompts: list[Prompt], config, batch_size: int, write
         for name in ("prompt_tokens", "new_tokens", "prefill_s", "decode_s"):
             setattr(totals, name, getattr(totals, name) + getattr(stats, name))
     return totals
+
+
+def plan_batches(prompts: list[Prompt], batch_size: int, roomy_len: int) -> list[list[int]]:
+    """The runnable prompts' indices in batches of at most `batch_size` (each in prompt order).
+
+    A batch's prompts share one context, padded to the longest, so a prompt longer than `roomy_len` (the context
+    minus the token budget) would shorten the others' replies: it runs alone, and each reply is what the prompt
+    would get alone.
+    """
+    batches, current = [], []
+    for index, prompt in enumerate(prompts):
+        if prompt.error is not None:
+            continue
+        if len(prompt.ids) > roomy_len:
+            batches.append([index])
+            continue
+        current.append(index)
+        if len(current) == batch_size:
+            batches.append(current)
+            current = []
+    return batches + [current] if current else batches
 
 
 def write_out(text: str) -> None:

@@ -95,3 +95,31 @@ def test_presets_and_config_files_check_seeds_the_same_way(tmp_path):
     config.write_text("SEED=-5\n")
     with pytest.raises(UsageError, match="seed = -5 is out of range"):
         resolve_settings({}, config).generation_config()
+
+
+class Collected:
+    """A writer that keeps each prompt's tokens."""
+
+    def __init__(self, count):
+        self.tokens = [[] for _ in range(count)]
+
+    def add(self, index, event):
+        self.tokens[index] += event.token_ids
+
+    def fail(self, index, message):
+        raise AssertionError(message)
+
+    def end_batch(self, indices, stats):
+        pass
+
+
+def test_a_prompt_near_the_context_end_does_not_shorten_the_others_replies(engine):
+    from talis_cli.oneshot import Prompt, plan_batches, run_batches
+
+    long_ids = engine.encode("and the evening " * 200)[:CONTEXT - 6]  # room for 6 new tokens, not 8
+    prompts = [Prompt("a", engine.encode("And God said")), Prompt("b", long_ids), Prompt("c", engine.encode("Let"))]
+    assert plan_batches(prompts, 8, CONTEXT - CONFIG.max_new_tokens) == [[1], [0, 2]]
+    writer = Collected(3)
+    run_batches(engine.generator, prompts, CONFIG, 8, writer)
+    assert [len(t) for t in writer.tokens] == [8, 6, 8]
+    assert writer.tokens[0] == [t for e in engine.generator.stream(prompts[0].ids, CONFIG) for t in e.token_ids]
