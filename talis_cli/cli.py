@@ -9,7 +9,6 @@ import errno
 import functools
 import inspect
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ import typer
 from rich.markup import escape as rich_escape
 
 from talis_cli.errors import TalisError, UsageError
+from talis_cli.oneshot import silence_stdout as _silence_stdout
+from talis_cli.oneshot import write_out as _write_out
 
 app = typer.Typer(
     name="talis",
@@ -99,7 +100,7 @@ class LoadFlags:
 class SamplingFlags:
     """Options of every command that generates text (one per GenerationConfig field)."""
 
-    preset: Annotated[Optional[str], _option("--preset", metavar="NAME|FILE", help="Generation preset: a name from `talis presets` or a JSON file.", panel=SAMPLING_PANEL)] = None
+    preset: Annotated[Optional[str], _option("--preset", metavar="NAME|FILE", help="Generation preset: a name from `talis presets`, model (the model's generation_config.json), or a JSON file.", panel=SAMPLING_PANEL)] = None
     template: Annotated[Optional[str], _option("--template", metavar="NAME|FILE", help="Chat template: auto, tokenizer, llama2, llama3, chatml, raw, or a Jinja file.", panel=SAMPLING_PANEL, default="auto")] = None
     max_new_tokens: Annotated[Optional[int], _sampling("--max-new-tokens", "-n", metavar="TOKENS", help="Most tokens to generate per reply.", setting="max_new_tokens")] = None
     temperature: Annotated[Optional[float], _sampling("--temperature", metavar="T", help="Sampling temperature; 0 is greedy.", setting="temperature")] = None
@@ -111,7 +112,7 @@ class SamplingFlags:
     repetition_window: Annotated[Optional[int], _sampling("--repetition-window", metavar="TOKENS", help="Tokens looked back for every penalty (prompt included); 0 = the whole context.", setting="repetition_window")] = None
     frequency_penalty: Annotated[Optional[float], _sampling("--frequency-penalty", metavar="X", help="Subtracted from a token's logit once per occurrence in the window; in [-2, 2].", setting="frequency_penalty")] = None
     presence_penalty: Annotated[Optional[float], _sampling("--presence-penalty", metavar="X", help="Subtracted from a token's logit once if it occurs in the window; in [-2, 2].", setting="presence_penalty")] = None
-    seed: Annotated[Optional[int], _sampling("--seed", metavar="N", help="Random seed, for reproducible sampling.", setting="seed")] = None
+    seed: Annotated[Optional[int], _sampling("--seed", metavar="N", help="Random seed 0..2^64-1, for reproducible sampling (the same for any --batch-size); -1 draws a fresh one.", setting="seed")] = None
     stop: Annotated[Optional[list[str]], _sampling("--stop", metavar="TEXT", help="Stop when this text appears (repeatable).", setting="stop")] = None
 
 
@@ -187,11 +188,11 @@ def read_stdin_text() -> str:
 def collect_prompts(prompt: Optional[str], each_line: bool) -> list[str]:
     """The prompts of one `talis generate` run: stdin first, then the -p text (one per stdin line with --each-line)."""
     stdin_text = read_stdin_text()
-    if each_line:
-        lines = [line for line in stdin_text.splitlines() if line.strip()]
+    if each_line:  # every line is a prompt, blank ones too: result N goes on line N
+        lines = stdin_text.splitlines()
         if not lines:
             raise UsageError("--each-line needs prompts on stdin, one per line, and stdin has none")
-        return [f"{line}\n{prompt}" if prompt else line for line in lines]
+        return [f"{line}\n{prompt}" if prompt and line.strip() else line for line in lines]
     stdin_text = stdin_text.removesuffix("\n")
     if prompt is None and not stdin_text.strip():
         if sys.stdin is not None and not sys.stdin.isatty():
@@ -220,113 +221,30 @@ def generate(
 
     launched = time.perf_counter()
     settings = run_settings(load, sampling, system=system)
-    prompts = collect_prompts(prompt, each_line)
+    texts = collect_prompts(prompt, each_line)
     config = settings.generation_config()
     engine = load_engine(settings)
     loaded = time.perf_counter()
 
+    from talis_cli.oneshot import JsonLinesWriter, StreamWriter, check_prompts, encode_prompts, run_batches
     from talis_cli.repl.session import encode_prompt, with_stops
 
     use_chat = chat or settings.system is not None
-    encoded = [encode_prompt(engine, text, settings.system, settings.template, use_chat) for text in prompts]
-    ids = [prompt_ids for prompt_ids, _ in encoded]
-    config = with_stops(config, [stop for _, stops in encoded for stop in stops])
+    prompts, stops = encode_prompts(
+        texts, lambda text: encode_prompt(engine, text, settings.system, settings.template, use_chat), each_line)
+    config = with_stops(config, stops)
+    if each_line:  # a line that cannot run gets an empty result; the others still run
+        check_prompts(engine.generator, prompts, config)
 
-    writer = JsonLinesWriter(prompts, ids) if json_lines else StreamWriter(len(prompts), one_line=each_line)
+    writer = JsonLinesWriter(prompts) if json_lines else StreamWriter(len(prompts), one_line=each_line)
     writer = ContextFullNotice(writer)  # a note on stderr for replies cut by the full context
-    totals = run_batches(engine, ids, config, batch_size if each_line else 1, writer)
+    totals = run_batches(engine.generator, prompts, config, batch_size if each_line else 1, writer,
+                         on_error=_report_error)
     writer.report(engine, len(prompts))
-    if stats:
+    if stats and totals is not None:
         print_stats_block(totals, load_s=loaded - launched, total_s=time.perf_counter() - launched)
-
-
-def run_batches(engine, ids: list, config, batch_size: int, writer):
-    """Generate for every prompt in `ids`, `batch_size` at a time, feeding `writer`; stats summed over batches."""
-    from talis_cli.generation import GenerationStats
-
-    totals = None
-    for start in range(0, len(ids), batch_size):
-        batch = ids[start:start + batch_size]
-        if len(batch) == 1:
-            for event in engine.generator.stream(batch[0], config):
-                writer.add(start, event)
-        else:
-            for event in engine.generator.stream_batch(batch, config):
-                writer.add(start + event.index, event)
-        stats = engine.generator.last_stats
-        writer.end_batch(range(start, start + len(batch)), stats)
-        if totals is None:
-            totals = GenerationStats(0, first_token_s=stats.first_token_s)
-        for name in ("prompt_tokens", "reused_tokens", "new_tokens", "prefill_s", "decode_s"):
-            setattr(totals, name, getattr(totals, name) + getattr(stats, name))
-    return totals
-
-
-def _write_out(text: str) -> None:
-    """Write to stdout now; when the reader has gone (`| head`), stop quietly with exit code 0."""
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _silence_stdout()
-        raise SystemExit(0) from None
-
-
-LINE_BREAKS_TO_SPACES = str.maketrans("\r\n", "  ")
-
-
-class StreamWriter:
-    """Writes each prompt's text in prompt order: the earliest unfinished prompt streams live, later ones wait.
-    With `one_line`, a result's own line breaks become spaces, so line N of the output answers prompt N."""
-
-    def __init__(self, count: int, one_line: bool = False):
-        self.pending = [""] * count  # text of prompts that are not at the head yet
-        self.finished = [False] * count
-        self.head = 0
-        self.one_line = one_line
-
-    def add(self, index: int, event) -> None:
-        text = event.text.translate(LINE_BREAKS_TO_SPACES) if self.one_line else event.text
-        if index == self.head:
-            _write_out(text)
-        else:
-            self.pending[index] += text
-        if event.finish_reason is not None:
-            self._finish([index])
-
-    def end_batch(self, indices, stats) -> None:
-        self._finish(indices)
-
-    def _finish(self, indices) -> None:
-        for index in indices:
-            self.finished[index] = True
-        while self.head < len(self.finished) and self.finished[self.head]:
-            _write_out("\n")
-            self.head += 1
-            if self.head < len(self.pending):
-                _write_out(self.pending[self.head])
-                self.pending[self.head] = ""
-
-
-class JsonLinesWriter:
-    """One JSON object per prompt, in prompt order, each batch's objects written when the batch ends."""
-
-    def __init__(self, prompts: list[str], ids: list):
-        self.records = [dict(prompt=text, text="", prompt_tokens=len(prompt_ids), generated_tokens=0,
-                             finish_reason=None) for text, prompt_ids in zip(prompts, ids)]
-
-    def add(self, index: int, event) -> None:
-        record = self.records[index]
-        record["text"] += event.text
-        record["generated_tokens"] += len(event.token_ids)
-        record["finish_reason"] = event.finish_reason or record["finish_reason"]
-
-    def end_batch(self, indices, stats) -> None:
-        from talis_cli.repl.render import timings_of
-
-        for index in indices:
-            self.records[index]["timings"] = timings_of(stats)
-            _write_out(json.dumps(self.records[index], ensure_ascii=False) + "\n")
+    if any(p.error for p in prompts):
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------- chat, info, presets, perplexity
@@ -394,6 +312,7 @@ def presets(json_output: Annotated[bool, typer.Option("--json", help="Print them
     for setting in next(iter(generation.values()), {}):
         table.add_row(setting, *(_preset_value(values[setting]) for values in generation.values()))
     console.print(table)
+    console.print("  model: the model folder's generation_config.json values (talis info)")
     console.print("\n[bold]device maps[/] (--device-map NAME, or a JSON file)")
     for name, mapping in found["device_maps"].items():
         console.print(f"  {name}: {json.dumps(mapping)}", markup=False)
@@ -502,12 +421,6 @@ def _report_error(message: str) -> None:
     from talis_cli.repl.render import stderr_console
 
     stderr_console().print(Text.assemble(("error: ", "bold red"), message))
-
-
-def _silence_stdout() -> None:
-    """After the reader of a pipe left: point stdout at /dev/null so the exit-time flush cannot fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv: Optional[list] = None) -> None:

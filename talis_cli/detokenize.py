@@ -57,10 +57,32 @@ class IncrementalDetokenizer:
         return self._advance(text)
 
     def flush(self) -> str:
-        """Return whatever is held back (an unfinished character becomes U+FFFD, as a full decode shows it)."""
+        """Return whatever is held back: the finished text, and one U+FFFD for a character whose last bytes
+        never came (a token budget that ends inside it).
+
+        Byte-level tokenizers already decode an unfinished UTF-8 tail to one U+FFFD; byte-fallback decoders
+        (SentencePiece's <0xNN> tokens) give one per byte, so a trailing run of byte tokens is decoded here as
+        UTF-8 with replacement (as Python and Rust's lossy decoding do: one U+FFFD per broken sequence).
+        """
         if self.read_offset == len(self.ids):
             return ""
-        return self._advance(self._decode(self.ids[self.prefix_offset :]))
+        text = self._decode(self.ids[self.prefix_offset :])
+        if text.endswith(REPLACEMENT_CHAR):
+            tail = self._byte_tail()
+            if tail:
+                finished = self._decode(self.ids[self.prefix_offset : len(self.ids) - len(tail)])
+                text = finished + bytes(tail).decode("utf-8", errors="replace")
+        return self._advance(text)
+
+    def _byte_tail(self) -> list[int]:
+        """The bytes of the byte-fallback tokens (<0xNN>) that end the held-back tokens."""
+        tail = []
+        for token_id in reversed(self.ids[self.read_offset :]):
+            piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+            if not _BYTE_TOKEN.fullmatch(piece):
+                break
+            tail.append(int(piece[3:5], 16))
+        return tail[::-1]
 
     def _advance(self, text: str) -> str:
         delta = text[len(self.prefix_text) :]

@@ -32,7 +32,8 @@ class LoadSettings:
 
 
 class Engine:
-    def __init__(self, loaded, tokenizer, plan, max_seq_len: int, model_dir: Path, load_s: float, backend: str):
+    def __init__(self, loaded, tokenizer, plan, max_seq_len: int, model_dir: Path, load_s: float, backend: str,
+                 generation_defaults: dict | None = None):
         from .generation import Generator
         from .rope import trained_context
 
@@ -46,7 +47,8 @@ class Engine:
         self.model_dir = model_dir
         self.load_s = load_s
         self.backend = backend
-        self.eos_ids = eos_ids(loaded.args, tokenizer)
+        self.generation_defaults = generation_defaults or {}  # the folder's generation_config.json
+        self.eos_ids = eos_ids(loaded.args, tokenizer, self.generation_defaults)
         self.context_limit = trained_context(loaded.args)  # the most --max-seq-len may allocate
         self.generator = Generator(self.model, tokenizer, self.eos_ids, max_seq_len, self.context_limit)
 
@@ -54,6 +56,7 @@ class Engine:
     def load(cls, settings: LoadSettings | None = None, progress=None) -> "Engine":
         from .loaders import LoadRequest, pick_loader
         from .loaders.base import read_model_args
+        from .model_generation_config import read_generation_config
         from .memory_plan import footprint, parse_max_memory
         from .model_info import kv_cache_bytes
         from .placement import load_device_map, map_may_use_gpu, plan_devices
@@ -71,6 +74,7 @@ class Engine:
                               settings.wbits, settings.groupsize, settings.allow_pickle)
         loader = pick_loader(request, settings.loader)
         args = read_model_args(model_dir)
+        generation_defaults = read_generation_config(model_dir)  # before the weights: a broken file fails fast
         max_seq_len = check_max_seq_len(settings.max_seq_len, args)
         max_memory = parse_max_memory(settings.max_memory) if settings.max_memory else None
         float_bytes = 2 if map_may_use_gpu(raw_map) else 4  # fp16 on GPUs, fp32 on the CPU
@@ -85,7 +89,8 @@ class Engine:
             fuse_model(loaded.model)
         backend = choose_backend(settings.backend, loaded.model, request.plan)
         loaded.model.setup_cache(1, max_seq_len)
-        engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, time.perf_counter() - t0, backend)
+        engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, time.perf_counter() - t0, backend,
+                     generation_defaults)
         if request.plan.uses_cuda and _triton_backend_available():  # the CUDA-graph decode step (Triton ops)
             from .fast_decode import accelerate
 
@@ -117,8 +122,13 @@ def load_tokenizer(folder: Path):
     return tokenizer
 
 
-def eos_ids(args, tokenizer) -> list[int]:
+def eos_ids(args, tokenizer, generation_defaults: dict | None = None) -> list[int]:
+    """Token ids that end a reply: the union of config.json's, generation_config.json's (`generation_defaults`,
+    parsed) and the tokenizer's EOS ids, plus the chat turn ends the vocabulary has."""
+    from .model_generation_config import eos_token_ids
+
     ids = list(args.eos_token_ids)
+    ids += [i for i in eos_token_ids(generation_defaults or {}) if i not in ids]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     vocab = tokenizer.get_vocab()

@@ -32,7 +32,7 @@ class GenerationConfig:
     repetition_window: int = 64  # >= 0; tokens looked back for all penalties (prompt included); 0 = all
     frequency_penalty: float = 0.0  # in [-2, 2]; subtracted once per occurrence in the window
     presence_penalty: float = 0.0  # in [-2, 2]; subtracted once if the token occurs in the window
-    seed: int | None = None  # same seed, same tokens; None draws a fresh seed
+    seed: int | None = None  # 0..2**64-1: same seed, same tokens (per prompt index); None or -1 draws a fresh seed
     stop: tuple[str, ...] = field(default_factory=tuple)  # strings that end the reply (not included in it)
 
     def __post_init__(self):
@@ -40,6 +40,8 @@ class GenerationConfig:
             value = getattr(self, name)
             if kind is float and _is_kind(value, int):
                 object.__setattr__(self, name, float(value))
+        if self.seed == -1 and _is_kind(self.seed, int):  # llama.cpp's and ollama's "fresh random seed"
+            object.__setattr__(self, "seed", None)
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, list):
@@ -73,6 +75,8 @@ def _is_kind(value, kind) -> bool:
     return isinstance(value, tuple) and all(isinstance(s, str) and s for s in value)
 
 
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+
 # field -> (type, check, allowed range in words)
 _RULES = {
     "max_new_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
@@ -85,7 +89,7 @@ _RULES = {
     "repetition_window": (int, lambda v: v >= 0, "an integer >= 0 (0 = the whole context)"),
     "frequency_penalty": (float, lambda v: -2 <= v <= 2, "-2 <= frequency_penalty <= 2"),
     "presence_penalty": (float, lambda v: -2 <= v <= 2, "-2 <= presence_penalty <= 2"),
-    "seed": ("seed", lambda v: True, "an integer or null"),
+    "seed": ("seed", lambda v: v is None or 0 <= v <= MAX_SEED, f"an integer 0..{2**64 - 1}, or -1 for a fresh random seed"),
     "stop": ("stop", lambda v: True, "a list of non-empty strings"),
 }
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerationConfig))
@@ -226,9 +230,12 @@ class Generator:
         """Events for one prompt (token ids, BOS included if the model wants one)."""
         return self.stream_batch([prompt_ids], cfg)
 
-    def stream_batch(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> Iterator[TokenEvent]:
+    def stream_batch(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                     prompt_indices: Sequence[int] | None = None) -> Iterator[TokenEvent]:
         """Events for several prompts generated together (left padded); each row stops at its own end.
 
+        prompt_indices: each prompt's index among all the prompts of a run (default 0..B-1); a row's sampling
+        noise depends only on (cfg.seed, its index), so a batch of any size draws what the prompts alone would.
         Raises TalisError at once for an empty prompt or one that leaves no room in the context.
         """
         cfg.validate()
@@ -237,7 +244,9 @@ class Generator:
             raise UsageError("no prompts given; pass at least one")
         for i, p in enumerate(prompts):
             self._check_prompt_fits(i, len(p), len(prompts), cfg.max_new_tokens)
-        return self._generate(prompts, cfg)
+        if prompt_indices is not None and len(prompt_indices) != len(prompts):
+            raise ValueError(f"{len(prompt_indices)} prompt indices for {len(prompts)} prompts")
+        return self._generate(prompts, cfg, prompt_indices)
 
     def _check_prompt_fits(self, i: int, n: int, n_prompts: int, max_new_tokens: int) -> None:
         which = f"prompt {i + 1}" if n_prompts > 1 else "the prompt"
@@ -272,7 +281,7 @@ class Generator:
             n += 1
         return n
 
-    def _generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> Iterator[TokenEvent]:
+    def _generate(self, prompts: list[list[int]], cfg: GenerationConfig, prompt_indices=None) -> Iterator[TokenEvent]:
         import torch
 
         from .sampling import Sampler
@@ -307,7 +316,7 @@ class Generator:
             with torch.inference_mode():
                 logits = self.model(history[:, reused:T], start_pos=reused, pad_lens=pad_lens, last_only=True)[:, -1]
                 in_cache = list(prompts[0])
-                sampler = Sampler(cfg, history, pad_lens, T, logits.shape[-1])
+                sampler = Sampler(cfg, history, pad_lens, T, logits.shape[-1], prompt_indices)
                 tokens = sampler(logits)  # int64 [B]
                 sampler.append(tokens)
             ids = tokens.tolist()

@@ -58,11 +58,13 @@ def head_kind(model) -> str:
 
 
 def describe(engine) -> dict:
+    from .model_generation_config import suggested_sampling
+
     args, quant = engine.args, engine.quant
     weights = weight_bytes_in_memory(engine.model)
     kv = kv_cache_bytes(args, engine.max_seq_len, dtype_bytes=engine.model.dtype.itemsize)
     head = head_kind(engine.model)
-    return {
+    info = {
         "model": str(engine.model_dir),
         "loader": engine.loaded.loader,
         "files": [str(f) for f in engine.loaded.files],
@@ -79,11 +81,16 @@ def describe(engine) -> dict:
             "bits": quant.bits, "group_size": quant.group_size, "act_order": quant.desc_act, "sym": quant.sym,
             "format": quant.checkpoint_format, "lm_head": head == "quantized",
         },
+        "eos_token_ids": list(engine.eos_ids),  # every id that ends a reply (config, generation config, tokenizer)
         "backend": engine.backend,
         "context": engine.max_seq_len,
         "memory": {"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv},
         "device_plan": _summarize_plan(engine.plan, args.n_layers),
     }
+    sampling = suggested_sampling(getattr(engine, "generation_defaults", {}))
+    if sampling:  # generation_config.json's values, HF names; `--preset model` uses them
+        info["suggested_sampling"] = sampling
+    return info
 
 
 def _summarize_plan(plan, n_layers: int) -> dict:

@@ -5,6 +5,9 @@ GenerationConfig's defaults. Files written for Hugging Face's GenerationConfig (
 gen_default.json) load too: a file with a `do_sample` key takes HF's defaults for the keys it leaves out,
 `do_sample: false` means greedy, and the model-describing keys HF stores there are ignored because talis
 reads them from the model's own config.
+
+The preset named `model` takes the sampling values the model folder's generation_config.json suggests
+(talis_cli.model_generation_config), read the same way; it needs that folder, so it is resolved with one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .json_files import parse_json_object, read_json_object
 from .generation import FIELD_NAMES, GenerationConfig
 
 GEN_PRESETS_PACKAGE = "gen_presets"
+MODEL_PRESET = "model"  # the model folder's own suggested values
 # Keys HF writes into generation_config.json that describe the model, not the sampling.
 HF_MODEL_KEYS = ("_from_model_config", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id")
 # What HF's GenerationConfig assumes for keys such a file leaves out (penalties look at the whole context).
@@ -50,10 +54,39 @@ def _read_json_object(name_or_path: str, package: str, available: list[str]) -> 
     return parse_json_object(entry.read_text(encoding="utf-8"), source, UsageError), source
 
 
-def load_generation_preset(name_or_path: str) -> GenerationConfig:
-    """A validated GenerationConfig from a shipped preset name ("default", "greedy", ...) or a JSON file path."""
-    data, source = _read_json_object(name_or_path, GEN_PRESETS_PACKAGE, list_generation_presets())
-    settings = dict(HF_DEFAULTS) if "do_sample" in data else {}
+def load_generation_preset(name_or_path: str, model_dir: Path | str | None = None) -> GenerationConfig:
+    """A validated GenerationConfig from a shipped preset name ("default", "greedy", ...), a JSON file path, or
+    `model`: the sampling values suggested by `model_dir`'s generation_config.json.
+
+    Raises UsageError naming the file for a bad preset, and for `model` when the folder suggests no values.
+    """
+    if name_or_path == MODEL_PRESET:
+        return model_preset(model_dir)
+    data, source = _read_json_object(name_or_path, GEN_PRESETS_PACKAGE,
+                                     list_generation_presets() + [MODEL_PRESET])
+    return _generation_config(data, source, hf_style="do_sample" in data)
+
+
+def model_preset(model_dir: Path | str | None) -> GenerationConfig:
+    """The `model` preset: HF's defaults with the sampling values of the folder's generation_config.json on top
+    (the values are meant for HF's sampler, so keys the file leaves out take HF's defaults, as for a preset file
+    with `do_sample`)."""
+    from .model_generation_config import FILE_NAME, SAMPLING_KEYS, read_generation_config, suggested_sampling
+
+    if model_dir is None:
+        raise UsageError(f"--preset {MODEL_PRESET} needs a model folder; pass --model or choose another preset")
+    path = Path(model_dir) / FILE_NAME
+    values = suggested_sampling(read_generation_config(model_dir))  # a broken file: TalisError naming it
+    if not values:
+        found = "has no sampling values (" + ", ".join(SAMPLING_KEYS) + ")" if path.is_file() else "does not exist"
+        raise UsageError(f"--preset {MODEL_PRESET}: {path} {found}; choose another preset "
+                         f"({', '.join(list_generation_presets())})")
+    return _generation_config(values, str(path), hf_style=True)
+
+
+def _generation_config(data: dict, source: str, hf_style: bool) -> GenerationConfig:
+    """GenerationConfig of a preset's keys; HF-style presets take HF's defaults for the keys they leave out."""
+    settings = dict(HF_DEFAULTS) if hf_style else {}
     for key, value in data.items():
         if key in FIELD_NAMES:
             settings[key] = value

@@ -8,7 +8,8 @@ first picks candidate tokens in descending order, and the later filters work on 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import secrets
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -90,30 +91,58 @@ def truncated_distribution(logits, cfg: "GenerationConfig"):
     return (probs if keep is None else probs * keep), ids
 
 
-def sample_from(probs, generator: torch.Generator):
-    """Draw one index per row of unnormalized probabilities [B, C] -> int64 [B].
+def sample_from(probs, generators: torch.Generator | Sequence[torch.Generator]):
+    """Draw one index per row of unnormalized probabilities [B, C] -> int64 [B]; `generators` is one generator
+    for all rows, or one per row (row b's noise then comes from generators[b] only, so a row draws the same
+    tokens whatever batch it is in).
 
     argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race); it needs no host sync.
     """
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race = torch.empty_like(probs)
+    if isinstance(generators, torch.Generator) or len(generators) == 1:
+        race.exponential_(1.0, generator=generators if isinstance(generators, torch.Generator) else generators[0])
+    else:
+        for row, generator in zip(race, generators):
+            row.exponential_(1.0, generator=generator)
     return torch.argmax(probs / race, dim=-1)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: the SplitMix64 increment
+_MASK64 = 2**64 - 1
+
+
+def row_seed(seed: int, prompt_index: int) -> int:
+    """The seed of prompt `prompt_index` of a run seeded with `seed` (both >= 0) -> int in [0, 2**64).
+
+    Prompt 0 takes `seed` itself (a single prompt draws what it drew before per-row seeds); the others a
+    SplitMix64 mix of (seed, index), so neighbouring seeds and indices give unrelated streams.
+    """
+    if prompt_index == 0:
+        return seed
+    z = (seed + prompt_index * _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 class Sampler:
     """Chooses the next token of every row, remembering what each row has seen for the penalties.
 
     history: int64 [B, S] token slots (prompt, left padded) on the logits' device; pad_lens: int64 [B] or None.
+    prompt_indices: each row's index among all the prompts of the run (default 0..B-1); a row's randomness depends
+    only on (cfg.seed, its index), so how prompts are batched does not change what they draw. cfg.seed None
+    draws a fresh run seed.
     The penalty window covers the prompt as well as the reply, as llama.cpp's repeat_last_n does.
     """
 
-    def __init__(self, cfg: "GenerationConfig", history, pad_lens, n_filled: int, vocab_size: int):
+    def __init__(self, cfg: "GenerationConfig", history, pad_lens, n_filled: int, vocab_size: int,
+                 prompt_indices: Sequence[int] | None = None):
         self.cfg = cfg
         device = history.device
-        self.generator = torch.Generator(device=device)
-        if cfg.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(cfg.seed)
+        B = history.shape[0]
+        seed = cfg.seed if cfg.seed is not None else secrets.randbits(64)
+        indices = range(B) if prompt_indices is None else prompt_indices
+        self.generators = [torch.Generator(device=device).manual_seed(row_seed(seed, i)) for i in indices]
         self.uses_penalties = (
             cfg.repetition_penalty != 1.0 or cfg.frequency_penalty != 0.0 or cfg.presence_penalty != 0.0
         )
@@ -141,7 +170,7 @@ class Sampler:
         if cfg.temperature == 0:
             return torch.argmax(logits, dim=-1)
         probs, ids = truncated_distribution(logits, cfg)
-        choice = sample_from(probs, self.generator)
+        choice = sample_from(probs, self.generators)
         return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
 
     def append(self, tokens):

@@ -66,9 +66,10 @@ class RunSettings:
         if self.preset is None:
             base = GenerationConfig()
         else:
+            from talis_cli.engine import DEFAULT_MODEL_DIR
             from talis_cli.presets import load_generation_preset
 
-            base = load_generation_preset(self.preset)
+            base = load_generation_preset(self.preset, self.model or DEFAULT_MODEL_DIR)  # `model` reads the folder
         config = base.with_overrides(**self.sampling) if self.sampling else base
         config.validate()
         return config

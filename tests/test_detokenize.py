@@ -161,8 +161,22 @@ def test_a_split_character_is_held_until_complete():
     assert detok.flush() == ""
 
 
-def test_flush_releases_an_unfinished_character():
+@pytest.mark.parametrize("builder", [sentencepiece_tokenizer, byte_level_tokenizer], ids=lambda b: b.__name__)
+@pytest.mark.parametrize("missing", [1, 2, 3])
+def test_a_budget_ending_inside_a_character_gives_the_text_and_one_replacement_char(builder, missing):
+    """Issue 15 kind 12: the finished text plus one U+FFFD. (This test used to expect the full decode, which for
+    byte-fallback tokens has one U+FFFD per byte: 'a' + three U+FFFD here.)"""
+    tokenizer = builder()
+    ids = tokenizer.encode("God said é😀", add_special_tokens=False)
+    assert len(ids) - len(tokenizer.encode("God said é", add_special_tokens=False)) == 4  # a token per byte
+    text, deltas = stream_text(IncrementalDetokenizer(tokenizer), ids[:-missing])
+    assert text == "God said é\ufffd"
+    assert deltas[-1] == "\ufffd"  # the flush, once the budget ended
+
+
+def test_broken_bytes_before_an_unfinished_character_keep_their_own_replacement_char():
     tokenizer = sentencepiece_tokenizer()
-    ids = tokenizer.encode("a😀", add_special_tokens=False)[:-1]  # last byte missing
-    text, deltas = stream_text(IncrementalDetokenizer(tokenizer), ids)
-    assert "\ufffd" in deltas[-1] and text == decode(tokenizer, ids)
+    byte = {b: tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x80, 0xF0, 0x9F)}
+    ids = tokenizer.encode("a", add_special_tokens=False) + [byte[0x80], byte[0xF0], byte[0x9F]]
+    text, _ = stream_text(IncrementalDetokenizer(tokenizer), ids)
+    assert text == "a" + b"\x80\xf0\x9f".decode("utf-8", errors="replace") == "a\ufffd\ufffd"

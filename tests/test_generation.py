@@ -238,3 +238,89 @@ def test_cuda_steps_queued_ahead_end_close_and_reuse_like_plain_steps(tokenizer)
     tokens, _, _ = run(gen, follow_up, GREEDY)
     assert gen.last_stats.reused_tokens == len(p) + 2  # the slots of the streamed tokens whose steps ran
     assert tokens == reference_greedy(model, follow_up, GREEDY.max_new_tokens)
+
+
+# ---------------------------------------------------------------- seeds per prompt (issue 15 kind 11)
+
+
+def test_each_prompt_draws_the_same_tokens_in_any_batch(model, tokenizer):
+    """A row's noise depends only on (seed, prompt index): alone, in pairs or all together, the text is the same."""
+    gen = generator(model, tokenizer)
+    texts = ["And God said", "Let there be light", "The quick brown fox", "In the beginning God", "A second line."]
+    prompts = [tokenizer.encode(t) for t in texts]
+    cfg = SAMPLING.with_overrides(seed=11, max_new_tokens=12)
+
+    def generate(batch_size):
+        tokens = [[] for _ in prompts]
+        for start in range(0, len(prompts), batch_size):
+            indices = list(range(start, min(start + batch_size, len(prompts))))
+            for e in gen.stream_batch([prompts[i] for i in indices], cfg, prompt_indices=indices):
+                tokens[indices[e.index]] += e.token_ids
+        return tokens
+
+    alone = generate(1)
+    assert generate(2) == alone and generate(5) == alone
+    assert alone[0] == run(gen, prompts[0], cfg)[0]  # prompt 0 draws with the seed itself, as a single prompt does
+    assert len({tuple(t) for t in alone}) == len(texts)
+    assert alone != generate_with(gen, prompts, cfg.with_overrides(seed=12))
+
+
+def generate_with(gen, prompts, cfg):
+    tokens = [[] for _ in prompts]
+    for e in gen.stream_batch(prompts, cfg):
+        tokens[e.index] += e.token_ids
+    return tokens
+
+
+def test_row_seeds_are_the_seed_for_prompt_0_and_distinct_in_range():
+    from talis_cli.sampling import row_seed
+
+    assert row_seed(7, 0) == 7 and row_seed(2**64 - 1, 0) == 2**64 - 1
+    seeds = {row_seed(s, i) for s in (0, 1, 2**64 - 1) for i in range(1, 200)}
+    assert len(seeds) == 3 * 199 and all(0 <= s < 2**64 for s in seeds)
+
+
+@pytest.mark.parametrize("seed, message", [(2**64, "seed = 18446744073709551616 is out of range"),
+                                           (-2, "seed = -2 is out of range"), (1.5, "seed = 1.5 is out of range")])
+def test_seeds_outside_64_bits_are_usage_errors(seed, message):
+    with pytest.raises(UsageError, match=message):
+        GenerationConfig(seed=seed).validate()
+
+
+def test_seed_minus_one_means_a_fresh_seed(model, tokenizer):
+    assert GenerationConfig(seed=-1).validate().seed is None
+    gen, p = generator(model, tokenizer), prompt(tokenizer)
+    cfg = SAMPLING.with_overrides(seed=-1)
+    assert len({tuple(run(gen, p, cfg)[0]) for _ in range(4)}) > 1
+
+
+# ---------------------------------------------------------------- a budget ending inside a character (kind 12)
+
+
+def chain_model(tokenizer, chain):
+    """A model whose greedy next token after chain[i] is chain[i + 1]: the blocks add nothing to the residual
+    stream, and lm_head's row of chain[i + 1] is chain[i]'s embedding."""
+    model = build_model(len(tokenizer), dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for current, following in zip(chain, chain[1:]):
+            model.lm_head.weight[following] = model.model.embed_tokens.weight[current] * 10
+    return model
+
+
+def test_a_budget_that_ends_inside_a_character_ends_with_one_replacement_char():
+    from test_detokenize import sentencepiece_tokenizer
+
+    tokenizer = sentencepiece_tokenizer()
+    p = tokenizer.encode("And God said", add_special_tokens=True)
+    emoji = tokenizer.encode("😀", add_special_tokens=False)[-4:]  # <0xF0> <0x9F> <0x98> <0x80>
+    assert [tokenizer.convert_ids_to_tokens(t) for t in emoji] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    gen = generator(chain_model(tokenizer, [p[-1]] + emoji), tokenizer)
+    tokens, text, events = run(gen, p, GREEDY.with_overrides(max_new_tokens=3))
+    assert tokens == emoji[:3]
+    assert text == "\ufffd" and events[-1].finish_reason == "length"
+    _, whole, _ = run(gen, p, GREEDY.with_overrides(max_new_tokens=4))
+    assert whole == "😀"

@@ -94,7 +94,7 @@ class Commands:
         if not argument:
             self.out.info(f"presets: {', '.join(list_generation_presets())} (now: {self.session.preset or 'none'})")
             return
-        self.session.config = load_generation_preset(argument)
+        self.session.config = load_generation_preset(argument, self.session.engine.model_dir)
         self.session.preset = argument
         self._show_config()
 

@@ -143,6 +143,9 @@ class ContextFullNotice:
             self.cut.append(index)
         self.writer.add(index, event)
 
+    def fail(self, index: int, message: str) -> None:
+        self.writer.fail(index, message)
+
     def end_batch(self, indices, stats) -> None:
         self.writer.end_batch(indices, stats)
 
