@@ -48,6 +48,7 @@ class LoadFlags:
     max_seq_len: Annotated[Optional[int], _option("--max-seq-len", help="Context length to allocate (default: the model's, at most 2048).", min=2)] = None
     backend: Annotated[Optional[str], _option("--backend", help="Quantized matmul backend: auto, torch, torch_dense or triton.")] = None
     allow_pickle: Annotated[Optional[bool], _option("--allow-pickle", help="Read .bin/.pt checkpoints (tensors only).")] = None
+    tokenizer: Annotated[Optional[Path], _option("--tokenizer", help="Folder of the tokenizer files (default: the model folder), e.g. the original model's.")] = None
     config: Annotated[Optional[Path], _option("--config", help="File of settings (JSON, TOML or KEY=VALUE); flags win over it.")] = None
 
 
@@ -104,6 +105,8 @@ def run_settings(load: LoadFlags, sampling: Optional[SamplingFlags] = None, **ex
     settings = resolve_settings(flags, load.config)
     if settings.model is not None and not settings.model.is_dir():
         raise UsageError(f"model folder {settings.model} does not exist: check --model")
+    if settings.tokenizer is not None and not settings.tokenizer.is_dir():
+        raise UsageError(f"tokenizer folder {settings.tokenizer} does not exist: check --tokenizer")
     if sampling is not None:
         from talis_cli.chat_templates import check_template_spec
 
@@ -158,7 +161,8 @@ def generate(
     each_line: Annotated[bool, typer.Option("--each-line", help="Each stdin line is its own prompt, batched; each result is written on one line (newlines become spaces; --json keeps them).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per batch with --each-line.", min=1)] = 8,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt (implies --chat).")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the chat template.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the chat template (implied by --system and --template).")] = False,
+    special: Annotated[bool, typer.Option("--special", help="Parse control-token text such as </s> in a raw prompt into control tokens (without it, prompts are plain text).")] = False,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr.")] = False,
     load: LoadFlags = None,
@@ -171,6 +175,10 @@ def generate(
 
     launched = time.perf_counter()
     settings = run_settings(load, sampling, system=system)
+    use_chat = chat or settings.system is not None or settings.template is not None
+    if special and use_chat:
+        raise UsageError("--special applies to raw prompts; chat messages stay plain text (drop --special, or "
+                         "--chat, --system and --template)")
     prompts = collect_prompts(prompt, each_line)
     config = settings.generation_config()
     engine = load_engine(settings)
@@ -178,8 +186,7 @@ def generate(
 
     from talis_cli.repl.session import encode_prompt, with_stops
 
-    use_chat = chat or settings.system is not None
-    encoded = [encode_prompt(engine, text, settings.system, settings.template, use_chat) for text in prompts]
+    encoded = [encode_prompt(engine, text, settings.system, settings.template, use_chat, special) for text in prompts]
     ids = [prompt_ids for prompt_ids, _ in encoded]
     config = with_stops(config, [stop for _, stops in encoded for stop in stops])
 
