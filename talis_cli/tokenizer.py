@@ -155,7 +155,7 @@ def check_in_embedding(ids, rows: int, tokenizer) -> None:
     """TalisError naming the first id of `ids` that the embedding (`rows` rows) does not hold, with both sizes."""
     bad = next((i for i in ids if not 0 <= i < rows), None)
     if bad is not None:
-        text = tokenizer.convert_ids_to_tokens(bad)
+        text = tokenizer.decode([bad]).strip() or tokenizer.convert_ids_to_tokens(bad)
         raise TalisError(f"the prompt holds token {text!r} (id {bad}), which the model's embedding of {rows} rows "
                          f"does not have (the tokenizer has {len(tokenizer)} tokens); remove that text from the prompt")
 
