@@ -398,6 +398,7 @@ def quantize(
     method: Annotated[str, typer.Option("--method", help="gptq (needs --calib) or rtn (round to nearest).")] = "gptq",
     nsamples: Annotated[int, typer.Option("--nsamples", help="Calibration sequences.", min=1)] = 128,
     seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per calibration sequence.", min=2)] = 2048,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Folder of the tokenizer files (default: the model folder); they are copied to OUT_DIR.")] = None,
 ):
     """Quantize a model to GPTQ, writing the AutoGPTQ layout that `talis --model OUT_DIR` loads."""
     from talis_cli.quantize import quantize_model
@@ -405,7 +406,8 @@ def quantize(
 
     with progress_bar("quantizing", "steps", min_seconds=0) as progress:
         written = quantize_model(model_dir, out_dir, bits=bits, group_size=group_size, act_order=act_order,
-                                 method=method, calib_file=calib, nsamples=nsamples, seqlen=seqlen, progress=progress)
+                                 method=method, calib_file=calib, nsamples=nsamples, seqlen=seqlen, progress=progress,
+                                 tokenizer_dir=tokenizer)
     _write_out(f"{written}\n")
 
 
@@ -421,13 +423,15 @@ def bench(
     act_order: Annotated[bool, typer.Option("--act-order", help="Act-order weights for --shape.")] = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Also time each quantized GEMV shape.")] = False,
     device_map: Annotated[Optional[str], typer.Option("--device-map", help="Device map for --model.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Folder of the tokenizer files for --model (default: the model folder).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ):
     """Time decode and prefill on the GPU next to fp16 (cuBLAS) and torch's int4 kernel, against the bandwidth floor."""
     from talis_cli.bench import format_report, run_bench
 
     report = run_bench(shape=shape, model=model, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size,
-                       act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map)
+                       act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map,
+                       tokenizer=tokenizer)
     _write_out(json.dumps(report, default=str) + "\n" if json_output else format_report(report) + "\n")
 
 

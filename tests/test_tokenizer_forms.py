@@ -124,3 +124,19 @@ def test_unreadable_tokenizer_files_are_one_line_errors(tmp_path, sentencepiece_
     with pytest.raises(TalisError, match="SentencePiece UNIGRAM model; talis reads SentencePiece BPE"):
         load_tokenizer(unigram)
     assert spm  # the reference library is importable where these tests run
+
+
+def test_quantize_takes_the_tokenizer_from_another_folder(tmp_path, sp_dir):
+    import sentencepiece as spm
+
+    from talis_cli.engine import Engine, LoadSettings
+    from talis_cli.quantize import quantize_model
+
+    source = write_tiny_model(tmp_path / "fp16", vocab_size=4000)
+    with pytest.raises(UsageError, match="tokenizer folder .*missing does not exist"):
+        quantize_model(source, tmp_path / "never", method="rtn", group_size=64, tokenizer_dir=tmp_path / "missing")
+    out = quantize_model(source, tmp_path / "gptq", method="rtn", group_size=64, tokenizer_dir=sp_dir)
+    assert (out / "tokenizer.model").read_bytes() == (sp_dir / "tokenizer.model").read_bytes()
+    engine = Engine.load(LoadSettings(model_dir=out))
+    reference = spm.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
+    assert engine.encode("Let there be light") == [reference.bos_id()] + reference.encode("Let there be light")
