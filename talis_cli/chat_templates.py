@@ -142,7 +142,9 @@ def _jinja_renderer(source: str, origin: str, refused: Callable[[str], str]) -> 
 
     def render(messages: Messages, tokens: dict) -> str:
         try:
-            return template.render(messages=messages, add_generation_prompt=True, **tokens)
+            # tools and documents are passed as None, as transformers does (templates test `tools is not none`)
+            return template.render(messages=messages, tools=None, documents=None, add_generation_prompt=True,
+                                   **tokens)
         except Exception as exc:  # the template's own checks raise (e.g. roles must alternate), as can its code
             raise UsageError(refused((str(exc).splitlines() or [""])[0][:160])) from None
 

@@ -219,3 +219,14 @@ def test_template_option_implies_chat_mode(engine, model_dir, tmp_path):
                        "--temperature", "0")
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads(result.stdout)["prompt_tokens"] == len(expected) != len(engine.encode("In the beginning"))
+
+
+def test_templates_see_tools_and_documents_as_none_like_transformers(tmp_path):
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    path = tmp_path / "tools.jinja"
+    path.write_text("{% if tools is not none %}TOOLS{% endif %}{% if documents is none %}no documents{% endif %}"
+                    "{{ messages[-1]['content'] }}", encoding="utf-8")
+    rendered = resolve_template(str(path), tokenizer).render([{"role": "user", "content": "hi"}])
+    tokenizer.chat_template = path.read_text(encoding="utf-8")
+    assert rendered == "no documentshi" == tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                          tokenize=False, add_generation_prompt=True)
