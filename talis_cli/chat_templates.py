@@ -138,7 +138,8 @@ def _jinja_renderer(source: str, origin: str, refused: Callable[[str], str]) -> 
     try:
         template = jinja_environment().from_string(source)
     except TemplateError as exc:
-        raise UsageError(f"chat template {origin} does not compile: {str(exc).splitlines()[0]}; fix the Jinja syntax") from None
+        reason = (str(exc).splitlines() or [""])[0]
+        raise UsageError(f"chat template {origin} does not compile: {reason}; fix the Jinja syntax") from None
 
     def render(messages: Messages, tokens: dict) -> str:
         try:

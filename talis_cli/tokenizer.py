@@ -19,6 +19,7 @@ import os
 import re
 import warnings
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -113,8 +114,9 @@ def read_sentencepiece(path: Path):
     if proto is None or not proto.pieces:
         raise TalisError(f"{path} is not a SentencePiece model; accepted: {ACCEPTED_FORMS}")
     if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
-        raise TalisError(f"{path} is a SentencePiece {proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)} "
-                         "model; talis reads SentencePiece BPE models (LLaMA's); a tokenizer.json is needed for this one")
+        kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)
+        raise TalisError(f"{path} is a SentencePiece {kind} model; talis reads SentencePiece BPE models (LLaMA's); "
+                         "a tokenizer.json is needed for this one")
     return proto
 
 
@@ -168,26 +170,31 @@ class PromptEncoder:
     """
 
     def __init__(self, tokenizer):
-        from tokenizers import Tokenizer
-
         self.tokenizer = tokenizer
         self.control = {token.content: token for token in tokenizer.added_tokens_decoder.values() if token.special}
         self.control_ids = {content: tokenizer.convert_tokens_to_ids(content) for content in self.control}
         by_length = sorted(self.control, key=len, reverse=True)  # the longest control token wins where two start
         self._control_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
-        state = json.loads(tokenizer.backend_tokenizer.to_str())
-        self._plain = Tokenizer.from_str(json.dumps(state))
-        self._plain.encode_special_tokens = True  # special tokens' text goes through the model like any text
-        self._inner = self._plain
-        if _never_prepend(state.get("pre_tokenizer")):  # Metaspace "first": no dummy prefix after the start
-            self._inner = Tokenizer.from_str(json.dumps(state))
-            self._inner.encode_special_tokens = True
+
+    @cached_property
+    def _backends(self) -> tuple:
+        """(start, inner): copies of the fast tokenizer that encode special tokens' text as text; `inner` adds no
+        dummy prefix where the tokenizer adds it at the start of the text only (Metaspace "first"). Built on first
+        use: copying a 128k-token tokenizer takes a moment."""
+        from tokenizers import Tokenizer
+
+        state = json.loads(self.tokenizer.backend_tokenizer.to_str())
+        start = Tokenizer.from_str(json.dumps(state))
+        inner = Tokenizer.from_str(json.dumps(state)) if _never_prepend(state.get("pre_tokenizer")) else start
+        for backend in (start, inner):
+            backend.encode_special_tokens = True  # special tokens' text goes through the model like any text
+        return start, inner
 
     def plain(self, text: str, at_start: bool = True) -> list[int]:
         """Ids of `text` as plain text: control-token text is ordinary characters. `at_start` False encodes a
         piece from inside a longer text (no SentencePiece dummy prefix where the tokenizer adds it first only)."""
-        encoder = self._plain if at_start else self._inner
-        return encoder.encode(text, add_special_tokens=False).ids if text else []
+        backend = self._backends[0 if at_start else 1]
+        return backend.encode(text, add_special_tokens=False).ids if text else []
 
     def parse_special(self, text: str) -> list[int]:
         """Ids of `text` with control-token text parsed into control tokens (a raw prompt under --special)."""
