@@ -73,8 +73,8 @@ class Engine:
         fp = footprint(loader.tensor_shapes(), args.n_layers,
                        kv_cache_bytes(args, max_seq_len, dtype_bytes=float_bytes) // args.n_layers, float_bytes)
         request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
-        tokenizer = load_tokenizer(Path(settings.tokenizer) if settings.tokenizer else model_dir)  # before the
-        # weights: a folder without a usable tokenizer fails fast
+        # before the weights: a folder without a usable tokenizer fails fast
+        tokenizer = load_tokenizer(settings.tokenizer or model_dir)
         loaded = loader.load(progress)
         if request.plan.uses_cuda:  # fused q/k/v and gate/up: one launch each at decode
             from quant_kernels.fuse import fuse_model
@@ -111,6 +111,7 @@ class Engine:
 
     @property
     def bos_id(self) -> int | None:
+        """The model's beginning-of-sequence id (config.json's, else the tokenizer's), or None."""
         return self.args.bos_token_id if self.args.bos_token_id is not None else self.tokenizer.bos_token_id
 
     @property
