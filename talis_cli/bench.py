@@ -289,7 +289,8 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
 
 def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 128, gen: int = 128,
               ctx: int | None = None, bits: int = 4, group_size: int = 128, act_order: bool = False,
-              json_out: bool = False, kernels: bool = False, device_map: str | None = None) -> dict:
+              json_out: bool = False, kernels: bool = False, device_map: str | None = None,
+              tokenizer: str | None = None) -> dict:
     """Time one model and its baselines; returns the report (see `format_report`). `json_out` is the caller's
     choice of printer and changes nothing here."""
     if not torch.cuda.is_available():
@@ -307,7 +308,7 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
                   prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size, act_order=act_order,
                   rows=[], notes=[])
     if model is not None:
-        engine = _load_engine(model, ctx, device_map)
+        engine = _load_engine(model, ctx, device_map, tokenizer)
         args, bits, group_size = engine.args, engine.quant.bits, engine.quant.group_size
         report.update(model=str(model), bits=bits, group_size=group_size)
         build_ours = lambda: engine.model  # noqa: E731
@@ -341,8 +342,9 @@ def _baseline(label: str, kind: str, bits: int, group_size: int, common: dict) -
     return dict(variant=label, error=error)
 
 
-def _load_engine(model_dir: str, ctx: int, device_map: str | None):
-    engine = Engine.load(LoadSettings(model_dir=model_dir, max_seq_len=ctx, device_map=device_map or "auto"))
+def _load_engine(model_dir: str, ctx: int, device_map: str | None, tokenizer: str | None = None):
+    engine = Engine.load(LoadSettings(model_dir=model_dir, max_seq_len=ctx, device_map=device_map or "auto",
+                                      tokenizer=tokenizer))
     if engine.quant is None:
         raise TalisError(f"{model_dir} holds fp16 weights; talis bench measures GPTQ models (use --shape for fp16 baselines)")
     return engine

@@ -5,14 +5,17 @@ Rendered text already holds the beginning-of-sequence token, so encode it withou
 Sources, in the order ``auto`` tries them: the tokenizer's own Jinja template, else ``raw``.
 """
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
 from talis_cli.errors import UsageError
 
 Messages = list  # list[dict[str, str]]
-Renderer = Callable[[Messages, str, str], str]  # (messages, bos, eos) -> prompt text ending where the reply starts
+# (messages, special-token strings {"bos_token": ..., "eos_token": ...}) -> prompt text ending where the reply starts
+Renderer = Callable[[Messages, dict], str]
 
 
 @dataclass(frozen=True)
@@ -20,10 +23,14 @@ class ChatTemplate:
     name: str
     render_text: Renderer
     stop: tuple = ()  # strings that end the assistant's reply besides the end-of-sequence token
+    defaults: dict = field(default_factory=dict)  # special-token strings used where render() is given none
 
-    def render(self, messages: Messages, bos: str = "", eos: str = "") -> str:
-        """Prompt text for `messages`, ending with the cue for the assistant's next reply."""
-        return self.render_text(messages, bos, eos)
+    def render(self, messages: Messages, bos: str = "", eos: str = "", **tokens: str) -> str:
+        """Prompt text for `messages`, ending with the cue for the assistant's next reply. `bos`, `eos` and
+        `tokens` (unk_token, pad_token ...) are the special-token strings the template may write."""
+        given = {"bos_token": bos, "eos_token": eos, **tokens}
+        return self.render_text(messages, {"bos_token": "", "eos_token": "", **self.defaults,
+                                           **{k: v for k, v in given.items() if v}})
 
 
 def _split_system(messages: Messages) -> tuple:
@@ -33,8 +40,9 @@ def _split_system(messages: Messages) -> tuple:
     return "", messages
 
 
-def _render_llama2(messages: Messages, bos: str, eos: str) -> str:
+def _render_llama2(messages: Messages, tokens: dict) -> str:
     system, turns = _split_system(messages)
+    bos, eos = tokens["bos_token"], tokens["eos_token"]
     text, first_user = "", True
     for message in turns:
         content = message["content"].strip()
@@ -48,24 +56,24 @@ def _render_llama2(messages: Messages, bos: str, eos: str) -> str:
     return text
 
 
-def _render_llama3(messages: Messages, bos: str, eos: str) -> str:
-    text = bos
+def _render_llama3(messages: Messages, tokens: dict) -> str:
+    text = tokens["bos_token"]
     for message in messages:
         text += f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n{message['content'].strip()}<|eot_id|>"
     return text + "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
-def _render_chatml(messages: Messages, bos: str, eos: str) -> str:
-    text = bos
+def _render_chatml(messages: Messages, tokens: dict) -> str:
+    text = tokens["bos_token"]
     for message in messages:
         text += f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
     return text + "<|im_start|>assistant\n"
 
 
-def _render_raw(messages: Messages, bos: str, eos: str) -> str:
+def _render_raw(messages: Messages, tokens: dict) -> str:
     """A plain log for base models: the system prompt as a preamble, then User:/Assistant: lines."""
     system, turns = _split_system(messages)
-    text = bos + (f"{system.strip()}\n\n" if system else "")
+    text = tokens["bos_token"] + (f"{system.strip()}\n\n" if system else "")
     for message in turns:
         speaker = "User" if message["role"] == "user" else "Assistant"
         text += f"{speaker}: {message['content'].strip()}\n"
@@ -81,43 +89,80 @@ BUILTIN_TEMPLATES = {
 TEMPLATE_CHOICES = ("auto", "tokenizer", *BUILTIN_TEMPLATES)
 
 
-def _jinja_renderer(source: str, origin: str) -> Renderer:
-    """Compile a Jinja chat template in a sandbox (the variables HF templates use are provided)."""
+def raise_exception(message):
+    """Templates call raise_exception('...') to refuse a conversation (roles must alternate ...)."""
     from jinja2 import TemplateError
+
+    raise TemplateError(message)
+
+
+def strftime_now(format: str) -> str:
+    """The local time formatted by strftime (Llama-3.1 templates write today's date)."""
+    from datetime import datetime
+
+    return datetime.now().strftime(format)
+
+
+def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """JSON text of `value`, with json.dumps' arguments and no HTML escaping (unlike Jinja's own filter)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=None)
+def jinja_environment():
+    """The one sandboxed Jinja environment of every chat template (the tokenizer's own and --template files):
+    what transformers' apply_chat_template gives a template: trim_blocks, lstrip_blocks, loop controls
+    ({% break %}, {% continue %}), raise_exception, strftime_now, tojson with its arguments, and
+    {% generation %} blocks (rendered as their body)."""
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
-        raise TemplateError(message)
+    class GenerationBlock(Extension):
+        tags = {"generation"}  # marks assistant text for training masks; rendering needs only its body
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = raise_exception
+        def parse(self, parser) -> list:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[loopcontrols, GenerationBlock])
+    environment.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    environment.filters["tojson"] = tojson
+    return environment
+
+
+def _jinja_renderer(source: str, origin: str, refused: Callable[[str], str]) -> Renderer:
+    """Compile a Jinja chat template in the shared environment; `refused(reason)` words a rendering error."""
+    from jinja2 import TemplateError
+
     try:
-        template = environment.from_string(source)
+        template = jinja_environment().from_string(source)
     except TemplateError as exc:
-        raise UsageError(f"chat template {origin} does not compile: {exc}; fix the Jinja syntax") from None
+        reason = (str(exc).splitlines() or [""])[0]
+        raise UsageError(f"chat template {origin} does not compile: {reason}; fix the Jinja syntax") from None
 
-    def render(messages: Messages, bos: str, eos: str) -> str:
+    def render(messages: Messages, tokens: dict) -> str:
         try:
-            return template.render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
-        except TemplateError as exc:
-            raise UsageError(f"chat template {origin} failed: {exc}") from None
+            # tools and documents are passed as None, as transformers does (templates test `tools is not none`)
+            return template.render(messages=messages, tools=None, documents=None, add_generation_prompt=True,
+                                   **tokens)
+        except Exception as exc:  # the template's own checks raise (e.g. roles must alternate), as can its code
+            raise UsageError(refused((str(exc).splitlines() or [""])[0][:160])) from None
 
     return render
 
 
 def _tokenizer_template(tokenizer) -> Optional[ChatTemplate]:
-    """The tokenizer's own template (rendered by its apply_chat_template), or None when it ships none."""
-    if not getattr(tokenizer, "chat_template", None):
+    """The tokenizer's own template, rendered in the shared environment, or None when it ships none."""
+    source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, dict):  # named templates: the default one
+        source = source.get("default")
+    if not source:
         return None
-
-    def render(messages: Messages, bos: str, eos: str) -> str:
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # the template's own checks raise (e.g. roles must alternate)
-            raise UsageError(f"the tokenizer's chat template refused this conversation ({str(exc).splitlines()[0][:120]}); "
-                             f"pick another with --template or /template (llama2, llama3, chatml, raw)") from None
-
-    return ChatTemplate("tokenizer", render)
+    refused = (lambda reason: f"the tokenizer's chat template refused this conversation ({reason}); "
+                              f"pick another with --template or /template (llama2, llama3, chatml, raw)")
+    return ChatTemplate("tokenizer", _jinja_renderer(source, "of the tokenizer", refused),
+                        defaults=special_token_strings(tokenizer))
 
 
 def check_template_spec(spec: Optional[str]) -> None:
@@ -140,9 +185,11 @@ def resolve_template(spec: Optional[str], tokenizer) -> ChatTemplate:
     if spec in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[spec]
     path = Path(spec)
-    return ChatTemplate(path.name, _jinja_renderer(path.read_text(encoding="utf-8"), str(path)))
+    refused = lambda reason: f"chat template {path} failed: {reason}"  # noqa: E731
+    return ChatTemplate(path.name, _jinja_renderer(path.read_text(encoding="utf-8"), str(path), refused))
 
 
-def special_token_texts(tokenizer) -> tuple:
-    """(bos, eos) strings of `tokenizer` ("" where it has none), to splice into rendered text."""
-    return getattr(tokenizer, "bos_token", None) or "", getattr(tokenizer, "eos_token", None) or ""
+def special_token_strings(tokenizer) -> dict:
+    """The tokenizer's named special tokens as template variables ({"bos_token": "<s>", "eos_token": "</s>",
+    ...}), as transformers passes them to a chat template."""
+    return dict(getattr(tokenizer, "special_tokens_map", None) or {})

@@ -93,6 +93,7 @@ class LoadFlags:
     backend: Annotated[Optional[str], _option("--backend", metavar="NAME", help="Quantized matmul backend: auto, torch, torch_dense or triton.", default="auto")] = None
     threads: Annotated[Optional[int], _option("--threads", "-t", metavar="N", help="CPU threads for torch.", default="the free cores: usable cores minus the load average, at least 1; OMP_NUM_THREADS if set", min=1)] = None
     allow_pickle: Annotated[Optional[bool], _option("--allow-pickle", help="Read .bin/.pt checkpoints (tensors only).")] = None
+    tokenizer: Annotated[Optional[Path], _option("--tokenizer", metavar="DIR", help="Folder of the tokenizer files (default: the model folder), e.g. the original model's.")] = None
     config: Annotated[Optional[Path], _option("--config", metavar="FILE", help="File of settings (JSON, TOML or KEY=VALUE); flags win over it.")] = None
 
 
@@ -154,6 +155,8 @@ def run_settings(load: LoadFlags, sampling: Optional[SamplingFlags] = None, **ex
         raise UsageError(f"model folder {settings.model} does not exist: check --model")
     if settings.checkpoint is not None and not settings.checkpoint.is_file():
         raise UsageError(f"checkpoint file {settings.checkpoint} does not exist: check --checkpoint")
+    if settings.tokenizer is not None and not settings.tokenizer.is_dir():
+        raise UsageError(f"tokenizer folder {settings.tokenizer} does not exist: check --tokenizer")
     if sampling is not None:
         from talis_cli.chat_templates import check_template_spec
 
@@ -208,7 +211,8 @@ def generate(
     each_line: Annotated[bool, typer.Option("--each-line", help="Each stdin line is its own prompt, batched; each result is written on one line (newlines become spaces; --json keeps them).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Prompts per batch with --each-line.", min=1)] = 8,
     system: Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="System prompt (implies --chat).")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the chat template.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the chat template (implied by --system and --template).")] = False,
+    special: Annotated[bool, typer.Option("--special", help="Parse control-token text such as </s> in a raw prompt into control tokens (without it, prompts are plain text).")] = False,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr.")] = False,
     load: LoadFlags = None,
@@ -221,6 +225,10 @@ def generate(
 
     launched = time.perf_counter()
     settings = run_settings(load, sampling, system=system)
+    use_chat = chat or settings.system is not None or settings.template is not None
+    if special and use_chat:
+        raise UsageError("--special applies to raw prompts; chat messages stay plain text (drop --special, or "
+                         "--chat, --system and --template)")
     texts = collect_prompts(prompt, each_line)
     config = settings.generation_config()
     engine = load_engine(settings)
@@ -229,9 +237,8 @@ def generate(
     from talis_cli.oneshot import JsonLinesWriter, StreamWriter, check_prompts, encode_prompts, run_batches
     from talis_cli.repl.session import encode_prompt, with_stops
 
-    use_chat = chat or settings.system is not None
     prompts, stops = encode_prompts(
-        texts, lambda text: encode_prompt(engine, text, settings.system, settings.template, use_chat), each_line)
+        texts, lambda text: encode_prompt(engine, text, settings.system, settings.template, use_chat, special), each_line)
     config = with_stops(config, stops)
     if each_line:  # a line that cannot run gets an empty result; the others still run
         check_prompts(engine.generator, prompts, config)
@@ -366,6 +373,7 @@ def quantize(
     nsamples: Annotated[int, typer.Option("--nsamples", metavar="N", help="Calibration sequences.", min=1)] = 128,
     seqlen: Annotated[int, typer.Option("--seqlen", metavar="TOKENS", help="Tokens per calibration sequence.", min=2)] = 2048,
     threads: Annotated[Optional[int], _option("--threads", "-t", metavar="N", help="CPU threads for torch.", panel=None, default="as for the other commands", min=1)] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="DIR", help="Folder of the tokenizer files (default: the model folder); they are copied to OUT_DIR.")] = None,
 ):
     """Quantize a model to GPTQ, writing the AutoGPTQ layout that `talis --model OUT_DIR` loads.
 
@@ -381,7 +389,8 @@ def quantize(
     set_threads(threads)
     with progress_bar("quantizing", "layers", min_seconds=0, lines=True) as progress:
         written = quantize_model(model_dir, out_dir, bits=bits, group_size=group_size, act_order=act_order,
-                                 method=method, calib_file=calib, nsamples=nsamples, seqlen=seqlen, progress=progress)
+                                 method=method, calib_file=calib, nsamples=nsamples, seqlen=seqlen, progress=progress,
+                                 tokenizer_dir=tokenizer)
     _write_out(f"{written}\n")
 
 
@@ -397,6 +406,7 @@ def bench(
     act_order: Annotated[bool, typer.Option("--act-order", help="Act-order weights for --shape.")] = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Also time each quantized GEMV shape.")] = False,
     device_map: Annotated[Optional[str], typer.Option("--device-map", metavar="NAME|FILE", help="Device map for --model.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="DIR", help="Folder of the tokenizer files for --model (default: the model folder).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ):
     """Time decode and prefill on the GPU next to fp16 (cuBLAS) and torch's int4 kernel, against the bandwidth floor."""
@@ -408,7 +418,8 @@ def bench(
         raise TalisError("talis bench times the Triton kernels on a CUDA GPU: install triton (pip install triton)") from None
 
     report = run_bench(shape=shape, model=model, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size,
-                       act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map)
+                       act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map,
+                       tokenizer=tokenizer)
     _write_out(json.dumps(report, default=str) + "\n" if json_output else format_report(report) + "\n")
 
 

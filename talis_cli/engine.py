@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TalisError, UsageError
+from .errors import UsageError
+from .tokenizer import PromptEncoder, check_in_embedding, load_tokenizer  # noqa: F401  (load_tokenizer: callers)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -29,6 +29,7 @@ class LoadSettings:
     backend: str = "auto"  # QuantLinear backend: auto, torch, torch_dense, triton
     loader: str | None = None  # force a registered loader by name
     threads: int | None = None  # torch CPU threads; None: talis_cli.threads.default_threads()
+    tokenizer: Path | str | None = None  # folder of the tokenizer files; None: the model folder
 
 
 class Engine:
@@ -42,6 +43,7 @@ class Engine:
         self.quant = loaded.quant
         self.loaded = loaded
         self.tokenizer = tokenizer
+        self.encoder = PromptEncoder(tokenizer)
         self.plan = plan
         self.max_seq_len = max_seq_len
         self.model_dir = model_dir
@@ -81,7 +83,8 @@ class Engine:
         fp = footprint(loader.tensor_shapes(), args.n_layers,
                        kv_cache_bytes(args, max_seq_len, dtype_bytes=float_bytes) // args.n_layers, float_bytes)
         request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
-        tokenizer = load_tokenizer(model_dir)  # before the weights: a broken folder fails fast
+        # before the weights: a folder without a usable tokenizer fails fast
+        tokenizer = load_tokenizer(settings.tokenizer or model_dir)
         loaded = loader.load(progress)
         if request.plan.uses_cuda:  # fused q/k/v and gate/up: one launch each at decode
             from quant_kernels.fuse import fuse_model
@@ -97,10 +100,30 @@ class Engine:
             accelerate(engine.model, engine.generator)
         return engine
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        bos = self.args.bos_token_id if self.args.bos_token_id is not None else self.tokenizer.bos_token_id
-        return ([bos] if add_bos and bos is not None else []) + list(ids)
+    def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of `text` as plain text (`special`: control-token text such as ``</s>`` becomes control
+        tokens), after the model's BOS when `add_bos` (not twice when the parsed text starts with it).
+        TalisError when an id falls outside the embedding."""
+        ids = self.encoder.parse_special(text) if special else self.encoder.plain(text)
+        bos = self.bos_id
+        if add_bos and bos is not None and not (ids[:1] == [bos] and special):
+            ids = [bos] + ids
+        return self.checked(ids)
+
+    def encode_chat(self, render, messages: list) -> list[int]:
+        """Token ids of `messages` rendered by `render` (messages -> text holding its own BOS): only the
+        renderer's markup yields control tokens (PromptEncoder.encode_chat). TalisError as for encode."""
+        return self.checked(self.encoder.encode_chat(render, messages))
+
+    def checked(self, ids: list[int]) -> list[int]:
+        """`ids`, after checking that the embedding holds each (TalisError naming the token otherwise)."""
+        check_in_embedding(ids, self.args.vocab_size, self.tokenizer)
+        return ids
+
+    @property
+    def bos_id(self) -> int | None:
+        """The model's beginning-of-sequence id (config.json's, else the tokenizer's), or None."""
+        return self.args.bos_token_id if self.args.bos_token_id is not None else self.tokenizer.bos_token_id
 
     @property
     def info(self) -> dict:
@@ -108,18 +131,6 @@ class Engine:
         from .model_info import describe
 
         return describe(self)
-
-
-def load_tokenizer(folder: Path):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except Exception as e:
-        raise TalisError(f"{folder}: cannot load the tokenizer ({e.__class__.__name__}: {str(e).splitlines()[0][:160]}); the folder needs tokenizer.json or tokenizer.model with tokenizer_config.json") from None
-    tokenizer.model_max_length = 1 << 30  # talis checks lengths against the context itself
-    return tokenizer
 
 
 def eos_ids(args, tokenizer, generation_defaults: dict | None = None) -> list[int]:

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 from .detokenize import IncrementalDetokenizer, special_ids_to_skip
 from .errors import TalisError, UsageError
+from .tokenizer import padding_id
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ class Generator:
         self.max_seq_len = max_seq_len  # slots of the KV cache
         self.context_limit = context_limit or max_seq_len  # the most the model allows (for advice in errors)
         self.skip_ids = special_ids_to_skip(tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = padding_id(tokenizer, model.args.vocab_size)  # a pad token may lie beyond the embedding
         self.last_stats: GenerationStats | None = None
         self._pad_lens = None  # int64 [B] left padding of the running batch, None when there is none
         self.fast_decode = None  # a runner (tokens, pos, pad_lens) -> logits replacing the step (fast_decode.py)

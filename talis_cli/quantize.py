@@ -42,14 +42,17 @@ def quantize_model(model_dir: Path, out_dir: Path, bits: int = 4, group_size: in
                    method: str = "gptq", calib_file: Path | None = None, sym: bool = True,
                    true_sequential: bool = True, nsamples: int = 128, seqlen: int = 2048,
                    damp_percent: float = DAMP_PERCENT, device: str | None = None,
-                   progress: Progress | None = None) -> Path:
+                   progress: Progress | None = None, tokenizer_dir: Path | None = None) -> Path:
     """Quantize the fp16/bf16/fp32 model in `model_dir` and write a GPTQ model folder to `out_dir`.
 
-    method "gptq" needs `calib_file` (plain text); "rtn" (round-to-nearest) needs none. Returns out_dir.
+    method "gptq" needs `calib_file` (plain text); "rtn" (round-to-nearest) needs none. The tokenizer (for the
+    calibration text, and copied to `out_dir`) is `tokenizer_dir`'s when given, else `model_dir`'s. Returns out_dir.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_settings(bits, group_size, method, nsamples, seqlen, damp_percent)
     _check_out_dir(model_dir, out_dir)
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise UsageError(f"tokenizer folder {tokenizer_dir} does not exist: check --tokenizer")
     if method == "gptq" and calib_file is None:
         raise UsageError("GPTQ needs calibration text: pass --calib FILE (plain text in the model's domain), "
                          "or use --method rtn")
@@ -60,7 +63,7 @@ def quantize_model(model_dir: Path, out_dir: Path, bits: int = 4, group_size: in
     if method == "gptq":
         from .engine import load_tokenizer
 
-        tokens = calibration_tokens(load_tokenizer(model_dir), Path(calib_file), nsamples,
+        tokens = calibration_tokens(load_tokenizer(tokenizer_dir or model_dir), Path(calib_file), nsamples,
                                     min(seqlen, args.max_position_embeddings))
         packed = _gptq_layers(model, tokens, bits, group_size, sym, act_order, true_sequential, damp_percent,
                               device, progress)
@@ -70,7 +73,7 @@ def quantize_model(model_dir: Path, out_dir: Path, bits: int = 4, group_size: in
     settings = dict(bits=bits, group_size=group_size, desc_act=act_order, sym=sym, true_sequential=true_sequential,
                     damp_percent=damp_percent, static_groups=False, checkpoint_format="gptq",
                     model_file_base_name="model", quant_method="gptq")
-    _write_output(model, packed, model_dir, out_dir, settings)
+    _write_output(model, packed, model_dir, out_dir, settings, Path(tokenizer_dir or model_dir))
     return out_dir
 
 
@@ -215,7 +218,7 @@ def _give_normal_mode(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _write_output(model, packed: dict, model_dir: Path, out_dir: Path, settings: dict) -> None:
+def _write_output(model, packed: dict, model_dir: Path, out_dir: Path, settings: dict, tokenizer_dir: Path) -> None:
     """model.safetensors (AutoGPTQ names, fp16 for what stays unquantized), quantize_config.json, config.json
     with `quantization_config`, and the tokenizer files."""
     from safetensors.torch import save_file
@@ -241,6 +244,7 @@ def _write_output(model, packed: dict, model_dir: Path, out_dir: Path, settings:
     config["torch_dtype"] = "float16"
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for pattern in TOKENIZER_PATTERNS:
-        for path in model_dir.glob(pattern):
+        folder = model_dir if pattern == "generation_config.json" else tokenizer_dir
+        for path in folder.glob(pattern):
             if path.is_file():
                 shutil.copy(path, out_dir / path.name)

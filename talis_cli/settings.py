@@ -15,7 +15,8 @@ from talis_cli.errors import UsageError
 
 # Setting name -> type a config file's value is converted to.
 LOAD_SETTINGS = {"model": Path, "checkpoint": Path, "wbits": int, "groupsize": int, "device_map": str,
-                 "max_memory": str, "max_seq_len": int, "backend": str, "allow_pickle": bool, "threads": int}
+                 "max_memory": str, "max_seq_len": int, "backend": str, "allow_pickle": bool, "threads": int,
+                 "tokenizer": Path}
 SAMPLING_SETTINGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
                      "typical_p": float, "repetition_penalty": float, "repetition_window": int,
                      "frequency_penalty": float, "presence_penalty": float, "seed": int, "stop": list}
@@ -24,10 +25,10 @@ SETTING_TYPES = {**LOAD_SETTINGS, **SAMPLING_SETTINGS, **OTHER_SETTINGS}
 
 # Other spellings (after lower-casing and "-" -> "_") -> setting name.
 ALIASES = {"model_dir": "model", "checkpoints": "checkpoint", "gen_config": "preset", "bits": "wbits",
-           "group_size": "groupsize", "n": "max_new_tokens"}
+           "group_size": "groupsize", "n": "max_new_tokens", "tokenizer_dir": "tokenizer"}
 
 # Settings that may name a file; a relative file name in a config file is relative to that file.
-FILE_SETTINGS = ("model", "checkpoint", "device_map", "preset", "template")
+FILE_SETTINGS = ("model", "checkpoint", "device_map", "preset", "template", "tokenizer")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class RunSettings:
     backend: Optional[str] = None
     allow_pickle: Optional[bool] = None
     threads: Optional[int] = None
+    tokenizer: Optional[Path] = None  # folder of the tokenizer files when the model folder has none
     preset: Optional[str] = None
     template: Optional[str] = None
     system: Optional[str] = None
@@ -56,7 +58,7 @@ class RunSettings:
         given = {"model_dir": self.model, "checkpoint": self.checkpoint, "wbits": self.wbits,
                  "groupsize": self.groupsize, "device_map": self.device_map, "max_memory": self.max_memory,
                  "max_seq_len": self.max_seq_len, "backend": self.backend, "allow_pickle": self.allow_pickle,
-                 "threads": self.threads}
+                 "threads": self.threads, "tokenizer": self.tokenizer}
         return LoadSettings(**{name: value for name, value in given.items() if value is not None})
 
     def generation_config(self):
