@@ -177,6 +177,9 @@ class CudaGraphDecoder:
         if self.model.cache_version != self._cache_version:  # a new cache: captured pointers are stale
             self._steps.clear()
             self._graphs.clear()
+            # and the pools go too: the allocator releases a pool once its last graph is freed, and capturing
+            # into that released pool again fails an internal assert (a batch after a single prompt did)
+            self._pools.clear()
             self._cache_version = self.model.cache_version
             self._buckets = buckets(self.model.max_seq_len, sliding_window(self.model))
         B = tokens.shape[0]
