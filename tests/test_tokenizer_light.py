@@ -166,3 +166,13 @@ def test_forms_that_transformers_converts_still_load_through_it(tmp_path):
     for folder in (sp_dir, tmp_path / "llama_class"):
         assert not isinstance(load_tokenizer(folder), TokenizerFile), folder
 
+
+
+def test_an_unreadable_tokenizer_json_is_a_one_line_error(tmp_path):
+    from talis_cli.errors import TalisError
+
+    (tmp_path / "tokenizer.json").write_text('{"model": ')
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with pytest.raises(TalisError, match="cannot load the tokenizer") as info:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
