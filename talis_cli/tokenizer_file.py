@@ -38,12 +38,17 @@ def read_tokenizer_file(folder: Path):
     legacy = "added_tokens_decoder" not in config
     if legacy and (folder / "added_tokens.json").is_file():
         return None
-    settings = dict(config)
+    settings = dict(config, extra_special_tokens=config.get("extra_special_tokens")
+                    or config.get("additional_special_tokens") or [])
     if legacy and (folder / "special_tokens_map.json").is_file():  # transformers reads it only then
         extra = _read_json(folder / "special_tokens_map.json")
         if not isinstance(extra, dict) or set(extra) - {*NAMED_TOKENS, "extra_special_tokens"}:
             return None
-        settings.update(extra)
+        special = lambda value: {**value, "special": True} if isinstance(value, dict) else value  # noqa: E731
+        settings.update({key: special(value) for key, value in extra.items() if key in NAMED_TOKENS})
+        known = {_content(token) for token in settings["extra_special_tokens"]}
+        settings["extra_special_tokens"] += [special(token) for token in extra.get("extra_special_tokens") or []
+                                             if _content(token) not in known]  # merged, as transformers merges
     from tokenizers import Tokenizer
 
     return TokenizerFile(Tokenizer.from_file(str(folder / "tokenizer.json")), settings, _chat_template(folder, config))
@@ -53,11 +58,15 @@ def _plain_config(config: dict) -> bool:
     """Whether the config holds nothing that transformers would apply beyond what TokenizerFile repeats."""
     if config.get("clean_up_tokenization_spaces") or "fast_tokenizer_files" in config or "auto_map" in config:
         return False
-    extras = config.get("extra_special_tokens", config.get("additional_special_tokens"))
+    extras = config.get("extra_special_tokens") or config.get("additional_special_tokens")
     if extras is not None and not isinstance(extras, list):
         return False  # a dict of named model-specific tokens
     return not any(key.endswith("_token") and key not in NAMED_TOKENS and isinstance(value, (str, dict))
                    for key, value in config.items())
+
+
+def _content(token) -> str:
+    return token.get("content", "") if isinstance(token, dict) else str(token)
 
 
 def _read_json(path: Path):
@@ -97,7 +106,7 @@ class TokenizerFile:
 
     backend: the Tokenizer read from tokenizer.json (changed in place as transformers changes it: missing special
     tokens added, split_special_tokens applied); settings: tokenizer_config.json's keys (with special_tokens_map.json's
-    where transformers reads it); chat_template: a Jinja source, a {name: source} dict, or None.
+    where transformers reads it; "extra_special_tokens" the list of extra special tokens); chat_template: a Jinja source, a {name: source} dict, or None.
     """
 
     def __init__(self, backend, settings: dict, chat_template=None):
@@ -110,8 +119,7 @@ class TokenizerFile:
         self._named = {key: _added_token(settings[key]) for key in NAMED_TOKENS if settings.get(key) is not None}
         if backend.padding and "pad_token" not in self._named:  # transformers takes tokenizer.json's padding token
             self._named["pad_token"] = backend.padding["pad_token"]
-        extras = settings.get("extra_special_tokens", settings.get("additional_special_tokens")) or []
-        self._extra = [_added_token(token) for token in extras]
+        self._extra = [_added_token(token) for token in settings.get("extra_special_tokens") or []]
         # transformers re-adds the config's added tokens, then any special token missing from the vocabulary
         config_added = [_added_token(token) for _, token in
                         sorted((settings.get("added_tokens_decoder") or {}).items(), key=lambda item: int(item[0]))]

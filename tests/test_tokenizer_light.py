@@ -75,7 +75,9 @@ def _legacy_folder(root):
     special = {"unk_token": {"content": "<unk>", "lstrip": False, "rstrip": False, "normalized": False,
                              "single_word": False}, "mask_token": {"content": "<mask>", "lstrip": True,
                                                                    "rstrip": False, "normalized": False,
-                                                                   "single_word": False}}
+                                                                   "single_word": False},
+               "extra_special_tokens": [{"content": "<|y|>", "lstrip": False, "rstrip": True, "normalized": False,
+                                         "single_word": False}]}
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
     return folder
 
