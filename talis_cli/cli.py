@@ -249,7 +249,10 @@ def generate(
                          on_error=_report_error)
     writer.report(engine, len(prompts))
     if stats and totals is not None:
-        print_stats_block(totals, load_s=loaded - launched, total_s=time.perf_counter() - launched)
+        # the engine's phases, after the command's own work before it (flags, --config file, stdin)
+        phases = {"command setup": loaded - launched - engine.load_s, **engine.load_phases.phases}
+        print_stats_block(totals, load_s=loaded - launched, total_s=time.perf_counter() - launched,
+                          load_phases=phases)
     if any(p.error for p in prompts):
         raise typer.Exit(1)
 

@@ -32,6 +32,27 @@ class LoadSettings:
     tokenizer: Path | str | None = None  # folder of the tokenizer files; None: the model folder
 
 
+class LoadPhases:
+    """Seconds of each phase of a model load, in the order they ran (`time.perf_counter` laps).
+
+    phases: {name: seconds}; total: seconds from the start to the last lap (the phases sum to it).
+    """
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Close phase `name` now: the time since the previous lap (or the start) is its."""
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
+
+    @property
+    def total(self) -> float:
+        return self._last - self._start
+
+
 class Engine:
     def __init__(self, loaded, tokenizer, plan, max_seq_len: int, model_dir: Path, load_s: float, backend: str,
                  generation_defaults: dict | None = None):
@@ -47,7 +68,8 @@ class Engine:
         self.plan = plan
         self.max_seq_len = max_seq_len
         self.model_dir = model_dir
-        self.load_s = load_s
+        self.load_s = load_s  # seconds; Engine.load sets it to load_phases.total
+        self.load_phases: LoadPhases | None = None  # set by Engine.load
         self.backend = backend
         self.generation_defaults = generation_defaults or {}  # the folder's generation_config.json
         self.eos_ids = eos_ids(loaded.args, tokenizer, self.generation_defaults)
@@ -56,6 +78,8 @@ class Engine:
 
     @classmethod
     def load(cls, settings: LoadSettings | None = None, progress=None) -> "Engine":
+        """Load the model and tokenizer `settings` name; the engine's `load_phases` says where the time went."""
+        phases = LoadPhases()
         from .loaders import LoadRequest, pick_loader
         from .loaders.base import read_model_args
         from .model_generation_config import read_generation_config
@@ -65,8 +89,8 @@ class Engine:
 
         from .threads import set_threads
 
+        phases.lap("imports")  # torch, on a CPU the larger part of a small model's load
         settings = settings or LoadSettings()
-        t0 = time.perf_counter()
         set_threads(settings.threads)
         model_dir = Path(settings.model_dir) if settings.model_dir else DEFAULT_MODEL_DIR
         if settings.backend not in BACKENDS:
@@ -83,21 +107,27 @@ class Engine:
         fp = footprint(loader.tensor_shapes(), args.n_layers,
                        kv_cache_bytes(args, max_seq_len, dtype_bytes=float_bytes) // args.n_layers, float_bytes)
         request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
+        phases.lap("config and plan")
         # before the weights: a folder without a usable tokenizer fails fast
         tokenizer = load_tokenizer(settings.tokenizer or model_dir)
+        phases.lap("tokenizer")
         loaded = loader.load(progress)
+        phases.lap("weights read")
         if request.plan.uses_cuda:  # fused q/k/v and gate/up: one launch each at decode
             from quant_kernels.fuse import fuse_model
 
             fuse_model(loaded.model)
         backend = choose_backend(settings.backend, loaded.model, request.plan)
+        phases.lap("backend prepare")
         loaded.model.setup_cache(1, max_seq_len)
-        engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, time.perf_counter() - t0, backend,
-                     generation_defaults)
+        engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, 0.0, backend, generation_defaults)
+        phases.lap("KV cache")
         if request.plan.uses_cuda and _triton_backend_available():  # the CUDA-graph decode step (Triton ops)
             from .fast_decode import accelerate
 
             accelerate(engine.model, engine.generator)
+            phases.lap("CUDA graphs")
+        engine.load_phases, engine.load_s = phases, phases.total
         return engine
 
     def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import TalisError, UsageError
+from .tokenizer_file import read_tokenizer_file
 
 ACCEPTED_FORMS = "tokenizer.json, or tokenizer.model (SentencePiece) with tokenizer_config.json"
 LLAMA_CLASS_NAMES = ("LlamaTokenizer", "LlamaTokenizerFast", "LLaMATokenizer")  # the last: 2023 conversions
@@ -54,8 +55,10 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def load_tokenizer(folder: Path | str):
-    """The tokenizer in `folder` (a transformers tokenizer backed by a fast `tokenizers.Tokenizer`).
+def load_tokenizer(folder: Path | str, light: bool = True):
+    """The tokenizer in `folder`: a `TokenizerFile` (the `tokenizers` library alone) where that gives transformers'
+    results, else a transformers tokenizer backed by a fast `tokenizers.Tokenizer`; `light` False always takes
+    transformers' (the reference the light one is tested against).
 
     Loading prints nothing. Raises UsageError when the folder holds none of the accepted files (suggesting
     --tokenizer), TalisError when a file is there but cannot be read (naming the packages a SentencePiece
@@ -66,13 +69,15 @@ def load_tokenizer(folder: Path | str):
     if form is None:
         raise UsageError(f"{folder} has no tokenizer files (accepted: {ACCEPTED_FORMS}); pass --tokenizer DIR "
                          "with the original model's folder")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
     proto = read_sentencepiece(folder / form) if form == "tokenizer.model" else None
     try:
-        with quiet_transformers():
-            tokenizer = _from_pretrained(folder, proto is not None)
-            if proto is not None:
-                match_sentencepiece(tokenizer, proto)
+        tokenizer = read_tokenizer_file(folder) if light and proto is None else None
+        if tokenizer is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
+            with quiet_transformers():
+                tokenizer = _from_pretrained(folder, proto is not None)
+                if proto is not None:
+                    match_sentencepiece(tokenizer, proto)
     except Exception as e:
         reason = f"{e.__class__.__name__}: {(str(e).splitlines() or [''])[0][:160]}"
         raise TalisError(f"{folder}: cannot load the tokenizer ({reason}); accepted: {ACCEPTED_FORMS}") from None
@@ -165,8 +170,8 @@ def check_in_embedding(ids, rows: int, tokenizer) -> None:
 class PromptEncoder:
     """Turns text into token ids for a model: user text as plain text, a template's markup as control tokens.
 
-    tokenizer: a transformers tokenizer with a fast backend (`load_tokenizer`). Ids are lists of ints; no BOS is
-    added here (the engine adds the model's).
+    tokenizer: what `load_tokenizer` returns (a TokenizerFile, or a transformers tokenizer with a fast backend).
+    Ids are lists of ints; no BOS is added here (the engine adds the model's).
     """
 
     def __init__(self, tokenizer):

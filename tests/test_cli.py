@@ -188,6 +188,35 @@ def test_presets_do_not_import_torch():
     assert "torch" not in imported
 
 
+@pytest.fixture(scope="module")
+def embedded_run() -> tuple:
+    """(modules imported, --stats lines) of `talis generate --stats` on the embedded model under -X importtime."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "talis_cli", "generate", "-p", "In the beginning",
+                             "--stats", *GREEDY], capture_output=True, cwd=REPO, env=talis_env(), timeout=120)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    lines = result.stderr.decode().splitlines()
+    return {line.split("|")[-1].strip() for line in lines if "|" in line}, [line for line in lines if "|" not in line]
+
+
+def test_generate_on_the_embedded_model_imports_only_what_it_uses(embedded_run):
+    """The way to the first token imports torch and tokenizers, not transformers (nor what it pulls in)."""
+    imported, _ = embedded_run
+    assert {"torch", "tokenizers", "talis_cli.tokenizer_file"} <= imported
+    assert not {name for name in imported if name.split(".")[0] in ("transformers", "sympy", "accelerate")}
+
+
+def test_stats_break_the_load_down_by_phase(embedded_run):
+    _, stats = embedded_run
+    seconds = {name.strip(): float(value.removesuffix(" s")) for name, value in
+               (line.split(":", 1) for line in stats if line.endswith(" s"))}
+    phases = {name: seconds[name] for name in ("command setup", "imports", "config and plan", "tokenizer",
+                                               "weights read", "backend prepare", "KV cache")}
+    assert "CUDA graphs" not in seconds  # captured only on a GPU
+    assert min(phases.values()) >= 0
+    assert abs(sum(phases.values()) - seconds["load duration"]) <= 0.0005 * len(phases)  # printed in ms
+    assert seconds["total duration"] >= seconds["load duration"]
+
+
 def _stderr_through_a_terminal(args, env) -> bytes:
     """Run talis with stderr on a pseudo-terminal (so colour would be on) and return what it wrote there."""
     leader, follower = pty.openpty()

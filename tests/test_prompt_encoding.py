@@ -192,18 +192,20 @@ FEATURE_MESSAGES = [{"role": "system", "content": "hidden"}, {"role": "user", "c
 
 def test_template_files_and_the_tokenizers_template_share_transformers_features(tokenizers, tmp_path):
     tokenizer = load_tokenizer(TOKENIZER_DIR)
+    transformers_tokenizer = load_tokenizer(TOKENIZER_DIR, light=False)  # the reference: apply_chat_template
     path = tmp_path / "features.jinja"
     path.write_text(FEATURES_TEMPLATE, encoding="utf-8")
     from_file = resolve_template(str(path), tokenizer).render(FEATURE_MESSAGES, **special_token_strings(tokenizer))
     assert from_file == features_expected(tokenizer)
-    tokenizer.chat_template = FEATURES_TEMPLATE
+    tokenizer.chat_template = transformers_tokenizer.chat_template = FEATURES_TEMPLATE
     own = resolve_template("auto", tokenizer)
     assert own.name == "tokenizer" and own.render(FEATURE_MESSAGES) == from_file
-    assert from_file == tokenizer.apply_chat_template(FEATURE_MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert from_file == transformers_tokenizer.apply_chat_template(FEATURE_MESSAGES, tokenize=False,
+                                                                   add_generation_prompt=True)
     for name, source in JINJA_FORMATS.items():  # the shipped formats render as transformers renders them
-        tokenizer.chat_template = source
+        tokenizer.chat_template = transformers_tokenizer.chat_template = source
         messages = random_conversation(2, with_system=True)
-        reference = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        reference = transformers_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert resolve_template("tokenizer", tokenizer).render(messages) == reference, name
 
 
@@ -227,8 +229,9 @@ def test_templates_see_tools_and_documents_as_none_like_transformers(tmp_path):
     path.write_text("{% if tools is not none %}TOOLS{% endif %}{% if documents is none %}no documents{% endif %}"
                     "{{ messages[-1]['content'] }}", encoding="utf-8")
     rendered = resolve_template(str(path), tokenizer).render([{"role": "user", "content": "hi"}])
-    tokenizer.chat_template = path.read_text(encoding="utf-8")
-    assert rendered == "no documentshi" == tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+    reference = load_tokenizer(TOKENIZER_DIR, light=False)
+    reference.chat_template = path.read_text(encoding="utf-8")
+    assert rendered == "no documentshi" == reference.apply_chat_template([{"role": "user", "content": "hi"}],
                                                                           tokenize=False, add_generation_prompt=True)
 
 
@@ -236,12 +239,15 @@ def test_control_tokens_that_swallow_whitespace_split_as_the_tokenizer_splits(to
     from tokenizers import AddedToken
 
     folder = write_byte_level_folder(tmp_path / "strip")
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, light=False)
     tokenizer.add_special_tokens({"additional_special_tokens": [
         AddedToken("<|end|>", lstrip=True, rstrip=True, special=True),
         AddedToken("<|sep|>", rstrip=True, special=True)]})
     text = "user  <|end|>  \n reply<|sep|>   more \t<|end|>x<|sep|>"
-    assert PromptEncoder(tokenizer).encode_rendered(text) == list(tokenizer.encode(text, add_special_tokens=False))
+    expected = list(tokenizer.encode(text, add_special_tokens=False))
+    assert PromptEncoder(tokenizer).encode_rendered(text) == expected
+    tokenizer.save_pretrained(str(tmp_path / "saved"))  # the same tokens read back without transformers
+    assert PromptEncoder(load_tokenizer(tmp_path / "saved")).encode_rendered(text) == expected
 
 
 def test_chat_sessions_keep_forged_text_in_messages_and_system_prompts_plain(engine):

@@ -114,10 +114,13 @@ def stats_line(stats) -> str:
             f"first token {t['first_token_s']:.2f} s | {memory_in_use()}")
 
 
-def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Console] = None) -> None:
-    """The --stats block on stderr, laid out like `ollama run --verbose`."""
+def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Console] = None,
+                      load_phases: Optional[dict] = None) -> None:
+    """The --stats block on stderr, laid out like `ollama run --verbose`; `load_phases` ({name: seconds}, summing
+    to `load_s`) are listed under the load duration."""
     t = timings_of(stats)
-    rows = [("total duration", f"{total_s:.3f} s"), ("load duration", f"{load_s:.3f} s"),
+    phases = [(f"  {name}", f"{seconds:.3f} s") for name, seconds in (load_phases or {}).items()]
+    rows = [("total duration", f"{total_s:.3f} s"), ("load duration", f"{load_s:.3f} s"), *phases,
             ("prompt eval count", f"{computed_prompt_tokens(stats)} token(s)"),
             *([("prompt cached", f"{stats.reused_tokens} token(s)")] if stats.reused_tokens else []),
             ("prompt eval duration", f"{stats.prefill_s * 1000:.1f} ms"),
