@@ -244,18 +244,20 @@ class Generator:
         if not prompts:
             raise UsageError("no prompts given; pass at least one")
         for i, p in enumerate(prompts):
-            self._check_prompt_fits(i, len(p), len(prompts), cfg.max_new_tokens)
+            self.check_prompt(p, cfg, f"prompt {i + 1}" if len(prompts) > 1 else "the prompt")
         if prompt_indices is not None and len(prompt_indices) != len(prompts):
             raise ValueError(f"{len(prompt_indices)} prompt indices for {len(prompts)} prompts")
         return self._generate(prompts, cfg, prompt_indices)
 
-    def _check_prompt_fits(self, i: int, n: int, n_prompts: int, max_new_tokens: int) -> None:
-        which = f"prompt {i + 1}" if n_prompts > 1 else "the prompt"
+    def check_prompt(self, prompt_ids: Sequence[int], cfg: GenerationConfig, which: str = "the prompt") -> None:
+        """TalisError (naming the prompt as `which`) when `prompt_ids` is empty or leaves no room in the context
+        for a first new token, with advice that works; what stream_batch checks before any work."""
+        n = len(prompt_ids)
         if n == 0:
             raise TalisError(f"{which} is empty; give at least one token")
         room = self.max_seq_len - 1  # one slot stays free for the first new token
         if n > room:
-            advice = context_advice(n, n + max_new_tokens, self.context_limit)
+            advice = context_advice(n, n + cfg.max_new_tokens, self.context_limit)
             raise TalisError(
                 f"{which} is {n} tokens, {n - room} too many for a context of {self.max_seq_len} "
                 f"(room for {room} plus one new token); {advice}"

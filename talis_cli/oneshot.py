@@ -50,16 +50,12 @@ def encode_prompts(texts: list[str], encode: Callable[[str], tuple], each_line: 
 
 
 def check_prompts(generator, prompts: list[Prompt], config) -> None:
-    """Mark each prompt the generator would refuse (empty, longer than the context, ...) with that error.
-
-    Generator.stream_batch checks its prompts when called, before any work, so asking it for one prompt's
-    stream and closing the unstarted stream is the generator's own check.
-    """
+    """Mark each prompt the generator would refuse (empty, longer than the context, ...) with that error."""
     for number, prompt in enumerate(prompts, start=1):
         if prompt.ids is None:
             continue
         try:
-            generator.stream_batch([prompt.ids], config).close()
+            generator.check_prompt(prompt.ids, config)
         except TalisError as exc:
             prompt.ids, prompt.error = None, f"line {number}: {exc}"
 
