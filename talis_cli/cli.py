@@ -70,7 +70,8 @@ def _option(*names: str, help: str, panel: str = MODEL_PANEL, default: Optional[
 
 def _sampling_default(name: str) -> str:
     """GenerationConfig's default of setting `name`, as the help shows it."""
-    from talis_cli.generation import GenerationConfig, format_setting
+    from talis_cli.generation import GenerationConfig
+    from talis_cli.wording import format_setting
 
     return format_setting(name, getattr(GenerationConfig(), name))
 

@@ -9,13 +9,13 @@ torch is imported only when generation starts, so reading presets and flags stay
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .detokenize import IncrementalDetokenizer, special_ids_to_skip
 from .errors import TalisError, UsageError
+from .wording import context_advice
 from .tokenizer import padding_id
 
 
@@ -99,26 +99,6 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerationConfig))
 def allowed_values(name: str) -> str:
     """The allowed range of a GenerationConfig field, in words (for error messages)."""
     return _RULES[name][2]
-
-
-def format_setting(name: str, value) -> str:
-    """A GenerationConfig value as users write it: seed `random` for None, stop strings quoted or `none`."""
-    if name == "seed" and value is None:
-        return "random"
-    if name == "stop":
-        return ", ".join(json.dumps(s, ensure_ascii=False) for s in value) if value else "none"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def context_advice(prompt_tokens: int, wanted: int, limit: int, verb: str = "pass") -> str:
-    """What to do about a prompt of `prompt_tokens` that leaves no room in the allocated context, for a model
-    trained for `limit` tokens: allocate `wanted` slots (prompt and reply, never past the limit) when the prompt
-    fits the model at all, else shorten it."""
-    if prompt_tokens >= limit:
-        return f"shorten it: the model's whole context is {limit} tokens"
-    return f"{verb} --max-seq-len {min(wanted, limit)} (the model allows up to {limit}) or shorten it"
 
 
 @dataclass

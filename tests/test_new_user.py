@@ -76,7 +76,8 @@ COMMANDS = ("", "generate", "chat", "info", "presets", "perplexity", "quantize",
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_metavars_and_defaults(capsys, command):
-    from talis_cli.generation import FIELD_NAMES, GenerationConfig, format_setting
+    from talis_cli.generation import FIELD_NAMES, GenerationConfig
+    from talis_cli.wording import format_setting
 
     code, out, _ = talis(capsys, *([command] if command else []), "--help")
     assert code == 0
