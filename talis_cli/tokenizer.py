@@ -55,6 +55,17 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+def adds_bos_token(folder: Path | str) -> bool:
+    """Whether prompts start with BOS: False only where tokenizer_config.json says `"add_bos_token": false` (as
+    transformers' tokenizers then encode without it); a malformed file is left to the tokenizer's load to report."""
+    path = Path(folder) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(config, dict) and config.get("add_bos_token") is False)
+
+
 def load_tokenizer(folder: Path | str, light: bool = True):
     """The tokenizer in `folder`: a `TokenizerFile` (the `tokenizers` library alone) where that gives transformers'
     results, else a transformers tokenizer backed by a fast `tokenizers.Tokenizer`; `light` False always takes
