@@ -288,7 +288,7 @@ def quantize(
     threads: Annotated[Optional[int], option("--threads", "-t", metavar="N", help="CPU threads for torch.", panel=None, default="as for the other commands", min=1)] = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="DIR", help="Folder of the tokenizer files (default: the model folder); they are copied to OUT_DIR.")] = None,
 ):
-    """Quantize a model to GPTQ, writing the AutoGPTQ layout that `talis --model OUT_DIR` loads.
+    """Quantize a model to GPTQ, writing the AutoGPTQ layout that `talis generate --model OUT_DIR` loads.
 
     On a terminal a progress bar shows each step; otherwise one line per finished layer goes to stderr."""
     if not model_dir.is_dir():

@@ -224,4 +224,6 @@ def print_tree(console, data: dict, indent: int = 0) -> None:
             value = _human_bytes(value)
         elif isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value)) or "-"
+        elif value is None:
+            value = "none"
         console.print(label, str(value))
