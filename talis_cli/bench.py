@@ -76,12 +76,15 @@ def linear_shapes(args: ModelArgs) -> list[tuple[int, int]]:
             (args.intermediate_size, args.dim)]
 
 
-def floor_bytes(args: ModelArgs, bits: int, group_size: int, context: float) -> dict:
+def floor_bytes(args: ModelArgs, bits: int, group_size: int, context: float, head_bytes: float | None = None) -> dict:
     """Bytes one decode step must read at batch 1 with `context` cached tokens; bits 16 means fp16 weights.
 
     weights: packed codes (or fp16); scales_zeros: fp16 scales and `bits`-bit zeros per group and column;
-    lm_head: fp16; kv: keys and values of every layer for `context` tokens, fp16.
+    lm_head: `head_bytes` (a quantized head's GPTQ bytes), else fp16; kv: keys and values of every layer for
+    `context` tokens, at most the sliding window's, fp16.
     """
+    if args.sliding_window:
+        context = min(context, args.sliding_window)
     weights = scales_zeros = 0.0
     for k, n in linear_shapes(args):
         weights += k * n * bits / 8
@@ -89,7 +92,7 @@ def floor_bytes(args: ModelArgs, bits: int, group_size: int, context: float) -> 
             groups = 1 if group_size == -1 else math.ceil(k / group_size)
             scales_zeros += groups * n * (2 + bits / 8)
     parts = dict(weights=weights * args.n_layers, scales_zeros=scales_zeros * args.n_layers,
-                 lm_head=2.0 * args.vocab_size * args.dim,
+                 lm_head=2.0 * args.vocab_size * args.dim if head_bytes is None else head_bytes,
                  kv=2.0 * 2 * args.n_layers * args.n_kv_heads * args.head_dim * context)
     parts["total"] = sum(parts.values())
     return parts
@@ -270,7 +273,8 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
         torch.cuda.reset_peak_memory_stats(gpu)
     model = build()
     timing = time_model(model, prompt, gen, ctx)
-    floor = floor_bytes(args, bits, group_size, ctx - gen / 2)
+    head = gptq_bytes(model.lm_head) if isinstance(model.lm_head, QuantLinear) else None
+    floor = floor_bytes(args, bits, group_size, ctx - gen / 2, head)
     decode_tps = gen / timing["decode_s"]
     prefill_s = timing["prefill_s"]
     row = dict(variant=label, decode_tok_s=decode_tps, prefill_tok_s=prompt / prefill_s if prefill_s else None,

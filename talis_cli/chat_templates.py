@@ -169,6 +169,8 @@ def check_template_spec(spec: Optional[str]) -> None:
     """Fail early (before a model loads) on a name that is neither a template nor an existing file."""
     if spec is None or spec in TEMPLATE_CHOICES or Path(spec).is_file():
         return
+    if "/" in spec or spec.endswith((".jinja", ".j2", ".jinja2")):  # meant as a file
+        raise UsageError(f"chat template file {spec} does not exist: check --template")
     raise UsageError(f"unknown chat template '{spec}': use one of {', '.join(TEMPLATE_CHOICES)} or a Jinja file")
 
 

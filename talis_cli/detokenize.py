@@ -27,6 +27,17 @@ def special_ids_to_skip(tokenizer) -> frozenset[int]:
     return frozenset(i for i in ids if not _BYTE_TOKEN.fullmatch(tokenizer.convert_ids_to_tokens(i) or ""))
 
 
+def unfinished_char_length(data: bytes) -> int:
+    """How many bytes at the end of `data` begin a UTF-8 character whose last bytes are missing (0 if none)."""
+    for k in range(1, min(4, len(data)) + 1):
+        lead = data[-k]
+        if lead & 0xC0 == 0x80:  # a continuation byte: the character starts further back
+            continue
+        need = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
+        return k if k < need else 0
+    return 0
+
+
 class IncrementalDetokenizer:
     """Feed token ids with push(); each call returns the text that became complete ("" while held back).
 
@@ -61,17 +72,17 @@ class IncrementalDetokenizer:
         never came (a token budget that ends inside it).
 
         Byte-level tokenizers already decode an unfinished UTF-8 tail to one U+FFFD; byte-fallback decoders
-        (SentencePiece's <0xNN> tokens) give one per byte, so a trailing run of byte tokens is decoded here as
-        UTF-8 with replacement (as Python and Rust's lossy decoding do: one U+FFFD per broken sequence).
+        (SentencePiece's <0xNN> tokens) give one per byte, so only the unfinished character at the end of a run
+        of byte tokens is replaced here, by one U+FFFD; every byte before it decodes as the tokenizer decodes it
+        (the text of a shorter budget is then the start of a longer one's).
         """
         if self.read_offset == len(self.ids):
             return ""
         text = self._decode(self.ids[self.prefix_offset :])
         if text.endswith(REPLACEMENT_CHAR):
-            tail = self._byte_tail()
-            if tail:
-                finished = self._decode(self.ids[self.prefix_offset : len(self.ids) - len(tail)])
-                text = finished + bytes(tail).decode("utf-8", errors="replace")
+            cut = unfinished_char_length(bytes(self._byte_tail()))
+            if cut:
+                text = self._decode(self.ids[self.prefix_offset : len(self.ids) - cut]) + REPLACEMENT_CHAR
         return self._advance(text)
 
     def _byte_tail(self) -> list[int]:

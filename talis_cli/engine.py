@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .tokenizer import PromptEncoder, check_in_embedding, load_tokenizer  # noqa: F401  (load_tokenizer: callers)
+from .tokenizer import PromptEncoder, adds_bos_token, check_in_embedding, load_tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -71,6 +71,7 @@ class Engine:
         self.load_s = load_s  # seconds; Engine.load sets it to load_phases.total
         self.load_phases: LoadPhases | None = None  # set by Engine.load
         self.backend = backend
+        self.add_bos = True  # prompts start with BOS unless tokenizer_config.json says no (Engine.load reads it)
         self.generation_defaults = generation_defaults or {}  # the folder's generation_config.json
         self.eos_ids = eos_ids(loaded.args, tokenizer, self.generation_defaults)
         self.context_limit = trained_context(loaded.args)  # the most --max-seq-len may allocate
@@ -109,7 +110,8 @@ class Engine:
         request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
         phases.lap("config and plan")
         # before the weights: a folder without a usable tokenizer fails fast
-        tokenizer = load_tokenizer(settings.tokenizer or model_dir)
+        tokenizer_dir = settings.tokenizer or model_dir
+        tokenizer = load_tokenizer(tokenizer_dir)
         phases.lap("tokenizer")
         loaded = loader.load(progress)
         phases.lap("weights read")
@@ -128,6 +130,7 @@ class Engine:
             accelerate(engine.model, engine.generator)
             phases.lap("CUDA graphs")
         engine.load_phases, engine.load_s = phases, phases.total
+        engine.add_bos = adds_bos_token(tokenizer_dir)
         return engine
 
     def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -136,7 +139,7 @@ class Engine:
         TalisError when an id falls outside the embedding."""
         ids = self.encoder.parse_special(text) if special else self.encoder.plain(text)
         bos = self.bos_id
-        if add_bos and bos is not None and not (ids[:1] == [bos] and special):
+        if add_bos and self.add_bos and bos is not None and not (ids[:1] == [bos] and special):
             ids = [bos] + ids
         return self.checked(ids)
 

@@ -9,13 +9,13 @@ torch is imported only when generation starts, so reading presets and flags stay
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .detokenize import IncrementalDetokenizer, special_ids_to_skip
 from .errors import TalisError, UsageError
+from .wording import context_advice
 from .tokenizer import padding_id
 
 
@@ -99,26 +99,6 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GenerationConfig))
 def allowed_values(name: str) -> str:
     """The allowed range of a GenerationConfig field, in words (for error messages)."""
     return _RULES[name][2]
-
-
-def format_setting(name: str, value) -> str:
-    """A GenerationConfig value as users write it: seed `random` for None, stop strings quoted or `none`."""
-    if name == "seed" and value is None:
-        return "random"
-    if name == "stop":
-        return ", ".join(json.dumps(s, ensure_ascii=False) for s in value) if value else "none"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def context_advice(prompt_tokens: int, wanted: int, limit: int, verb: str = "pass") -> str:
-    """What to do about a prompt of `prompt_tokens` that leaves no room in the allocated context, for a model
-    trained for `limit` tokens: allocate `wanted` slots (prompt and reply, never past the limit) when the prompt
-    fits the model at all, else shorten it."""
-    if prompt_tokens >= limit:
-        return f"shorten it: the model's whole context is {limit} tokens"
-    return f"{verb} --max-seq-len {min(wanted, limit)} (the model allows up to {limit}) or shorten it"
 
 
 @dataclass
@@ -244,18 +224,20 @@ class Generator:
         if not prompts:
             raise UsageError("no prompts given; pass at least one")
         for i, p in enumerate(prompts):
-            self._check_prompt_fits(i, len(p), len(prompts), cfg.max_new_tokens)
+            self.check_prompt(p, cfg, f"prompt {i + 1}" if len(prompts) > 1 else "the prompt")
         if prompt_indices is not None and len(prompt_indices) != len(prompts):
             raise ValueError(f"{len(prompt_indices)} prompt indices for {len(prompts)} prompts")
         return self._generate(prompts, cfg, prompt_indices)
 
-    def _check_prompt_fits(self, i: int, n: int, n_prompts: int, max_new_tokens: int) -> None:
-        which = f"prompt {i + 1}" if n_prompts > 1 else "the prompt"
+    def check_prompt(self, prompt_ids: Sequence[int], cfg: GenerationConfig, which: str = "the prompt") -> None:
+        """TalisError (naming the prompt as `which`) when `prompt_ids` is empty or leaves no room in the context
+        for a first new token, with advice that works; what stream_batch checks before any work."""
+        n = len(prompt_ids)
         if n == 0:
             raise TalisError(f"{which} is empty; give at least one token")
         room = self.max_seq_len - 1  # one slot stays free for the first new token
         if n > room:
-            advice = context_advice(n, n + max_new_tokens, self.context_limit)
+            advice = context_advice(n, n + cfg.max_new_tokens, self.context_limit)
             raise TalisError(
                 f"{which} is {n} tokens, {n - room} too many for a context of {self.max_seq_len} "
                 f"(room for {room} plus one new token); {advice}"

@@ -8,11 +8,11 @@ failure. Frontend code, but free of typer: the CLI passes in how to report a fai
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .errors import TalisError
+from .output import write_out
 
 LINE_BREAKS_TO_SPACES = str.maketrans("\r\n", "  ")
 
@@ -50,16 +50,12 @@ def encode_prompts(texts: list[str], encode: Callable[[str], tuple], each_line: 
 
 
 def check_prompts(generator, prompts: list[Prompt], config) -> None:
-    """Mark each prompt the generator would refuse (empty, longer than the context, ...) with that error.
-
-    Generator.stream_batch checks its prompts when called, before any work, so asking it for one prompt's
-    stream and closing the unstarted stream is the generator's own check.
-    """
+    """Mark each prompt the generator would refuse (empty, longer than the context, ...) with that error."""
     for number, prompt in enumerate(prompts, start=1):
         if prompt.ids is None:
             continue
         try:
-            generator.stream_batch([prompt.ids], config).close()
+            generator.check_prompt(prompt.ids, config)
         except TalisError as exc:
             prompt.ids, prompt.error = None, f"line {number}: {exc}"
 
@@ -109,24 +105,6 @@ def plan_batches(prompts: list[Prompt], batch_size: int, roomy_len: int) -> list
             batches.append(current)
             current = []
     return batches + [current] if current else batches
-
-
-def write_out(text: str) -> None:
-    """Write to stdout now; when the reader has gone (`| head`), stop quietly with exit code 0."""
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        silence_stdout()
-        raise SystemExit(0) from None
-
-
-def silence_stdout() -> None:
-    """After the reader of a pipe left: point stdout at /dev/null so the exit-time flush cannot fail again."""
-    import os
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
 
 
 class _InOrder:

@@ -15,9 +15,9 @@ from .errors import UsageError
 def allocate_for_window(model_dir, ctx: int, max_seq_len: int | None) -> int | None:
     """The context to allocate for windows of `ctx` tokens (before the weights load): `max_seq_len` when given,
     else enough for one window. UsageError when the window exceeds the given context or the model's own."""
-    from .engine import DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL_DIR
-    from .rope import trained_context
+    from .engine import DEFAULT_MODEL_DIR
     from .loaders.base import read_model_args
+    from .rope import trained_context
 
     limit = trained_context(read_model_args(Path(model_dir) if model_dir else DEFAULT_MODEL_DIR))
     if ctx > limit:
@@ -25,7 +25,7 @@ def allocate_for_window(model_dir, ctx: int, max_seq_len: int | None) -> int | N
     if max_seq_len is not None and ctx > max_seq_len:
         raise UsageError(f"--ctx {ctx} is longer than the context allocated by --max-seq-len {max_seq_len}; "
                          f"raise --max-seq-len to {ctx} (the model allows up to {limit}) or use a smaller --ctx")
-    return max_seq_len if max_seq_len is not None else max(ctx, min(limit, DEFAULT_MAX_SEQ_LEN))
+    return max_seq_len if max_seq_len is not None else ctx
 
 
 def perplexity(engine, text: str, ctx: int = 512, stride: int | None = None, max_windows: int | None = None,

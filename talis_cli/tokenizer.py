@@ -55,6 +55,17 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+def adds_bos_token(folder: Path | str) -> bool:
+    """Whether prompts start with BOS: False only where tokenizer_config.json says `"add_bos_token": false` (as
+    transformers' tokenizers then encode without it); a malformed file is left to the tokenizer's load to report."""
+    path = Path(folder) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(config, dict) and config.get("add_bos_token") is False)
+
+
 def load_tokenizer(folder: Path | str, light: bool = True):
     """The tokenizer in `folder`: a `TokenizerFile` (the `tokenizers` library alone) where that gives transformers'
     results, else a transformers tokenizer backed by a fast `tokenizers.Tokenizer`; `light` False always takes
@@ -182,24 +193,32 @@ class PromptEncoder:
         self._control_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
 
     @cached_property
-    def _backends(self) -> tuple:
-        """(start, inner): copies of the fast tokenizer that encode special tokens' text as text; `inner` adds no
-        dummy prefix where the tokenizer adds it at the start of the text only (Metaspace "first"). Built on first
-        use: copying a 128k-token tokenizer takes a moment."""
+    def _inner(self):
+        """The backend for pieces inside a longer text: the tokenizer's own, or, where it adds a SentencePiece dummy
+        prefix at the start of the text only (Metaspace "first"), a copy that adds none there. Only the
+        pre-tokenizer's JSON is read to decide: copying a 128k-token tokenizer takes most of a second."""
         from tokenizers import Tokenizer
 
-        state = json.loads(self.tokenizer.backend_tokenizer.to_str())
-        start = Tokenizer.from_str(json.dumps(state))
-        inner = Tokenizer.from_str(json.dumps(state)) if _never_prepend(state.get("pre_tokenizer")) else start
-        for backend in (start, inner):
-            backend.encode_special_tokens = True  # special tokens' text goes through the model like any text
-        return start, inner
+        backend = self.tokenizer.backend_tokenizer
+        pre_tokenizer = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer else None
+        if not _never_prepend(pre_tokenizer):
+            return backend
+        state = json.loads(backend.to_str())
+        state["pre_tokenizer"] = pre_tokenizer
+        return Tokenizer.from_str(json.dumps(state))
 
     def plain(self, text: str, at_start: bool = True) -> list[int]:
         """Ids of `text` as plain text: control-token text is ordinary characters. `at_start` False encodes a
         piece from inside a longer text (no SentencePiece dummy prefix where the tokenizer adds it first only)."""
-        backend = self._backends[0 if at_start else 1]
-        return backend.encode(text, add_special_tokens=False).ids if text else []
+        if not text:
+            return []
+        backend = self.tokenizer.backend_tokenizer if at_start else self._inner
+        saved = backend.encode_special_tokens
+        backend.encode_special_tokens = True  # special tokens' text goes through the model like any text
+        try:
+            return backend.encode(text, add_special_tokens=False).ids
+        finally:
+            backend.encode_special_tokens = saved
 
     def parse_special(self, text: str) -> list[int]:
         """Ids of `text` with control-token text parsed into control tokens (a raw prompt under --special)."""

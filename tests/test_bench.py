@@ -40,6 +40,21 @@ def test_floor_fp16_7b_and_65b_context_2048():
     assert big["total"] / 1e9 == pytest.approx(39.5, abs=0.1)  # anchors: 65B at 2048 needs at least 39.5 GB
 
 
+def test_floor_counts_a_quantized_head_and_only_the_sliding_window():
+    import dataclasses
+
+    args = bench.shape_args("7B", 4096)
+    head = bench.gptq_bytes(bench.QuantLinear(args.dim, args.vocab_size, 4, 128, device="meta"))
+    plain = bench.floor_bytes(args, 4, 128, context=2048)
+    quantized = bench.floor_bytes(args, 4, 128, context=2048, head_bytes=head)
+    assert plain["lm_head"] == 2 * args.vocab_size * args.dim
+    assert quantized["total"] == pytest.approx(plain["total"] - plain["lm_head"] + head)
+    assert head < plain["lm_head"] / 3  # 4-bit codes and g128 scales/zeros against fp16
+    windowed = dataclasses.replace(args, sliding_window=256)
+    assert bench.floor_bytes(windowed, 4, 128, context=2048)["kv"] == bench.floor_bytes(args, 4, 128, context=256)["kv"]
+    assert bench.floor_bytes(windowed, 4, 128, context=100)["kv"] == bench.floor_bytes(args, 4, 128, context=100)["kv"]
+
+
 def test_group_size_minus_one_has_one_group_per_column():
     args = bench.shape_args("7B", 256)
     per_column = bench.floor_bytes(args, 4, -1, 0)["scales_zeros"]

@@ -180,3 +180,17 @@ def test_broken_bytes_before_an_unfinished_character_keep_their_own_replacement_
     ids = tokenizer.encode("a", add_special_tokens=False) + [byte[0x80], byte[0xF0], byte[0x9F]]
     text, _ = stream_text(IncrementalDetokenizer(tokenizer), ids)
     assert text == "a" + b"\x80\xf0\x9f".decode("utf-8", errors="replace") == "a\ufffd\ufffd"
+
+
+def test_a_shorter_budget_gives_the_start_of_a_longer_ones_text():
+    """Bytes that are broken anyway (0x89 starts no character) decode as the tokenizer decodes them, whatever
+    token the budget ends on; only an unfinished character at the very end becomes one U+FFFD."""
+    tokenizer = sentencepiece_tokenizer()
+    byte = {b: tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0x89, 0x5D, 0xE2, 0x82)}
+    start = tokenizer.encode("a", add_special_tokens=False)
+    ids = start + [byte[0x89], byte[0x5D], byte[0xE2], byte[0x82]]
+    texts = {n: stream_text(IncrementalDetokenizer(tokenizer), ids[:n])[0] for n in range(len(start), len(ids) + 1)}
+    broken = len(start) + 2  # through 0x89 0x5D
+    assert texts[broken] == tokenizer.decode(ids[:broken], skip_special_tokens=False)  # as the full decode shows it
+    assert texts[broken + 1] == texts[broken + 2] == texts[broken] + "\ufffd"  # one U+FFFD: the unfinished euro sign
+    assert all(texts[n + 1].startswith(texts[n].removesuffix("\ufffd")) for n in range(len(start), len(ids)))

@@ -76,7 +76,8 @@ COMMANDS = ("", "generate", "chat", "info", "presets", "perplexity", "quantize",
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_metavars_and_defaults(capsys, command):
-    from talis_cli.generation import FIELD_NAMES, GenerationConfig, format_setting
+    from talis_cli.generation import FIELD_NAMES, GenerationConfig
+    from talis_cli.wording import format_setting
 
     code, out, _ = talis(capsys, *([command] if command else []), "--help")
     assert code == 0
@@ -145,7 +146,7 @@ def missing_file_cases(tmp: Path, model_dir: Path):
         "device map file": (["generate", "-p", "hi", "-m", model_dir, "--device-map", absent / "map.json"],
                             f"device map '{absent / 'map.json'}' is neither a built-in name"),
         "template file": (["generate", "-p", "hi", "--template", absent / "t.jinja"],
-                          f"unknown chat template '{absent / 't.jinja'}'"),
+                          f"chat template file {absent / 't.jinja'} does not exist: check --template"),
         "perplexity file": (["perplexity", "-m", model_dir, "--file", absent / "t.txt"],
                             f"text file {absent / 't.txt'} does not exist: check --file"),
         "perplexity file is a folder": (["perplexity", "-m", model_dir, "--file", tmp], f"cannot read {tmp}"),

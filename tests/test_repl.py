@@ -309,7 +309,7 @@ def test_a_reply_that_fills_the_context_says_so(slow_model_dir, tmp_path):
     session.config = session.config.with_overrides(max_new_tokens=100)
     printed = drive(session, "In the beginning\r", tmp_path / "h")
     assert ("(the reply stopped: the context of 48 tokens is full; /undo or /clear makes room, or the oldest "
-            "exchanges are dropped with the next message; talis chat --max-seq-len can allocate up to 4096)") in printed
+            "exchanges are dropped with the next message; --max-seq-len can allocate up to 4096)") in printed
     assert session.context_used >= 48 - 1
 
 

@@ -9,6 +9,7 @@ from talis_cli.errors import TalisError
 from talis_cli.repl.commands import Commands, Outcome
 from talis_cli.repl.io import ChatIO, SlashCompleter, history_file
 from talis_cli.repl.render import ReplyRenderer, oom_message
+from talis_cli.wording import context_full_advice
 
 
 class ChatRepl:
@@ -89,9 +90,8 @@ class ChatRepl:
         full = ""
         if reply.finish_reason == "context":
             size, limit = self.session.engine.max_seq_len, self.session.engine.context_limit
-            more = f"; talis chat --max-seq-len can allocate up to {limit}" if size < limit else ""
             full = (f"(the reply stopped: the context of {size} tokens is full; /undo or /clear makes room, "
-                    f"or the oldest exchanges are dropped with the next message{more})")
+                    f"or the oldest exchanges are dropped with the next message; {context_full_advice(size, limit)})")
         self.renderer.end(reply.stats, interrupted=reply.finish_reason == "interrupted", context_full=full)
 
 

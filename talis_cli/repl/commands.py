@@ -176,7 +176,7 @@ class Commands:
 
     def _shown(self, name: str) -> str:
         """The value of setting `name` as the user types it (seed random, stop "a", "b" or none)."""
-        from talis_cli.generation import format_setting
+        from talis_cli.wording import format_setting
 
         return format_setting(name, getattr(self.session.config, name))
 

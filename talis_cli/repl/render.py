@@ -11,6 +11,8 @@ from typing import Optional
 from rich.console import Console
 from rich.text import Text
 
+from talis_cli.wording import context_full_advice
+
 GIB, MIB = 1024**3, 1024**2
 
 
@@ -156,9 +158,8 @@ class ContextFullNotice:
         if not self.cut:
             return
         which = "the reply" if count == 1 else "the replies to prompts " + ", ".join(str(i + 1) for i in self.cut)
-        size, limit = engine.max_seq_len, engine.context_limit
-        advice = (f"--max-seq-len can allocate up to {limit}" if size < limit
-                  else "that is the model's whole context; a shorter prompt leaves more room")
+        size = engine.max_seq_len
+        advice = context_full_advice(size, engine.context_limit)
         stderr_console().print(f"note: {which} stopped at the end of the context ({size} tokens) before "
                                f"--max-new-tokens; {advice}", markup=False, highlight=False)
 
@@ -223,4 +224,6 @@ def print_tree(console, data: dict, indent: int = 0) -> None:
             value = _human_bytes(value)
         elif isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value)) or "-"
+        elif value is None:
+            value = "none"
         console.print(label, str(value))

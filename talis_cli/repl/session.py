@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from talis_cli.chat_templates import resolve_template, special_token_strings
 from talis_cli.errors import TalisError, UsageError
-from talis_cli.generation import context_advice
+from talis_cli.wording import context_advice
 
 TRANSCRIPT_VERSION = 1
 
