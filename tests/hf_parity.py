@@ -60,3 +60,17 @@ def talis_cached_logits(model, tokens: torch.Tensor, bounds: list[int]) -> torch
 
 def random_tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 4096, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_greedy_matches(hf, model, folder, prompt: list[int], new_tokens: int, max_seq_len: int) -> None:
+    """talis' greedy tokens after `prompt` (Generator over `model`, the tokenizer in `folder`) equal transformers'
+    `generate` on the same weights."""
+    from talis_cli.generation import GenerationConfig, Generator
+    from talis_cli.tokenizer import load_tokenizer
+
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    generator = Generator(model, load_tokenizer(folder), eos_ids=[], max_seq_len=max_seq_len)
+    ours = [t for ev in generator.stream(prompt, GenerationConfig(temperature=0.0, max_new_tokens=new_tokens))
+            for t in ev.token_ids]
+    assert ours == theirs[0, len(prompt):].tolist()

@@ -8,12 +8,11 @@ import torch
 from quant_kernels.fuse import fuse_model
 from talis_cli import rope
 from talis_cli.config import ModelArgs
-from talis_cli.engine import check_max_seq_len, load_tokenizer
+from talis_cli.engine import check_max_seq_len
 from talis_cli.errors import UsageError
 from talis_cli.fast_decode import CudaGraphDecoder
-from talis_cli.generation import GenerationConfig, Generator
-from tests.hf_parity import (assert_close, hf_cached_logits, hf_random, random_tokens, talis_cached_logits,
-                             talis_model)
+from tests.hf_parity import (assert_close, assert_greedy_matches, hf_cached_logits, hf_random, random_tokens,
+                             talis_cached_logits, talis_model)
 from tests.test_fast_decode import DEVICE, assert_decode_step_matches_plain_forward, greedy, needs_cuda, tiny_model
 from tests.tiny_models import tiny_config
 
@@ -124,13 +123,7 @@ def test_greedy_generation_matches_transformers(tmp_path, scaling):
     hf = llama(dict(DYNAMIC) if scaling == "dynamic" else dict(YARN["plain"]), seed=4,
                max_position_embeddings=ORIGINAL if scaling == "dynamic" else 128)
     model = talis_model(hf, tmp_path, max_seq_len=128)
-    prompt = random_tokens(1, 40, seed=4)[0].tolist()
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False, eos_token_id=None,
-                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    generator = Generator(model, load_tokenizer(tmp_path), eos_ids=[], max_seq_len=128)
-    ours = [t for ev in generator.stream(prompt, GenerationConfig(temperature=0.0, max_new_tokens=50))
-            for t in ev.token_ids]
-    assert ours == theirs[0, len(prompt):].tolist()
+    assert_greedy_matches(hf, model, tmp_path, random_tokens(1, 40, seed=4)[0].tolist(), 50, max_seq_len=128)
 
 
 # --- the fast decode step and the context limit ---------------------------------------------------------------

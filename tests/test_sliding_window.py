@@ -11,10 +11,9 @@ from quant_kernels.fuse import fuse_model
 from talis_cli.config import ModelArgs
 from talis_cli.errors import TalisError
 from talis_cli.fast_decode import CudaGraphDecoder, bucket, buckets
-from talis_cli.generation import GenerationConfig, Generator
 from talis_cli.model import apply_rotary
-from tests.hf_parity import (assert_close, hf_cached_logits, hf_random, random_tokens, talis_cached_logits,
-                             talis_model)
+from tests.hf_parity import (assert_close, assert_greedy_matches, hf_cached_logits, hf_random, random_tokens,
+                             talis_cached_logits, talis_model)
 from tests.test_fast_decode import assert_decode_step_matches_plain_forward, greedy, needs_cuda, tiny_model
 from tests.test_triton_ops import DEVICE, poisoned, rel_err, rotary_tables
 from tests.tiny_models import tiny_config
@@ -95,15 +94,7 @@ def test_left_padded_batch_matches_mistral(tmp_path):
 def test_greedy_generation_matches_mistral(tmp_path):
     hf = mistral(seed=4)
     model = talis_model(hf, tmp_path, max_seq_len=128)
-    prompt = random_tokens(1, 12, seed=4)[0].tolist()
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None,
-                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    from talis_cli.engine import load_tokenizer
-
-    generator = Generator(model, load_tokenizer(tmp_path), eos_ids=[], max_seq_len=128)
-    ours = [t for ev in generator.stream(prompt, GenerationConfig(temperature=0.0, max_new_tokens=40))
-            for t in ev.token_ids]
-    assert ours == theirs[0, len(prompt):].tolist()
+    assert_greedy_matches(hf, model, tmp_path, random_tokens(1, 12, seed=4)[0].tolist(), 40, max_seq_len=128)
 
 
 # --- the Triton decode attention ----------------------------------------------------------------------------
