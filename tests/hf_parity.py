@@ -4,6 +4,8 @@ the KV cache (transformers through its own cache, called the same way)."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from talis_cli.engine import Engine, LoadSettings
@@ -40,11 +42,13 @@ def hf_cached_logits(hf, tokens: torch.Tensor, bounds: list[int]) -> torch.Tenso
     """transformers' logits [B, T, vocab] for `tokens` [B, T] fed through its KV cache in calls cut at `bounds`,
     then one token per call."""
     cuts = [0, *bounds, *range(bounds[-1] + 1, tokens.shape[1] + 1)]
+    # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40); older releases know only it
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     past, out = None, []
     with torch.no_grad():
         for a, b in zip(cuts, cuts[1:]):
-            result = hf(tokens[:, a:b], past_key_values=past, use_cache=True)
-            past = result.past_key_values
+            result = hf(tokens[:, a:b], use_cache=True, **{name: past})
+            past = result[name]
             out.append(result.logits)
     return torch.cat(out, dim=1)
 
