@@ -153,7 +153,11 @@ def generate(
     if each_line:  # a line that cannot run gets an empty result; the others still run
         check_prompts(engine.generator, prompts, config)
 
-    writer = JsonLinesWriter(prompts) if json_lines else StreamWriter(len(prompts), one_line=each_line)
+    if config.seed is None:  # one fresh seed for the whole run, reported, so the run can be repeated with --seed
+        import secrets
+
+        config = config.with_overrides(seed=secrets.randbits(64))
+    writer = JsonLinesWriter(prompts, config.seed) if json_lines else StreamWriter(len(prompts), one_line=each_line)
     writer = ContextFullNotice(writer)  # a note on stderr for replies cut by the full context
     totals = run_batches(engine.generator, prompts, config, batch_size if each_line else 1, writer,
                          on_error=_report_error)
@@ -162,7 +166,7 @@ def generate(
         # the engine's phases, after the command's own work before it (flags, --config file, stdin)
         phases = {"command setup": loaded - launched - engine.load_s, **engine.load_phases.phases}
         print_stats_block(totals, load_s=loaded - launched, total_s=time.perf_counter() - launched,
-                          load_phases=phases)
+                          load_phases=phases, seed=config.seed)
     if any(p.error for p in prompts):
         raise typer.Exit(1)
 

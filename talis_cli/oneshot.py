@@ -163,10 +163,13 @@ class JsonLinesWriter(_InOrder):
     """One JSON object per prompt, in prompt order, each written once its prompt's batch has ended; a prompt
     that could not run gets `{"prompt": ..., "error": "line N: ..."}`."""
 
-    def __init__(self, prompts: list[Prompt]):
+    def __init__(self, prompts: list[Prompt], seed: int | None = None):
         super().__init__(len(prompts))
         self.records = [dict(prompt=p.text, text="", prompt_tokens=len(p.ids or ()), generated_tokens=0,
                              finish_reason=None) for p in prompts]
+        if seed is not None:  # the run's seed: --seed with it draws the same again (line numbers included)
+            for record in self.records:
+                record["seed"] = seed
 
     def add(self, index: int, event) -> None:
         record = self.records[index]

@@ -80,6 +80,22 @@ def test_seed_minus_one_draws_a_fresh_seed(model_dir, engine):
     assert first != second and [first, second] != seeded
 
 
+def test_a_fresh_seed_is_reported_and_repeats_the_run(model_dir):
+    """Without a seed (or with -1) the run draws one seed, shows it (--json records, --stats), and --seed with it
+    gives the same text again, line by line."""
+    lines = b"And God said\nIn the beginning\nThe LORD is my shepherd\n"
+    first = run_talis("generate", "-m", model_dir, "--each-line", "--json", "--batch-size", "2", *SAMPLED[:-2],
+                      stdin=lines)
+    assert first.returncode == 0, first.stderr.decode()
+    records = [json.loads(line) for line in first.stdout.decode().splitlines()]
+    seeds = {record["seed"] for record in records}
+    assert len(seeds) == 1 and 0 <= next(iter(seeds)) < 2**64
+    again = run_talis("generate", "-m", model_dir, "--each-line", "--json", *SAMPLED[:-2], "--seed", seeds.pop(),
+                      "--stats", stdin=lines)
+    assert [json.loads(line)["text"] for line in again.stdout.decode().splitlines()] == [r["text"] for r in records]
+    assert f"{'seed:':<22}{records[0]['seed']}" in again.stderr.decode()
+
+
 def test_presets_and_config_files_check_seeds_the_same_way(tmp_path):
     from talis_cli.errors import UsageError
     from talis_cli.presets import load_generation_preset

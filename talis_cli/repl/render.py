@@ -117,9 +117,9 @@ def stats_line(stats) -> str:
 
 
 def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Console] = None,
-                      load_phases: Optional[dict] = None) -> None:
+                      load_phases: Optional[dict] = None, seed: Optional[int] = None) -> None:
     """The --stats block on stderr, laid out like `ollama run --verbose`; `load_phases` ({name: seconds}, summing
-    to `load_s`) are listed under the load duration."""
+    to `load_s`) are listed under the load duration; `seed` is the run's sampling seed."""
     t = timings_of(stats)
     phases = [(f"  {name}", f"{seconds:.3f} s") for name, seconds in (load_phases or {}).items()]
     rows = [("total duration", f"{total_s:.3f} s"), ("load duration", f"{load_s:.3f} s"), *phases,
@@ -129,7 +129,8 @@ def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Co
             ("prompt eval rate", f"{t['prefill_tok_s']:.2f} tokens/s"),
             ("eval count", f"{stats.new_tokens} token(s)"), ("eval duration", f"{stats.decode_s * 1000:.1f} ms"),
             ("eval rate", f"{t['decode_tok_s']:.2f} tokens/s"),
-            ("time to first token", f"{stats.first_token_s * 1000:.1f} ms"), ("memory", memory_in_use())]
+            ("time to first token", f"{stats.first_token_s * 1000:.1f} ms"),
+            *([("seed", str(seed))] if seed is not None else []), ("memory", memory_in_use())]
     console = console or stderr_console()
     for name, value in rows:
         console.print(Text.assemble((f"{name + ':':<22}", "bold"), value))
