@@ -9,7 +9,8 @@ fp16 weights (cuBLAS) and, where torch has it, with torch's int4 kernel, all thr
 Timing windows: prefill of `prompt` tokens starting at slot 0 (its time is the time to first token, greedy
 draw included); decode of `gen` tokens in the last `gen` slots of a `ctx`-slot cache, one host read per token,
 each after the next step is queued, as streaming does (talis_cli.step_queue). The floor's KV term uses the mean
-context of that window. A model split over GPUs (--model with a device map) decodes on the plain path.
+context of that window. A model split over GPUs (--model with a device map) decodes as `generate` does: one CUDA
+graph per GPU.
 """
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     model.setup_cache(1, ctx)
     if graph_devices(model) is not None:
         runner = CudaGraphDecoder(model)
-    else:  # a model split over GPUs decodes on the plain path (fast_decode.graph_devices)
+    else:  # parts on the CPU: the plain path (fast_decode.graph_devices)
         runner = lambda tokens, pos: model(tokens, start_pos=pos)[:, -1]  # noqa: E731
     tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
     start = ctx - gen  # decode fills the last `gen` slots

@@ -7,12 +7,11 @@ so graphs are captured per context-length bucket (powers of two up to the cache 
 window, whose slots are all a step reads): short contexts do not pay for launching over the whole cache.
 
 `CudaGraphDecoder` is the runner the Generator calls in place of its plain decode step; `accelerate(model,
-generator)` fuses q/k/v and gate/up and plugs the runner in when the model sits on one CUDA device (on several,
-one graph per device, only with TALIS_SPLIT_GRAPHS=1 for now: `graph_devices`).
+generator)` fuses q/k/v and gate/up and plugs the runner in when the model sits on CUDA devices (a model split over
+several GPUs: one graph per device, `graph_devices`).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -238,11 +237,8 @@ class CudaGraphDecoder:
 def graph_devices(model) -> list[torch.device] | None:
     """The CUDA devices of `model`'s decoder layers in order, one per run of layers, when the CUDA-graph step can
     take it: every parameter and buffer on CUDA, the embedding with the first layer and the final norm and
-    lm_head with the last (as device maps place them). None otherwise (CPU parts: the plain path).
-
-    A model split over several GPUs takes it only with TALIS_SPLIT_GRAPHS=1: the graph per GPU is not verified
-    on two GPUs yet (its first run there failed to capture on the second GPU, before the per-device capture
-    stream of `_capture`), so split models decode on the plain path by default.
+    lm_head with the last (as device maps place them). None otherwise (CPU parts: the plain path). A model split
+    over several GPUs gets one graph per device (`segments`).
     """
     tensors = [*model.parameters(), *model.buffers()]
     if not tensors or any(t.device.type != "cuda" for t in tensors):
@@ -251,10 +247,7 @@ def graph_devices(model) -> list[torch.device] | None:
     if (model.model.embed_tokens.weight.device != layers[0]
             or {model.model.norm.weight.device, model.logits_device} != {layers[-1]}):
         return None
-    devices = [device for i, device in enumerate(layers) if i == 0 or device != layers[i - 1]]
-    if len(devices) > 1 and os.environ.get("TALIS_SPLIT_GRAPHS", "0") != "1":
-        return None
-    return devices
+    return [device for i, device in enumerate(layers) if i == 0 or device != layers[i - 1]]
 
 
 def accelerate(model, generator=None) -> CudaGraphDecoder | None:
