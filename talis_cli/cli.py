@@ -153,7 +153,7 @@ def generate(
     if each_line:  # a line that cannot run gets an empty result; the others still run
         check_prompts(engine.generator, prompts, config)
 
-    if config.seed is None:  # one fresh seed for the whole run, reported, so the run can be repeated with --seed
+    if config.seed is None and config.temperature > 0:  # one fresh seed for the run, shown, for --seed to repeat
         import secrets
 
         config = config.with_overrides(seed=secrets.randbits(64))
