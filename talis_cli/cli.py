@@ -156,7 +156,7 @@ def generate(
     if config.seed is None and config.temperature > 0:  # one fresh seed for the run, shown, for --seed to repeat
         import secrets
 
-        config = config.with_overrides(seed=secrets.randbits(64))
+        config = config.with_overrides(seed=secrets.randbits(53))  # exact in every JSON reader (doubles)
     writer = JsonLinesWriter(prompts, config.seed) if json_lines else StreamWriter(len(prompts), one_line=each_line)
     writer = ContextFullNotice(writer)  # a note on stderr for replies cut by the full context
     totals = run_batches(engine.generator, prompts, config, batch_size if each_line else 1, writer,

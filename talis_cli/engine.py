@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .tokenizer import PromptEncoder, adds_bos_token, check_in_embedding, load_tokenizer
+from .tokenizer import PromptEncoder, adds_bos, check_in_embedding, load_tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -71,7 +71,7 @@ class Engine:
         self.load_s = load_s  # seconds; Engine.load sets it to load_phases.total
         self.load_phases: LoadPhases | None = None  # set by Engine.load
         self.backend = backend
-        self.add_bos = True  # prompts start with BOS unless tokenizer_config.json says no (Engine.load reads it)
+        self.add_bos = adds_bos(tokenizer)  # prompts start with BOS where the tokenizer's own encode adds it
         self.generation_defaults = generation_defaults or {}  # the folder's generation_config.json
         self.eos_ids = eos_ids(loaded.args, tokenizer, self.generation_defaults)
         self.context_limit = trained_context(loaded.args)  # the most --max-seq-len may allocate
@@ -110,8 +110,7 @@ class Engine:
         request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
         phases.lap("config and plan")
         # before the weights: a folder without a usable tokenizer fails fast
-        tokenizer_dir = settings.tokenizer or model_dir
-        tokenizer = load_tokenizer(tokenizer_dir)
+        tokenizer = load_tokenizer(settings.tokenizer or model_dir)
         phases.lap("tokenizer")
         loaded = loader.load(progress)
         phases.lap("weights read")
@@ -130,7 +129,6 @@ class Engine:
             accelerate(engine.model, engine.generator)
             phases.lap("CUDA graphs")
         engine.load_phases, engine.load_s = phases, phases.total
-        engine.add_bos = adds_bos_token(tokenizer_dir)
         return engine
 
     def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:

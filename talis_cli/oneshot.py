@@ -178,7 +178,9 @@ class JsonLinesWriter(_InOrder):
         record["finish_reason"] = event.finish_reason or record["finish_reason"]
 
     def fail(self, index: int, message: str) -> None:
-        self.records[index] = dict(prompt=self.records[index]["prompt"], text="", error=message)
+        record = self.records[index]
+        self.records[index] = dict(prompt=record["prompt"], text="", error=message,
+                                   **({"seed": record["seed"]} if "seed" in record else {}))
         self.done([index])
 
     def end_batch(self, indices, stats) -> None:

@@ -55,15 +55,16 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def adds_bos_token(folder: Path | str) -> bool:
-    """Whether prompts start with BOS: False only where tokenizer_config.json says `"add_bos_token": false` (as
-    transformers' tokenizers then encode without it); a malformed file is left to the tokenizer's load to report."""
-    path = Path(folder) / "tokenizer_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts an encoded text with its BOS, as transformers' encode with special tokens does
+    (tokenizer.json's post-processor; for a converted SentencePiece model, add_bos_token). True when the tokenizer
+    has no BOS token: the model's own (config.json) is then used."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
         return True
-    return not (isinstance(config, dict) and config.get("add_bos_token") is False)
+    with_special = tokenizer.encode("a", add_special_tokens=True)
+    added = len(with_special) - len(tokenizer.encode("a", add_special_tokens=False))
+    return bos in with_special[:max(added, 0)]
 
 
 def load_tokenizer(folder: Path | str, light: bool = True):
@@ -93,6 +94,9 @@ def load_tokenizer(folder: Path | str, light: bool = True):
         reason = f"{e.__class__.__name__}: {(str(e).splitlines() or [''])[0][:160]}"
         raise TalisError(f"{folder}: cannot load the tokenizer ({reason}); accepted: {ACCEPTED_FORMS}") from None
     tokenizer.model_max_length = 1 << 30  # talis checks lengths against the context itself
+    backend = tokenizer.backend_tokenizer  # tokenizer.json may switch these on; talis encodes whole texts, unpadded
+    backend.no_truncation()
+    backend.no_padding()
     return tokenizer
 
 

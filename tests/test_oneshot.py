@@ -89,7 +89,7 @@ def test_a_fresh_seed_is_reported_and_repeats_the_run(model_dir):
     assert first.returncode == 0, first.stderr.decode()
     records = [json.loads(line) for line in first.stdout.decode().splitlines()]
     seeds = {record["seed"] for record in records}
-    assert len(seeds) == 1 and 0 <= next(iter(seeds)) < 2**64
+    assert len(seeds) == 1 and 0 <= next(iter(seeds)) < 2**53  # a JSON number every reader keeps exact
     again = run_talis("generate", "-m", model_dir, "--each-line", "--json", *SAMPLED[:-2], "--seed", seeds.pop(),
                       "--stats", stdin=lines)
     assert [json.loads(line)["text"] for line in again.stdout.decode().splitlines()] == [r["text"] for r in records]

@@ -79,6 +79,59 @@ def test_generate_on_a_sentencepiece_folder(tmp_path, sp_dir):
     assert record["generated_tokens"] == 4
 
 
+def test_add_bos_token_false_leaves_the_bos_out(tmp_path, sentencepiece_model):
+    """A SentencePiece-only folder whose tokenizer_config.json says add_bos_token: false: transformers' converted
+    tokenizer encodes without BOS, and so does talis."""
+    from transformers import AutoTokenizer
+
+    folder = write_tiny_model(tmp_path / "llama", vocab_size=4000)
+    write_sentencepiece_folder(folder, sentencepiece_model, {**LLAMA_CONFIG, "add_bos_token": False})
+    prompt = "And God said, Let there be light"
+    result = run_talis("generate", "-m", folder, "-p", prompt, "--json", "--temperature", "0", "-n", "1")
+    assert result.returncode == 0, result.stderr.decode()
+    reference = AutoTokenizer.from_pretrained(str(folder))(prompt)["input_ids"]
+    assert reference[0] != 1  # no BOS from transformers either
+    assert json.loads(result.stdout)["prompt_tokens"] == len(reference)
+
+
+@pytest.mark.parametrize("light", [True, False])
+@pytest.mark.parametrize("post_processor,add_bos_token", [(True, False), (False, True), (True, None)])
+def test_bos_follows_what_the_tokenizers_own_encode_adds(tmp_path, light, post_processor, add_bos_token):
+    """A tokenizer.json folder: transformers lets its post-processor decide (add_bos_token is ignored then), and
+    so does talis; settings in tokenizer.json that would cut or pad the ids (truncation, padding) are switched off,
+    as transformers switches them off for each encode."""
+    from transformers import AutoTokenizer
+
+    from talis_cli.engine import Engine, LoadSettings
+    from talis_cli.tokenizer import adds_bos
+    from tests.tokenizer_fixtures import kjv_tokenizer_dir
+
+    folder = write_tiny_model(tmp_path / "llama", vocab_size=4096)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(kjv_tokenizer_dir() / name, folder / name)
+    pipeline = json.loads((folder / "tokenizer.json").read_text())
+    pipeline["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    pipeline["padding"] = {"strategy": {"Fixed": 12}, "direction": "Right", "pad_to_multiple_of": None,
+                           "pad_id": 2, "pad_type_id": 0, "pad_token": "</s>"}
+    if not post_processor:
+        pipeline["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(pipeline))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("add_bos_token", None)
+    if add_bos_token is not None:
+        config["add_bos_token"] = add_bos_token
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+    text = "And God said, Let there be light: and there was light."
+    reference = AutoTokenizer.from_pretrained(str(folder))(text)["input_ids"]
+    assert len(reference) > 12 and (reference[0] == 1) == post_processor
+    engine = Engine.load(LoadSettings(model_dir=folder, device_map="cpu"))
+    if not light:  # the transformers tokenizer in the engine's place
+        engine.tokenizer = load_tokenizer(folder, light=False)
+        engine.encoder, engine.add_bos = PromptEncoder(engine.tokenizer), adds_bos(engine.tokenizer)
+    assert engine.encode(text) == reference
+
+
 def test_a_folder_without_tokenizer_files_suggests_the_tokenizer_option(tmp_path, sp_dir):
     folder = write_tiny_model(tmp_path / "autogptq_style", vocab_size=4000)
     failed = run_talis("generate", "-m", folder, "-p", "In the beginning", "-n", "2")
