@@ -23,15 +23,30 @@ def kv_cache_bytes(args, context: int, batch: int = 1, dtype_bytes: int = 2) -> 
 def weight_bytes_in_memory(model) -> int:
     """Bytes of the weights as loaded: parameters, buffers (not the KV cache) and what quantized layers' backends
     hold beside them (the Triton backend's repacked words, which replace the GPTQ tensors; a dense copy)."""
+    return sum(weight_bytes_by_device(model).values())
+
+
+def weight_bytes_by_device(model) -> dict[str, int]:
+    """weight_bytes_in_memory per device ("cpu", "cuda:0", ...), each tensor counted once."""
     tensors = list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith((".k", ".v"))]
     for module in model.modules():
         tensors += _tensors_in(getattr(module, "backend_state", None))
-    seen, total = set(), 0
+    seen, totals = set(), {}
     for t in tensors:
         if t is not None and id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
+            totals[str(t.device)] = totals.get(str(t.device), 0) + t.numel() * t.element_size()
+    return totals
+
+
+def memory_by_device(model) -> dict[str, dict]:
+    """{device: {"weights_bytes", "kv_cache_bytes"}}: where a model's weights and its allocated KV cache sit."""
+    out = {device: {"weights_bytes": size, "kv_cache_bytes": 0} for device, size in weight_bytes_by_device(model).items()}
+    for name, buffer in model.named_buffers():
+        if name.endswith((".k", ".v")):
+            entry = out.setdefault(str(buffer.device), {"weights_bytes": 0, "kv_cache_bytes": 0})
+            entry["kv_cache_bytes"] += buffer.numel() * buffer.element_size()
+    return out
 
 
 def _tensors_in(state) -> list:
@@ -87,6 +102,9 @@ def describe(engine) -> dict:
         "memory": {"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv},
         "device_plan": _summarize_plan(engine.plan, args.n_layers),
     }
+    by_device = memory_by_device(engine.model)
+    if len(by_device) > 1:  # a model split over devices: what each holds
+        info["memory"]["by_device"] = by_device
     sampling = suggested_sampling(getattr(engine, "generation_defaults", {}))
     if sampling:  # generation_config.json's values, HF names; `--preset model` uses them
         info["suggested_sampling"] = sampling

@@ -121,3 +121,26 @@ def test_two_gpu_split_gives_the_one_gpu_greedy_tokens(tmp_path):
         ids = engine.encode("In the beginning God created")
         replies.append([event.token_ids[0] for event in engine.generator.stream(ids, greedy)])
     assert len(replies[0]) == 64 and replies[1] == replies[0]
+
+
+def test_memory_by_device_splits_the_weights_and_the_cache_where_they_sit():
+    """`talis info` lists what each device holds once a model spans several; here the last two layers of a small
+    float model go to the meta device (sizes kept, no data) in place of a second GPU."""
+    from talis_cli.config import ModelArgs
+    from talis_cli.model import Transformer
+    from talis_cli.model_info import describe, kv_cache_bytes, memory_by_device, weight_bytes_in_memory
+
+    engine = Engine.load(LoadSettings(device_map="cpu", max_seq_len=128))
+    weights, kv = weight_bytes_in_memory(engine.model), kv_cache_bytes(engine.args, 128, dtype_bytes=4)
+    assert memory_by_device(engine.model) == {"cpu": {"weights_bytes": weights, "kv_cache_bytes": kv}}
+    assert "by_device" not in describe(engine)["memory"]  # one device: the totals say it all
+
+    args = ModelArgs(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128)
+    model = Transformer(args)
+    model.setup_cache(1, 32)
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    total, kv = weight_bytes_in_memory(model), kv_cache_bytes(args, 32, dtype_bytes=4)
+    for layer in model.model.layers[2:]:
+        layer.to("meta")
+    assert memory_by_device(model) == {"cpu": {"weights_bytes": total - 2 * layer_bytes, "kv_cache_bytes": kv // 2},
+                                       "meta": {"weights_bytes": 2 * layer_bytes, "kv_cache_bytes": kv // 2}}
