@@ -92,7 +92,7 @@ def _sliding_window(cfg: dict, model_type: str) -> int | None:
     LLaMA ignores the key); Qwen2-style configs turn it off with `use_sliding_window: false`."""
     if model_type != "mistral" or cfg.get("use_sliding_window") is False:
         return None
-    window = cfg.get("sliding_window", 4096 if model_type == "mistral" else None)
+    window = cfg.get("sliding_window", 4096)  # (model_type is mistral here)
     return _int_or_none(window)
 
 

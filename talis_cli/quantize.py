@@ -61,7 +61,7 @@ def quantize_model(model_dir: Path, out_dir: Path, bits: int = 4, group_size: in
     model, args = _load_fp_model(model_dir, dtype)
 
     if method == "gptq":
-        from .engine import load_tokenizer
+        from .tokenizer import load_tokenizer
 
         tokens = calibration_tokens(load_tokenizer(tokenizer_dir or model_dir), Path(calib_file), nsamples,
                                     min(seqlen, args.max_position_embeddings))

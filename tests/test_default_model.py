@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings, load_tokenizer
+from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings
 from talis_cli.perplexity import perplexity
+from talis_cli.tokenizer import load_tokenizer
 from talis_cli.quantize import quantize_model
 
 DATA = Path(__file__).parent / "data" / "kjv"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from talis_cli.engine import load_tokenizer
+from talis_cli.tokenizer import load_tokenizer
 from talis_cli.errors import TalisError, UsageError
 from talis_cli.loaders import LoadRequest, pick_loader
 from talis_cli.placement import DevicePlan
