@@ -130,9 +130,14 @@ def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
             BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
-    key = (triton.next_power_of_2(m), n, k, bits, group_shift, perm is not None, str(x.dtype))
-    launch(config or GEMM_TUNER.pick(key, launch))
+    launch(config or GEMM_TUNER.pick(gemm_key(x, qweight, perm, bits, group_shift), launch))
     return out
+
+
+def gemm_key(x: torch.Tensor, qweight: torch.Tensor, perm: torch.Tensor | None, bits: int, group_shift: int) -> tuple:
+    """The tuner's key of a `quant_gemm` call (rows rounded up to a power of two)."""
+    return (triton.next_power_of_2(x.shape[0]), qweight.shape[1], x.shape[1], bits, group_shift, perm is not None,
+            str(x.dtype))
 
 
 def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,

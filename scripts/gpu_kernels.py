@@ -23,7 +23,7 @@ from quant_kernels import gptq_format
 from quant_kernels.autotune_cache import graph_time_us
 from quant_kernels.quant_linear import QuantLinear
 from quant_kernels.triton_backend import prepare_weight
-from quant_kernels.triton_gemm import dequantize_into, quant_gemm
+from quant_kernels.triton_gemm import GEMM_TUNER, dequantize_into, gemm_key, quant_gemm
 from quant_kernels.triton_gemv import quant_gemv
 
 MODELS = {"7B": (4096, 11008), "13B": (5120, 13824), "33B": (6656, 17920), "65B": (8192, 22016)}  # dim, ffn
@@ -142,8 +142,9 @@ def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_lis
             out = quant_gemm(x, *weights[0].args())
             error = relative_error(out, dense, x)
             assert error < 1e-3, f"GEMM error {error} at {tag} rows={rows}"
+            chosen = GEMM_TUNER.pick(gemm_key(x, weights[0].qweight, weights[0].perm, bits, weights[0].group_shift), None)
             record(f"fused gemm {tag} M={rows}", median_us(lambda: quant_gemm(x, *by_id[id(next_layer())].args())),
-                   flops=flops, err=f"{error:.1e}")
+                   flops=flops, err=f"{error:.1e}", config="/".join(str(v) for v in chosen.values()))
             scratch = torch.empty(k, n, device="cuda", dtype=torch.float16)
             record(f"dequant+cuBLAS {tag} M={rows}",
                    median_us(lambda: x @ dequantize_into(scratch, *by_id[id(next_layer())].args())), flops=flops)

@@ -1,0 +1,68 @@
+"""Where a prefill's time goes: CUDA kernels of one prompt's forward on a random model, by name.
+
+    PYTHONPATH=. python3 scripts/profile_prefill.py [--shape 7B] [--prompts 128,2048] [--bits 4] [--act-order]
+
+For each prompt length: the wall time of the prefill (median of 5, first token on the host, as `talis bench` times
+it) and, from one profiled run, the GPU time per kernel name and its share, so the gap to fp16 cuBLAS shows where it
+is (dequantize, GEMM, attention, norms, launches).
+"""
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from talis_cli.bench import random_model, shape_args
+
+
+def prefill_s(model, tokens) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(tokens, start_pos=0, last_only=True)[:, -1].argmax(-1).tolist()
+    return time.perf_counter() - t0
+
+
+def kernel_table(model, tokens, top: int) -> list[str]:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        prefill_s(model, tokens)
+        torch.cuda.synchronize()
+    per_name = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[event.name][0] += 1
+            per_name[event.name][1] += event.device_time
+    total = sum(us for _, us in per_name.values()) or 1.0
+    rows = sorted(per_name.items(), key=lambda item: -item[1][1])[:top]
+    lines = [f"    GPU busy {total / 1e3:.2f} ms"]
+    lines += [f"    {us / 1e3:8.3f} ms {100 * us / total:5.1f}%  x{count:<5} {name[:90]}" for name, (count, us) in rows]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="7B")
+    parser.add_argument("--prompts", default="128,2048")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--act-order", action="store_true")
+    parser.add_argument("--top", type=int, default=12)
+    opts = parser.parse_args()
+    prompts = [int(p) for p in opts.prompts.split(",")]
+    device = torch.device("cuda")
+    for kind in ("gptq", "fp16"):
+        model = random_model(shape_args(opts.shape, max(prompts)), kind, opts.bits, 128, opts.act_order, device)
+        model.setup_cache(1, max(prompts))
+        with torch.inference_mode():
+            for prompt in prompts:
+                tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
+                prefill_s(model, tokens)  # compiles and tunes
+                seconds = statistics.median(prefill_s(model, tokens) for _ in range(5))
+                print(f"{opts.shape} {kind} prefill {prompt}: {seconds * 1e3:.2f} ms, {prompt / seconds:,.0f} tok/s")
+                print("\n".join(kernel_table(model, tokens, opts.top)))
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
