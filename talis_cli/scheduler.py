@@ -300,14 +300,13 @@ class Scheduler:
     def _decode(self) -> None:
         import torch
 
-        rows = [a for a in self._active if a.decoding and a.drawn > 0 and a.drawn < a.budget]
-        rows = [a for a in rows if a.last_token is not None]
+        rows = [a for a in self._active if a.decoding]  # each has drawn a token and has budget left
         if not rows:
             return
-        device = self.model.model.embed_tokens.weight.device
-        tokens = torch.tensor([a.last_token for a in rows], device=device)
-        slots = torch.tensor([a.length for a in rows], device=device)
-        cache_rows = torch.tensor([a.row for a in rows], device=device)
+        # on the host: the CUDA-graph step copies them into its buffers at once, the eager one moves them
+        tokens = torch.tensor([a.last_token for a in rows])
+        slots = torch.tensor([a.length for a in rows])
+        cache_rows = torch.tensor([a.row for a in rows])
         fast = getattr(self.generator.fast_decode, "decode_rows", None)
         logits = (fast or self.model.decode_rows)(tokens, slots, cache_rows)
         for a in rows:
@@ -366,7 +365,24 @@ class Scheduler:
             active.request.cancel()
         self._drop_cancelled()
 
+    def warm_up(self) -> None:
+        """Set up the cache and capture the CUDA-graph steps of every batch size up to max_batch now (nothing on
+        a CPU), so no request waits for a capture. start() does this on the scheduler thread first."""
+        import torch
+
+        self._ensure_cache()
+        capture = getattr(self.generator.fast_decode, "capture_rows", None)
+        if capture is not None:
+            with torch.inference_mode():
+                capture(self.max_batch)
+
     def _loop(self) -> None:
+        try:
+            self.warm_up()
+        except Exception:  # serving without graphs up front still works: they are captured on first use
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
         while True:
             with self._lock:
                 if self._stop_thread:
