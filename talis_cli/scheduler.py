@@ -131,6 +131,11 @@ class _Active:
         self.out_of_room = out_of_room  # the finish reason when the budget runs out ("length" or "context")
         self.drawn = 0
         self.last_token: int | None = None  # drawn, not yet fed through the model
+        self.row_freed = False  # it has left (a pending step's token for it is dropped)
+
+    def may_continue(self, eos_ids) -> bool:
+        """Whether its last token may still be followed by another (a stop string is known only later)."""
+        return self.drawn < self.budget and self.last_token not in eos_ids
 
     @property
     def decoding(self) -> bool:
@@ -153,7 +158,7 @@ class Scheduler:
     """
 
     def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, pipelined: bool | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError(f"max_batch {max_batch} and prefill_chunk {prefill_chunk} must be >= 1, "
                              f"max_queue {max_queue} >= 0")
@@ -176,6 +181,9 @@ class Scheduler:
         self._draining = False
         self._thread: threading.Thread | None = None
         self._stop_thread = False
+        # read each decode step one iteration later (default: on CUDA, where the GPU runs ahead of the host)
+        self.pipelined = self.model.logits_device.type == "cuda" if pipelined is None else pipelined
+        self._pending = None  # (rows, drawn tokens on the device) of the decode step launched and not yet read
         self.prefill_s = 0.0  # seconds spent in prefill forwards (and first draws) so far
         self.decode_s = 0.0  # seconds spent in decode steps (and draws) so far
 
@@ -215,18 +223,28 @@ class Scheduler:
     def step(self) -> bool:
         """One iteration: drop cancelled requests, admit waiting ones into free rows, prefill (a chunk of at
         most prefill_chunk prompt tokens per step in all), one decode step for every decoding row, deliver the
-        events. False when there was nothing to do."""
+        events. False when there was nothing to do.
+
+        Pipelined (on CUDA), the decode step launched by one iteration is read by the next: it reads the drawn
+        tokens, launches the following step at once for the rows that may go on, and only then detokenizes and
+        delivers, so the GPU computes while the host streams. A row that turns out to have ended (a stop
+        string, a cancel) wastes its lane of that step once."""
         import torch
 
         with torch.inference_mode():
             self._drop_cancelled()
             self._admit()
-            if not self._active:
+            if not self._active and self._pending is None:
                 return False
             began = time.perf_counter()
             self._prefill()
             middle = time.perf_counter()
-            self._decode()
+            if self._pending is not None:
+                self._resolve(launch_next=self.pipelined)
+            else:
+                self._launch()
+            if not self.pipelined and self._pending is not None:
+                self._resolve(launch_next=False)
             self.prefill_s += middle - began
             self.decode_s += time.perf_counter() - middle
         return True
@@ -297,10 +315,12 @@ class Scheduler:
             if active.decoding:  # the whole prompt is in: its first token
                 self._draw([active], logits)
 
-    def _decode(self) -> None:
+    def _launch(self) -> None:
+        """Launch one decode step and draw for every decoding row that may go on (its last token is not EOS and
+        its budget is not spent); it becomes the pending step."""
         import torch
 
-        rows = [a for a in self._active if a.decoding]  # each has drawn a token and has budget left
+        rows = [a for a in self._active if a.decoding and a.may_continue(self.generator.eos_ids)]
         if not rows:
             return
         # on the host: the CUDA-graph step copies them into its buffers at once, the eager one moves them
@@ -310,11 +330,36 @@ class Scheduler:
         fast = getattr(self.generator.fast_decode, "decode_rows", None)
         logits = (fast or self.model.decode_rows)(tokens, slots, cache_rows)
         for a in rows:
-            self._held[a.row].append(a.last_token)
-        self._draw(rows, logits)
+            self._held[a.row].append(a.last_token)  # the step writes its keys/values at slot a.length
+        self._pending = (rows, self._draw_launch(rows, logits))
+
+    def _resolve(self, launch_next: bool) -> None:
+        """Read the pending step's tokens, launch the next step (`launch_next`), then deliver the events of the
+        rows still running (a row freed since the launch is skipped)."""
+        rows, drawn = self._pending
+        self._pending = None
+        live = []
+        for a, token in zip(rows, drawn.tolist()):
+            if a.row_freed:
+                continue
+            a.drawn += 1
+            a.last_token = token
+            live.append(a)
+        if launch_next:
+            self._launch()
+        self._accept(live)
 
     def _draw(self, rows: list[_Active], logits) -> None:
-        """Draw each row's next token from logits [len(rows), vocab], then deliver its event; free finished rows."""
+        """Draw each row's next token from logits [len(rows), vocab] now and deliver the events (a prefill's
+        first token)."""
+        tokens = self._draw_launch(rows, logits).tolist()
+        for a, token in zip(rows, tokens):
+            a.drawn += 1
+            a.last_token = token
+        self._accept(rows)
+
+    def _draw_launch(self, rows: list[_Active], logits):
+        """Launch the draws of `rows` from logits [len(rows), vocab] -> int64 [len(rows)] on the logits' device."""
         import torch
 
         from .sampling import draw_rows
@@ -323,16 +368,18 @@ class Scheduler:
         cfgs = [a.request.cfg for a in rows]
         cache_rows = torch.tensor([a.row for a in rows], device=device)
         slots = torch.tensor([len(a.request.prompt_ids) + a.drawn for a in rows], device=device)
-        tokens = draw_rows(logits, cfgs, [a.generator for a in rows], self._history, cache_rows, slots).tolist()
-        for a, token in zip(rows, tokens):
-            a.drawn += 1
-            a.last_token = token
-            event = a.text.accept(token, a.out_of_room if a.drawn == a.budget else None)
+        return draw_rows(logits, cfgs, [a.generator for a in rows], self._history, cache_rows, slots)
+
+    def _accept(self, rows: list[_Active]) -> None:
+        """Deliver the event of each row's last drawn token; free the rows that end with it."""
+        for a in rows:
+            event = a.text.accept(a.last_token, a.out_of_room if a.drawn == a.budget else None)
             if event.finish_reason is not None:
                 self._free(a)
             a.request._deliver(event)
 
     def _free(self, active: _Active) -> None:
+        active.row_freed = True
         self._active.remove(active)
         self._owner[active.row] = None
         self._freed[active.row] = next(self._clock)
@@ -355,6 +402,7 @@ class Scheduler:
             self._free(active)
             active.request.error = f"{type(exc).__name__}: {exc}"
             active.request._deliver(active.request._last_event(ERROR))
+        self._pending = None
         self._cache_key = None
 
     def _cancel_all(self) -> None:
