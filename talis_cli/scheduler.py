@@ -307,8 +307,13 @@ class Scheduler:
                 return
             prompt, start = active.request.prompt_ids, active.prefilled
             chunk = prompt[start : start + room]
-            logits = self.model(torch.tensor([chunk], device=self.model.model.embed_tokens.weight.device),
-                                start_pos=start, last_only=True, cache_row=active.row)[:, -1]
+            tokens = torch.tensor([chunk], device=self.model.model.embed_tokens.weight.device)
+            # the generator's fast prefill on GPUs (fast_prefill.PrefillRunner, where present), else the model's
+            prefill = getattr(self.generator, "prefill", None)
+            if prefill is not None:
+                logits = prefill(tokens, start, cache_row=active.row)[:, -1]
+            else:
+                logits = self.model(tokens, start_pos=start, last_only=True, cache_row=active.row)[:, -1]
             room -= len(chunk)
             active.prefilled += len(chunk)
             self._held[active.row].extend(chunk)

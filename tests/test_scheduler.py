@@ -229,3 +229,24 @@ def test_a_row_that_joins_late_draws_transformers_greedy_tokens(tmp_path):
         theirs = hf.generate(torch.tensor([p]), max_new_tokens=30, do_sample=False, eos_token_id=None,
                              pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
         assert [e[2][0] for e in got[request.id]] == theirs[0, len(p):].tolist()
+
+
+def test_prefill_goes_through_the_generators_fast_prefill_when_it_has_one(model, tokenizer):
+    """On GPUs the generator carries a fast prefill (fast_prefill.PrefillRunner: tokens [1, T], start_pos,
+    cache_row -> logits [1, 1, vocab]); the scheduler prefills each chunk through it, into the request's row."""
+    gen = Generator(model, tokenizer, (), CONTEXT)
+    calls = []
+
+    def prefill(tokens, start_pos, cache_row=None):
+        calls.append((tokens.shape[1], start_pos, cache_row))
+        return model(tokens, start_pos=start_pos, last_only=True, cache_row=cache_row)
+
+    gen.prefill = prefill
+    scheduler = Scheduler(gen, max_batch=2, prefill_chunk=8)
+    p = tokenizer.encode("In the beginning God created the heaven and the earth")
+    other = scheduler.submit(tokenizer.encode("Let"), GREEDY)
+    scheduler.step()
+    r = scheduler.submit(p, SEEDED)
+    got = drain(scheduler, [other, r])
+    assert got[r.id] == alone(model, tokenizer, p, SEEDED)
+    assert calls == [(1, 0, 0)] + [(min(8, len(p) - s), s, 1) for s in range(0, len(p), 8)]
