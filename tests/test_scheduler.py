@@ -244,9 +244,10 @@ def test_prefill_goes_through_the_generators_fast_prefill_when_it_has_one(model,
     gen.prefill = prefill
     scheduler = Scheduler(gen, max_batch=2, prefill_chunk=8)
     p = tokenizer.encode("In the beginning God created the heaven and the earth")
-    other = scheduler.submit(tokenizer.encode("Let"), GREEDY)
+    first = tokenizer.encode("Let")
+    other = scheduler.submit(first, GREEDY)
     scheduler.step()
     r = scheduler.submit(p, SEEDED)
     got = drain(scheduler, [other, r])
     assert got[r.id] == alone(model, tokenizer, p, SEEDED)
-    assert calls == [(1, 0, 0)] + [(min(8, len(p) - s), s, 1) for s in range(0, len(p), 8)]
+    assert calls == [(len(first), 0, 0)] + [(min(8, len(p) - s), s, 1) for s in range(0, len(p), 8)]
