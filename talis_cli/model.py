@@ -314,8 +314,8 @@ class Transformer(nn.Module):
         embed = self.model.embed_tokens
         x = embed(tokens.to(embed.weight.device))[:, None]  # [B, 1, dim]
         device = x.device
+        length = int(slots.max()) + 1  # before the move: no device sync for host slots
         slots, rows = slots.to(device), rows.to(device)
-        length = int(slots.max()) + 1
         if rope.is_dynamic(self.args):  # the frequencies follow each row's own length, as it alone would use
             pairs = [self.rotary(slots[b : b + 1, None], x.dtype) for b in range(len(slots))]
             cos, sin = torch.cat([c for c, _ in pairs]), torch.cat([s for _, s in pairs])
