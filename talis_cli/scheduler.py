@@ -429,13 +429,14 @@ class Scheduler:
             with torch.inference_mode():
                 capture(self.max_batch)
 
-    def _loop(self) -> None:
+    def _loop(self, warm: threading.Event) -> None:
         try:
             self.warm_up()
         except Exception:  # serving without graphs up front still works: they are captured on first use
             import traceback
 
             traceback.print_exc(file=sys.stderr)
+        warm.set()
         while True:
             with self._lock:
                 if self._stop_thread:
@@ -455,11 +456,14 @@ class Scheduler:
         self._cancel_all()
 
     def start(self) -> None:
-        """Run the loop on a daemon thread (the model is used only from it)."""
+        """Run the loop on a daemon thread (the model is used only from it); returns once that thread has set up
+        the cache and captured the CUDA graphs (warm_up), so the first request does not wait for them."""
         if self._thread is not None:
             raise RuntimeError("the scheduler is already started")
-        self._thread = threading.Thread(target=self._loop, name="talis-scheduler", daemon=True)
+        warm = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(warm,), name="talis-scheduler", daemon=True)
         self._thread.start()
+        warm.wait()
 
     def stop(self, deadline_s: float = 10.0) -> None:
         """Take no new requests (Draining), let the accepted ones (running and waiting) go on for up to
