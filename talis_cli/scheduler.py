@@ -367,12 +367,14 @@ class Scheduler:
         """Launch the draws of `rows` from logits [len(rows), vocab] -> int64 [len(rows)] on the logits' device."""
         import torch
 
-        from .sampling import draw_rows
+        from .sampling import draw_rows, uses_penalties
 
         device = logits.device
         cfgs = [a.request.cfg for a in rows]
-        cache_rows = torch.tensor([a.row for a in rows], device=device)
-        slots = torch.tensor([len(a.request.prompt_ids) + a.drawn for a in rows], device=device)
+        cache_rows = slots = None  # only rows with penalties read them: no copies to the device otherwise
+        if any(uses_penalties(cfg) for cfg in cfgs):
+            cache_rows = torch.tensor([a.row for a in rows], device=device)
+            slots = torch.tensor([len(a.request.prompt_ids) + a.drawn for a in rows], device=device)
         return draw_rows(logits, cfgs, [a.generator for a in rows], self._history, cache_rows, slots)
 
     def _accept(self, rows: list[_Active]) -> None:
