@@ -34,9 +34,9 @@ class DecodeStep:
 
     Static inputs: `tokens` int64 [batch] (read by the step over the first layers only), `slot` int64 [1] (the cache
     slot being written), `pad_lens` int64 [batch]. With `per_row`, `inputs` int64 [3, batch] holds the tokens, each
-    row's own slot and its cache row (`tokens`, `slot`, `rows` are its rows; pad_lens stay 0). A step that does not start at layer 0 reads `x_in` and
-    `res_in` ([batch, dim] in the model dtype: the hidden state and residual stream after the layers before it,
-    filled by `feed`). `run(capacity)` returns float32 logits [batch, vocab] when it ends with the last layer,
+    row's own slot and its cache row (`tokens`, `slot`, `rows` are its rows; pad_lens stay 0). A step that does
+    not start at layer 0 reads `x_in` and `res_in` ([batch, dim] in the model dtype: the hidden state and residual
+    stream after the layers before it, filled by `feed`). `run(capacity)` returns float32 logits [batch, vocab] when it ends with the last layer,
     else the (hidden state, residual stream) for the next step; capacity >= slot + 1.
     A model split over GPUs runs one step per device, chained (`segments`); only the hidden state and the
     residual stream cross from one device to the next.

@@ -330,7 +330,8 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             w = layer.input_layernorm.weight
             if x.device != w.device:
-                x, cos, sin, mask, at = x.to(w.device), cos.to(w.device), sin.to(w.device), mask.to(w.device), at.to(w.device)
+                x, cos, sin, mask = x.to(w.device), cos.to(w.device), sin.to(w.device), mask.to(w.device)
+                at = at.to(w.device)
             with current_device(w.device):
                 x = layer(x, cos, sin, 0, mask, rows=at)
         return self.head(x)[:, -1]
