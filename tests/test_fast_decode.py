@@ -246,6 +246,7 @@ ROW_MODELS = {
     "window": dict(model_type="mistral", num_key_value_heads=2, sliding_window=8),
     "dynamic_ntk": dict(num_key_value_heads=1, max_position_embeddings=16,
                         rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    "chained": dict(num_key_value_heads=2, num_hidden_layers=3),  # cut after layer 1, as over two GPUs
 }
 
 
@@ -261,17 +262,22 @@ def test_per_row_decode_step_matches_decode_rows(name):
     with torch.inference_mode():
         for n, row in zip(lengths, rows):
             model(torch.randint(0, 4096, (1, n), generator=gen).to(DEVICE), cache_row=row)
-        step = segments(model, 4, per_row=True)[0]
-        assert step.per_row and step.inputs.shape == (3, 4)
+        chain = segments(model, 4, [1] if name == "chained" else None, per_row=True)
+        assert all(step.per_row and step.inputs.shape == (3, 4) for step in chain)
         for i in range(2):
             tokens = torch.randint(0, 4096, (3,), generator=gen)
             slots = torch.tensor(lengths) + i
             before = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
                       for layer in model.model.layers]
-            step.inputs.copy_(torch.stack([torch.cat([tokens, torch.zeros(1, dtype=torch.long)]),
-                                           torch.cat([slots, torch.zeros(1, dtype=torch.long)]),
-                                           torch.tensor(rows + [3])]))
-            fast = step.run(capacity=64)[:3].clone()
+            fast = None
+            for step in chain:  # each device's step gets the inputs; the hidden state is handed on
+                step.inputs.copy_(torch.stack([torch.cat([tokens, torch.zeros(1, dtype=torch.long)]),
+                                               torch.cat([slots, torch.zeros(1, dtype=torch.long)]),
+                                               torch.tensor(rows + [3])]))
+                if fast is not None:
+                    step.feed(fast)
+                fast = step.run(capacity=64)
+            fast = fast[:3].clone()
             after = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
                      for layer in model.model.layers]
             for layer, (k, v) in zip(model.model.layers, before):
