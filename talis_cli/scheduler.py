@@ -149,8 +149,7 @@ class _Active:
 
 class Scheduler:
     """Runs requests on `generator`'s model with continuous batching: at most `max_batch` requests at their own
-    positions in one batch (each in its own row of the KV cache), at most `max_queue` more waiting for a row
-    (0: a request is taken only when a row is free).
+    positions in one batch (each in its own row of the KV cache), at most `max_queue` waiting.
 
     While it runs the model belongs to it (a generator run in between makes it forget what the rows hold). Drive
     it with step() (tests, one thread) or start() (its own daemon thread); submit() and Request.cancel() are
@@ -191,7 +190,7 @@ class Scheduler:
     # --- any thread ---------------------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        """Requests submitted and not yet admitted into a row (admission happens at the next step)."""
+        """Requests waiting for a row."""
         return len(self._waiting)
 
     @property
@@ -212,14 +211,9 @@ class Scheduler:
         with self._lock:
             if self._draining:
                 raise Draining("the server is shutting down and takes no new requests; try again after it restarts")
-            # the first waiting requests take the free rows at the next step: only the others wait for a row
-            waiting = len(self._waiting) - self._owner.count(None)
-            if waiting >= self.max_queue:
-                if self.max_queue == 0:
-                    raise QueueFull(f"all {self.max_batch} places in the batch are taken and no request may wait "
-                                    "(the queue holds 0); try again later")
-                raise QueueFull(f"{waiting} requests are already waiting for a place in the batch (the most is "
-                                f"{self.max_queue}); try again later")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the most is {self.max_queue}); "
+                                "try again later")
             request = Request(next(self._ids), prompt_ids, cfg, prompt_index, listener)
             self._waiting.append(request)
             self._wake.notify()
