@@ -238,3 +238,41 @@ def test_client_that_leaves_mid_stream_cancels_its_row(live):
         time.sleep(0.02)
     assert request.stats.finish_reason == "cancelled" and request.stats.new_tokens < 400  # not eos/length: cancelled
     assert scheduler.running == 0
+
+
+def test_cors_origins_get_headers_on_answers_and_refusals():
+    with LiveServer(api_key="k", cors_origins=("http://page.example",)) as server:
+        preflight = httpx.options(server.url + "/v1/chat/completions", timeout=10, headers={
+            "Origin": "http://page.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://page.example"
+        refused = post(server.url, {"prompt": PROMPT}, {"Origin": "http://page.example"})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "http://page.example"
+        other = post(server.url, {"prompt": PROMPT}, {"Origin": "http://elsewhere.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_page_at_root(live, monkeypatch, tmp_path):
+    import talis_cli.server.app as app_module
+
+    monkeypatch.setattr(app_module, "STATIC_DIR", tmp_path)
+    missing = httpx.get(live.url + "/", timeout=10)
+    assert missing.status_code == 404 and "has no web page" in missing.json()["error"]["message"]
+    (tmp_path / "index.html").write_text("<title>talis</title>")
+    page = httpx.get(live.url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text == "<title>talis</title>"
+
+
+def test_a_bug_is_a_500_in_openais_shape(live, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(live.scheduler, "submit", broken)
+    response = post(live.url, {"prompt": PROMPT, "max_tokens": 2})
+    assert response.status_code == 500
+    assert response.json()["error"] == {"message": "internal error (RuntimeError); the server's log has the details",
+                                        "type": "server_error", "param": None, "code": None}
+    monkeypatch.undo()
+    assert post(live.url, {"prompt": PROMPT, "max_tokens": 2}).status_code == 200  # still serving
