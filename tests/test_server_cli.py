@@ -84,3 +84,11 @@ def test_one_line_errors(taken_port, args, code, message):
     done = subprocess.run(talis("serve", *args), capture_output=True, text=True, timeout=60)
     assert done.returncode == code
     assert done.stderr == message.format(port=taken_port) + "\n" and done.stdout == ""
+
+
+def test_a_model_that_fails_to_load_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    done = subprocess.run(talis("serve", "--port", "0", "--model", str(tmp_path)), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr

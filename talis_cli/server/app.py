@@ -243,7 +243,10 @@ async def complete(state: ServerState, request: Request, served: ServedModel, id
             state.metrics.observe_completion(req.stats)
 
     def listener(req, event):  # on the scheduler thread: must not block
-        loop.call_soon_threadsafe(deliver, req, event)
+        try:
+            loop.call_soon_threadsafe(deliver, req, event)
+        except RuntimeError:  # the loop has closed (the server stopped before the scheduler): nobody listens
+            pass
 
     param = "messages" if kind == "chat" else "prompt"
     req = submit(served.scheduler, ids, config, listener, param)

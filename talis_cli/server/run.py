@@ -135,16 +135,17 @@ def serve(settings, config, *, host: str = "127.0.0.1", port: int = 8000, api_ke
 
     async def main():
         loop = asyncio.get_running_loop()
-        draining: list[asyncio.Future] = []
+        drains: list[threading.Thread] = []
 
         def on_signal():
-            if draining:  # a second signal: quit now
+            if drains:  # a second signal: quit now
                 server.should_exit = server.force_exit = True
                 return
             state.phase = "draining"
-            draining.append(loop.run_in_executor(None, drain))
+            drains.append(threading.Thread(target=drain, name="talis-drain", daemon=True))
+            drains[0].start()
 
-        def drain():
+        def drain():  # a daemon thread: a second signal does not wait for it
             if state.served is not None:
                 state.served.scheduler.stop(drain_s)
             server.should_exit = True
@@ -172,8 +173,6 @@ def serve(settings, config, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-        if draining:
-            await draining[0]
 
     asyncio.run(main())
     if failure:
