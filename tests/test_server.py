@@ -276,3 +276,26 @@ def test_a_bug_is_a_500_in_openais_shape(live, monkeypatch):
                                         "type": "server_error", "param": None, "code": None}
     monkeypatch.undo()
     assert post(live.url, {"prompt": PROMPT, "max_tokens": 2}).status_code == 200  # still serving
+
+
+def test_a_conversation_renders_as_talis_chat_renders_it(client, live):
+    """System prompt and earlier turns: the reply equals talis chat's for the same conversation."""
+    from talis_cli.repl.session import ChatSession
+
+    turns = [{"role": "user", "content": "Who made the heaven?"}, {"role": "assistant", "content": "The LORD."},
+             {"role": "user", "content": "And the earth?"}]
+    engine = Engine.load()
+    session = ChatSession(engine, GREEDY.with_overrides(max_new_tokens=N), system="Answer as the prophets did.")
+    session.messages = list(turns)
+    ids = session.encode()
+    expected = "".join(e.text for e in engine.generator.stream(ids, with_stops(session.config, session.template.stop)))
+    done = client.chat.completions.create(model="talis-default", max_tokens=N, temperature=0, messages=[
+        {"role": "system", "content": "Answer as the prophets did."}, *turns])
+    assert done.choices[0].message.content == expected and done.usage.prompt_tokens == len(ids)
+
+    import dataclasses
+
+    from talis_cli.server.schemas import ChatMessage
+
+    with_default = dataclasses.replace(live.state.served, system="Answer as the prophets did.")  # talis serve --system
+    assert with_default.chat_ids([ChatMessage(**turn) for turn in turns]) == ids
