@@ -198,6 +198,13 @@ def test_503_while_loading_or_draining(phase, words):
             assert words in answer.json()["error"]["message"]
 
 
+def test_a_draining_scheduler_refuses_with_503():
+    with serve_embedded() as server:
+        server.scheduler.stop(0)  # what talis serve's signal handler starts
+        response = post(server.url, {"prompt": PROMPT})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "draining"
+
+
 def test_metrics_count_requests_tokens_and_latencies(reference):
     text, _, tokens, ids = reference(PROMPT, max_tokens=5)
     with serve_embedded() as server:
