@@ -1,11 +1,11 @@
 """Time `talis serve` in-process: one streaming client, then rounds of concurrent ones, next to the engine's own
-single-stream decode of the same model in the same process.
+single-stream decode of the same engine (the same loaded model) in the same process.
 
     PYTHONPATH=. python scripts/bench_serve.py --model DIR            # a model folder
     PYTHONPATH=. python scripts/bench_serve.py --shape 7B             # random GPTQ weights (scripts/random_checkpoint.py)
     PYTHONPATH=. python scripts/bench_serve.py                        # the embedded model (also on a CPU)
 
-Each round sends N concurrent streaming /v1/completions requests (greedy, distinct prompts of --prompt tokens,
+Each round sends, from a client process of its own, N concurrent streaming /v1/completions requests (greedy, distinct prompts of --prompt tokens,
 --gen tokens each) after a warm-up round of the same size (CUDA graphs of that batch size get captured there).
 Reported per round: aggregate decode tok/s (completion tokens of the round / its wall time), the mean decode rate
 of one stream (server timings), time to first token at the client (mean and worst) and per the server; for the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import torch
 
 from talis_cli.engine import Engine, LoadSettings
 from talis_cli.generation import GenerationConfig
-from talis_cli.server.run import BackgroundServer, load_served
+from talis_cli.server.run import BackgroundServer, serve_engine
 from talis_cli.settings import RunSettings
 
 SENTENCE = "And God said, Let there be light: and there was light. "
@@ -86,6 +87,11 @@ async def round_of(url: str, texts: list[str], gen: int) -> dict:
             "server_ttft_ms_mean": round(statistics.mean(r["timings"]["time_to_first_token_ms"] for r in replies), 2)}
 
 
+def run_round(url: str, texts: list[str], gen: int) -> dict:
+    """One round, in the client process."""
+    return asyncio.run(round_of(url, texts, gen))
+
+
 def model_folder(opts, scratch: Path) -> Path | None:
     if opts.model:
         return Path(opts.model)
@@ -121,13 +127,13 @@ def main() -> None:
         report = {"model": str(folder or "embedded"), "device": torch.cuda.get_device_name() if gpu else "cpu",
                   "max_batch": opts.max_batch, "prompt_tokens": len(engine.encode(texts[0])), "gen": opts.gen,
                   "engine_single_stream": engine_single_stream(engine, texts[0], opts.gen)}
-        del engine
-        served = load_served(settings, GenerationConfig(temperature=0.0), opts.max_batch, max(clients) + 8)
+        served = serve_engine(engine, settings, GenerationConfig(temperature=0.0), opts.max_batch, max(clients) + 8)
         rounds = []
-        with BackgroundServer(served) as server:
+        # the clients run in a process of their own, so that they do not take the server's interpreter lock
+        with BackgroundServer(served) as server, multiprocessing.get_context("spawn").Pool(1) as clients_process:
             for n in clients:
-                asyncio.run(round_of(server.url, texts[:n], min(opts.gen, 16)))  # warm-up (graph capture)
-                rounds.append(asyncio.run(round_of(server.url, texts[:n], opts.gen)))
+                clients_process.apply(run_round, (server.url, texts[:n], min(opts.gen, 16)))  # warm-up (graphs)
+                rounds.append(clients_process.apply(run_round, (server.url, texts[:n], opts.gen)))
         single = next((r for r in rounds if r["clients"] == 1), None)
         for r in rounds:
             r["vs_one_client"] = round(r["aggregate_tok_s"] / single["aggregate_tok_s"], 2) if single else None

@@ -59,11 +59,17 @@ def url_of(sock: socket.socket) -> str:
 def load_served(settings, config, max_batch: int, max_queue: int) -> ServedModel:
     """Load the model `settings` name and start its scheduler (settings: talis_cli.settings.RunSettings;
     config: the server's default GenerationConfig)."""
-    from talis_cli.chat_templates import resolve_template
     from talis_cli.engine import Engine
+
+    return serve_engine(Engine.load(settings.load_settings()), settings, config, max_batch, max_queue)
+
+
+def serve_engine(engine, settings, config, max_batch: int, max_queue: int) -> ServedModel:
+    """A loaded engine as the server's model: its chat template resolved, its Scheduler started (from now on the
+    scheduler's thread owns the engine's model)."""
+    from talis_cli.chat_templates import resolve_template
     from talis_cli.scheduler import Scheduler
 
-    engine = Engine.load(settings.load_settings())
     template = resolve_template(settings.template, engine.tokenizer)
     scheduler = Scheduler(engine.generator, max_batch=max_batch, max_queue=max_queue)
     scheduler.start()
