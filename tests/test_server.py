@@ -105,6 +105,12 @@ def test_request_settings_override_the_servers(client, reference):
     assert sampled[0] == sampled[1]
 
 
+def test_max_completion_tokens_wins_over_max_tokens(client):
+    done = client.chat.completions.create(model="talis-default", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=9, max_completion_tokens=3, temperature=0)
+    assert done.usage.completion_tokens == 3 and done.choices[0].finish_reason == "length"
+
+
 def test_models_and_health(live, client):
     assert [m.id for m in client.models.list().data] == ["talis-default"]
     assert client.models.retrieve("talis-default").id == "talis-default"
@@ -124,6 +130,13 @@ ERROR_CASES = [  # (body, path, status, param, code, words in the message)
      "max_tokens = 0 is out of range: allowed an integer >= 1"),
     ({"prompt": "x", "top_p": 1.5}, "/v1/completions", 400, "top_p", None, "0 < top_p <= 1"),
     ({"prompt": "x", "n": 2}, "/v1/completions", 400, "n", None, "n = 2 is not supported"),
+    ({"prompt": "x", "top_k": -1}, "/v1/completions", 400, "top_k", None, "top_k = -1 is out of range"),
+    ({"prompt": "x", "min_p": 2}, "/v1/completions", 400, "min_p", None, "0 <= min_p <= 1"),
+    ({"prompt": "x", "repetition_penalty": 0}, "/v1/completions", 400, "repetition_penalty", None, "> 0 (1 disables)"),
+    ({"prompt": "x", "presence_penalty": 3}, "/v1/completions", 400, "presence_penalty", None, "-2 <= presence_penalty"),
+    ({"prompt": "x", "seed": 2**64}, "/v1/completions", 400, "seed", None, "seed = 18446744073709551616"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "/v1/chat/completions", 400,
+     "max_completion_tokens", None, "max_completion_tokens = 0 is out of range: allowed an integer >= 1"),
     ({"prompt": "x", "model": "gpt-4"}, "/v1/completions", 404, "model", "model_not_found",
      "model 'gpt-4' does not exist here; this server serves 'talis-default'"),
     ({"messages": []}, "/v1/chat/completions", 400, "messages", None, "messages"),
