@@ -9,8 +9,7 @@ import pytest
 from openai import OpenAI
 
 from talis_cli.engine import Engine
-from talis_cli.repl.session import encode_prompt, with_stops
-from talis_cli.server.app import ServerState
+from talis_cli.conversation import encode_prompt, with_stops
 
 from server_harness import GREEDY, LiveServer, metric_samples, serve_embedded
 

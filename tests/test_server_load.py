@@ -11,7 +11,7 @@ import time
 import httpx
 
 from talis_cli.engine import Engine
-from talis_cli.repl.session import encode_prompt, with_stops
+from talis_cli.conversation import encode_prompt, with_stops
 
 from server_harness import GREEDY, metric_samples, serve_embedded
 

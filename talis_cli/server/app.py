@@ -26,6 +26,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
+from talis_cli.conversation import render_chat, with_stops
 from talis_cli.errors import TalisError, UsageError
 
 from .errors import (APIError, api_error_handler, error_response, http_exception_handler, internal_error_handler,
@@ -53,8 +54,6 @@ class ServedModel:
 
     def chat_ids(self, messages: list) -> list[int]:
         """Token ids of a conversation, rendered exactly as `talis chat` renders it (contents are plain text)."""
-        from talis_cli.repl.session import render_chat
-
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         system = self.system if not any(turn["role"] == "system" for turn in turns) else None
         return render_chat(self.engine, self.template, system, turns)
@@ -178,8 +177,6 @@ def create_app(state: ServerState, cors_origins: tuple[str, ...] = ()) -> FastAP
         body = await read_body(request, ChatCompletionRequest)
         served = served_model(state, body.model)
         config = generation_config(served.config, body)
-        from talis_cli.repl.session import with_stops
-
         ids = encode(lambda: served.chat_ids(body.messages), "messages")
         return await complete(state, request, served, ids, with_stops(config, served.template.stop), body, "chat")
 
