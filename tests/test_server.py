@@ -2,6 +2,7 @@
 same prompt and settings), every error case over raw HTTP, the api key, /health, /metrics, a client that leaves."""
 
 import json
+import socket
 import time
 
 import httpx
@@ -238,11 +239,22 @@ def test_metrics_count_requests_tokens_and_latencies(reference):
         assert any(line.startswith("POST /v1/completions 200 4+5 tokens ") for line in server.lines)
 
 
-def test_client_that_leaves_mid_stream_cancels_its_row(live):
-    submitted = []
-    scheduler = live.scheduler
-    original = scheduler.submit
+def watch_submits(scheduler) -> list:
+    """The requests `scheduler` accepts from now on (its submit wrapped; `del scheduler.submit` unwraps it)."""
+    submitted, original = [], scheduler.submit
     scheduler.submit = lambda *args, **kwargs: submitted.append(original(*args, **kwargs)) or submitted[-1]
+    return submitted
+
+
+def wait_done(request, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while not request.done and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return request.stats
+
+
+def test_client_that_leaves_mid_stream_cancels_its_row(live):
+    submitted = watch_submits(live.scheduler)
     try:
         with httpx.stream("POST", live.url + "/v1/completions", timeout=30,
                           json={"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}) as response:
@@ -250,13 +262,28 @@ def test_client_that_leaves_mid_stream_cancels_its_row(live):
                 if count == 6:
                     break  # leaving the block closes the connection
     finally:
-        del scheduler.submit
-    request = submitted[0]
-    deadline = time.monotonic() + 10
-    while not request.done and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert request.stats.finish_reason == "cancelled" and request.stats.new_tokens < 400  # not eos/length: cancelled
-    assert scheduler.running == 0
+        del live.scheduler.submit
+    stats = wait_done(submitted[0])
+    assert stats.finish_reason == "cancelled" and stats.new_tokens < 400  # not eos/length: cancelled
+    assert live.scheduler.running == 0
+
+
+def test_client_that_leaves_before_a_whole_reply_cancels_its_row(live):
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 500, "temperature": 0}).encode()
+    submitted = watch_submits(live.scheduler)
+    try:
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 10
+            while not submitted and time.monotonic() < deadline:
+                time.sleep(0.005)
+    finally:
+        del live.scheduler.submit
+    stats = wait_done(submitted[0])
+    assert stats.finish_reason == "cancelled" and stats.new_tokens < 500
+    assert live.scheduler.running == 0
 
 
 def test_cors_origins_get_headers_on_answers_and_refusals():

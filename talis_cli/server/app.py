@@ -37,7 +37,6 @@ from .schemas import ChatCompletionRequest, CompletionRequest, generation_config
 STATIC_DIR = Path(__file__).parent / "static"
 EMBEDDED_MODEL_ID = "talis-default"
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}  # ours -> OpenAI's
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
 
 
 @dataclass
@@ -252,22 +251,27 @@ async def complete(state: ServerState, request: Request, served: ServedModel, id
     if body.stream:
         return StreamingResponse(stream_chunks(reply, events, body.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    left = asyncio.Event()
+
+    async def cancel_when_the_client_leaves():  # the body is read: what receive() gives now is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        left.set()
+        req.cancel()
+
+    watcher = asyncio.create_task(cancel_when_the_client_leaves())
     text, finish = [], None
     try:
         while finish is None:
-            try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody reads it; the row is cancelled below
-                continue
+            event = await events.get()
             text.append(event.text)
             finish = event.finish_reason
     finally:
+        watcher.cancel()
         if finish is None:
             req.cancel()
-    if finish == "cancelled":  # cancelled by the server's drain
-        return unavailable("draining")
+    if finish == "cancelled":  # the client left (nobody reads this), or the server's drain
+        return Response(status_code=499) if left.is_set() else unavailable("draining")
     return JSONResponse(reply.whole("".join(text), finish))
 
 
