@@ -251,7 +251,12 @@ async def complete(state: ServerState, request: Request, served: ServedModel, id
     if body.stream:
         return StreamingResponse(stream_chunks(reply, events, body.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    left = asyncio.Event()
+    return await whole_reply(request, reply, events)
+
+
+async def whole_reply(request: Request, reply: "Reply", events: asyncio.Queue) -> Response:
+    """The non-streaming answer, once the last event is in; the request is cancelled when the client leaves."""
+    req, left = reply.req, asyncio.Event()
 
     async def cancel_when_the_client_leaves():  # the body is read: what receive() gives now is the disconnect
         while (await request.receive())["type"] != "http.disconnect":
