@@ -238,7 +238,12 @@ async def complete(state: ServerState, request: Request, served: ServedModel, id
         if event.finish_reason is not None:  # the stats are final with the last event
             state.metrics.observe_completion(req.stats)
 
+    parts: list[str] = []  # a non-streaming reply's text, gathered on the scheduler thread
+
     def listener(req, event):  # on the scheduler thread: must not block
+        if not body.stream and event.finish_reason is None:
+            parts.append(event.text)  # the loop wakes only for the last event, not once per token
+            return
         try:
             loop.call_soon_threadsafe(deliver, req, event)
         except RuntimeError:  # the loop has closed (the server stopped before the scheduler): nobody listens
@@ -251,11 +256,12 @@ async def complete(state: ServerState, request: Request, served: ServedModel, id
     if body.stream:
         return StreamingResponse(stream_chunks(reply, events, body.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await whole_reply(request, reply, events)
+    return await whole_reply(request, reply, events, parts)
 
 
-async def whole_reply(request: Request, reply: "Reply", events: asyncio.Queue) -> Response:
-    """The non-streaming answer, once the last event is in; the request is cancelled when the client leaves."""
+async def whole_reply(request: Request, reply: "Reply", events: asyncio.Queue, parts: list[str]) -> Response:
+    """The non-streaming answer once the last event (the only one `events` gets) is in; `parts`: the text before it.
+    The request is cancelled when the client leaves."""
     req, left = reply.req, asyncio.Event()
 
     async def cancel_when_the_client_leaves():  # the body is read: what receive() gives now is the disconnect
@@ -265,19 +271,16 @@ async def whole_reply(request: Request, reply: "Reply", events: asyncio.Queue) -
         req.cancel()
 
     watcher = asyncio.create_task(cancel_when_the_client_leaves())
-    text, finish = [], None
+    last = None
     try:
-        while finish is None:
-            event = await events.get()
-            text.append(event.text)
-            finish = event.finish_reason
+        last = await events.get()
     finally:
         watcher.cancel()
-        if finish is None:
+        if last is None:
             req.cancel()
-    if finish == "cancelled":  # the client left (nobody reads this), or the server's drain
+    if last.finish_reason == "cancelled":  # the client left (nobody reads this), or the server's drain
         return Response(status_code=499) if left.is_set() else unavailable("draining")
-    return JSONResponse(reply.whole("".join(text), finish))
+    return JSONResponse(reply.whole("".join(parts) + last.text, last.finish_reason))
 
 
 def submit(scheduler, ids: list[int], config, listener, param: str):
@@ -340,31 +343,43 @@ def sse(data: dict | str) -> str:
 
 
 async def stream_chunks(reply: Reply, events: asyncio.Queue, include_usage: bool):
-    """SSE chunks of one request; the request is cancelled when the client leaves (the generator is closed)."""
+    """SSE chunks of one request; the request is cancelled when the client leaves (the generator is closed).
+    Events that queued up while the loop was busy go out in one write."""
     req = reply.req
     try:
         if reply.kind == "chat":
             yield sse(reply.chunk(None))
         while True:
-            event = await events.get()
-            if event.finish_reason == "cancelled":  # the server's drain ended it: nothing more to send
+            batch = [await events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            out = []
+            for event in batch:
+                if event.finish_reason == "cancelled":  # the server's drain ended it: nothing more to send
+                    if out:
+                        yield "".join(out)
+                    return
+                if event.finish_reason is None:
+                    if event.text:
+                        out.append(sse(reply.chunk(event.text)))
+                    continue
+                out += final_chunks(reply, event, include_usage)
+                yield "".join(out)
                 return
-            if event.finish_reason is None:
-                if event.text:
-                    yield sse(reply.chunk(event.text))
-                continue
-            last = reply.chunk(event.text, event.finish_reason)
-            if include_usage:
-                last["usage"] = None
-                yield sse({**last, "timings": timings(req.stats)})
-                yield sse(reply.usage_chunk())
-            else:
-                yield sse({**last, "usage": usage(req.stats), "timings": timings(req.stats)})
-            yield sse("[DONE]")
-            return
+            if out:
+                yield "".join(out)
     finally:
         if not req.done:
             req.cancel()
+
+
+def final_chunks(reply: Reply, event, include_usage: bool) -> list[str]:
+    """The chunk with the finish reason (and timings), the usage chunk when asked for, and [DONE]."""
+    stats = reply.req.stats
+    last = reply.chunk(event.text, event.finish_reason)
+    if include_usage:  # OpenAI's way: usage null on the others, then a chunk with no choices and the usage
+        return [sse({**last, "usage": None, "timings": timings(stats)}), sse(reply.usage_chunk()), sse("[DONE]")]
+    return [sse({**last, "usage": usage(stats), "timings": timings(stats)}), sse("[DONE]")]
 
 
 def usage(stats) -> dict:
