@@ -111,6 +111,21 @@ def test_max_completion_tokens_wins_over_max_tokens(client):
     assert done.usage.completion_tokens == 3 and done.choices[0].finish_reason == "length"
 
 
+def test_a_reply_cut_by_the_full_context_finishes_with_length(client):
+    done = client.completions.create(model="talis-default", prompt="And God said " * 168, max_tokens=50, temperature=0)
+    assert done.usage.prompt_tokens + done.usage.completion_tokens == 512  # the context of the embedded model
+    assert done.usage.completion_tokens < 50 and done.choices[0].finish_reason == "length"
+
+
+def test_model_id_is_the_folders_name(tmp_path):
+    from talis_cli.server.run import model_id
+    from talis_cli.settings import RunSettings
+
+    (tmp_path / "llama-7b-gptq").mkdir()
+    assert model_id(RunSettings(model=tmp_path / "llama-7b-gptq" / ".")) == "llama-7b-gptq"
+    assert model_id(RunSettings()) == "talis-default"
+
+
 def test_models_and_health(live, client):
     assert [m.id for m in client.models.list().data] == ["talis-default"]
     assert client.models.retrieve("talis-default").id == "talis-default"
@@ -165,6 +180,15 @@ def test_prompt_longer_than_the_context(live):
     assert error["message"].startswith("the prompt is 602 tokens, 91 too many for a context of 512 "
                                     "(room for 511 plus one new token)")
     assert httpx.get(live.url + "/health", timeout=10).status_code == 200  # still up
+
+
+def test_a_body_over_the_limit_is_413(live, monkeypatch):
+    import talis_cli.server.app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 3 << 20)
+    response = post(live.url, {"prompt": "x" * (4 << 20)})
+    assert response.status_code == 413
+    assert response.json()["error"]["message"] == "the request body is over 3 MiB; send a shorter prompt"
 
 
 def test_unknown_path_and_method(live):

@@ -36,6 +36,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest, generation_config
 
 STATIC_DIR = Path(__file__).parent / "static"
 EMBEDDED_MODEL_ID = "talis-default"
+MAX_BODY_BYTES = 32 << 20  # far above any context's worth of text; a bound on what one request may make us hold
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}  # ours -> OpenAI's
 
 
@@ -192,8 +193,12 @@ def create_app(state: ServerState, cors_origins: tuple[str, ...] = ()) -> FastAP
 
 async def read_body(request: Request, schema):
     """The request's JSON body (whatever its Content-Type says) as `schema`; APIError 400 for malformed JSON or a
-    field of the wrong type, naming the field."""
-    raw = await request.body()
+    field of the wrong type, naming the field; 413 for a body over MAX_BODY_BYTES."""
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB; send a shorter prompt")
     try:
         data = json.loads(raw)
     except ValueError as exc:  # also bytes that are not UTF-8

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 
 # HTTP status -> OpenAI's error type for it
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):

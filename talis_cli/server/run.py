@@ -73,8 +73,13 @@ def serve_engine(engine, settings, config, max_batch: int, max_queue: int) -> Se
     template = resolve_template(settings.template, engine.tokenizer)
     scheduler = Scheduler(engine.generator, max_batch=max_batch, max_queue=max_queue)
     scheduler.start()
-    model_id = Path(settings.model).resolve().name if settings.model else EMBEDDED_MODEL_ID
-    return ServedModel(engine, scheduler, model_id, config, template, settings.system, created=int(time.time()))
+    return ServedModel(engine, scheduler, model_id(settings), config, template, settings.system,
+                       created=int(time.time()))
+
+
+def model_id(settings) -> str:
+    """The id GET /v1/models shows: the model folder's name, or EMBEDDED_MODEL_ID for the embedded model."""
+    return Path(settings.model).resolve().name if settings.model else EMBEDDED_MODEL_ID
 
 
 class BackgroundServer:
