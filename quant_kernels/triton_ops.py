@@ -5,7 +5,8 @@
 - `decode_attention`: the whole attention of one new token per row in one launch: rotary on q and k read straight
   from the projection output, k and v written into the static KV cache at the current slot, softmax over the
   filled slots split along the sequence (flash-decoding, so short batches still fill the GPU), the splits merged
-  by the last one to finish. The slot is a device tensor, so a CUDA graph can replay the launch.
+  by the last one to finish. The slot is a device tensor, so a CUDA graph can replay the launch; it is one slot
+  for a left-padded batch, or one per row with each row in a cache row of its own (continuous batching).
 
 Rounding follows the eager model (talis_cli.model) step by step in the model dtype, so greedy tokens match.
 Every function takes [B, features] rows (B the batch, one token each); tensors on CUDA, or on CPU under
@@ -123,10 +124,10 @@ def _cached_kv(k_cache_ptr, v_cache_ptr, base, s0, end, pad, offs_d, stride_cs, 
 
 @triton.jit
 def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pad_ptr, k_cache_ptr, v_cache_ptr, part_ptr, tickets_ptr,
-    out_ptr, scatter_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs, n_heads, group, chunk, scale,
-    window, SPLITS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pad_ptr, rows_ptr, k_cache_ptr, v_cache_ptr, part_ptr,
+    tickets_ptr, out_ptr, scatter_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs, n_heads, group,
+    chunk, scale, window, SPLITS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PER_ROW: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b, h, s): head h of row b over cache slots [lo + s*chunk, lo + (s+1)*chunk), one launch for the
     whole step; lo is 0, or with HAS_WINDOW the first slot of the sliding window (slot - window + 1, at least 0),
@@ -148,13 +149,21 @@ def _decode_attention_kernel(
     q [B, n_heads*HD], k and v [B, kv_heads*HD] with row strides; cos, sin [max_seq_len, HD] in the model dtype;
     slot int64 [1]; pad int64 [B]; caches [batch, kv_heads, max_seq_len, HD]; part fp32 [B, n_heads, SPLITS,
     HD + 2]; tickets int32 [B * n_heads], zero on entry and exit; out [B, n_heads*HD].
+    With PER_ROW, slot is int64 [B] (row b's own slot) and row b reads and writes cache row rows[b] (int64 [B])
+    instead of row b.
     """
     allow_next_kernel(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     offs_d = tl.arange(0, HD)
-    slot = tl.load(slot_ptr).to(tl.int32)  # slot, pad and the tables are set before the step's first kernel
+    # slot, pad, rows and the tables are set before the step's first kernel
+    if PER_ROW:
+        slot = tl.load(slot_ptr + b).to(tl.int32)
+        cache_row = tl.load(rows_ptr + b)
+    else:
+        slot = tl.load(slot_ptr).to(tl.int32)
+        cache_row = b
     pad = tl.load(pad_ptr + b).to(tl.int32)
     position = tl.maximum(slot - pad, 0)
     kv_h = h // group
@@ -163,7 +172,7 @@ def _decode_attention_kernel(
         cols = tl.load(scatter_ptr + cols)
     cos = tl.load(cos_ptr + position * HD + offs_d)
     sin = tl.load(sin_ptr + position * HD + offs_d)
-    base = b * stride_cb + kv_h * stride_ch
+    base = cache_row * stride_cb + kv_h * stride_ch
     if HAS_WINDOW:
         start = tl.maximum(slot + 1 - window, 0) + split * chunk
     else:
@@ -255,7 +264,8 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      slot: torch.Tensor, pad_lens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      capacity: int, n_sms: int = 132, out: torch.Tensor | None = None,
-                     scatter: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+                     scatter: torch.Tensor | None = None, window: int | None = None,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per row: rotary on q and k, k and v stored at cache slot `slot`, softmax over
     slots [max(pad_lens[b], slot - window + 1), slot]; returns [B, n_heads * hd] in q's dtype (into `out`,
     contiguous, if given).
@@ -267,9 +277,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     `capacity` (> slot) fixes the launch shape, so one CUDA graph serves every slot below it. With a sliding
     `window` (a query sees the keys less than `window` slots back), only those slots are read, and a capacity of
     at least `window` serves every slot.
+    Rows at their own positions: with `rows` (int64 [B], distinct except for lanes whose output is ignored), row b
+    uses cache row rows[b] and its own slot, slot int64 [B] (capacity > every slot); pass pad_lens zeros.
     """
     B = q.shape[0]
     hd = cos.shape[1]
+    per_row = rows is not None
+    assert slot.numel() == (B if per_row else 1), "slot: one per row with `rows`, else one for the batch"
     n_heads, n_kv_heads = q.shape[1] // hd, k_cache.shape[1]
     assert k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride(), "caches must share a contiguous layout"
     splits, chunk = attention_splits(capacity, B * n_heads, n_sms)
@@ -277,10 +291,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     if out is None:
         out = torch.empty((B, n_heads * hd), dtype=q.dtype, device=q.device)
     _decode_attention_kernel[(B, n_heads, splits)](
-        q, k, v, cos, sin, slot, pad_lens, k_cache, v_cache, parts, _tickets(q.device, B * n_heads), out,
+        q, k, v, cos, sin, slot, pad_lens, rows if per_row else slot, k_cache, v_cache, parts,
+        _tickets(q.device, B * n_heads), out,
         scatter if scatter is not None else out, q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5, window or 0,
-        SPLITS=splits, HD=hd, BLOCK_S=64, HAS_SCATTER=scatter is not None, HAS_WINDOW=window is not None, num_warps=8,
+        SPLITS=splits, HD=hd, BLOCK_S=64, HAS_SCATTER=scatter is not None, HAS_WINDOW=window is not None,
+        PER_ROW=per_row, num_warps=8,
         **pdl_args(q.device),
     )
     return out

@@ -6,9 +6,13 @@ launches never change and a CUDA graph can capture them. Attention runs over the
 so graphs are captured per context-length bucket (powers of two up to the cache length, or up to the sliding
 window, whose slots are all a step reads): short contexts do not pay for launching over the whole cache.
 
-`CudaGraphDecoder` is the runner the Generator calls in place of its plain decode step; `accelerate(model,
-generator)` fuses q/k/v and gate/up and plugs the runner in when the model sits on CUDA devices (a model split over
-several GPUs: one graph per device, `graph_devices`).
+A step is either the left-padded batch of the Generator (one shared slot) or rows at their own positions (the
+scheduler's continuous batching: each row its own slot and its own cache row), captured per batch-size bucket
+(1, 2, 4, 8, ...): lanes beyond the real rows write into the cache's spare last row, which no request owns.
+
+`CudaGraphDecoder` is the runner the Generator calls in place of its plain decode step (and the scheduler through
+`decode_rows`); `accelerate(model, generator)` fuses q/k/v and gate/up and plugs the runner in when the model sits
+on CUDA devices (a model split over several GPUs: one graph per device, `graph_devices`).
 """
 from __future__ import annotations
 
@@ -29,15 +33,16 @@ class DecodeStep:
     layers `layers` (default: all), which must sit on one device.
 
     Static inputs: `tokens` int64 [batch] (read by the step over the first layers only), `slot` int64 [1] (the cache
-    slot being written), `pad_lens` int64 [batch]; a step that does not start at layer 0 reads `x_in` and
-    `res_in` ([batch, dim] in the model dtype: the hidden state and residual stream after the layers before it,
-    filled by `feed`). `run(capacity)` returns float32 logits [batch, vocab] when it ends with the last layer,
+    slot being written), `pad_lens` int64 [batch]. With `per_row`, `inputs` int64 [3, batch] holds the tokens, each
+    row's own slot and its cache row (`tokens`, `slot`, `rows` are its rows; pad_lens stay 0). A step that does
+    not start at layer 0 reads `x_in` and `res_in` ([batch, dim] in the model dtype: the hidden state and residual
+    stream after the layers before it, filled by `feed`). `run(capacity)` returns float32 logits [batch, vocab] when it ends with the last layer,
     else the (hidden state, residual stream) for the next step; capacity >= slot + 1.
     A model split over GPUs runs one step per device, chained (`segments`); only the hidden state and the
     residual stream cross from one device to the next.
     """
 
-    def __init__(self, model, batch: int, layers: range | None = None):
+    def __init__(self, model, batch: int, layers: range | None = None, per_row: bool = False):
         self.model = model
         self.layers = layers if layers is not None else range(len(model.model.layers))
         first_layer = model.model.layers[self.layers.start]
@@ -45,8 +50,14 @@ class DecodeStep:
         dtype = model.model.embed_tokens.weight.dtype
         self.first = self.layers.start == 0
         self.last = self.layers.stop == len(model.model.layers)
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.per_row = per_row
+        if per_row:
+            self.inputs = torch.zeros(3, batch, dtype=torch.long, device=device)  # one copy fills them all
+            self.tokens, self.slot, self.rows = self.inputs
+        else:
+            self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+            self.slot = torch.zeros(1, dtype=torch.long, device=device)
+            self.rows = None
         self.pad_lens = torch.zeros(batch, dtype=torch.long, device=device)
         if not self.first:
             self.x_in = torch.zeros(batch, model.args.dim, dtype=dtype, device=device)
@@ -79,7 +90,11 @@ class DecodeStep:
         """Dynamic NTK: the frequencies of a step follow its longest row, so the table entries at this step's
         positions are rewritten (rows at one position share them; earlier entries are never read again)."""
         positions = (self.slot - self.pad_lens).clamp(min=0)  # [B], as the eager forward computes them
-        cos, sin = self.model.rotary(positions[:, None], self.cos.dtype)  # [B, 1, 1, hd]
+        if self.per_row:  # each row's frequencies follow its own length, as decode_rows computes them
+            pairs = [self.model.rotary(positions[b : b + 1, None], self.cos.dtype) for b in range(len(positions))]
+            cos, sin = torch.cat([c for c, _ in pairs]), torch.cat([s for _, s in pairs])
+        else:
+            cos, sin = self.model.rotary(positions[:, None], self.cos.dtype)  # [B, 1, 1, hd]
         self.cos[positions] = cos[:, 0, 0]
         self.sin[positions] = sin[:, 0, 0]
 
@@ -99,7 +114,8 @@ class DecodeStep:
             cache = attn.kv_cache
             scatter = self.o_scatter[i]
             y = ops.decode_attention(q, k, v, self.cos, self.sin, self.slot, self.pad_lens, cache.k, cache.v,
-                                     capacity, self.n_sms, scatter=scatter, window=self.window)  # [B, heads*hd]
+                                     capacity, self.n_sms, scatter=scatter, window=self.window,
+                                     rows=self.rows)  # [B, heads*hd]
             o = attn.o_proj(y) if scatter is None else forward_gathered(attn.o_proj, y)
             norm = layer.post_attention_layernorm
             gather = input_gather(mlp.gate_up_proj)
@@ -118,15 +134,24 @@ class DecodeStep:
         return (head(h) if gather is None else forward_gathered(head, h)).float()
 
 
-def segments(model, batch: int, bounds: list[int] | None = None) -> list[DecodeStep]:
+def segments(model, batch: int, bounds: list[int] | None = None, per_row: bool = False) -> list[DecodeStep]:
     """Decode steps over consecutive layer ranges, to run in turn: by default one per run of layers on one
-    device; `bounds` (first layer of each range after the first) forces other cuts (tests)."""
+    device; `bounds` (first layer of each range after the first) forces other cuts (tests); `per_row`: rows at
+    their own positions (DecodeStep)."""
     layers = model.model.layers
     if bounds is None:
         devices = [layer.input_layernorm.weight.device for layer in layers]
         bounds = [i for i in range(1, len(layers)) if devices[i] != devices[i - 1]]
     edges = [0, *bounds, len(layers)]
-    return [DecodeStep(model, batch, range(a, b)) for a, b in zip(edges, edges[1:])]
+    return [DecodeStep(model, batch, range(a, b), per_row) for a, b in zip(edges, edges[1:])]
+
+
+def lanes_for(rows: int) -> int:
+    """The batch-size bucket (a power of two) whose graph runs `rows` rows at their own positions."""
+    lanes = 1
+    while lanes < rows:
+        lanes *= 2
+    return lanes
 
 
 def sliding_window(model) -> int | None:
@@ -166,13 +191,61 @@ class CudaGraphDecoder:
     def __init__(self, model):
         self.model = model
         self._pools: dict[torch.device, tuple] = {}
-        self._steps: dict[int, list[DecodeStep]] = {}
-        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, object]] = {}
+        # batch key: B for a left-padded batch of B rows, ("rows", lanes) for rows at their own positions
+        self._steps: dict[object, list[DecodeStep]] = {}  # batch key -> its steps
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}  # (batch key, capacity, index)
         self._cache_version = None
         self._buckets: list[int] = []
 
     def __call__(self, tokens: torch.Tensor, pos: int, pad_lens: torch.Tensor | None = None) -> torch.Tensor:
         """tokens int64 [B, 1] at cache slot `pos` (pad_lens int64 [B] or None) -> float32 logits [B, vocab]."""
+        self._check_cache()
+        B = tokens.shape[0]
+        steps = self._steps_for(B, B, False)
+        steps[0].tokens.copy_(tokens[:, 0])
+        capacity = bucket(self._buckets, pos)
+
+        def fill(step):
+            step.slot.fill_(pos)
+            if pad_lens is None:
+                step.pad_lens.zero_()
+            else:
+                step.pad_lens.copy_(pad_lens)
+        return self._replay(steps, B, capacity, fill)
+
+    def decode_rows(self, tokens: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows at their own positions, as Transformer.decode_rows: tokens, slots, rows int64 [B] (best on the
+        CPU: they are copied into the step's buffers in one copy) -> float32 logits [B, vocab] (a view of a static
+        buffer, valid until the next call). Replays the graph of the batch bucket lanes_for(B) and the context
+        bucket of max(slots); the lanes beyond B write slot 0 of the cache's last row (the spare row, which the
+        caller must leave to no request)."""
+        self._check_cache()
+        n = tokens.shape[0]
+        lanes = lanes_for(n)
+        host = torch.zeros(3, lanes, dtype=torch.long)
+        host[0, :n], host[1, :n], host[2, :n] = tokens.cpu(), slots.cpu(), rows.cpu()
+        host[2, n:] = self.model.cache_batch - 1
+        capacity = bucket(self._buckets, int(host[1].max()))
+        steps = self._steps_for(("rows", lanes), lanes, True)
+        return self._replay(steps, ("rows", lanes), capacity, lambda step: step.inputs.copy_(host))[:n]
+
+    def capture_rows(self, max_rows: int) -> None:
+        """Capture the per-row step of every batch bucket up to lanes_for(max_rows) and every context bucket now
+        (a server's start), so no request stalls on a capture. Every lane writes only the spare row."""
+        self._check_cache()
+        spare = self.model.cache_batch - 1
+        with torch.inference_mode():
+            lanes = 1
+            while True:
+                for capacity in self._buckets:
+                    self.decode_rows(torch.zeros(lanes, dtype=torch.long),
+                                     torch.full((lanes,), capacity - 1, dtype=torch.long),
+                                     torch.full((lanes,), spare, dtype=torch.long))
+                if lanes >= max_rows:
+                    break
+                lanes *= 2
+
+    def _check_cache(self) -> None:
         if self.model.cache_version != self._cache_version:  # a new cache: captured pointers are stale
             self._steps.clear()
             self._graphs.clear()
@@ -181,25 +254,25 @@ class CudaGraphDecoder:
             self._pools.clear()
             self._cache_version = self.model.cache_version
             self._buckets = buckets(self.model.max_seq_len, sliding_window(self.model))
-        B = tokens.shape[0]
-        steps = self._steps.get(B)
+
+    def _steps_for(self, key, batch: int, per_row: bool) -> list[DecodeStep]:
+        steps = self._steps.get(key)
         if steps is None:
-            steps = self._steps[B] = segments(self.model, B)
-        steps[0].tokens.copy_(tokens[:, 0])
-        capacity = bucket(self._buckets, pos)
+            steps = self._steps[key] = segments(self.model, batch, per_row=per_row)
+        return steps
+
+    def _replay(self, steps: list[DecodeStep], key, capacity: int, fill) -> torch.Tensor:
+        """Fill each step's inputs (`fill(step)`, on its device), hand the hidden state on, replay (capturing on
+        first use) the graphs (batch key `key`, capacity, segment index); the last step's logits."""
         outputs = None
         for index, step in enumerate(steps):
             with torch.cuda.device(step.device):
-                step.slot.fill_(pos)
-                if pad_lens is None:
-                    step.pad_lens.zero_()
-                else:
-                    step.pad_lens.copy_(pad_lens)
+                fill(step)
                 if outputs is not None:
                     step.feed(outputs)
-                captured = self._graphs.get((B, capacity, index))
+                captured = self._graphs.get((key, capacity, index))
                 if captured is None:
-                    captured = self._graphs[(B, capacity, index)] = self._capture(step, capacity)
+                    captured = self._graphs[(key, capacity, index)] = self._capture(step, capacity)
                 graph, outputs = captured
                 graph.replay()
         return outputs

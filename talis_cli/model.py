@@ -314,8 +314,8 @@ class Transformer(nn.Module):
         embed = self.model.embed_tokens
         x = embed(tokens.to(embed.weight.device))[:, None]  # [B, 1, dim]
         device = x.device
+        length = int(slots.max()) + 1  # before the move: no device sync for host slots
         slots, rows = slots.to(device), rows.to(device)
-        length = int(slots.max()) + 1
         if rope.is_dynamic(self.args):  # the frequencies follow each row's own length, as it alone would use
             pairs = [self.rotary(slots[b : b + 1, None], x.dtype) for b in range(len(slots))]
             cos, sin = torch.cat([c for c, _ in pairs]), torch.cat([s for _, s in pairs])
@@ -330,7 +330,8 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             w = layer.input_layernorm.weight
             if x.device != w.device:
-                x, cos, sin, mask, at = x.to(w.device), cos.to(w.device), sin.to(w.device), mask.to(w.device), at.to(w.device)
+                x, cos, sin, mask = x.to(w.device), cos.to(w.device), sin.to(w.device), mask.to(w.device)
+                at = at.to(w.device)
             with current_device(w.device):
                 x = layer(x, cos, sin, 0, mask, rows=at)
         return self.head(x)[:, -1]

@@ -131,6 +131,11 @@ class _Active:
         self.out_of_room = out_of_room  # the finish reason when the budget runs out ("length" or "context")
         self.drawn = 0
         self.last_token: int | None = None  # drawn, not yet fed through the model
+        self.row_freed = False  # it has left (a pending step's token for it is dropped)
+
+    def may_continue(self, eos_ids) -> bool:
+        """Whether its last token may still be followed by another (a stop string is known only later)."""
+        return self.drawn < self.budget and self.last_token not in eos_ids
 
     @property
     def decoding(self) -> bool:
@@ -153,7 +158,7 @@ class Scheduler:
     """
 
     def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, pipelined: bool | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError(f"max_batch {max_batch} and prefill_chunk {prefill_chunk} must be >= 1, "
                              f"max_queue {max_queue} >= 0")
@@ -176,6 +181,9 @@ class Scheduler:
         self._draining = False
         self._thread: threading.Thread | None = None
         self._stop_thread = False
+        # read each decode step one iteration later (default: on CUDA, where the GPU runs ahead of the host)
+        self.pipelined = self.model.logits_device.type == "cuda" if pipelined is None else pipelined
+        self._pending = None  # (rows, drawn tokens on the device) of the decode step launched and not yet read
         self.prefill_s = 0.0  # seconds spent in prefill forwards (and first draws) so far
         self.decode_s = 0.0  # seconds spent in decode steps (and draws) so far
 
@@ -215,18 +223,28 @@ class Scheduler:
     def step(self) -> bool:
         """One iteration: drop cancelled requests, admit waiting ones into free rows, prefill (a chunk of at
         most prefill_chunk prompt tokens per step in all), one decode step for every decoding row, deliver the
-        events. False when there was nothing to do."""
+        events. False when there was nothing to do.
+
+        Pipelined (on CUDA), the decode step launched by one iteration is read by the next: it reads the drawn
+        tokens, launches the following step at once for the rows that may go on, and only then detokenizes and
+        delivers, so the GPU computes while the host streams. A row that turns out to have ended (a stop
+        string, a cancel) wastes its lane of that step once."""
         import torch
 
         with torch.inference_mode():
             self._drop_cancelled()
             self._admit()
-            if not self._active:
+            if not self._active and self._pending is None:
                 return False
             began = time.perf_counter()
             self._prefill()
             middle = time.perf_counter()
-            self._decode()
+            if self._pending is not None:
+                self._resolve(launch_next=self.pipelined)
+            else:
+                self._launch()
+            if not self.pipelined and self._pending is not None:
+                self._resolve(launch_next=False)
             self.prefill_s += middle - began
             self.decode_s += time.perf_counter() - middle
         return True
@@ -289,51 +307,86 @@ class Scheduler:
                 return
             prompt, start = active.request.prompt_ids, active.prefilled
             chunk = prompt[start : start + room]
-            logits = self.model(torch.tensor([chunk], device=self.model.model.embed_tokens.weight.device),
-                                start_pos=start, last_only=True, cache_row=active.row)[:, -1]
+            tokens = torch.tensor([chunk], device=self.model.model.embed_tokens.weight.device)
+            # the generator's fast prefill on GPUs (fast_prefill.PrefillRunner, where present), else the model's
+            prefill = getattr(self.generator, "prefill", None)
+            if prefill is not None:
+                logits = prefill(tokens, start, cache_row=active.row)[:, -1]
+            else:
+                logits = self.model(tokens, start_pos=start, last_only=True, cache_row=active.row)[:, -1]
             room -= len(chunk)
             active.prefilled += len(chunk)
             self._held[active.row].extend(chunk)
             if active.decoding:  # the whole prompt is in: its first token
                 self._draw([active], logits)
 
-    def _decode(self) -> None:
+    def _launch(self) -> None:
+        """Launch one decode step and draw for every decoding row that may go on (its last token is not EOS and
+        its budget is not spent); it becomes the pending step."""
         import torch
 
-        rows = [a for a in self._active if a.decoding and a.drawn > 0 and a.drawn < a.budget]
-        rows = [a for a in rows if a.last_token is not None]
+        rows = [a for a in self._active if a.decoding and a.may_continue(self.generator.eos_ids)]
         if not rows:
             return
-        device = self.model.model.embed_tokens.weight.device
-        tokens = torch.tensor([a.last_token for a in rows], device=device)
-        slots = torch.tensor([a.length for a in rows], device=device)
-        cache_rows = torch.tensor([a.row for a in rows], device=device)
+        # on the host: the CUDA-graph step copies them into its buffers at once, the eager one moves them
+        tokens = torch.tensor([a.last_token for a in rows])
+        slots = torch.tensor([a.length for a in rows])
+        cache_rows = torch.tensor([a.row for a in rows])
         fast = getattr(self.generator.fast_decode, "decode_rows", None)
         logits = (fast or self.model.decode_rows)(tokens, slots, cache_rows)
         for a in rows:
-            self._held[a.row].append(a.last_token)
-        self._draw(rows, logits)
+            self._held[a.row].append(a.last_token)  # the step writes its keys/values at slot a.length
+        self._pending = (rows, self._draw_launch(rows, logits))
+
+    def _resolve(self, launch_next: bool) -> None:
+        """Read the pending step's tokens, launch the next step (`launch_next`), then deliver the events of the
+        rows still running (a row freed since the launch is skipped)."""
+        rows, drawn = self._pending
+        self._pending = None
+        live = []
+        for a, token in zip(rows, drawn.tolist()):
+            if a.row_freed:
+                continue
+            a.drawn += 1
+            a.last_token = token
+            live.append(a)
+        if launch_next:
+            self._launch()
+        self._accept(live)
 
     def _draw(self, rows: list[_Active], logits) -> None:
-        """Draw each row's next token from logits [len(rows), vocab], then deliver its event; free finished rows."""
-        import torch
-
-        from .sampling import draw_rows
-
-        device = logits.device
-        cfgs = [a.request.cfg for a in rows]
-        cache_rows = torch.tensor([a.row for a in rows], device=device)
-        slots = torch.tensor([len(a.request.prompt_ids) + a.drawn for a in rows], device=device)
-        tokens = draw_rows(logits, cfgs, [a.generator for a in rows], self._history, cache_rows, slots).tolist()
+        """Draw each row's next token from logits [len(rows), vocab] now and deliver the events (a prefill's
+        first token)."""
+        tokens = self._draw_launch(rows, logits).tolist()
         for a, token in zip(rows, tokens):
             a.drawn += 1
             a.last_token = token
-            event = a.text.accept(token, a.out_of_room if a.drawn == a.budget else None)
+        self._accept(rows)
+
+    def _draw_launch(self, rows: list[_Active], logits):
+        """Launch the draws of `rows` from logits [len(rows), vocab] -> int64 [len(rows)] on the logits' device."""
+        import torch
+
+        from .sampling import draw_rows, uses_penalties
+
+        device = logits.device
+        cfgs = [a.request.cfg for a in rows]
+        cache_rows = slots = None  # only rows with penalties read them: no copies to the device otherwise
+        if any(uses_penalties(cfg) for cfg in cfgs):
+            cache_rows = torch.tensor([a.row for a in rows], device=device)
+            slots = torch.tensor([len(a.request.prompt_ids) + a.drawn for a in rows], device=device)
+        return draw_rows(logits, cfgs, [a.generator for a in rows], self._history, cache_rows, slots)
+
+    def _accept(self, rows: list[_Active]) -> None:
+        """Deliver the event of each row's last drawn token; free the rows that end with it."""
+        for a in rows:
+            event = a.text.accept(a.last_token, a.out_of_room if a.drawn == a.budget else None)
             if event.finish_reason is not None:
                 self._free(a)
             a.request._deliver(event)
 
     def _free(self, active: _Active) -> None:
+        active.row_freed = True
         self._active.remove(active)
         self._owner[active.row] = None
         self._freed[active.row] = next(self._clock)
@@ -356,6 +409,7 @@ class Scheduler:
             self._free(active)
             active.request.error = f"{type(exc).__name__}: {exc}"
             active.request._deliver(active.request._last_event(ERROR))
+        self._pending = None
         self._cache_key = None
 
     def _cancel_all(self) -> None:
@@ -366,7 +420,25 @@ class Scheduler:
             active.request.cancel()
         self._drop_cancelled()
 
-    def _loop(self) -> None:
+    def warm_up(self) -> None:
+        """Set up the cache and capture the CUDA-graph steps of every batch size up to max_batch now (nothing on
+        a CPU), so no request waits for a capture. start() does this on the scheduler thread first."""
+        import torch
+
+        self._ensure_cache()
+        capture = getattr(self.generator.fast_decode, "capture_rows", None)
+        if capture is not None:
+            with torch.inference_mode():
+                capture(self.max_batch)
+
+    def _loop(self, warm: threading.Event) -> None:
+        try:
+            self.warm_up()
+        except Exception:  # serving without graphs up front still works: they are captured on first use
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        warm.set()
         while True:
             with self._lock:
                 if self._stop_thread:
@@ -386,11 +458,14 @@ class Scheduler:
         self._cancel_all()
 
     def start(self) -> None:
-        """Run the loop on a daemon thread (the model is used only from it)."""
+        """Run the loop on a daemon thread (the model is used only from it); returns once that thread has set up
+        the cache and captured the CUDA graphs (warm_up), so the first request does not wait for them."""
         if self._thread is not None:
             raise RuntimeError("the scheduler is already started")
-        self._thread = threading.Thread(target=self._loop, name="talis-scheduler", daemon=True)
+        warm = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(warm,), name="talis-scheduler", daemon=True)
         self._thread.start()
+        warm.wait()
 
     def stop(self, deadline_s: float = 10.0) -> None:
         """Take no new requests (Draining), let the accepted ones (running and waiting) go on for up to

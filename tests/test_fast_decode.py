@@ -238,3 +238,149 @@ def test_cuda_graph_greedy_tokens_match_random_7b():
     assert greedy(model, prompt, 64, CudaGraphDecoder(model)) == plain
     del model
     torch.cuda.empty_cache()
+
+
+# --- rows at their own positions (continuous batching) ----------------------------------------------------------
+ROW_MODELS = {
+    "gqa": dict(num_key_value_heads=2),
+    "window": dict(model_type="mistral", num_key_value_heads=2, sliding_window=8),
+    "dynamic_ntk": dict(num_key_value_heads=1, max_position_embeddings=16,
+                        rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    "chained": dict(num_key_value_heads=2, num_hidden_layers=3),  # cut after layer 1, as over two GPUs
+}
+
+
+@pytest.mark.parametrize("name", ROW_MODELS)
+def test_per_row_decode_step_matches_decode_rows(name):
+    """Three requests at different lengths in cache rows 2, 0, 1, plus a spare lane on the spare row 3: the
+    Triton step's logits and cache writes equal the eager Transformer.decode_rows for every real row."""
+    model = tiny_model(seed=5, device=DEVICE, **ROW_MODELS[name])
+    fuse_model(model)
+    model.setup_cache(4, 64)
+    gen = torch.Generator().manual_seed(2)
+    lengths, rows = [3, 20, 1], [2, 0, 1]
+    with torch.inference_mode():
+        for n, row in zip(lengths, rows):
+            model(torch.randint(0, 4096, (1, n), generator=gen).to(DEVICE), cache_row=row)
+        chain = segments(model, 4, [1] if name == "chained" else None, per_row=True)
+        assert all(step.per_row and step.inputs.shape == (3, 4) for step in chain)
+        for i in range(2):
+            tokens = torch.randint(0, 4096, (3,), generator=gen)
+            slots = torch.tensor(lengths) + i
+            before = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
+                      for layer in model.model.layers]
+            fast = None
+            for step in chain:  # each device's step gets the inputs; the hidden state is handed on
+                step.inputs.copy_(torch.stack([torch.cat([tokens, torch.zeros(1, dtype=torch.long)]),
+                                               torch.cat([slots, torch.zeros(1, dtype=torch.long)]),
+                                               torch.tensor(rows + [3])]))
+                if fast is not None:
+                    step.feed(fast)
+                fast = step.run(capacity=64)
+            fast = fast[:3].clone()
+            after = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
+                     for layer in model.model.layers]
+            for layer, (k, v) in zip(model.model.layers, before):
+                layer.self_attn.kv_cache.k.copy_(k)
+                layer.self_attn.kv_cache.v.copy_(v)
+            plain = model.decode_rows(tokens.to(DEVICE), slots.to(DEVICE), torch.tensor(rows, device=DEVICE))
+            torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+            for layer, (k, v) in zip(model.model.layers, after):  # the real rows hold what the eager step wrote
+                torch.testing.assert_close(k[:3], layer.self_attn.kv_cache.k[:3], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(v[:3], layer.self_attn.kv_cache.v[:3], rtol=1e-5, atol=1e-5)
+                layer.self_attn.kv_cache.k.copy_(k)
+                layer.self_attn.kv_cache.v.copy_(v)
+
+
+def staggered_greedy(model, prompts: list[torch.Tensor], joins: list[int], n: int, step) -> list[list[int]]:
+    """Greedy tokens of requests that join at steps `joins`, each in cache row i, decoded together by
+    `step(tokens, slots, rows)` (CPU int64 [B] each -> logits [B, vocab])."""
+    out = [[] for _ in prompts]
+    with torch.inference_mode():
+        for t in range(max(joins) + n):
+            for i, (p, j) in enumerate(zip(prompts, joins)):
+                if j == t:
+                    out[i].append(int(model(p[None], cache_row=i, last_only=True)[0, -1].argmax()))
+            live = [i for i in range(len(prompts)) if joins[i] < t and len(out[i]) < n]
+            if live:
+                logits = step(torch.tensor([out[i][-1] for i in live]),
+                              torch.tensor([len(prompts[i]) + len(out[i]) - 1 for i in live]), torch.tensor(live))
+                for b, i in enumerate(live):
+                    out[i].append(int(logits[b].argmax()))
+    return out
+
+
+@gpu
+@needs_cuda
+def test_cuda_graph_rows_at_their_own_positions_match_eager_random_7b():
+    """7B shape: rows at different lengths in batch buckets 1, 2 and 4 (with a spare lane), on both sides of the
+    128-slot context bucket: the graphs' logits equal the eager decode_rows' (fp16: the paths round differently)."""
+    from talis_cli import bench
+
+    args = bench.shape_args("7B", 256)
+    model = bench.random_model(args, "gptq", 4, 128, act_order=True, device="cuda")
+    fuse_model(model)
+    model.setup_cache(4, 256)
+    runner = CudaGraphDecoder(model)
+    lengths = [100, 7, 140]
+    with torch.inference_mode():
+        for row, n in enumerate(lengths):
+            model(torch.randint(0, args.vocab_size, (1, n), device="cuda"), cache_row=row)
+        for count in (1, 2, 3):
+            tokens = torch.randint(0, args.vocab_size, (count,))
+            slots, rows = torch.tensor(lengths[:count]), torch.arange(count)
+            caches = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
+                      for layer in model.model.layers]
+            fast = runner.decode_rows(tokens, slots, rows).clone()
+            for layer, (k, v) in zip(model.model.layers, caches):
+                layer.self_attn.kv_cache.k.copy_(k)
+                layer.self_attn.kv_cache.v.copy_(v)
+            plain = model.decode_rows(tokens, slots, rows)
+            torch.testing.assert_close(fast, plain, rtol=0.05, atol=0.05)
+            lengths = [n + 1 for n in lengths]
+    assert {key[0] for key in runner._graphs} == {("rows", 1), ("rows", 2), ("rows", 4)}
+    del model, runner, caches
+    torch.cuda.empty_cache()
+
+
+@gpu
+@needs_cuda
+def test_cuda_graph_rows_joining_late_give_eager_greedy_tokens_embedded_model():
+    from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings
+
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        pytest.skip("the embedded model is not built yet")
+    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=256))
+    model, runner = engine.model, engine.generator.fast_decode
+    model.setup_cache(4, 256)
+    prompts = [torch.tensor(engine.encode(t), device="cuda")
+               for t in ("In the beginning God created", "And it came to pass", "Blessed are the")]
+    fast = staggered_greedy(model, prompts, [0, 5, 9], 100, runner.decode_rows)  # crosses 128 slots
+    assert staggered_greedy(model, prompts, [0, 5, 9], 100, model.decode_rows) == fast
+
+
+@gpu
+@needs_cuda
+def test_scheduler_on_cuda_graphs_gives_each_request_its_text_alone():
+    """The embedded model on the GPU: requests joining the scheduler's batch get the greedy text they get alone
+    from the Generator (its single-row CUDA-graph step), the per-row graphs captured up front."""
+    from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings
+    from talis_cli.generation import GenerationConfig
+    from talis_cli.scheduler import Scheduler
+
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        pytest.skip("the embedded model is not built yet")
+    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=256))
+    cfg = GenerationConfig(temperature=0, max_new_tokens=40)
+    texts = ["In the beginning God created", "And it came to pass", "Blessed are", "The LORD is my shepherd"]
+    prompts = [engine.encode(t) for t in texts]
+    alone = ["".join(e.text for e in engine.generator.stream(p, cfg)) for p in prompts]
+    scheduler = Scheduler(engine.generator, max_batch=4)
+    scheduler.start()  # captures the per-row graphs before serving
+    requests = []
+    for p in prompts:
+        requests.append(scheduler.submit(p, cfg))
+    got = ["".join(e.text for e in r.events(timeout=120)) for r in requests]
+    scheduler.stop(5)
+    assert got == alone
+    assert any(key[0] == ("rows", 4) for key in engine.generator.fast_decode._graphs)

@@ -16,6 +16,8 @@ GREEDY = GenerationConfig(temperature=0, max_new_tokens=12)
 SEEDED = GenerationConfig(temperature=1.0, top_k=20, top_p=0.9, min_p=0.0, max_new_tokens=12, seed=11,
                           repetition_penalty=1.3, repetition_window=5, frequency_penalty=0.4, presence_penalty=0.2)
 UNPENALIZED = GenerationConfig(temperature=0.7, top_k=0, top_p=1.0, min_p=0.05, max_new_tokens=12, seed=3)
+# on CUDA each decode step is read one iteration after its launch; on the CPU it can be asked for, to test it
+PIPELINED = pytest.mark.parametrize("pipelined", [False, True], ids=["direct", "pipelined"])
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +53,13 @@ def drain(scheduler, requests, limit=500):
     return seen
 
 
-def test_requests_that_join_while_others_decode_give_what_they_give_alone(model, tokenizer):
+@PIPELINED
+def test_requests_that_join_while_others_decode_give_what_they_give_alone(model, tokenizer, pipelined):
     prompts = [tokenizer.encode(t) for t in ("And God said", "In the beginning God created the heaven", "Let")]
     cfgs = [GREEDY, SEEDED, UNPENALIZED]
     expected = [alone(model, tokenizer, p, c, index=i) for i, (p, c) in enumerate(zip(prompts, cfgs))]
-    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=4, prefill_chunk=4)
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=4, prefill_chunk=4,
+                          pipelined=pipelined)
     first = scheduler.submit(prompts[0], GREEDY)
     for _ in range(3):
         scheduler.step()
@@ -89,20 +93,22 @@ def test_a_finished_row_is_reused_and_a_waiting_request_takes_it(model, tokenize
     assert [got[r.id] for r in requests] == expected
 
 
-def test_cancel_mid_decode_ends_with_cancelled_frees_the_row_and_leaves_the_others_alone(model, tokenizer):
+@PIPELINED
+def test_cancel_mid_decode_ends_with_cancelled_frees_the_row_and_leaves_the_others_alone(model, tokenizer, pipelined):
     a, b = tokenizer.encode("And God said"), tokenizer.encode("In the beginning")
     expected_b = alone(model, tokenizer, b, SEEDED, index=1)
-    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=2)
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=2, pipelined=pipelined)
     ra, rb = scheduler.submit(a, GREEDY), scheduler.submit(b, SEEDED, prompt_index=1)
-    for _ in range(4):  # the first step prefills and decodes once: five tokens
+    for _ in range(4):  # the first step prefills and decodes once: five tokens (pipelined: the decode is read later)
         scheduler.step()
+    n = 4 if pipelined else 5
     ra.cancel()
     scheduler.step()
     assert scheduler.running == 1 and ra.done
     events = shape(ra.events(timeout=0))
-    assert events[-1] == (0, "", [], "cancelled") and len(events) == 6
-    assert events[:5] == alone(model, tokenizer, a, GREEDY)[:5]
-    assert ra.stats.finish_reason == "cancelled" and ra.stats.new_tokens == 5
+    assert events[-1] == (0, "", [], "cancelled") and len(events) == n + 1
+    assert events[:n] == alone(model, tokenizer, a, GREEDY)[:n]
+    assert ra.stats.finish_reason == "cancelled" and ra.stats.new_tokens == n
     rc = scheduler.submit(a, GREEDY)  # takes the freed row: the scheduler has two
     scheduler.step()
     assert scheduler.running == 2
@@ -133,9 +139,10 @@ def test_a_full_queue_and_bad_requests_are_refused_at_submit(model, tokenizer):
         scheduler.submit(p, GenerationConfig(temperature=-1.0))
 
 
-def test_a_continued_conversation_reuses_its_rows_keys_and_values(model, tokenizer):
+@PIPELINED
+def test_a_continued_conversation_reuses_its_rows_keys_and_values(model, tokenizer, pipelined):
     gen = Generator(model, tokenizer, (), CONTEXT)
-    scheduler = Scheduler(gen, max_batch=3)
+    scheduler = Scheduler(gen, max_batch=3, pipelined=pipelined)
     first = tokenizer.encode("And God said")
     other = scheduler.submit(tokenizer.encode("Let there be"), GREEDY)  # takes a row too
     r1 = scheduler.submit(first, GenerationConfig(temperature=0, max_new_tokens=6))
@@ -152,13 +159,14 @@ def test_a_continued_conversation_reuses_its_rows_keys_and_values(model, tokeniz
     assert r3.stats.reused_tokens == 1
 
 
-def test_stop_strings_and_eos_end_rows_as_the_generator_ends_them(model, tokenizer):
+@PIPELINED
+def test_stop_strings_and_eos_end_rows_as_the_generator_ends_them(model, tokenizer, pipelined):
     p = tokenizer.encode("In the beginning God")
     text = "".join(e[1] for e in alone(model, tokenizer, p, GREEDY))
     stop = GenerationConfig(temperature=0, max_new_tokens=12, stop=(text[3:5],))
     free_tokens = [e[2][0] for e in alone(model, tokenizer, p, GREEDY)]
     eos = (free_tokens[5],)
-    scheduler = Scheduler(Generator(model, tokenizer, eos, CONTEXT), max_batch=2)
+    scheduler = Scheduler(Generator(model, tokenizer, eos, CONTEXT), max_batch=2, pipelined=pipelined)
     a, b = scheduler.submit(p, stop), scheduler.submit(p, GREEDY)
     got = drain(scheduler, [a, b])
     assert got[a.id] == alone(model, tokenizer, p, stop, eos_ids=eos) and got[a.id][-1][3] == "stop"
@@ -169,8 +177,9 @@ def test_stop_strings_and_eos_end_rows_as_the_generator_ends_them(model, tokeniz
     assert c.stats.finish_reason == "context" and c.stats.new_tokens == 3
 
 
-def test_the_thread_serves_listeners_and_stop_drains_then_refuses(model, tokenizer):
-    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=2)
+@PIPELINED
+def test_the_thread_serves_listeners_and_stop_drains_then_refuses(model, tokenizer, pipelined):
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=2, pipelined=pipelined)
     scheduler.start()
     seen, finished = [], threading.Event()
 
@@ -189,7 +198,7 @@ def test_the_thread_serves_listeners_and_stop_drains_then_refuses(model, tokeniz
     assert long_run.done and shape(long_run.events(timeout=0))[-1] == (0, "", [], "cancelled")
     with pytest.raises(Draining, match="^the server is shutting down"):
         scheduler.submit(p, GREEDY)
-    quiet = Scheduler(Generator(model, tokenizer, (), CONTEXT))
+    quiet = Scheduler(Generator(model, tokenizer, (), CONTEXT), pipelined=pipelined)
     r = quiet.submit(p, GREEDY)
     with pytest.raises(TimeoutError):
         next(r.events(timeout=0.01))
@@ -207,7 +216,8 @@ def test_a_row_that_joins_late_draws_transformers_greedy_tokens(tmp_path):
 
     hf = hf_random(MistralConfig, MistralForCausalLM, 2, sliding_window=8, num_key_value_heads=2)
     model = talis_model(hf, tmp_path, max_seq_len=96)
-    scheduler = Scheduler(Generator(model, load_tokenizer(tmp_path), [], 96), max_batch=3, prefill_chunk=5)
+    scheduler = Scheduler(Generator(model, load_tokenizer(tmp_path), [], 96), max_batch=3, prefill_chunk=5,
+                          pipelined=True)
     prompts = [random_tokens(1, n, seed=s)[0].tolist() for n, s in ((6, 4), (17, 5))]
     cfg = GenerationConfig(temperature=0, max_new_tokens=30)
     first = scheduler.submit(prompts[0], cfg)
@@ -219,3 +229,25 @@ def test_a_row_that_joins_late_draws_transformers_greedy_tokens(tmp_path):
         theirs = hf.generate(torch.tensor([p]), max_new_tokens=30, do_sample=False, eos_token_id=None,
                              pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
         assert [e[2][0] for e in got[request.id]] == theirs[0, len(p):].tolist()
+
+
+def test_prefill_goes_through_the_generators_fast_prefill_when_it_has_one(model, tokenizer):
+    """On GPUs the generator carries a fast prefill (fast_prefill.PrefillRunner: tokens [1, T], start_pos,
+    cache_row -> logits [1, 1, vocab]); the scheduler prefills each chunk through it, into the request's row."""
+    gen = Generator(model, tokenizer, (), CONTEXT)
+    calls = []
+
+    def prefill(tokens, start_pos, cache_row=None):
+        calls.append((tokens.shape[1], start_pos, cache_row))
+        return model(tokens, start_pos=start_pos, last_only=True, cache_row=cache_row)
+
+    gen.prefill = prefill
+    scheduler = Scheduler(gen, max_batch=2, prefill_chunk=8)
+    p = tokenizer.encode("In the beginning God created the heaven and the earth")
+    first = tokenizer.encode("Let")
+    other = scheduler.submit(first, GREEDY)
+    scheduler.step()
+    r = scheduler.submit(p, SEEDED)
+    got = drain(scheduler, [other, r])
+    assert got[r.id] == alone(model, tokenizer, p, SEEDED)
+    assert calls == [(len(first), 0, 0)] + [(min(8, len(p) - s), s, 1) for s in range(0, len(p), 8)]

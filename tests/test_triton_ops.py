@@ -79,8 +79,9 @@ def rotary_tables(max_seq_len: int, hd: int, dtype):
     return emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
 
 
-def reference_step(q, k, v, cos, sin, slot, pad_lens, k_cache, v_cache):
-    """The eager model's decode attention: rotary, cache write at `slot`, SDPA over slots [pad, slot] of each row.
+def reference_step(q, k, v, cos, sin, slot, pad_lens, k_cache, v_cache, window=None):
+    """The eager model's decode attention: rotary, cache write at `slot`, SDPA over slots [pad, slot] of each row
+    (the last `window` of them only, with a window).
 
     q [B, heads*hd], k and v [B, kv_heads*hd]; the caches are updated in place; returns [B, heads*hd] (fp32)."""
     B, hd = q.shape[0], cos.shape[1]
@@ -92,6 +93,8 @@ def reference_step(q, k, v, cos, sin, slot, pad_lens, k_cache, v_cache):
     v_cache[:B, :, slot] = v.view(B, n_kv_heads, hd)
     keys = torch.arange(slot + 1, device=q.device)
     mask = (keys[None, :] >= pad_lens[:, None])[:, None, None]  # [B, 1, 1, S]
+    if window is not None:
+        mask = mask & (keys > slot - window)
     y = F.scaled_dot_product_attention(q.float(), k_cache[:B, :, : slot + 1].float(),
                                        v_cache[:B, :, : slot + 1].float(), attn_mask=mask,
                                        enable_gqa=n_kv_heads != n_heads)
@@ -129,6 +132,43 @@ def test_decode_attention_matches_eager_step(dtype, n_heads, n_kv_heads, slot, c
     scattered = triton_ops.decode_attention(q, k, v, cos, sin, slot_t, pad_lens, k_cache, v_cache, capacity,
                                             n_sms=4, out=poisoned((B, n_heads * hd), dtype), scatter=scatter)
     assert torch.equal(scattered[:, scatter.long()], out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,capacity", [(None, 128), (20, 20), (None, 256)])
+def test_decode_attention_rows_at_their_own_slots_and_cache_rows(dtype, window, capacity):
+    """Continuous batching: row b at its own slot in cache row rows[b] gives what it gives alone (the plain step
+    on that cache row), writes only its own slot of its own row, and a spare lane (rows[3] = the spare row)
+    writes nowhere else."""
+    n_heads, n_kv_heads, hd, S = 4, 2, 32, 200
+    slots, rows = [5, 70, 0, 0], [3, 0, 2, 4]  # the last lane is spare: cache row 4 belongs to no request
+    B = len(slots)
+    gen = torch.Generator().manual_seed(capacity + (window or 0))
+    qkv = torch.randn(B, (n_heads + 2 * n_kv_heads) * hd, generator=gen).to(DEVICE, dtype)
+    q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)
+    cos, sin = rotary_tables(S, hd, dtype)
+    k_cache = torch.randn(5, n_kv_heads, S, hd, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(5, n_kv_heads, S, hd, generator=gen).to(DEVICE, dtype)
+    for slot, row in zip(slots, rows):  # each row's own slot and later ones are never read
+        k_cache[row, :, slot:] = float("nan")
+        v_cache[row, :, slot:] = float("nan")
+    k_cache[1], v_cache[1] = float("nan"), float("nan")  # a row no lane uses: never read nor written
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    zero = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    expected = torch.cat([reference_step(q[b : b + 1], k[b : b + 1], v[b : b + 1], cos, sin, slots[b], zero,
+                                         k_ref[rows[b] : rows[b] + 1], v_ref[rows[b] : rows[b] + 1], window)
+                          for b in range(B)])
+    for _ in range(2):  # a second launch finds the tickets reset
+        out = triton_ops.decode_attention(q, k, v, cos, sin, torch.tensor(slots, device=DEVICE),
+                                          torch.zeros(B, dtype=torch.long, device=DEVICE), k_cache, v_cache,
+                                          capacity, n_sms=4, out=poisoned((B, n_heads * hd), dtype), window=window,
+                                          rows=torch.tensor(rows, device=DEVICE))
+        assert rel_err(out[:3], expected[:3]) < 2e-3
+    for slot, row in zip(slots, rows):
+        torch.testing.assert_close(k_cache[row, :, slot], k_ref[row, :, slot], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(v_cache[row, :, slot], v_ref[row, :, slot])
+        assert k_cache[row, :, slot + 1:].isnan().all()
+    assert k_cache[1].isnan().all() and v_cache[1].isnan().all()
 
 
 @pytest.mark.parametrize("capacity,rows", [(64, 32), (2048, 32), (2048, 1), (300, 8)])
