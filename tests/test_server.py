@@ -242,6 +242,20 @@ def test_a_draining_scheduler_refuses_with_503():
         assert response.status_code == 503 and response.json()["error"]["code"] == "draining"
 
 
+def test_the_drain_deadline_ends_a_stream_without_done():
+    with serve_embedded() as server:
+        submitted = watch_submits(server.scheduler)
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                          json={"prompt": PROMPT, "max_tokens": 400, "stream": True}) as response:
+            lines = []
+            for line in response.iter_lines():
+                lines.append(line)
+                if len(lines) == 1:
+                    server.scheduler.stop(0)  # what talis serve does at the --drain-timeout deadline
+        assert response.status_code == 200 and lines and "data: [DONE]" not in lines
+        assert submitted[0].stats.finish_reason == "cancelled"
+
+
 def test_metrics_count_requests_tokens_and_latencies(reference):
     text, _, tokens, ids = reference(PROMPT, max_tokens=5)
     with serve_embedded() as server:

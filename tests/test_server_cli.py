@@ -1,6 +1,7 @@
 """`talis serve` as a command: the ready line, SIGTERM drains and exits 0, one-line errors for a port in use or a
 bad host (before any model loads)."""
 
+import json
 import os
 import selectors
 import signal
@@ -26,10 +27,9 @@ def read_line(process: subprocess.Popen, timeout: float) -> str:
     return process.stdout.readline()
 
 
-def test_sigterm_drains_and_exits_0():
+def test_sigterm_lets_running_requests_finish_and_exits_0():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # --drain-timeout 0: the running row is cancelled at once, however fast this machine decodes
-    process = subprocess.Popen(talis("serve", "--port", "0", "--temperature", "0", "--drain-timeout", "0"),
+    process = subprocess.Popen(talis("serve", "--port", "0", "--temperature", "0", "--drain-timeout", "30"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = read_line(process, 60)
@@ -38,9 +38,9 @@ def test_sigterm_drains_and_exits_0():
         assert httpx.get(url + "/health", timeout=10).status_code == 200
         received, first = [], threading.Event()
 
-        def stream():  # a long reply, still running when the signal comes
+        def stream():  # still running when the signal comes (on most machines)
             with httpx.stream("POST", url + "/v1/completions", timeout=30,
-                              json={"prompt": "And God said", "max_tokens": 500, "stream": True}) as response:
+                              json={"prompt": "And God said", "max_tokens": 100, "stream": True}) as response:
                 for chunk in response.iter_lines():
                     received.append(chunk)
                     first.set()
@@ -50,12 +50,14 @@ def test_sigterm_drains_and_exits_0():
         assert first.wait(30)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
-        assert time.monotonic() - started < 3 + 5  # connections close + slack
+        assert process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 20  # it left when the last row finished, not at the deadline
         reader.join(10)
-        assert not reader.is_alive() and "data: [DONE]" not in received  # the row was cancelled at the deadline
+        assert "data: [DONE]" in received  # the reply was let finish
+        usage = json.loads([c for c in received if c.startswith("data: {")][-1][6:])["usage"]
+        assert usage["completion_tokens"] == 100
         stderr = process.stderr.read()
-        assert "POST /v1/completions 200" in stderr and "Traceback" not in stderr
+        assert "POST /v1/completions 200 4+100 tokens" in stderr and "Traceback" not in stderr
     finally:
         if process.poll() is None:
             process.kill()
