@@ -313,6 +313,37 @@ def perplexity(
     _write_out(f"{windowed_perplexity(engine, text, ctx, stride):.4f}\n")
 
 
+# ---------------------------------------------------------------- serve
+
+
+@app.command()
+@with_option_groups
+def serve(
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="TCP port; 0 picks a free one.", min=0, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="TALIS_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on /v1/ requests.")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", metavar="N", help="Requests decoded together at most.", min=1)] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", metavar="N", help="Requests waiting at most; more get 429.", min=0)] = 64,
+    cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", metavar="ORIGIN", help="Browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable).")] = None,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", metavar="SECONDS", help="On SIGINT/SIGTERM, time running requests get to finish before they are cancelled.", min=0)] = 10.0,
+    system: Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="System prompt for chat requests that bring none.")] = None,
+    load: LoadFlags = None,
+    sampling: SamplingFlags = None,
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions) with a chat page at /.
+
+    The generation flags are the defaults; each request may override them. Ctrl-C or SIGTERM stops it."""
+    settings = run_settings(load, sampling, system=system)
+    config = settings.generation_config()
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key (or TALIS_API_KEY) is empty; give a key, or leave it unset for no key")
+    from talis_cli.server.run import serve as run_server
+
+    run_server(settings, config, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+               cors_origins=tuple(cors_origin or ()), drain_s=drain_timeout,
+               announce=lambda line: _write_out(line + "\n"))
+
+
 # ---------------------------------------------------------------- quantize, bench
 
 

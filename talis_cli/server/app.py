@@ -1,0 +1,372 @@
+"""The FastAPI app of `talis serve`: OpenAI-compatible completions over the engine's Scheduler.
+
+A request's path: the front door (api key, loading/draining) -> pydantic body -> GenerationConfig (the server's
+settings with the request's on top) -> token ids (the chat template as `talis chat` renders it, or the prompt text
+as `talis generate` encodes it) -> Scheduler.submit, whose events come back from the scheduler thread through
+loop.call_soon_threadsafe into an asyncio queue -> one JSON body or SSE chunks. A client that leaves cancels its
+request; the scheduler drops the row at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+from talis_cli.errors import TalisError, UsageError
+
+from .errors import (APIError, api_error_handler, error_response, http_exception_handler, validation_exception_handler,
+                     validation_message)
+from .metrics import ServerMetrics
+from .schemas import ChatCompletionRequest, CompletionRequest, generation_config
+
+STATIC_DIR = Path(__file__).parent / "static"
+EMBEDDED_MODEL_ID = "talis-default"
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}  # ours -> OpenAI's
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
+
+
+@dataclass
+class ServedModel:
+    """What the endpoints need of a loaded model: the engine, its scheduler, and the server's settings."""
+
+    engine: object  # talis_cli.engine.Engine
+    scheduler: object  # talis_cli.scheduler.Scheduler, started
+    model_id: str  # GET /v1/models' id: the model folder's name, or EMBEDDED_MODEL_ID
+    config: object  # GenerationConfig: the server's defaults (preset, flags)
+    template: object  # the chat template (talis_cli.chat_templates), resolved at load
+    system: str | None = None  # the server's --system, for chats that bring none
+    created: int = 0  # Unix time of the load (GET /v1/models)
+
+    def chat_ids(self, messages: list) -> list[int]:
+        """Token ids of a conversation, rendered exactly as `talis chat` renders it (contents are plain text)."""
+        from talis_cli.repl.session import render_chat
+
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        system = self.system if not any(turn["role"] == "system" for turn in turns) else None
+        return render_chat(self.engine, self.template, system, turns)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids of a raw prompt, BOS as `talis generate` adds it."""
+        return self.engine.encode(text, add_bos=True)
+
+
+class ServerState:
+    """The server's phase ("loading" | "ready" | "draining"), its model once loaded, the api key and metrics."""
+
+    def __init__(self, api_key: str | None = None, log=None):
+        self.phase = "loading"
+        self.served: ServedModel | None = None
+        self.api_key = api_key
+        self.metrics = ServerMetrics(lambda: self.served.scheduler if self.served else None)
+        self.log = log if log is not None else _log_to_stderr
+
+    def ready(self, served: ServedModel) -> None:
+        self.served, self.phase = served, "ready"
+
+    def refusal(self, scope) -> Response | None:
+        """The answer to a /v1/ request that must not reach the model (no or wrong key, loading, draining)."""
+        if self.api_key is not None:
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = given.partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                return error_response(401, "missing API key: send the header 'Authorization: Bearer KEY' with the "
+                                           "key talis serve was started with (--api-key or TALIS_API_KEY)",
+                                      code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+            if not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+                return error_response(401, "invalid API key: it differs from the key talis serve was started with",
+                                      code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if self.phase != "ready":
+            return unavailable(self.phase)
+        return None
+
+
+def unavailable(phase: str) -> JSONResponse:
+    message = ("the model is still loading; retry when GET /health answers 200" if phase == "loading"
+               else "the server is shutting down and takes no new requests")
+    return error_response(503, message, code=phase, headers={"Retry-After": "1"})
+
+
+def _log_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class FrontDoor:
+    """ASGI middleware: the api key and phase checks of /v1/, and per request one log line and the request counter
+    (method, path, status, tokens, milliseconds), also for streams the client left."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        seen = scope["talis"] = {"status": 500, "stats": None}
+
+        async def send_noting_status(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            await send(message)
+
+        refusal = self.state.refusal(scope) if scope["path"].startswith("/v1/") else None
+        try:
+            await (refusal or self.app)(scope, receive, send_noting_status)
+        finally:
+            self.state.metrics.count_request(scope["path"], seen["status"])
+            stats = seen["stats"]
+            tokens = f" {stats.prompt_tokens}+{stats.new_tokens} tokens" if stats is not None else ""
+            ms = (time.perf_counter() - started) * 1000
+            self.state.log(f"{scope['method']} {scope['path']} {seen['status']}{tokens} {ms:.0f} ms")
+
+
+def create_app(state: ServerState, cors_origins: tuple[str, ...] = ()) -> FastAPI:
+    """The app serving `state` (its model may still be loading: /v1/ answers 503 until `state.ready()`).
+
+    cors_origins: browser origins allowed to call the API (none by default; the page at / is same-origin)."""
+    app = FastAPI(title="talis", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+    app.add_exception_handler(RequestValidationError, validation_exception_handler)
+    app.add_middleware(FrontDoor, state=state)
+    if cors_origins:  # outermost, so that refusals carry the CORS headers a page needs to read them
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.get("/")
+    async def page():
+        index = STATIC_DIR / "index.html"
+        if not index.is_file():
+            raise APIError(404, "this install has no web page (talis_cli/server/static/index.html)")
+        return FileResponse(index, media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        return JSONResponse({"status": "ok"}) if state.phase == "ready" else unavailable(state.phase)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card(state.served)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        served_model(state, model_id)
+        return model_card(state.served)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request, ChatCompletionRequest)
+        served = served_model(state, body.model)
+        config = generation_config(served.config, body)
+        from talis_cli.repl.session import with_stops
+
+        ids = encode(lambda: served.chat_ids(body.messages), "messages")
+        return await complete(state, request, served, ids, with_stops(config, served.template.stop), body, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request, CompletionRequest)
+        served = served_model(state, body.model)
+        config = generation_config(served.config, body)
+        ids = encode(lambda: served.prompt_ids(body.prompt), "prompt")
+        return await complete(state, request, served, ids, config, body, "text")
+
+    return app
+
+
+async def read_body(request: Request, schema):
+    """The request's JSON body (whatever its Content-Type says) as `schema`; APIError 400 for malformed JSON or a
+    field of the wrong type, naming the field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # also bytes that are not UTF-8
+        raise APIError(400, f"the request body is not valid JSON ({exc}); send one JSON object") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        message, param = validation_message(exc.errors())
+        raise APIError(400, message, param) from None
+
+
+def served_model(state: ServerState, model_id: str | None) -> ServedModel:
+    """The loaded model, when `model_id` is None or its id; APIError 404 otherwise."""
+    served = state.served
+    if model_id is not None and model_id != served.model_id:
+        raise APIError(404, f"model '{model_id}' does not exist here; this server serves '{served.model_id}' "
+                            "(GET /v1/models)", "model", "model_not_found")
+    return served
+
+
+def model_card(served: ServedModel) -> dict:
+    return {"id": served.model_id, "object": "model", "created": served.created, "owned_by": "talis"}
+
+
+def encode(make_ids, param: str) -> list[int]:
+    """Token ids from `make_ids`, a template or tokenizer error as a 400 naming `param`."""
+    try:
+        return make_ids()
+    except TalisError as exc:
+        raise APIError(400, str(exc), param) from None
+
+
+async def complete(state: ServerState, request: Request, served: ServedModel, ids: list[int], config, body,
+                   kind: str):
+    """Submit the prompt and answer with one JSON body, or SSE chunks when `body.stream`."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    noted = request.scope.get("talis", {})
+
+    def deliver(req, event):  # on the event loop
+        events.put_nowait(event)
+        if event.finish_reason is not None:  # the stats are final with the last event
+            state.metrics.observe_completion(req.stats)
+
+    def listener(req, event):  # on the scheduler thread: must not block
+        loop.call_soon_threadsafe(deliver, req, event)
+
+    param = "messages" if kind == "chat" else "prompt"
+    req = submit(served.scheduler, ids, config, listener, param)
+    noted["stats"] = req.stats
+    reply = Reply(req, served.model_id, kind)
+    if body.stream:
+        return StreamingResponse(stream_chunks(reply, events, body.include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    text, finish = [], None
+    try:
+        while finish is None:
+            try:
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody reads it; the row is cancelled below
+                continue
+            text.append(event.text)
+            finish = event.finish_reason
+    finally:
+        if finish is None:
+            req.cancel()
+    if finish == "cancelled":  # cancelled by the server's drain
+        return unavailable("draining")
+    return JSONResponse(reply.whole("".join(text), finish))
+
+
+def submit(scheduler, ids: list[int], config, listener, param: str):
+    """scheduler.submit with its refusals as HTTP errors."""
+    from talis_cli.scheduler import Draining, QueueFull
+
+    try:
+        return scheduler.submit(ids, config, listener=listener)
+    except QueueFull as exc:
+        raise APIError(429, f"{exc}; retry later", code="queue_full") from None
+    except Draining:
+        raise APIError(503, "the server is shutting down and takes no new requests", code="draining") from None
+    except UsageError as exc:
+        raise APIError(400, str(exc)) from None
+    except TalisError as exc:  # the prompt does not fit the context (Generator.check_prompt)
+        code = "context_length_exceeded" if ids else None
+        raise APIError(400, str(exc), param, code) from None
+
+
+class Reply:
+    """The OpenAI-shaped bodies of one request's answer (chat or text completion)."""
+
+    def __init__(self, req, model_id: str, kind: str):
+        self.req, self.model_id, self.kind = req, model_id, kind
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _body(self, object_name: str, choices: list) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_id,
+                "choices": choices}
+
+    def whole(self, text: str, finish: str) -> dict:
+        """The non-streaming body."""
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": FINISH_REASONS[finish]}
+            body = self._body("chat.completion", [choice])
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": FINISH_REASONS[finish]}
+            body = self._body("text_completion", [choice])
+        return {**body, "usage": usage(self.req.stats), "timings": timings(self.req.stats)}
+
+    def chunk(self, text: str | None, finish: str | None = None) -> dict:
+        """A streamed chunk: `text` (None: the chat's opening chunk with the role), and the finish reason."""
+        reason = FINISH_REASONS[finish] if finish else None
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            return self._body("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None,
+                                                         "finish_reason": reason}])
+        return self._body("text_completion", [{"index": 0, "text": text or "", "logprobs": None,
+                                               "finish_reason": reason}])
+
+    def usage_chunk(self) -> dict:
+        return {**self._body("chat.completion.chunk" if self.kind == "chat" else "text_completion", []),
+                "usage": usage(self.req.stats), "timings": timings(self.req.stats)}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def stream_chunks(reply: Reply, events: asyncio.Queue, include_usage: bool):
+    """SSE chunks of one request; the request is cancelled when the client leaves (the generator is closed)."""
+    req = reply.req
+    try:
+        if reply.kind == "chat":
+            yield sse(reply.chunk(None))
+        while True:
+            event = await events.get()
+            if event.finish_reason == "cancelled":  # the server's drain ended it: nothing more to send
+                return
+            if event.finish_reason is None:
+                if event.text:
+                    yield sse(reply.chunk(event.text))
+                continue
+            last = reply.chunk(event.text, event.finish_reason)
+            if include_usage:
+                last["usage"] = None
+                yield sse({**last, "timings": timings(req.stats)})
+                yield sse(reply.usage_chunk())
+            else:
+                yield sse({**last, "usage": usage(req.stats), "timings": timings(req.stats)})
+            yield sse("[DONE]")
+            return
+    finally:
+        if not req.done:
+            req.cancel()
+
+
+def usage(stats) -> dict:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
+            "total_tokens": stats.prompt_tokens + stats.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
+
+
+def timings(stats) -> dict:
+    """talis' non-standard `timings` (milliseconds; decode rate over the tokens after the first)."""
+    rate = (stats.new_tokens - 1) / stats.decode_s if stats.new_tokens > 1 and stats.decode_s > 0 else 0.0
+    return {"prompt_tokens": stats.prompt_tokens, "reused_tokens": stats.reused_tokens,
+            "completion_tokens": stats.new_tokens, "queued_ms": round(stats.queued_s * 1000, 3),
+            "time_to_first_token_ms": round(stats.first_token_s * 1000, 3),
+            "decode_ms": round(stats.decode_s * 1000, 3), "decode_tokens_per_s": round(rate, 3)}

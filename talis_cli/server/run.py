@@ -1,0 +1,139 @@
+"""Start and stop `talis serve`: bind, serve with uvicorn while the model loads, drain on SIGINT/SIGTERM.
+
+Order: bind the socket first (a port in use or a bad host is one line, before any loading), serve at once (/health
+and /v1/ answer 503 while the model loads, on a thread of its own), print one line with the URL when the model is
+ready. The first SIGINT/SIGTERM drains: new requests get 503, running ones may finish until the deadline, the rest
+are cancelled, then uvicorn closes the connections and `serve` returns (exit 0). A second SIGINT quits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from talis_cli.errors import TalisError
+
+from .app import EMBEDDED_MODEL_ID, ServedModel, ServerState, create_app
+
+GRACEFUL_CLOSE_S = 3.0  # after the drain: time for connections to close before uvicorn cancels their tasks
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one). TalisError in one line when that cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise TalisError(f"cannot listen on {host}: {exc.strerror}; check --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise TalisError(f"port {port} on {host} is in use: stop what listens there or pick another --port") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise TalisError(f"{host} is not an address of this machine; check --host") from None
+        if exc.errno == errno.EACCES:
+            raise TalisError(f"no permission to listen on port {port}; pick a port above 1023 with --port") from None
+        raise TalisError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def load_served(settings, config, max_batch: int, max_queue: int) -> ServedModel:
+    """Load the model `settings` name and start its scheduler (settings: talis_cli.settings.RunSettings;
+    config: the server's default GenerationConfig)."""
+    from talis_cli.chat_templates import resolve_template
+    from talis_cli.engine import Engine
+    from talis_cli.scheduler import Scheduler
+
+    engine = Engine.load(settings.load_settings())
+    template = resolve_template(settings.template, engine.tokenizer)
+    scheduler = Scheduler(engine.generator, max_batch=max_batch, max_queue=max_queue)
+    scheduler.start()
+    model_id = Path(settings.model).resolve().name if settings.model else EMBEDDED_MODEL_ID
+    return ServedModel(engine, scheduler, model_id, config, template, settings.system, created=int(time.time()))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with our signal handling (a drain first) instead of its own."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def serve(settings, config, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 8, max_queue: int = 64, cors_origins: tuple[str, ...] = (), drain_s: float = 10.0,
+          announce=print) -> None:
+    """Run `talis serve` until SIGINT/SIGTERM. TalisError (one line) when the socket or the model fails.
+
+    announce: called once with the line that gives the URL, when the model is ready."""
+    sock = bind_socket(host, port)
+    state = ServerState(api_key)
+    app = create_app(state, tuple(cors_origins))
+    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none",
+                                    timeout_graceful_shutdown=GRACEFUL_CLOSE_S))
+    failure: list[BaseException] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        draining: list[asyncio.Future] = []
+
+        def on_signal():
+            if draining:  # a second signal: quit now
+                server.should_exit = server.force_exit = True
+                return
+            state.phase = "draining"
+            draining.append(loop.run_in_executor(None, drain))
+
+        def drain():
+            if state.served is not None:
+                state.served.scheduler.stop(drain_s)
+            server.should_exit = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+
+        def load():  # a daemon thread: a signal during the load does not wait for it
+            try:
+                served = load_served(settings, config, max_batch, max_queue)
+            except BaseException as exc:  # reported after the server stops
+                failure.append(exc)
+                server.should_exit = True
+                return
+            if state.phase == "loading":
+                state.ready(served)
+                announce(f"talis serve: {url_of(sock)} (model {served.model_id}, max batch {max_batch}; "
+                         "Ctrl-C stops)")
+            else:
+                served.scheduler.stop(0)
+
+        threading.Thread(target=load, name="talis-load", daemon=True).start()
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        if draining:
+            await draining[0]
+
+    asyncio.run(main())
+    if failure:
+        raise failure[0]
