@@ -19,7 +19,8 @@ from talis_cli.generation import GenerationConfig, GenerationStats, TokenEvent
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # the longest wait for the next chunk (a long prompt queued behind others on a busy server)
-PER_PROMPT_STATUSES = (400, 422)  # the request itself was refused; another prompt may still run
+PER_PROMPT_STATUSES = (400, 422)
+SERVER_SIDE_SETTINGS = ("typical_p", "repetition_window")  # GenerationConfig fields the API does not take  # the request itself was refused; another prompt may still run
 
 
 class ServerError(TalisError):
@@ -50,16 +51,19 @@ def check_url(url: str) -> str:
 def request_parameters(cfg: GenerationConfig) -> dict:
     """The OpenAI request fields (and talis' own: top_k, min_p, repetition_penalty ...) for `cfg`.
 
-    Every setting is sent, so a reply through the server is what the same settings give locally; typical_p and
-    repetition_window only when changed from their defaults, since OpenAI's API has no such fields.
+    Every setting is sent, so a reply through the server is what the same settings give locally. typical_p and
+    repetition_window are not request fields (the server's own settings apply): UsageError when they differ from
+    their defaults, rather than a reply made with other settings than asked for.
     """
+    defaults = GenerationConfig()
+    for name in SERVER_SIDE_SETTINGS:
+        if getattr(cfg, name) != getattr(defaults, name):
+            raise UsageError(f"{name} is not a request setting of `talis serve` (start the server with "
+                             f"--{name.replace('_', '-')} instead); set it back to {getattr(defaults, name)} "
+                             "or leave it out")
     body = dict(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                 min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
                 frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty)
-    defaults = GenerationConfig()
-    for name in ("typical_p", "repetition_window"):
-        if getattr(cfg, name) != getattr(defaults, name):
-            body[name] = getattr(cfg, name)
     if cfg.seed is not None:
         body["seed"] = cfg.seed
     if cfg.stop:
@@ -108,16 +112,17 @@ class ServerClient:
 
     Thread-safe: `--each-line` streams several replies at once through one client. Every method raises
     ServerError (a TalisError: one line, exit 1) when the server is unreachable or answers with an error.
+    `transport`: httpx's (tests give an httpx.MockTransport); by default a real connection.
     """
 
     def __init__(self, url: str, api_key: Optional[str] = None, connections: int = 8,
-                 read_timeout_s: float = READ_TIMEOUT_S):
+                 read_timeout_s: float = READ_TIMEOUT_S, transport: Optional[httpx.BaseTransport] = None):
         self.url = check_url(url)
         self.api_key = api_key or None
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = httpx.Client(base_url=self.url, headers=headers,
                                   timeout=httpx.Timeout(read_timeout_s, connect=CONNECT_TIMEOUT_S),
-                                  limits=httpx.Limits(max_connections=max(connections, 1)))
+                                  limits=httpx.Limits(max_connections=max(connections, 1)), transport=transport)
 
     def close(self) -> None:
         self._http.close()
