@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +46,22 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k, v):
-        """Write k, v [B, kv_heads, T, hd] at slots start..start+T-1; return the cache up to the last written slot."""
+    def update(self, start: int, k, v, row: int | None = None):
+        """Write k, v [B, kv_heads, T, hd] at slots start..start+T-1 of rows 0..B-1 (of row `row` alone, B = 1);
+        return those rows of the cache up to the last written slot."""
         B, _, T, _ = k.shape
         end = start + T
-        self.k[:B, :, start:end] = k
-        self.v[:B, :, start:end] = v
-        return self.k[:B, :, :end], self.v[:B, :, :end]
+        rows = slice(0, B) if row is None else slice(row, row + 1)
+        self.k[rows, :, start:end] = k
+        self.v[rows, :, start:end] = v
+        return self.k[rows, :, :end], self.v[rows, :, :end]
+
+    def update_rows(self, rows, slots, k, v, length: int):
+        """Row b of k, v [B, kv_heads, 1, hd] goes to slot slots[b] of cache row rows[b] (int64 [B] each);
+        returns those cache rows' first `length` slots [B, kv_heads, length, hd] (a copy)."""
+        self.k[rows, :, slots] = k[:, :, 0]
+        self.v[rows, :, slots] = v[:, :, 0]
+        return self.k[rows, :, :length], self.v[rows, :, :length]
 
 
 def rotate_half(x):
@@ -77,6 +87,19 @@ def attention_mask(slots, keys, pad_lens=None, window: int | None = None):
     return mask[:, None]
 
 
+@dataclass
+class CacheRows:
+    """Where each row of a decode step sits: cache row rows[b], slot slots[b] (int64 [B] on the layer's device);
+    the step reads the first `length` slots (max(slots) + 1) of those rows."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    length: int
+
+    def to(self, device) -> "CacheRows":
+        return CacheRows(self.rows.to(device), self.slots.to(device), self.length)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -100,17 +123,21 @@ class Attention(nn.Module):
         kv_out = self.n_kv_heads * self.head_dim
         return qkv.split([self.n_heads * self.head_dim, kv_out, kv_out], dim=-1)
 
-    def forward(self, x, cos, sin, start_pos: int, mask, key_start: int = 0):
+    def forward(self, x, cos, sin, start_pos: int, mask, key_start: int = 0, cache_row: int | None = None,
+                rows: "CacheRows | None" = None):
         """x [B, T, dim] at cache slots start_pos..; with a cache, attends to its slots key_start..start_pos+T-1
-        (earlier ones are outside every query's sliding window)."""
+        (earlier ones are outside every query's sliding window) of rows 0..B-1, or of row `cache_row` (B = 1).
+        With `rows` (T = 1), row b sits at its own slot of its own cache row (Transformer.decode_rows)."""
         B, T, _ = x.shape  # batch, time, hidden
         q, k, v = self.project_qkv(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start_pos, k, v)
+        if rows is not None:
+            k, v = self.kv_cache.update_rows(rows.rows, rows.slots, k, v, rows.length)
+        elif self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v, cache_row)
             k, v = k[:, :, key_start:], v[:, :, key_start:]
         # mask None means plain causal attention over exactly these T tokens.
         y = F.scaled_dot_product_attention(
@@ -147,8 +174,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, start_pos, mask, key_start: int = 0):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask, key_start)
+    def forward(self, x, cos, sin, start_pos, mask, key_start: int = 0, cache_row: int | None = None, rows=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask, key_start, cache_row, rows)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -230,10 +257,12 @@ class Transformer(nn.Module):
             cos, sin = cos * scale, sin * scale
         return cos.to(dtype), sin.to(dtype)
 
-    def forward(self, tokens, start_pos: int = 0, pad_lens=None, last_only: bool = False):
+    def forward(self, tokens, start_pos: int = 0, pad_lens=None, last_only: bool = False,
+                cache_row: int | None = None):
         """tokens [B, T] -> float32 logits [B, T, vocab] ([B, 1, vocab] with last_only).
 
-        With a cache, `tokens` fill slots start_pos..start_pos+T-1; row b's first pad_lens[b] slots are left
+        With a cache, `tokens` fill slots start_pos..start_pos+T-1 of cache rows 0..B-1, or of cache row
+        `cache_row` alone (B = 1: one request's prefill, chunk by chunk); row b's first pad_lens[b] slots are left
         padding (masked out, rotary positions shifted back by pad_lens[b]). Without a cache, the tokens
         attend only to each other. With args.sliding_window W, a query sees only the keys less than W slots back.
         """
@@ -261,10 +290,47 @@ class Transformer(nn.Module):
                 x, cos, sin = x.to(w.device), cos.to(w.device), sin.to(w.device)
                 mask = mask.to(w.device) if mask is not None else None
             with current_device(w.device):
-                x = layer(x, cos, sin, start_pos, mask, key_start)
+                x = layer(x, cos, sin, start_pos, mask, key_start, cache_row)
         if last_only:
             x = x[:, -1:]
+        return self.head(x)
+
+    def head(self, x):
+        """Final norm and lm_head: hidden states [B, T, dim] -> float32 logits [B, T, vocab]."""
         x = self.model.norm(x.to(self.model.norm.weight.device))
         device = self.logits_device
         with current_device(device):
             return self.lm_head(x.to(device)).float()
+
+    def decode_rows(self, tokens, slots, rows):
+        """One decode step of rows at their own positions: tokens, slots, rows int64 [B] -> float32 logits
+        [B, vocab].
+
+        Row b writes its token's keys/values at slot slots[b] of cache row rows[b] and attends to slots
+        0..slots[b] of that row (rotary position = slot; with a sliding window W only the last W of them), as
+        forward(tokens[b:b+1, None], start_pos=slots[b], cache_row=rows[b]) would. Rows must be distinct.
+        """
+        assert self.has_cache, "decode_rows needs a KV cache (setup_cache)"
+        embed = self.model.embed_tokens
+        x = embed(tokens.to(embed.weight.device))[:, None]  # [B, 1, dim]
+        device = x.device
+        slots, rows = slots.to(device), rows.to(device)
+        length = int(slots.max()) + 1
+        if rope.is_dynamic(self.args):  # the frequencies follow each row's own length, as it alone would use
+            pairs = [self.rotary(slots[b : b + 1, None], x.dtype) for b in range(len(slots))]
+            cos, sin = torch.cat([c for c, _ in pairs]), torch.cat([s for _, s in pairs])
+        else:
+            cos, sin = self.rotary(slots[:, None], x.dtype)  # [B, 1, 1, hd]
+        keys = torch.arange(length, device=device)[None, :]
+        mask = keys <= slots[:, None]  # [B, length]: each row sees its own slots only
+        if self.args.sliding_window is not None:
+            mask = mask & (keys > slots[:, None] - self.args.sliding_window)
+        mask = mask[:, None, None, :]  # [B, 1, 1, length]
+        at = CacheRows(rows, slots, length)
+        for layer in self.model.layers:
+            w = layer.input_layernorm.weight
+            if x.device != w.device:
+                x, cos, sin, mask, at = x.to(w.device), cos.to(w.device), sin.to(w.device), mask.to(w.device), at.to(w.device)
+            with current_device(w.device):
+                x = layer(x, cos, sin, 0, mask, rows=at)
+        return self.head(x)[:, -1]

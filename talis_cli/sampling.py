@@ -107,6 +107,16 @@ def sample_from(probs, generators: torch.Generator | Sequence[torch.Generator]):
     return torch.argmax(probs / race, dim=-1)
 
 
+def draw(logits, cfg: "GenerationConfig", generators: Sequence[torch.Generator]):
+    """Penalized logits [B, V] -> tokens int64 [B]: argmax at temperature 0, else a draw from the truncated
+    distribution with generators[b] for row b."""
+    if cfg.temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    probs, ids = truncated_distribution(logits, cfg)
+    choice = sample_from(probs, generators)
+    return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+
+
 _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: the SplitMix64 increment
 _MASK64 = 2**64 - 1
 
@@ -167,11 +177,7 @@ class Sampler:
             logits = apply_penalties(
                 logits, self.counts, cfg.repetition_penalty, cfg.frequency_penalty, cfg.presence_penalty
             )
-        if cfg.temperature == 0:
-            return torch.argmax(logits, dim=-1)
-        probs, ids = truncated_distribution(logits, cfg)
-        choice = sample_from(probs, self.generators)
-        return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+        return draw(logits, cfg, self.generators)
 
     def append(self, tokens):
         """Record the chosen tokens int64 [B] in the next slot (and drop the slot leaving the window)."""
@@ -184,3 +190,87 @@ class Sampler:
         if self.cfg.repetition_window and leaving >= 0:
             self.counts.scatter_add_(1, self.history[:, leaving : leaving + 1], self.slot_unweight[:, leaving : leaving + 1])
         self.filled += 1
+
+
+# --- rows at their own positions (talis_cli.scheduler) ------------------------------------------------------------
+_DRAW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "repetition_window",
+                "frequency_penalty", "presence_penalty")
+
+
+def draw_key(cfg: "GenerationConfig") -> tuple:
+    """The settings that decide how a row's logits become its token: rows that share them are drawn together."""
+    return tuple(getattr(cfg, name) for name in _DRAW_FIELDS)
+
+
+def uses_penalties(cfg: "GenerationConfig") -> bool:
+    return cfg.repetition_penalty != 1.0 or cfg.frequency_penalty != 0.0 or cfg.presence_penalty != 0.0
+
+
+def row_generator(cfg: "GenerationConfig", prompt_index: int, device) -> torch.Generator:
+    """The random generator of one request: seeded from (cfg.seed, prompt_index) as Sampler seeds a row (a fresh
+    seed when cfg.seed is None)."""
+    seed = cfg.seed if cfg.seed is not None else secrets.randbits(64)
+    return torch.Generator(device=device).manual_seed(row_seed(seed, prompt_index))
+
+
+class RowHistory:
+    """Token history and penalty counts per cache row, for requests at their own positions (the scheduler).
+
+    history: int64 [rows, max_seq_len] (slot -> token: the prompt, then the drawn tokens); counts: float32
+    [rows, vocab], occurrences within each row's penalty window; both on `device` (the logits').
+    """
+
+    def __init__(self, rows: int, max_seq_len: int, vocab_size: int, device):
+        self.history = torch.zeros((rows, max_seq_len), dtype=torch.long, device=device)
+        self.counts = torch.zeros((rows, vocab_size), dtype=torch.float32, device=device)
+
+    def start(self, row: int, prompt: Sequence[int], window: int) -> None:
+        """A new request in cache row `row`: its prompt fills the first slots; the counts cover the last `window`
+        of them (all with 0), as Sampler counts a prompt."""
+        n = len(prompt)
+        self.history[row, :n] = torch.tensor(prompt, dtype=torch.long)
+        lo = max(0, n - window) if window else 0
+        self.counts[row].zero_()
+        self.counts[row].scatter_add_(0, self.history[row, lo:n], torch.ones(n - lo, device=self.counts.device))
+
+    def append(self, rows, slots, tokens, window: int) -> None:
+        """Record tokens int64 [B] at slots [B] of cache rows [B] (distinct), dropping the slot that leaves each
+        row's window, as Sampler.append does."""
+        self.history[rows, slots] = tokens
+        self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+        if window:
+            leaving = slots - window
+            weight = -(leaving >= 0).float()
+            gone = self.history[rows, leaving.clamp(min=0)]
+            self.counts.index_put_((rows, gone), weight, accumulate=True)
+
+
+def draw_rows(logits, cfgs: Sequence["GenerationConfig"], generators: Sequence[torch.Generator],
+              history: RowHistory | None = None, rows=None, slots=None):
+    """One token per row of logits float32 [B, V], row b with its own settings cfgs[b] and generators[b] ->
+    int64 [B] on the logits' device. Rows with the same draw_key are drawn in one chain of launches. Rows that use
+    penalties read and update `history` at their cache rows `rows` (int64 [B]), the new token going to `slots`
+    (int64 [B]: each row's sequence length before it). A row draws what Sampler draws for it alone."""
+    groups: dict[tuple, list[int]] = {}
+    for b, cfg in enumerate(cfgs):
+        groups.setdefault(draw_key(cfg), []).append(b)
+    out = None
+    for members in groups.values():
+        cfg = cfgs[members[0]]
+        whole = len(members) == len(cfgs)
+        sel = None if whole else torch.tensor(members, device=logits.device)
+        part = logits if whole else logits[sel]
+        penalized = uses_penalties(cfg)
+        if penalized:
+            at = rows if whole else rows[sel]
+            part = apply_penalties(part, history.counts[at], cfg.repetition_penalty, cfg.frequency_penalty,
+                                   cfg.presence_penalty)
+        tokens = draw(part, cfg, [generators[b] for b in members])
+        if penalized:
+            history.append(at, slots if whole else slots[sel], tokens, cfg.repetition_window)
+        if whole:
+            return tokens
+        if out is None:
+            out = torch.empty(len(cfgs), dtype=torch.long, device=logits.device)
+        out[sel] = tokens
+    return out

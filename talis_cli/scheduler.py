@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from .detokenize import IncrementalDetokenizer
 from .errors import TalisError
-from .generation import GenerationConfig, Generator, TokenEvent
+from .generation import GenerationConfig, Generator, TokenEvent, _Row
 
 CANCELLED = "cancelled"
+ERROR = "error"  # the model failed mid-step (a bug or an out-of-memory): Request.error says why
+PREFILL_CHUNK = 512  # prompt tokens prefilled per step at most, so a long newcomer stalls the running rows briefly
 
 
 class QueueFull(TalisError):
@@ -58,6 +62,7 @@ class Request:
         self.prompt_index = prompt_index
         self.stats = RequestStats(prompt_tokens=len(prompt_ids))
         self.done = False  # its last event has been delivered
+        self.error: str | None = None  # why it ended with finish_reason "error"
         self._listener = listener
         self._events: queue.SimpleQueue | None = None if listener else queue.SimpleQueue()
         self._cancelled = threading.Event()
@@ -100,34 +105,74 @@ class Request:
         if event.finish_reason is not None:
             stats.finish_reason = event.finish_reason
             self.done = True
-        if self._listener is not None:
-            self._listener(self, event)
-        else:
+        if self._listener is None:
             self._events.put(event)
+            return
+        try:
+            self._listener(self, event)
+        except Exception as exc:  # a broken listener ends its own request, not the scheduler
+            print(f"talis scheduler: listener of request {self.id} failed: {exc!r}", file=sys.stderr)
+            self.cancel()
 
-    def _cancelled_event(self) -> TokenEvent:
-        return TokenEvent(self.prompt_index, "", [], CANCELLED)
+    def _last_event(self, reason: str, text: str = "") -> TokenEvent:
+        return TokenEvent(self.prompt_index, text, [], reason)
+
+
+class _Active:
+    """A request that holds a cache row: prefilling its prompt, then decoding one token per step."""
+
+    def __init__(self, request: Request, row: int, reused: int, text: _Row, generator, budget: int, out_of_room: str):
+        self.request = request
+        self.row = row  # its cache row
+        self.prefilled = reused  # prompt tokens whose keys/values are in the row
+        self.text = text  # detokenizer, stop strings, EOS (the Generator's own logic)
+        self.generator = generator  # torch.Generator of its draws
+        self.budget = budget  # tokens it may draw: max_new_tokens, or fewer when the context is short
+        self.out_of_room = out_of_room  # the finish reason when the budget runs out ("length" or "context")
+        self.drawn = 0
+        self.last_token: int | None = None  # drawn, not yet fed through the model
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.request.prompt_ids)
+
+    @property
+    def length(self) -> int:
+        """Slots of its row holding its keys/values; the next token fed goes to this slot."""
+        return self.prefilled + max(self.drawn - 1, 0)
 
 
 class Scheduler:
-    """Runs requests on `generator`'s model with continuous batching, at most `max_batch` at a time, with at most
-    `max_queue` waiting. While it runs, the model belongs to it: use the generator only after stop().
+    """Runs requests on `generator`'s model with continuous batching: at most `max_batch` requests at their own
+    positions in one batch (each in its own row of the KV cache), at most `max_queue` waiting.
 
-    Drive it with step() (tests, one thread) or start() (its own daemon thread); submit() and Request.cancel()
-    are safe from any thread.
+    While it runs the model belongs to it (a generator run in between makes it forget what the rows hold). Drive
+    it with step() (tests, one thread) or start() (its own daemon thread); submit() and Request.cancel() are
+    safe from any thread. The cache gets max_batch + 1 rows: the last is the spare row where the CUDA-graph step's
+    lanes beyond the real rows write.
     """
 
-    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch {max_batch} must be >= 1 and max_queue {max_queue} >= 0")
+    def __init__(self, generator: Generator, max_batch: int = 8, max_queue: int = 64,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError(f"max_batch {max_batch} and prefill_chunk {prefill_chunk} must be >= 1, "
+                             f"max_queue {max_queue} >= 0")
         self.generator = generator
+        self.model = generator.model
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[Request] = deque()
-        self._running: dict[int, tuple[Request, Iterator[TokenEvent]]] = {}
+        self._active: list[_Active] = []  # in admission order
+        self._owner: list[_Active | None] = [None] * max_batch
+        self._held: list[list[int]] = [[] for _ in range(max_batch)]  # tokens whose keys/values fill each row
+        self._freed = [0] * max_batch  # when each row was last freed (least recently used first)
+        self._clock = itertools.count(1)
+        self._cache_key = None  # (cache version, generator runs) the rows' contents belong to
+        self._history = None  # sampling.RowHistory, made with the first request that uses penalties
         self._draining = False
         self._thread: threading.Thread | None = None
         self._stop_thread = False
@@ -135,24 +180,27 @@ class Scheduler:
     # --- any thread ---------------------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
+        """Requests waiting for a row."""
         return len(self._waiting)
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Requests holding a cache row (prefilling or decoding)."""
+        return len(self._active)
 
     def submit(self, prompt_ids: list[int], cfg: GenerationConfig, *, prompt_index: int = 0,
                listener: Listener | None = None) -> Request:
-        """Queue a prompt (token ids) with its settings; `prompt_index` picks its random stream with cfg.seed
-        (talis_cli.sampling.row_seed); `listener(request, event)` is called on the scheduler thread and must not
-        block. Raises at once: UsageError (a bad setting), TalisError (empty prompt, or too long for the context:
-        with the token counts), QueueFull, Draining."""
+        """Queue a prompt (token ids, BOS included if the model wants one) with its own settings; `prompt_index`
+        picks its random stream with cfg.seed (talis_cli.sampling.row_seed), so it draws what it would alone.
+        `listener(request, event)` is called on the scheduler thread for each event and must not block; without
+        one, read Request.events(). Raises at once: UsageError (a setting out of range), TalisError (an empty
+        prompt, or one too long for the context, with the token counts), QueueFull, Draining."""
         cfg.validate()
         prompt_ids = list(prompt_ids)
         self.generator.check_prompt(prompt_ids, cfg)
         with self._lock:
             if self._draining:
-                raise Draining("the server is shutting down and takes no new requests")
+                raise Draining("the server is shutting down and takes no new requests; try again after it restarts")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (the most is {self.max_queue}); "
                                 "try again later")
@@ -163,36 +211,126 @@ class Scheduler:
 
     # --- the scheduler thread -----------------------------------------------------------------------------
     def step(self) -> bool:
-        """One iteration: drop cancelled requests, admit waiting ones into free rows, advance every running row
-        by one token, deliver the events. False when there was nothing to do."""
-        self._drop_cancelled()
-        while len(self._running) < 1 and self._waiting:  # this first version runs one request at a time
+        """One iteration: drop cancelled requests, admit waiting ones into free rows, prefill (a chunk of at
+        most prefill_chunk prompt tokens per step in all), one decode step for every decoding row, deliver the
+        events. False when there was nothing to do."""
+        import torch
+
+        with torch.inference_mode():
+            self._drop_cancelled()
+            self._admit()
+            if not self._active:
+                return False
+            self._prefill()
+            self._decode()
+        return True
+
+    def _ensure_cache(self) -> None:
+        """Rows for max_batch requests plus the spare row, and forget what rows hold if anyone else wrote them."""
+        model, gen = self.model, self.generator
+        if model.cache_batch < self.max_batch + 1 or model.max_seq_len != gen.max_seq_len:
+            model.setup_cache(self.max_batch + 1, gen.max_seq_len)
+        key = (model.cache_version, gen._runs)
+        if key != self._cache_key:
+            self._held = [[] for _ in range(self.max_batch)]
+            self._history = None
+            gen._in_cache = None  # the generator's row-0 reuse: this scheduler overwrites row 0
+            self._cache_key = key
+
+    def _admit(self) -> None:
+        while self._waiting and None in self._owner:
             with self._lock:
                 request = self._waiting.popleft() if self._waiting else None
             if request is None:
-                break
-            request.stats.queued_s = time.perf_counter() - request._submitted
-            events = self.generator.stream_batch([request.prompt_ids], request.cfg,
-                                                 prompt_indices=[request.prompt_index])
-            self._running[request.id] = (request, events)
-            stats = self.generator.last_stats
-            if stats is not None:
-                request.stats.reused_tokens = stats.reused_tokens
-        if not self._running:
-            return False
-        for key, (request, events) in list(self._running.items()):
-            event = next(events, None)
-            if event is None:  # cannot happen: the generator ends each row with a finish reason
-                event = TokenEvent(request.prompt_index, "", [], "length")
-            if event.index != request.prompt_index:
-                event.index = request.prompt_index
-            if request.stats.new_tokens == 0:
-                stats = self.generator.last_stats
-                request.stats.reused_tokens = stats.reused_tokens if stats else 0
-            request._deliver(event)
+                return
+            self._ensure_cache()
+            self._start(request)
+
+    def _start(self, request: Request) -> None:
+        """Give `request` the free row that holds the longest start of its prompt (else the least recently used)."""
+        from .sampling import row_generator, uses_penalties
+
+        prompt = request.prompt_ids
+        free = [r for r in range(self.max_batch) if self._owner[r] is None]
+        row = max(free, key=lambda r: (_common_prefix(self._held[r], prompt), -self._freed[r]))
+        reused = _common_prefix(self._held[row], prompt)
+        del self._held[row][reused:]
+        gen, cfg = self.generator, request.cfg
+        budget = min(cfg.max_new_tokens, gen.max_seq_len - len(prompt))
+        out_of_room = "context" if budget < cfg.max_new_tokens else "length"
+        device = self.model.logits_device
+        text = _Row(request.prompt_index, IncrementalDetokenizer(gen.tokenizer, prompt, gen.skip_ids), cfg,
+                    gen.eos_ids)
+        active = _Active(request, row, reused, text, row_generator(cfg, request.prompt_index, device), budget,
+                         out_of_room)
+        if uses_penalties(cfg):
+            if self._history is None:
+                from .sampling import RowHistory
+
+                self._history = RowHistory(self.max_batch, gen.max_seq_len, self.model.args.vocab_size, device)
+            self._history.start(row, prompt, cfg.repetition_window)
+        self._owner[row] = active
+        self._active.append(active)
+        request.stats.reused_tokens = reused
+        request.stats.queued_s = time.perf_counter() - request._submitted
+
+    def _prefill(self) -> None:
+        import torch
+
+        room = self.prefill_chunk
+        for active in [a for a in self._active if not a.decoding]:
+            if room <= 0:
+                return
+            prompt, start = active.request.prompt_ids, active.prefilled
+            chunk = prompt[start : start + room]
+            logits = self.model(torch.tensor([chunk], device=self.model.model.embed_tokens.weight.device),
+                                start_pos=start, last_only=True, cache_row=active.row)[:, -1]
+            room -= len(chunk)
+            active.prefilled += len(chunk)
+            self._held[active.row].extend(chunk)
+            if active.decoding:  # the whole prompt is in: its first token
+                self._draw([active], logits)
+
+    def _decode(self) -> None:
+        import torch
+
+        rows = [a for a in self._active if a.decoding and a.drawn > 0 and a.drawn < a.budget]
+        rows = [a for a in rows if a.last_token is not None]
+        if not rows:
+            return
+        device = self.model.model.embed_tokens.weight.device
+        tokens = torch.tensor([a.last_token for a in rows], device=device)
+        slots = torch.tensor([a.length for a in rows], device=device)
+        cache_rows = torch.tensor([a.row for a in rows], device=device)
+        fast = getattr(self.generator.fast_decode, "decode_rows", None)
+        logits = (fast or self.model.decode_rows)(tokens, slots, cache_rows)
+        for a in rows:
+            self._held[a.row].append(a.last_token)
+        self._draw(rows, logits)
+
+    def _draw(self, rows: list[_Active], logits) -> None:
+        """Draw each row's next token from logits [len(rows), vocab], then deliver its event; free finished rows."""
+        import torch
+
+        from .sampling import draw_rows
+
+        device = logits.device
+        cfgs = [a.request.cfg for a in rows]
+        cache_rows = torch.tensor([a.row for a in rows], device=device)
+        slots = torch.tensor([len(a.request.prompt_ids) + a.drawn for a in rows], device=device)
+        tokens = draw_rows(logits, cfgs, [a.generator for a in rows], self._history, cache_rows, slots).tolist()
+        for a, token in zip(rows, tokens):
+            a.drawn += 1
+            a.last_token = token
+            event = a.text.accept(token, a.out_of_room if a.drawn == a.budget else None)
             if event.finish_reason is not None:
-                del self._running[key]
-        return True
+                self._free(a)
+            a.request._deliver(event)
+
+    def _free(self, active: _Active) -> None:
+        self._active.remove(active)
+        self._owner[active.row] = None
+        self._freed[active.row] = next(self._clock)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -200,19 +338,26 @@ class Scheduler:
             for request in gone:
                 self._waiting.remove(request)
         for request in gone:
-            request._deliver(request._cancelled_event())
-        for key, (request, events) in list(self._running.items()):
-            if request.cancelled:
-                events.close()
-                del self._running[key]
-                request._deliver(request._cancelled_event())
+            request._deliver(request._last_event(CANCELLED))
+        for active in [a for a in self._active if a.request.cancelled]:
+            self._free(active)
+            active.request._deliver(active.request._last_event(CANCELLED))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """The model failed mid-step: every running request ends with finish_reason "error" (and its message);
+        what the rows held is forgotten."""
+        for active in list(self._active):
+            self._free(active)
+            active.request.error = f"{type(exc).__name__}: {exc}"
+            active.request._deliver(active.request._last_event(ERROR))
+        self._cache_key = None
 
     def _cancel_all(self) -> None:
         with self._lock:
             for request in self._waiting:
                 request.cancel()
-        for request, _ in self._running.values():
-            request.cancel()
+        for active in self._active:
+            active.request.cancel()
         self._drop_cancelled()
 
     def _loop(self) -> None:
@@ -220,7 +365,15 @@ class Scheduler:
             with self._lock:
                 if self._stop_thread:
                     break
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as exc:  # keep serving: the requests in the failed step end with an error
+                import traceback
+
+                traceback.print_exc(file=sys.stderr)
+                self._fail_all(exc)
+                busy = True
+            if not busy:
                 with self._lock:
                     if not self._stop_thread and not self._waiting:
                         self._wake.wait(timeout=0.05)
@@ -234,8 +387,9 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, deadline_s: float = 10.0) -> None:
-        """Take no new requests (Draining), let the accepted ones run for up to `deadline_s` seconds, cancel the
-        rest (a last "cancelled" event each), and end the thread. Without start(), the caller's thread steps."""
+        """Take no new requests (Draining), let the accepted ones (running and waiting) go on for up to
+        `deadline_s` seconds, cancel the rest (a last "cancelled" event each), and end the thread. Without
+        start(), the calling thread steps."""
         with self._lock:
             self._draining = True
         end = time.monotonic() + deadline_s
@@ -244,9 +398,18 @@ class Scheduler:
                 pass
             self._cancel_all()
             return
-        while time.monotonic() < end and (self._waiting or self._running):
-            time.sleep(0.01)
+        while time.monotonic() < end and (self._waiting or self._active) and self._thread.is_alive():
+            time.sleep(0.005)
         with self._lock:
             self._stop_thread = True
             self._wake.notify()
         self._thread.join()
+
+
+def _common_prefix(held: list[int], prompt: list[int]) -> int:
+    """How many leading tokens of `prompt` a row holding `held` already has, leaving at least the prompt's last
+    token to compute (its logits draw the first new token)."""
+    n, limit = 0, min(len(held), len(prompt) - 1)
+    while n < limit and held[n] == prompt[n]:
+        n += 1
+    return n

@@ -28,8 +28,8 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 
 from talis_cli.errors import TalisError, UsageError
 
-from .errors import (APIError, api_error_handler, error_response, http_exception_handler, validation_exception_handler,
-                     validation_message)
+from .errors import (APIError, api_error_handler, error_response, http_exception_handler, internal_error_handler,
+                     validation_exception_handler, validation_message)
 from .metrics import ServerMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, generation_config
 
@@ -141,6 +141,7 @@ def create_app(state: ServerState, cors_origins: tuple[str, ...] = ()) -> FastAP
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_exception_handler)
+    app.add_exception_handler(Exception, internal_error_handler)  # a bug: the body still in OpenAI's shape
     app.add_middleware(FrontDoor, state=state)
     if cors_origins:  # outermost, so that refusals carry the CORS headers a page needs to read them
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
@@ -242,7 +243,10 @@ async def complete(state: ServerState, request: Request, served: ServedModel, id
             state.metrics.observe_completion(req.stats)
 
     def listener(req, event):  # on the scheduler thread: must not block
-        loop.call_soon_threadsafe(deliver, req, event)
+        try:
+            loop.call_soon_threadsafe(deliver, req, event)
+        except RuntimeError:  # the loop has closed (the server stopped before the scheduler): nobody listens
+            pass
 
     param = "messages" if kind == "chat" else "prompt"
     req = submit(served.scheduler, ids, config, listener, param)

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 
 # HTTP status -> OpenAI's error type for it
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+               405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -76,3 +76,8 @@ async def validation_exception_handler(request: Request, exc) -> JSONResponse:
 
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
     return exc.response()
+
+
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A bug in talis: 500 in the same body shape (the traceback goes to the server's log, not to the client)."""
+    return error_response(500, f"internal error ({type(exc).__name__}); the server's log has the details")

@@ -71,6 +71,47 @@ def load_served(settings, config, max_batch: int, max_queue: int) -> ServedModel
     return ServedModel(engine, scheduler, model_id, config, template, settings.system, created=int(time.time()))
 
 
+class BackgroundServer:
+    """The app on host:port (0: a free port) in a thread of this process, for tests and benchmarks (no signal
+    handling, no drain: close() stops it). `served` None: it answers 503 "loading" until `state.ready(...)`.
+
+    url: where it listens; state: its ServerState; lines: its log lines (not printed)."""
+
+    def __init__(self, served: ServedModel | None = None, *, api_key: str | None = None,
+                 cors_origins: tuple[str, ...] = (), host: str = "127.0.0.1", port: int = 0,
+                 start_timeout_s: float = 10.0):
+        self.lines: list[str] = []
+        self.state = ServerState(api_key, log=self.lines.append)
+        sock = bind_socket(host, port)
+        self.url = url_of(sock)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.state, tuple(cors_origins)), log_level="warning",
+                                                    access_log=False, lifespan="off", ws="none",
+                                                    timeout_graceful_shutdown=GRACEFUL_CLOSE_S))
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[sock])),
+                                       name="talis-server", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server thread did not start")
+            time.sleep(0.01)
+        if served is not None:
+            self.state.ready(served)
+
+    def close(self, drain_s: float = 1.0) -> None:
+        """Stop the server and its scheduler (running requests get `drain_s` seconds)."""
+        self.server.should_exit = True
+        self.thread.join(GRACEFUL_CLOSE_S + 5)
+        if self.state.served is not None:
+            self.state.served.scheduler.stop(drain_s)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server with our signal handling (a drain first) instead of its own."""
 
@@ -94,16 +135,17 @@ def serve(settings, config, *, host: str = "127.0.0.1", port: int = 8000, api_ke
 
     async def main():
         loop = asyncio.get_running_loop()
-        draining: list[asyncio.Future] = []
+        drains: list[threading.Thread] = []
 
         def on_signal():
-            if draining:  # a second signal: quit now
+            if drains:  # a second signal: quit now
                 server.should_exit = server.force_exit = True
                 return
             state.phase = "draining"
-            draining.append(loop.run_in_executor(None, drain))
+            drains.append(threading.Thread(target=drain, name="talis-drain", daemon=True))
+            drains[0].start()
 
-        def drain():
+        def drain():  # a daemon thread: a second signal does not wait for it
             if state.served is not None:
                 state.served.scheduler.stop(drain_s)
             server.should_exit = True
@@ -131,8 +173,6 @@ def serve(settings, config, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-        if draining:
-            await draining[0]
 
     asyncio.run(main())
     if failure:

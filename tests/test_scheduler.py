@@ -1,0 +1,197 @@
+"""The continuous-batching scheduler on the CPU: requests that join, leave, are cancelled, wait in a bounded queue,
+reuse a cached prefix and drain at stop give exactly the events Generator.stream gives each request alone."""
+
+import threading
+
+import pytest
+import torch
+
+from talis_cli.errors import TalisError, UsageError
+from talis_cli.generation import GenerationConfig, Generator
+from talis_cli.scheduler import Draining, QueueFull, Scheduler
+from tests.test_detokenize import byte_level_tokenizer
+from tests.test_generation import CONTEXT, build_model
+
+GREEDY = GenerationConfig(temperature=0, max_new_tokens=12)
+SEEDED = GenerationConfig(temperature=1.0, top_k=20, top_p=0.9, min_p=0.0, max_new_tokens=12, seed=11,
+                          repetition_penalty=1.3, repetition_window=5, frequency_penalty=0.4, presence_penalty=0.2)
+UNPENALIZED = GenerationConfig(temperature=0.7, top_k=0, top_p=1.0, min_p=0.05, max_new_tokens=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_model(len(tokenizer))  # float64: batching cannot flip an argmax
+
+
+def shape(events):
+    return [(e.index, e.text, e.token_ids, e.finish_reason) for e in events]
+
+
+def alone(model, tokenizer, prompt, cfg, index=0, eos_ids=()):
+    """The events of `prompt` generated alone by a Generator (the reference); a scheduler's events carry the
+    request's prompt index."""
+    gen = Generator(model, tokenizer, eos_ids, CONTEXT)
+    return [(index, *e[1:]) for e in shape(gen.stream_batch([prompt], cfg, prompt_indices=[index]))]
+
+
+def drain(scheduler, requests, limit=500):
+    """Step until every request is done; events per request."""
+    seen = {r.id: [] for r in requests}
+    for _ in range(limit):
+        if all(r.done for r in requests):
+            break
+        scheduler.step()
+    for r in requests:
+        seen[r.id] = shape(r.events(timeout=0))
+    return seen
+
+
+def test_requests_that_join_while_others_decode_give_what_they_give_alone(model, tokenizer):
+    prompts = [tokenizer.encode(t) for t in ("And God said", "In the beginning God created the heaven", "Let")]
+    cfgs = [GREEDY, SEEDED, UNPENALIZED]
+    expected = [alone(model, tokenizer, p, c, index=i) for i, (p, c) in enumerate(zip(prompts, cfgs))]
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=4, prefill_chunk=4)
+    first = scheduler.submit(prompts[0], GREEDY)
+    for _ in range(3):
+        scheduler.step()
+    assert scheduler.running == 1
+    later = [scheduler.submit(prompts[i], cfgs[i], prompt_index=i) for i in (1, 2)]
+    scheduler.step()
+    assert scheduler.running == 3 and scheduler.queue_depth == 0
+    got = drain(scheduler, [first, *later])
+    assert [got[r.id] for r in (first, *later)] == expected
+    assert first.stats.new_tokens == 12 and first.stats.finish_reason == "length"
+    assert 0 < first.stats.first_token_s <= first.stats.first_token_s + first.stats.decode_s
+    assert scheduler.running == 0 and not scheduler.step()
+
+
+def test_a_finished_row_is_reused_and_a_waiting_request_takes_it(model, tokenizer):
+    prompts = [tokenizer.encode(t) for t in ("And God said", "the waters", "Let there be light")]
+    short = GenerationConfig(temperature=0, max_new_tokens=3)
+    expected = [alone(model, tokenizer, p, c) for p, c in zip(prompts, (short, GREEDY, GREEDY))]
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=2)
+    requests = [scheduler.submit(p, c) for p, c in zip(prompts, (short, GREEDY, GREEDY))]
+    scheduler.step()
+    assert (scheduler.running, scheduler.queue_depth) == (2, 1)
+    steps = 1
+    while not requests[0].done:
+        scheduler.step()
+        steps += 1
+    assert steps == 2 and scheduler.running == 1  # the 3-token request left after its prefill and two decodes
+    scheduler.step()
+    assert (scheduler.running, scheduler.queue_depth) == (2, 0)  # the waiting one took the freed row at once
+    got = drain(scheduler, requests)
+    assert [got[r.id] for r in requests] == expected
+
+
+def test_cancel_mid_decode_ends_with_cancelled_frees_the_row_and_leaves_the_others_alone(model, tokenizer):
+    a, b = tokenizer.encode("And God said"), tokenizer.encode("In the beginning")
+    expected_b = alone(model, tokenizer, b, SEEDED, index=1)
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=2)
+    ra, rb = scheduler.submit(a, GREEDY), scheduler.submit(b, SEEDED, prompt_index=1)
+    for _ in range(4):  # the first step prefills and decodes once: five tokens
+        scheduler.step()
+    ra.cancel()
+    scheduler.step()
+    assert scheduler.running == 1 and ra.done
+    events = shape(ra.events(timeout=0))
+    assert events[-1] == (0, "", [], "cancelled") and len(events) == 6
+    assert events[:5] == alone(model, tokenizer, a, GREEDY)[:5]
+    assert ra.stats.finish_reason == "cancelled" and ra.stats.new_tokens == 5
+    rc = scheduler.submit(a, GREEDY)  # takes the freed row: the scheduler has two
+    scheduler.step()
+    assert scheduler.running == 2
+    got = drain(scheduler, [rb, rc])
+    assert got[rb.id] == expected_b and got[rc.id] == alone(model, tokenizer, a, GREEDY)
+    waiting = scheduler.submit(a, GREEDY)
+    waiting.cancel()  # cancelled before it ever ran
+    scheduler.step()
+    assert shape(waiting.events(timeout=0)) == [(0, "", [], "cancelled")] and scheduler.queue_depth == 0
+
+
+def test_a_full_queue_and_bad_requests_are_refused_at_submit(model, tokenizer):
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=1, max_queue=2)
+    p = tokenizer.encode("And God said")
+    scheduler.submit(p, GREEDY)
+    scheduler.submit(p, GREEDY)
+    with pytest.raises(QueueFull, match="^2 requests are already waiting \\(the most is 2\\); try again later$"):
+        scheduler.submit(p, GREEDY)
+    scheduler.step()  # one is admitted, so one place in the queue is free again
+    scheduler.submit(p, GREEDY)
+    too_long = list(range(3, 3 + CONTEXT))
+    with pytest.raises(TalisError, match=f"^the prompt is {CONTEXT} tokens, 1 too many for a context of {CONTEXT} "
+                                         f"\\(room for {CONTEXT - 1} plus one new token\\)"):
+        scheduler.submit(too_long, GREEDY)
+    with pytest.raises(TalisError, match="^the prompt is empty"):
+        scheduler.submit([], GREEDY)
+    with pytest.raises(UsageError, match="^temperature = -1.0 is out of range"):
+        scheduler.submit(p, GenerationConfig(temperature=-1.0))
+
+
+def test_a_continued_conversation_reuses_its_rows_keys_and_values(model, tokenizer):
+    gen = Generator(model, tokenizer, (), CONTEXT)
+    scheduler = Scheduler(gen, max_batch=3)
+    first = tokenizer.encode("And God said")
+    other = scheduler.submit(tokenizer.encode("Let there be"), GREEDY)  # takes a row too
+    r1 = scheduler.submit(first, GenerationConfig(temperature=0, max_new_tokens=6))
+    reply = [t for e in drain(scheduler, [other, r1])[r1.id] for t in e[2]]
+    follow_up = first + reply + tokenizer.encode(" and the")
+    r2 = scheduler.submit(follow_up, SEEDED)
+    got = drain(scheduler, [r2])[r2.id]
+    # every token of the reply but the last went through the model: only that one and the new text are computed
+    assert r2.stats.reused_tokens == len(first) + len(reply) - 1
+    assert r2.stats.prompt_tokens == len(follow_up)
+    assert got == alone(model, tokenizer, follow_up, SEEDED)
+    r3 = scheduler.submit(first[:1] + tokenizer.encode(" x"), GREEDY)  # shares one token with two rows
+    drain(scheduler, [r3])
+    assert r3.stats.reused_tokens == 1
+
+
+def test_stop_strings_and_eos_end_rows_as_the_generator_ends_them(model, tokenizer):
+    p = tokenizer.encode("In the beginning God")
+    text = "".join(e[1] for e in alone(model, tokenizer, p, GREEDY))
+    stop = GenerationConfig(temperature=0, max_new_tokens=12, stop=(text[3:5],))
+    free_tokens = [e[2][0] for e in alone(model, tokenizer, p, GREEDY)]
+    eos = (free_tokens[5],)
+    scheduler = Scheduler(Generator(model, tokenizer, eos, CONTEXT), max_batch=2)
+    a, b = scheduler.submit(p, stop), scheduler.submit(p, GREEDY)
+    got = drain(scheduler, [a, b])
+    assert got[a.id] == alone(model, tokenizer, p, stop, eos_ids=eos) and got[a.id][-1][3] == "stop"
+    assert got[b.id] == alone(model, tokenizer, p, GREEDY, eos_ids=eos) and got[b.id][-1][3] == "eos"
+    near_end = list(range(3, 3 + CONTEXT - 3))  # room for 3 tokens: the reply ends with "context"
+    c = scheduler.submit(near_end, GREEDY)
+    assert drain(scheduler, [c])[c.id] == alone(model, tokenizer, near_end, GREEDY, eos_ids=eos)
+    assert c.stats.finish_reason == "context" and c.stats.new_tokens == 3
+
+
+def test_the_thread_serves_listeners_and_stop_drains_then_refuses(model, tokenizer):
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=2)
+    scheduler.start()
+    seen, finished = [], threading.Event()
+
+    def listener(request, event):
+        seen.append(event)
+        if event.finish_reason:
+            finished.set()
+
+    p = tokenizer.encode("And God said")
+    scheduler.submit(p, GREEDY, listener=listener)
+    streamed = scheduler.submit(p, SEEDED, prompt_index=2)
+    assert shape(streamed.events(timeout=30)) == alone(model, tokenizer, p, SEEDED, index=2)
+    assert finished.wait(30) and shape(seen) == alone(model, tokenizer, p, GREEDY)
+    long_run = scheduler.submit(p, GenerationConfig(temperature=0, max_new_tokens=CONTEXT))
+    scheduler.stop(deadline_s=0.0)  # no time left: the running request is cancelled
+    assert long_run.done and shape(long_run.events(timeout=0))[-1] == (0, "", [], "cancelled")
+    with pytest.raises(Draining, match="^the server is shutting down"):
+        scheduler.submit(p, GREEDY)
+    quiet = Scheduler(Generator(model, tokenizer, (), CONTEXT))
+    r = quiet.submit(p, GREEDY)
+    with pytest.raises(TimeoutError):
+        next(r.events(timeout=0.01))
+    quiet.stop(deadline_s=30)  # stepped by the caller: the accepted request finishes
+    assert shape(r.events(timeout=0)) == alone(model, tokenizer, p, GREEDY)

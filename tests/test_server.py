@@ -1,0 +1,301 @@
+"""`talis serve`'s API on the embedded model: the official openai client (greedy text equals the Generator's for the
+same prompt and settings), every error case over raw HTTP, the api key, /health, /metrics, a client that leaves."""
+
+import json
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from talis_cli.engine import Engine
+from talis_cli.repl.session import encode_prompt, with_stops
+from talis_cli.server.app import ServerState
+
+from server_harness import GREEDY, LiveServer, metric_samples, serve_embedded
+
+PROMPT = "And God said"
+N = 12  # max_tokens of the comparisons: short, the embedded model is fast but the cores are shared
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """An engine of its own (the server's belongs to its scheduler thread) -> (text, finish, tokens, prompt ids)
+    of a greedy reply as `talis generate` (chat=True: `talis generate --chat`) computes it."""
+    engine = Engine.load()
+
+    def reply(text: str, chat: bool = False, max_tokens: int = N):
+        ids, stops = encode_prompt(engine, text, None, None, chat)
+        events = list(engine.generator.stream(ids, with_stops(GREEDY.with_overrides(max_new_tokens=max_tokens), stops)))
+        return "".join(e.text for e in events), events[-1].finish_reason, len(events), ids
+
+    return reply
+
+
+@pytest.fixture(scope="module")
+def live():
+    with serve_embedded() as server:
+        yield server
+
+
+@pytest.fixture
+def client(live):
+    return OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def post(url: str, body, headers=None, path: str = "/v1/completions") -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(url + path, content=content, headers={"Content-Type": "application/json", **(headers or {})},
+                      timeout=30)
+
+
+def test_completions_greedy_text_equals_the_generator(client, reference):
+    text, finish, tokens, ids = reference(PROMPT)
+    done = client.completions.create(model="talis-default", prompt=PROMPT, max_tokens=N, temperature=0)
+    assert done.choices[0].text == text and done.choices[0].finish_reason == {"eos": "stop"}.get(finish, "length")
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (len(ids), tokens)
+    timings = done.model_extra["timings"]
+    assert timings["prompt_tokens"] == len(ids) and timings["completion_tokens"] == tokens
+    assert timings["time_to_first_token_ms"] > 0 and timings["decode_tokens_per_s"] > 0
+
+    chunks = list(client.completions.create(model="talis-default", prompt=PROMPT, max_tokens=N, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == done.choices[0].finish_reason
+    assert chunks[-1].model_extra["timings"]["completion_tokens"] == tokens
+
+
+def test_chat_greedy_text_equals_talis_generate_chat(client, reference):
+    text, finish, tokens, ids = reference("Who made the heaven?", chat=True)
+    messages = [{"role": "user", "content": "Who made the heaven?"}]
+    done = client.chat.completions.create(model="talis-default", messages=messages, max_tokens=N, temperature=0)
+    assert done.choices[0].message.content == text and done.choices[0].message.role == "assistant"
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (len(ids), tokens)
+
+    chunks = list(client.chat.completions.create(model="talis-default", messages=messages, max_tokens=N,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == done.choices[0].finish_reason
+    usage_chunk = chunks[-1]  # with include_usage: no choices, the usage and the timings
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == tokens
+    assert usage_chunk.model_extra["timings"]["completion_tokens"] == tokens
+
+
+def test_sse_wire_format_ends_with_done(live, reference):
+    text, _, tokens, _ = reference(PROMPT, max_tokens=4)
+    with httpx.stream("POST", live.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "stream": True},
+                      timeout=30) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    assert chunks[-1]["usage"]["completion_tokens"] == tokens and "timings" in chunks[-1]
+
+
+def test_request_settings_override_the_servers(client, reference):
+    """The server's defaults are greedy (harness); a stop string and a seed from the request apply."""
+    text, _, _, _ = reference(PROMPT)
+    stop = text.split()[2]
+    done = client.completions.create(model="talis-default", prompt=PROMPT, max_tokens=N, stop=[stop])
+    assert done.choices[0].finish_reason == "stop" and done.choices[0].text == text[: text.index(stop)]
+    sampled = [client.completions.create(prompt=PROMPT, model="talis-default", max_tokens=N, temperature=1.0,
+                                         seed=7).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_models_and_health(live, client):
+    assert [m.id for m in client.models.list().data] == ["talis-default"]
+    assert client.models.retrieve("talis-default").id == "talis-default"
+    assert httpx.get(live.url + "/health", timeout=10).json() == {"status": "ok"}
+
+
+ERROR_CASES = [  # (body, path, status, param, code, words in the message)
+    (b"{not json", "/v1/completions", 400, None, None, "not valid JSON"),
+    (b"[1, 2]", "/v1/completions", 400, None, None, "one JSON object"),
+    ({"max_tokens": 3}, "/v1/completions", 400, "prompt", None, "prompt is required"),
+    ({"prompt": 5}, "/v1/completions", 400, "prompt", None, "valid string"),
+    ({"prompt": "x", "temperature": "hot"}, "/v1/completions", 400, "temperature", None, "valid number"),
+    ({"prompt": "x", "stop": 3}, "/v1/completions", 400, "stop", None, "stop must be a string or a list of strings"),
+    ({"prompt": "x", "temperature": -1}, "/v1/completions", 400, "temperature", None,
+     "temperature = -1.0 is out of range: allowed >= 0 (0 = greedy)"),
+    ({"prompt": "x", "max_tokens": 0}, "/v1/completions", 400, "max_tokens", None,
+     "max_tokens = 0 is out of range: allowed an integer >= 1"),
+    ({"prompt": "x", "top_p": 1.5}, "/v1/completions", 400, "top_p", None, "0 < top_p <= 1"),
+    ({"prompt": "x", "n": 2}, "/v1/completions", 400, "n", None, "n = 2 is not supported"),
+    ({"prompt": "x", "model": "gpt-4"}, "/v1/completions", 404, "model", "model_not_found",
+     "model 'gpt-4' does not exist here; this server serves 'talis-default'"),
+    ({"messages": []}, "/v1/chat/completions", 400, "messages", None, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "/v1/chat/completions", 400, "messages.0.role", None, "role"),
+    ({"messages": [{"role": "user", "content": 7}]}, "/v1/chat/completions", 400, "messages.0.content", None,
+     "a string, a list of text parts or null"),
+]
+
+
+@pytest.mark.parametrize("body, path, status, param, code, words", ERROR_CASES)
+def test_bad_requests_answer_in_openais_shape(live, body, path, status, param, code, words):
+    response = post(live.url, body, path=path)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words in error["message"] and "Traceback" not in response.text
+    assert (error["param"], error["code"]) == (param, code)
+    assert error["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
+
+
+def test_prompt_longer_than_the_context(live):
+    response = post(live.url, {"prompt": "And God said " * 200, "max_tokens": 4})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+    assert error["message"].startswith("the prompt is 602 tokens, 91 too many for a context of 512 "
+                                    "(room for 511 plus one new token)")
+    assert httpx.get(live.url + "/health", timeout=10).status_code == 200  # still up
+
+
+def test_unknown_path_and_method(live):
+    response = httpx.get(live.url + "/v2/nothing", timeout=10)
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == ("no such path: GET /v2/nothing; see GET /v1/models, "
+                                                   "POST /v1/chat/completions")
+    response = httpx.get(live.url + "/v1/completions", timeout=10)
+    assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_api_key():
+    served_key = "s3cret-key"
+    with serve_embedded(api_key=served_key) as server:
+        missing = post(server.url, {"prompt": PROMPT, "max_tokens": 2})
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+        assert "Authorization: Bearer KEY" in missing.json()["error"]["message"]
+        wrong = post(server.url, {"prompt": PROMPT, "max_tokens": 2}, {"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert wrong.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # probes need no key
+        good = OpenAI(base_url=server.url + "/v1", api_key=served_key, max_retries=0, timeout=30)
+        assert good.completions.create(model="talis-default", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_queue_full_is_429():
+    with serve_embedded(max_queue=0) as server:
+        response = post(server.url, {"prompt": PROMPT, "max_tokens": 2})
+        assert response.status_code == 429
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
+        assert "the most is 0" in error["message"]
+
+
+@pytest.mark.parametrize("phase, words", [("loading", "still loading"), ("draining", "shutting down")])
+def test_503_while_loading_or_draining(phase, words):
+    with LiveServer() as server:  # no model: loading
+        server.state.phase = phase
+        health = httpx.get(server.url + "/health", timeout=10)
+        response = post(server.url, {"prompt": PROMPT})
+        for answer in (health, response):
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == phase
+            assert words in answer.json()["error"]["message"]
+
+
+def test_metrics_count_requests_tokens_and_latencies(reference):
+    text, _, tokens, ids = reference(PROMPT, max_tokens=5)
+    with serve_embedded() as server:
+        for stream in (False, True, False):
+            post(server.url, {"prompt": PROMPT, "max_tokens": 5, "stream": stream}).raise_for_status()
+        post(server.url, b"{oops")
+        httpx.get(server.url + "/nowhere", timeout=10)
+        scraped = httpx.get(server.url + "/metrics", timeout=10)
+        assert scraped.headers["content-type"].startswith("text/plain")
+        samples = metric_samples(scraped.text)
+        assert samples['talis_requests_total{endpoint="/v1/completions",status="200"}'] == 3
+        assert samples['talis_requests_total{endpoint="/v1/completions",status="400"}'] == 1
+        assert samples['talis_requests_total{endpoint="other",status="404"}'] == 1
+        assert samples["talis_prompt_tokens_total"] == 3 * len(ids)
+        assert samples["talis_completion_tokens_total"] == 3 * tokens
+        assert samples["talis_time_to_first_token_seconds_count"] == 3
+        assert samples["talis_time_per_output_token_seconds_count"] == 3
+        assert samples["talis_queue_depth"] == 0 and samples["talis_running_requests"] == 0
+        assert any(line.startswith("POST /v1/completions 200 4+5 tokens ") for line in server.lines)
+
+
+def test_client_that_leaves_mid_stream_cancels_its_row(live):
+    submitted = []
+    scheduler = live.scheduler
+    original = scheduler.submit
+    scheduler.submit = lambda *args, **kwargs: submitted.append(original(*args, **kwargs)) or submitted[-1]
+    try:
+        with httpx.stream("POST", live.url + "/v1/completions", timeout=30,
+                          json={"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}) as response:
+            for count, _ in enumerate(response.iter_lines()):
+                if count == 6:
+                    break  # leaving the block closes the connection
+    finally:
+        del scheduler.submit
+    request = submitted[0]
+    deadline = time.monotonic() + 10
+    while not request.done and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert request.stats.finish_reason == "cancelled" and request.stats.new_tokens < 400  # not eos/length: cancelled
+    assert scheduler.running == 0
+
+
+def test_cors_origins_get_headers_on_answers_and_refusals():
+    with LiveServer(api_key="k", cors_origins=("http://page.example",)) as server:
+        preflight = httpx.options(server.url + "/v1/chat/completions", timeout=10, headers={
+            "Origin": "http://page.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://page.example"
+        refused = post(server.url, {"prompt": PROMPT}, {"Origin": "http://page.example"})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "http://page.example"
+        other = post(server.url, {"prompt": PROMPT}, {"Origin": "http://elsewhere.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_page_at_root(live, monkeypatch, tmp_path):
+    import talis_cli.server.app as app_module
+
+    monkeypatch.setattr(app_module, "STATIC_DIR", tmp_path)
+    missing = httpx.get(live.url + "/", timeout=10)
+    assert missing.status_code == 404 and "has no web page" in missing.json()["error"]["message"]
+    (tmp_path / "index.html").write_text("<title>talis</title>")
+    page = httpx.get(live.url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text == "<title>talis</title>"
+
+
+def test_a_bug_is_a_500_in_openais_shape(live, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(live.scheduler, "submit", broken)
+    response = post(live.url, {"prompt": PROMPT, "max_tokens": 2})
+    assert response.status_code == 500
+    assert response.json()["error"] == {"message": "internal error (RuntimeError); the server's log has the details",
+                                        "type": "server_error", "param": None, "code": None}
+    monkeypatch.undo()
+    assert post(live.url, {"prompt": PROMPT, "max_tokens": 2}).status_code == 200  # still serving
+
+
+def test_a_conversation_renders_as_talis_chat_renders_it(client, live):
+    """System prompt and earlier turns: the reply equals talis chat's for the same conversation."""
+    from talis_cli.repl.session import ChatSession
+
+    turns = [{"role": "user", "content": "Who made the heaven?"}, {"role": "assistant", "content": "The LORD."},
+             {"role": "user", "content": "And the earth?"}]
+    engine = Engine.load()
+    session = ChatSession(engine, GREEDY.with_overrides(max_new_tokens=N), system="Answer as the prophets did.")
+    session.messages = list(turns)
+    ids = session.encode()
+    expected = "".join(e.text for e in engine.generator.stream(ids, with_stops(session.config, session.template.stop)))
+    done = client.chat.completions.create(model="talis-default", max_tokens=N, temperature=0, messages=[
+        {"role": "system", "content": "Answer as the prophets did."}, *turns])
+    assert done.choices[0].message.content == expected and done.usage.prompt_tokens == len(ids)
+
+    import dataclasses
+
+    from talis_cli.server.schemas import ChatMessage
+
+    with_default = dataclasses.replace(live.state.served, system="Answer as the prophets did.")  # talis serve --system
+    assert with_default.chat_ids([ChatMessage(**turn) for turn in turns]) == ids
