@@ -119,7 +119,7 @@ def collect_prompts(prompt: Optional[str], each_line: bool) -> list[str]:
 def generate(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="Prompt text (after stdin's, if both).")] = None,
     each_line: Annotated[bool, typer.Option("--each-line", help="Each stdin line is its own prompt, batched; each result is written on one line (newlines become spaces; --json keeps them).")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Prompts per batch with --each-line.", min=1)] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Prompts generated at once with --each-line (continuous batching: a finished line's place goes to the next line at once).", min=1)] = 8,
     system: Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="System prompt (implies --chat).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the chat template (implied by --system and --template).")] = False,
     special: Annotated[bool, typer.Option("--special", help="Parse control-token text such as </s> in a raw prompt into control tokens (without it, prompts are plain text).")] = False,
@@ -158,7 +158,8 @@ def generate(
     engine = load_engine(settings)
     loaded = time.perf_counter()
 
-    from talis_cli.oneshot import JsonLinesWriter, StreamWriter, check_prompts, encode_prompts, run_batches
+    from talis_cli.oneshot import (JsonLinesWriter, StreamWriter, check_prompts, encode_prompts, run_batches,
+                                   run_scheduled)
     from talis_cli.repl.session import encode_prompt, with_stops
 
     prompts, stops = encode_prompts(
@@ -170,8 +171,8 @@ def generate(
     config = _with_run_seed(config)
     writer = JsonLinesWriter(prompts, config.seed) if json_lines else StreamWriter(len(prompts), one_line=each_line)
     writer = ContextFullNotice(writer)  # a note on stderr for replies cut by the full context
-    totals = run_batches(engine.generator, prompts, config, batch_size if each_line else 1, writer,
-                         on_error=_report_error)
+    run = run_scheduled if each_line else run_batches  # one prompt: the generator's own path, as fast as it is
+    totals = run(engine.generator, prompts, config, batch_size if each_line else 1, writer, on_error=_report_error)
     writer.report(engine, len(prompts))
     if stats and totals is not None:
         # the engine's phases, after the command's own work before it (flags, --config file, stdin)

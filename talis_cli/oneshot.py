@@ -1,6 +1,7 @@
 """`talis generate`'s one-shot runs: prompts generated in batches, results written in prompt order.
 
-With `--each-line`, result N is on line N: a line that cannot run (blank, too long for the context, ...) gets an
+With `--each-line` the prompts go through the continuous-batching scheduler (talis_cli.scheduler): up to
+--batch-size run at once, and a finished line's row is taken by the next line at once. Result N is on line N: a line that cannot run (blank, too long for the context, ...) gets an
 empty line (or a JSON object with an `error` field naming it), the other lines still run, and the run reports the
 failure. Frontend code, but free of typer: the CLI passes in how to report a failed line.
 """
@@ -84,6 +85,55 @@ def run_batches(generator, prompts: list[Prompt], config, batch_size: int, write
         for name in ("prompt_tokens", "reused_tokens", "new_tokens", "prefill_s", "decode_s"):
             setattr(totals, name, getattr(totals, name) + getattr(stats, name))
     return totals
+
+
+def run_scheduled(generator, prompts: list[Prompt], config, max_batch: int, writer,
+                  on_error: Callable[[str], None] = lambda message: None):
+    """As run_batches, through a Scheduler with `max_batch` rows: every runnable prompt is queued at once, each
+    with its own prompt index (so its seed, talis_cli.sampling.row_seed), and `writer.end_batch([i], stats)` is
+    called as prompt i finishes, with its own GenerationStats. Returns the run's GenerationStats (None when no
+    prompt ran): token counts summed, prefill_s and decode_s the seconds the scheduler spent in each."""
+    from .generation import GenerationStats
+    from .scheduler import Scheduler
+
+    for index, prompt in enumerate(prompts):
+        if prompt.error is not None:
+            on_error(prompt.error)
+            writer.fail(index, prompt.error)
+    runnable = [i for i, p in enumerate(prompts) if p.error is None]
+    if not runnable:
+        return None
+    scheduler = Scheduler(generator, max_batch=max_batch, max_queue=len(runnable))
+    events: list = []  # (request, event) in the order the scheduler delivered them
+    requests = {scheduler.submit(prompts[i].ids, config, prompt_index=i,
+                                 listener=lambda r, e: events.append((r, e))).id: i for i in runnable}
+    totals, first = GenerationStats(0), None
+    try:
+        while scheduler.step() or events:
+            for request, event in events:
+                index = requests[request.id]
+                writer.add(index, event)
+                if event.finish_reason is not None:
+                    stats = request_stats(request.stats)
+                    writer.end_batch([index], stats)
+                    for name in ("prompt_tokens", "reused_tokens", "new_tokens"):
+                        setattr(totals, name, getattr(totals, name) + getattr(stats, name))
+                    first = stats.first_token_s if first is None else min(first, stats.first_token_s)
+            events.clear()
+    finally:
+        scheduler.stop(deadline_s=0)  # after an interruption: the rows still running are cancelled
+    totals.prefill_s, totals.decode_s, totals.first_token_s = scheduler.prefill_s, scheduler.decode_s, first or 0.0
+    return totals
+
+
+def request_stats(stats):
+    """A scheduler request's RequestStats as the GenerationStats a frontend shows (its prefill: from leaving the
+    queue to its first token)."""
+    from .generation import GenerationStats
+
+    return GenerationStats(stats.prompt_tokens, stats.reused_tokens, stats.new_tokens,
+                           prefill_s=max(stats.first_token_s - stats.queued_s, 0.0), decode_s=stats.decode_s,
+                           first_token_s=stats.first_token_s)
 
 
 def plan_batches(prompts: list[Prompt], batch_size: int, roomy_len: int) -> list[list[int]]:

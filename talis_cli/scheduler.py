@@ -176,6 +176,8 @@ class Scheduler:
         self._draining = False
         self._thread: threading.Thread | None = None
         self._stop_thread = False
+        self.prefill_s = 0.0  # seconds spent in prefill forwards (and first draws) so far
+        self.decode_s = 0.0  # seconds spent in decode steps (and draws) so far
 
     # --- any thread ---------------------------------------------------------------------------------------
     @property
@@ -221,8 +223,12 @@ class Scheduler:
             self._admit()
             if not self._active:
                 return False
+            began = time.perf_counter()
             self._prefill()
+            middle = time.perf_counter()
             self._decode()
+            self.prefill_s += middle - began
+            self.decode_s += time.perf_counter() - middle
         return True
 
     def _ensure_cache(self) -> None:

@@ -139,3 +139,39 @@ def test_a_prompt_near_the_context_end_does_not_shorten_the_others_replies(engin
     run_batches(engine.generator, prompts, CONFIG, 8, writer)
     assert [len(t) for t in writer.tokens] == [8, 6, 8]
     assert writer.tokens[0] == [t for e in engine.generator.stream(prompts[0].ids, CONFIG) for t in e.token_ids]
+
+
+class Ordered(Collected):
+    """Collected, also noting the order in which prompts' first tokens and ends arrive."""
+
+    def __init__(self, count):
+        super().__init__(count)
+        self.log, self.stats = [], {}
+
+    def add(self, index, event):
+        if not self.tokens[index]:
+            self.log.append(("first", index))
+        super().add(index, event)
+
+    def end_batch(self, indices, stats):
+        self.log += [("end", i) for i in indices]
+        self.stats.update({i: stats for i in indices})
+
+
+def test_each_line_through_the_scheduler_a_line_takes_a_freed_row_without_waiting(engine):
+    """Two rows: line 2 (near the context end) finishes first and line 3 starts at once, before line 1 ends; every
+    line gets the tokens it gets alone with its own seed, and its own stats."""
+    from talis_cli.oneshot import Prompt, run_scheduled
+
+    near_end = engine.encode("and the evening " * 200)[:CONTEXT - 3]  # room for 3 new tokens
+    prompts = [Prompt("a", engine.encode("And God said")), Prompt("b", near_end), Prompt("c", engine.encode("Let"))]
+    writer = Ordered(3)
+    totals = run_scheduled(engine.generator, prompts, CONFIG, 2, writer)
+    alone = [[t for e in engine.generator.stream_batch([p.ids], CONFIG, prompt_indices=[i]) for t in e.token_ids]
+             for i, p in enumerate(prompts)]
+    assert writer.tokens == alone and [len(t) for t in alone] == [8, 3, 8]
+    assert writer.log.index(("end", 1)) < writer.log.index(("first", 2)) < writer.log.index(("end", 0))
+    assert [writer.stats[i].prompt_tokens for i in range(3)] == [len(p.ids) for p in prompts]
+    assert [writer.stats[i].new_tokens for i in range(3)] == [8, 3, 8]
+    assert (totals.prompt_tokens, totals.new_tokens) == (sum(len(p.ids) for p in prompts), 19)
+    assert totals.prefill_s > 0 and totals.decode_s > 0

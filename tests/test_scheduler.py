@@ -195,3 +195,27 @@ def test_the_thread_serves_listeners_and_stop_drains_then_refuses(model, tokeniz
         next(r.events(timeout=0.01))
     quiet.stop(deadline_s=30)  # stepped by the caller: the accepted request finishes
     assert shape(r.events(timeout=0)) == alone(model, tokenizer, p, GREEDY)
+
+
+def test_a_row_that_joins_late_draws_transformers_greedy_tokens(tmp_path):
+    """Mistral-style GQA + sliding window: a request that joins while another is 20 tokens in gets
+    transformers' own greedy continuation, and so does the one already running."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from talis_cli.tokenizer import load_tokenizer
+    from tests.hf_parity import hf_random, random_tokens, talis_model
+
+    hf = hf_random(MistralConfig, MistralForCausalLM, 2, sliding_window=8, num_key_value_heads=2)
+    model = talis_model(hf, tmp_path, max_seq_len=96)
+    scheduler = Scheduler(Generator(model, load_tokenizer(tmp_path), [], 96), max_batch=3, prefill_chunk=5)
+    prompts = [random_tokens(1, n, seed=s)[0].tolist() for n, s in ((6, 4), (17, 5))]
+    cfg = GenerationConfig(temperature=0, max_new_tokens=30)
+    first = scheduler.submit(prompts[0], cfg)
+    for _ in range(20):
+        scheduler.step()
+    late = scheduler.submit(prompts[1], cfg)
+    got = drain(scheduler, [first, late])
+    for request, p in ((first, prompts[0]), (late, prompts[1])):
+        theirs = hf.generate(torch.tensor([p]), max_new_tokens=30, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        assert [e[2][0] for e in got[request.id]] == theirs[0, len(p):].tolist()

@@ -162,7 +162,7 @@ class ContextFullNotice:
     def report(self, engine, count: int) -> None:
         if not self.cut:
             return
-        which = "the reply" if count == 1 else "the replies to prompts " + ", ".join(str(i + 1) for i in self.cut)
+        which = "the reply" if count == 1 else "the replies to prompts " + ", ".join(str(i + 1) for i in sorted(self.cut))
         size = engine.max_seq_len
         advice = context_full_advice(size, engine.context_limit)
         stderr_console().print(f"note: {which} stopped at the end of the context ({size} tokens) before "
