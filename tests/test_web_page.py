@@ -97,6 +97,14 @@ def api_reply(url: str, messages: list, max_tokens: int) -> dict:
     return response.json()
 
 
+def metric(url: str, name: str) -> float:
+    """One sample of the server's /metrics (Prometheus text)."""
+    for line in httpx.get(f"{url}/metrics", timeout=WAIT_S).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"/metrics has no {name}")
+
+
 def test_the_page_streams_a_reply_with_its_stats_line(url, browser):
     browser.get(url + "/")
     assert browser.title == "talis chat"
@@ -135,16 +143,21 @@ def test_the_stop_button_ends_a_reply_early_and_errors_show_the_servers_message(
     assert browser.execute_script("return document.getElementById('api-key').value") == KEY
     set_field(browser, "temperature", "0")
     set_field(browser, "max-tokens", "400")
+    generated_before = metric(url, "talis_completion_tokens_total")
     send(browser, "And God said")
     wait_for(lambda: len(page_text(browser, ".message.assistant")[0]) > 0, "the reply's first words")
     browser.execute_script("document.getElementById('stop').click()")
     wait_for(lambda: page_text(browser, ".note"), "the stopped note")
     stopped = page_text(browser, ".message.assistant")[0]
-    time.sleep(0.3)
+    # the server cancels the row: the batch empties before a whole reply could have been generated
+    wait_for(lambda: metric(url, "talis_running_requests") == 0, "the server to cancel the request", timeout=10)
+    generated = metric(url, "talis_completion_tokens_total") - generated_before
     assert page_text(browser, ".message.assistant")[0] == stopped  # nothing more arrives
     assert page_text(browser, ".stats:not(.note)") == []
-    full = api_reply(url, [{"role": "user", "content": "And God said"}], 400)["choices"][0]["message"]["content"]
-    assert full.startswith(stopped) and len(stopped) < len(full)
+    full = api_reply(url, [{"role": "user", "content": "And God said"}], 400)
+    assert full["choices"][0]["message"]["content"].startswith(stopped)
+    assert len(stopped) < len(full["choices"][0]["message"]["content"])
+    assert generated < full["usage"]["completion_tokens"]
 
     set_field(browser, "temperature", "-1")
     send(browser, "Hello")
