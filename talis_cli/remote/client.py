@@ -9,7 +9,7 @@ the chunk that carries a `finish_reason` also carries talis' `timings` object.
 from __future__ import annotations
 
 import json
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 from urllib.parse import urlsplit
 
 import httpx
@@ -89,10 +89,11 @@ class Reply:
     once the reply has ended. Closing it early (`close()`, or leaving the `with` block) drops the connection,
     which cancels the request on the server."""
 
-    def __init__(self, events: Iterator[TokenEvent]):
-        self._events = events
+    def __init__(self, events: Callable[["Reply"], Iterator[TokenEvent]]):
+        """events(reply): the generator of the reply's events, filling in `reply.stats` and `finish_reason`."""
         self.stats: Optional[GenerationStats] = None
         self.finish_reason: Optional[str] = None
+        self._events = events(self)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self._events
@@ -120,6 +121,7 @@ class ServerClient:
         self.url = check_url(url)
         self.api_key = api_key or None
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self.read_timeout_s = read_timeout_s
         self._http = httpx.Client(base_url=self.url, headers=headers,
                                   timeout=httpx.Timeout(read_timeout_s, connect=CONNECT_TIMEOUT_S),
                                   limits=httpx.Limits(max_connections=max(connections, 1)), transport=transport)
@@ -159,9 +161,7 @@ class ServerClient:
     # ----- streaming
 
     def _stream(self, path: str, body: dict) -> Reply:
-        reply = Reply(iter(()))
-        reply._events = self._events(path, {**body, "stream": True}, reply)
-        return reply
+        return Reply(lambda reply: self._events(path, {**body, "stream": True}, reply))
 
     def _events(self, path: str, body: dict, reply: Reply) -> Iterator[TokenEvent]:
         with self._transport_errors():
@@ -212,7 +212,7 @@ class ServerClient:
     # ----- errors
 
     def _transport_errors(self):
-        return _TransportErrors(self.url)
+        return _TransportErrors(self.url, self.read_timeout_s)
 
     def _raise_for_status(self, status: int, content: bytes) -> None:
         if status == 200:
@@ -249,8 +249,8 @@ def _error_message(body) -> str:
 class _TransportErrors:
     """Turns httpx's connection failures into one ServerError line."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, read_timeout_s: float):
+        self.url, self.read_timeout_s = url, read_timeout_s
 
     def __enter__(self):
         return self
@@ -262,6 +262,7 @@ class _TransportErrors:
             reason = str(exc).split("] ")[-1] or type(exc).__name__
             raise ServerError(f"cannot reach {self.url}: {reason}; is `talis serve` running?") from None
         if isinstance(exc, httpx.ReadTimeout):
-            raise ServerError(f"{self.url} sent nothing for {READ_TIMEOUT_S:.0f} s; the server may be stuck") from None
+            raise ServerError(f"{self.url} sent nothing for {self.read_timeout_s:.0f} s; the server may be stuck; "
+                              "check its log") from None
         raise ServerError(f"the connection to {self.url} failed ({type(exc).__name__}: {exc}); "
                           "is `talis serve` still running?") from None
