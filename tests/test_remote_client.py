@@ -187,3 +187,30 @@ def test_chat_url_streams_replies_with_the_stats_line(url, engine, tmp_path):
     assert "/info needs a local model" in printed
     assert "generated tokens  3" in printed  # /stats: the last reply, from the server's timings
     session.client.close()
+
+
+def test_talis_chat_url_on_a_terminal(url, tmp_path):
+    """The whole command: `talis chat --url` on a pseudo-terminal answers, shows the stats line, and leaves with
+    Ctrl-D; with the server down it is one line and exit 1."""
+    from tests.test_repl import Terminal
+
+    env = client_env(XDG_DATA_HOME=str(tmp_path / "data"), TERM="xterm-256color", COLUMNS="120", LINES="40",
+                     PROMPT_TOOLKIT_NO_CPR="1", NO_COLOR="1", TALIS_API_KEY=KEY)
+    terminal = Terminal([sys.executable, "-m", "talis_cli", "chat", "--url", url, "--temperature", "0", "-n", "6"], env)
+    try:
+        terminal.expect(b">>>")
+        terminal.send("Who made the earth?\r")
+        terminal.expect(b"| reply 6 tok, ")
+        terminal.expect(b">>>")
+        terminal.send("\x04")
+        assert terminal.close() == 0
+    finally:
+        terminal.process.kill()
+
+    down = f"http://127.0.0.1:{free_port()}"
+    terminal = Terminal([sys.executable, "-m", "talis_cli", "chat", "--url", down], env)
+    try:
+        terminal.expect(f"cannot reach {down}: Connection refused; is `talis serve` running?".encode())
+        assert terminal.close() == 1 and b"Traceback" not in terminal.output
+    finally:
+        terminal.process.kill()
