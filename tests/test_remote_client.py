@@ -169,8 +169,8 @@ def test_chat_url_streams_replies_with_the_stats_line(url, engine, tmp_path):
 
     session = RemoteChatSession.connect(url, KEY, GenerationConfig(max_new_tokens=8, temperature=0.0),
                                         system="Be brief.")
-    printed = drive(session, "Who made the earth?\r/set max_new_tokens 3\rAnd the sea?\r/info\r/stats\r",
-                    tmp_path / "history")
+    printed = drive(session, "Who made the earth?\r/set max_new_tokens 3\rAnd the sea?\r/info\r/preset model\r"
+                             "/stats\r", tmp_path / "history")
     template = resolve_template(None, engine.tokenizer)
 
     def expected(messages, max_new_tokens):
@@ -185,6 +185,7 @@ def test_chat_url_streams_replies_with_the_stats_line(url, engine, tmp_path):
     assert len(stats_lines) == 2 and "| reply 3 tok, " in stats_lines[1] and "first token" in stats_lines[1]
     assert "RSS" not in stats_lines[1]  # this process's memory says nothing of the server's
     assert "/info needs a local model" in printed
+    assert "/preset model needs a local model" in printed and session.config.max_new_tokens == 3
     assert "generated tokens  3" in printed  # /stats: the last reply, from the server's timings
     session.client.close()
 

@@ -37,6 +37,7 @@ def browser(tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    offline = os.environ.get("SE_OFFLINE")
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser or driver online
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -48,6 +49,10 @@ def browser(tmp_path_factory):
     driver.set_script_timeout(WAIT_S)
     yield driver
     driver.quit()
+    if offline is None:
+        os.environ.pop("SE_OFFLINE", None)
+    else:
+        os.environ["SE_OFFLINE"] = offline
 
 
 def wait_for(condition, what: str, timeout: float = WAIT_S):

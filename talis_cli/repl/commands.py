@@ -89,11 +89,13 @@ class Commands:
 
     def cmd_preset(self, argument: str):
         """<name|file> -- replace every generation setting by a preset's (no argument: list presets)"""
-        from talis_cli.presets import list_generation_presets, load_generation_preset
+        from talis_cli.presets import MODEL_PRESET, list_generation_presets, load_generation_preset
 
         if not argument:
             self.out.info(f"presets: {', '.join(list_generation_presets())} (now: {self.session.preset or 'none'})")
             return
+        if argument == MODEL_PRESET:
+            self._need_local_model(f"preset {MODEL_PRESET}")  # it reads the model folder's generation_config.json
         self.session.config = load_generation_preset(argument, self.session.model_dir)
         self.session.preset = argument
         self._show_config()
