@@ -15,7 +15,7 @@ import typer
 
 
 from talis_cli.errors import TalisError, UsageError
-from talis_cli.flags import LoadFlags, SamplingFlags, option, with_option_groups
+from talis_cli.flags import LoadFlags, RemoteFlags, SamplingFlags, option, with_option_groups
 from talis_cli.output import silence_stdout as _silence_stdout
 from talis_cli.output import write_out as _write_out
 
@@ -127,13 +127,17 @@ def generate(
     stats: Annotated[bool, typer.Option("--stats", help="Print timings on stderr.")] = False,
     load: LoadFlags = None,
     sampling: SamplingFlags = None,
+    remote: RemoteFlags = None,
 ):
-    """Generate text from a prompt (-p, or stdin) and stream it to stdout."""
+    """Generate text from a prompt (-p, or stdin) and stream it to stdout (from a model loaded here, or from a
+    running `talis serve` with --url)."""
     import time
 
     from talis_cli.repl.render import ContextFullNotice, print_stats_block
 
     launched = time.perf_counter()
+    if remote.url:
+        _refuse_local_flags(load, sampling, special)
     settings = run_settings(load, sampling, system=system)
     use_chat = chat or settings.system is not None or settings.template is not None
     if special and use_chat:
@@ -141,6 +145,16 @@ def generate(
                          "--chat, --system and --template)")
     texts = collect_prompts(prompt, each_line)
     config = settings.generation_config()
+    if remote.url:
+        from talis_cli.remote.generate import generate_remote
+
+        failed = generate_remote(remote.url, remote.api_key, texts, _with_run_seed(config),
+                                 system=settings.system if use_chat else None, chat=use_chat, each_line=each_line,
+                                 concurrency=batch_size, json_lines=json_lines, show_stats=stats, launched=launched,
+                                 on_error=_report_error)
+        if failed:
+            raise typer.Exit(1)
+        return
     engine = load_engine(settings)
     loaded = time.perf_counter()
 
@@ -154,10 +168,7 @@ def generate(
     if each_line:  # a line that cannot run gets an empty result; the others still run
         check_prompts(engine.generator, prompts, config)
 
-    if config.seed is None and config.temperature > 0:  # one fresh seed for the run, shown, for --seed to repeat
-        import secrets
-
-        config = config.with_overrides(seed=secrets.randbits(53))  # exact in every JSON reader (doubles)
+    config = _with_run_seed(config)
     writer = JsonLinesWriter(prompts, config.seed) if json_lines else StreamWriter(len(prompts), one_line=each_line)
     writer = ContextFullNotice(writer)  # a note on stderr for replies cut by the full context
     run = run_scheduled if each_line else run_batches  # one prompt: the generator's own path, as fast as it is
@@ -172,6 +183,23 @@ def generate(
         raise typer.Exit(1)
 
 
+def _with_run_seed(config):
+    """`config` with one fresh seed for the run when it samples without one (shown, for --seed to repeat)."""
+    if config.seed is None and config.temperature > 0:
+        import secrets
+
+        return config.with_overrides(seed=secrets.randbits(53))  # exact in every JSON reader (doubles)
+    return config
+
+
+def _refuse_local_flags(load: LoadFlags, sampling: SamplingFlags, special: bool = False) -> None:
+    """With --url, a flag only a local model uses is a usage error (the server's model answers)."""
+    from talis_cli.remote.generate import refuse_local_flags
+
+    refuse_local_flags(load, {"--template": sampling.template, "--special": special,
+                              "--preset model": sampling.preset == "model"})
+
+
 # ---------------------------------------------------------------- chat, info, presets, perplexity
 
 
@@ -182,17 +210,27 @@ def chat(
     system: Annotated[Optional[str], typer.Option("--system", metavar="TEXT", help="System prompt.")] = None,
     load: LoadFlags = None,
     sampling: SamplingFlags = None,
+    remote: RemoteFlags = None,
 ):
-    """Chat with the model (/help inside lists the commands; Ctrl-D or /bye leaves)."""
+    """Chat with the model, or with a running `talis serve` (--url) (/help inside lists the commands; Ctrl-D or
+    /bye leaves)."""
+    if remote.url:
+        _refuse_local_flags(load, sampling)
     settings = run_settings(load, sampling, system=system)  # a missing file is named first
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("talis chat needs a terminal; for piped text use talis generate (--each-line: a prompt per line)")
     config = settings.generation_config()
-    engine = load_engine(settings)
     from talis_cli.repl.app import run_chat
-    from talis_cli.repl.session import ChatSession
 
-    run_chat(ChatSession(engine, config, settings.template, settings.system, settings.preset), first_message=prompt)
+    if remote.url:
+        from talis_cli.remote.chat import RemoteChatSession
+
+        session = RemoteChatSession.connect(remote.url, remote.api_key, config, settings.system, settings.preset)
+    else:
+        from talis_cli.repl.session import ChatSession
+
+        session = ChatSession(load_engine(settings), config, settings.template, settings.system, settings.preset)
+    run_chat(session, first_message=prompt)
 
 
 @app.command()

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape as rich_escape
 
-MODEL_PANEL, SAMPLING_PANEL = "Model", "Generation"
+MODEL_PANEL, SAMPLING_PANEL, SERVER_PANEL = "Model", "Generation", "Server"
 
 
 def option(*names: str, help: str, panel: str = MODEL_PANEL, default: Optional[str] = None, **kwargs):
@@ -71,6 +71,14 @@ class SamplingFlags:
     presence_penalty: Annotated[Optional[float], _sampling("--presence-penalty", metavar="X", help="Subtracted from a token's logit once if it occurs in the window; in [-2, 2].", setting="presence_penalty")] = None
     seed: Annotated[Optional[int], _sampling("--seed", metavar="N", help="Random seed 0..2^64-1, for reproducible sampling (the same for any --batch-size); -1 draws a fresh one.", setting="seed")] = None
     stop: Annotated[Optional[list[str]], _sampling("--stop", metavar="TEXT", help="Stop when this text appears (repeatable).", setting="stop")] = None
+
+
+@dataclass
+class RemoteFlags:
+    """Options of the commands that can talk to a running `talis serve` instead of loading a model."""
+
+    url: Annotated[Optional[str], option("--url", metavar="URL", help="Send the prompts to the `talis serve` at URL (e.g. http://127.0.0.1:8000) instead of loading a model; it renders, tokenizes and generates.", panel=SERVER_PANEL)] = None
+    api_key: Annotated[Optional[str], option("--api-key", metavar="KEY", envvar="TALIS_API_KEY", show_envvar=False, help="The server's API key (sent as Authorization: Bearer KEY); env TALIS_API_KEY.", panel=SERVER_PANEL)] = None
 
 
 def with_option_groups(command):

@@ -238,6 +238,8 @@ class JsonLinesWriter(_InOrder):
 
         for index in indices:
             self.records[index]["timings"] = timings_of(stats)
+        if len(indices) == 1:  # a prompt alone: its own counts (a server's reply streams text, not token ids)
+            self.records[indices[0]].update(prompt_tokens=stats.prompt_tokens, generated_tokens=stats.new_tokens)
         self.done(indices)
 
     def release(self, index: int) -> None:

@@ -20,13 +20,13 @@ class ChatRepl:
         self.io = ChatIO(self.console, history_path or history_file(), self.toolbar, None, input, output)
         self.commands = Commands(session, self.io)
         self.io.prompt_session.completer = SlashCompleter(self.commands)
-        self.renderer = ReplyRenderer(self.console)
+        self.renderer = ReplyRenderer(self.console, show_memory=session.local)  # a server's memory is not ours
 
     def toolbar(self) -> str:
         session = self.session
-        model = Path(str(session.engine.model_dir)).name
-        return (f" {model} | preset {session.preset or 'default'} | template {session.template.name} | "
-                f"context {session.context_used}/{session.engine.max_seq_len} | /help, Ctrl-D to leave ")
+        size = f"/{session.context_size}" if session.context_size else ""
+        return (f" {session.model_name} | preset {session.preset or 'default'} | template {session.template.name} | "
+                f"context {session.context_used}{size} | /help, Ctrl-D to leave ")
 
     def run(self, first_message: Optional[str] = None) -> None:
         self.io.info("talis chat: /help lists commands, \"\"\" starts a multi-line message, Ctrl-D or /bye leaves")
@@ -89,7 +89,7 @@ class ChatRepl:
         reply = self.session.reply(ids, self.renderer.feed)
         full = ""
         if reply.finish_reason == "context":
-            size, limit = self.session.engine.max_seq_len, self.session.engine.context_limit
+            size, limit = self.session.context_size, self.session.engine.context_limit
             full = (f"(the reply stopped: the context of {size} tokens is full; /undo or /clear makes room, "
                     f"or the oldest exchanges are dropped with the next message; {context_full_advice(size, limit)})")
         self.renderer.end(reply.stats, interrupted=reply.finish_reason == "interrupted", context_full=full)

@@ -89,12 +89,14 @@ class Commands:
 
     def cmd_preset(self, argument: str):
         """<name|file> -- replace every generation setting by a preset's (no argument: list presets)"""
-        from talis_cli.presets import list_generation_presets, load_generation_preset
+        from talis_cli.presets import MODEL_PRESET, list_generation_presets, load_generation_preset
 
         if not argument:
             self.out.info(f"presets: {', '.join(list_generation_presets())} (now: {self.session.preset or 'none'})")
             return
-        self.session.config = load_generation_preset(argument, self.session.engine.model_dir)
+        if argument == MODEL_PRESET:
+            self._need_local_model(f"preset {MODEL_PRESET}")  # it reads the model folder's generation_config.json
+        self.session.config = load_generation_preset(argument, self.session.model_dir)
         self.session.preset = argument
         self._show_config()
 
@@ -110,6 +112,7 @@ class Commands:
     def cmd_template(self, argument: str):
         """<name|file> -- change the chat template (no argument: show it)"""
         if argument:
+            self._need_local_model("template")
             self.session.set_template(argument)
         self.out.info(f"template: {self.session.template.name} (choices: {', '.join(TEMPLATE_CHOICES)} or a Jinja file)")
 
@@ -148,7 +151,7 @@ class Commands:
 
         stats = self.session.last_stats
         if stats is None:
-            self.out.info(f"no reply yet; {memory_in_use()}")
+            self.out.info(f"no reply yet; {memory_in_use()}" if self.session.local else "no reply yet")
             return
         t = timings_of(stats)
         rows = [("prompt tokens", str(stats.prompt_tokens)), ("cached tokens", str(stats.reused_tokens)),
@@ -156,14 +159,16 @@ class Commands:
                 ("prefill rate", f"{t['prefill_tok_s']:.1f} tok/s (computed tokens)"),
                 ("decode", f"{t['decode_s']:.3f} s"), ("decode rate", f"{t['decode_tok_s']:.1f} tok/s"),
                 ("first token", f"{t['first_token_s']:.3f} s")]
-        rows += [("context used", f"{self.session.context_used}/{self.session.engine.max_seq_len}"),
-                 ("memory", memory_in_use())]
+        size = f"/{self.session.context_size}" if self.session.context_size else ""
+        rows.append(("context used", f"{self.session.context_used}{size}"))
+        rows += [("memory", memory_in_use())] if self.session.local else []
         self.out.table(rows)
 
     def cmd_info(self, argument: str):
         """-- the model: architecture, quantization, size, devices"""
         from talis_cli.repl.render import print_tree
 
+        self._need_local_model("info")
         print_tree(self.out.console, self.session.engine.info)
 
     def cmd_exit(self, argument: str):
@@ -173,6 +178,11 @@ class Commands:
     def cmd_bye(self, argument: str):
         """-- leave (also /exit, Ctrl-D)"""
         return Outcome.EXIT
+
+    def _need_local_model(self, command: str) -> None:
+        if not self.session.local:
+            raise UsageError(f"/{command} needs a local model; this chat's replies come from {self.session.model_name}, "
+                             "whose model and chat template are the server's (`talis serve` sets them)")
 
     def _shown(self, name: str) -> str:
         """The value of setting `name` as the user types it (seed random, stop "a", "b" or none)."""

@@ -106,23 +106,26 @@ def _resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak, in KiB on Linux
 
 
-def stats_line(stats) -> str:
+def stats_line(stats, show_memory: bool = True) -> str:
     """One line after a reply: prompt tokens computed (and reused from the cache), prefill rate, generated
-    tokens, decode rate, first token, memory."""
+    tokens, decode rate, first token, memory (this process's: left out for a server's reply)."""
     t = timings_of(stats)
     cached = f" (+{stats.reused_tokens} cached)" if stats.reused_tokens else ""
+    memory = f" | {memory_in_use()}" if show_memory else ""
     return (f"prompt {computed_prompt_tokens(stats)} tok{cached}, {t['prefill_tok_s']:.1f} tok/s | "
             f"reply {stats.new_tokens} tok, {t['decode_tok_s']:.1f} tok/s | "
-            f"first token {t['first_token_s']:.2f} s | {memory_in_use()}")
+            f"first token {t['first_token_s']:.2f} s{memory}")
 
 
-def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Console] = None,
-                      load_phases: Optional[dict] = None, seed: Optional[int] = None) -> None:
+def print_stats_block(stats, load_s: Optional[float], total_s: float, console: Optional[Console] = None,
+                      load_phases: Optional[dict] = None, seed: Optional[int] = None, show_memory: bool = True) -> None:
     """The --stats block on stderr, laid out like `ollama run --verbose`; `load_phases` ({name: seconds}, summing
-    to `load_s`) are listed under the load duration; `seed` is the run's sampling seed."""
+    to `load_s`) are listed under the load duration; `seed` is the run's sampling seed. A run on a server has
+    no load (`load_s` None) and this process's memory says nothing of it (`show_memory` False)."""
     t = timings_of(stats)
     phases = [(f"  {name}", f"{seconds:.3f} s") for name, seconds in (load_phases or {}).items()]
-    rows = [("total duration", f"{total_s:.3f} s"), ("load duration", f"{load_s:.3f} s"), *phases,
+    load = [("load duration", f"{load_s:.3f} s")] if load_s is not None else []
+    rows = [("total duration", f"{total_s:.3f} s"), *load, *phases,
             ("prompt eval count", f"{computed_prompt_tokens(stats)} token(s)"),
             *([("prompt cached", f"{stats.reused_tokens} token(s)")] if stats.reused_tokens else []),
             ("prompt eval duration", f"{stats.prefill_s * 1000:.1f} ms"),
@@ -130,7 +133,8 @@ def print_stats_block(stats, load_s: float, total_s: float, console: Optional[Co
             ("eval count", f"{stats.new_tokens} token(s)"), ("eval duration", f"{stats.decode_s * 1000:.1f} ms"),
             ("eval rate", f"{t['decode_tok_s']:.2f} tokens/s"),
             ("time to first token", f"{stats.first_token_s * 1000:.1f} ms"),
-            *([("seed", str(seed))] if seed is not None else []), ("memory", memory_in_use())]
+            *([("seed", str(seed))] if seed is not None else []),
+            *([("memory", memory_in_use())] if show_memory else [])]
     console = console or stderr_console()
     for name, value in rows:
         console.print(Text.assemble((f"{name + ':':<22}", "bold"), value))
@@ -168,8 +172,9 @@ class ContextFullNotice:
 class ReplyRenderer:
     """Streams a reply's text to a console as it arrives, then the stats line under it."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, show_memory: bool = True):
         self.console = console
+        self.show_memory = show_memory
         self.ended_with_newline = True
 
     def start(self) -> None:
@@ -191,7 +196,7 @@ class ReplyRenderer:
         if context_full:
             self.console.print(Text(context_full, style="yellow"))
         if stats is not None:
-            self.console.print(Text(stats_line(stats), style="dim"))
+            self.console.print(Text(stats_line(stats, self.show_memory), style="dim"))
 
 
 def oom_message(exc: BaseException) -> Optional[str]:

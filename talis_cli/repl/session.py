@@ -29,6 +29,8 @@ class Reply:
 class ChatSession:
     """The state of one chat: what `/save` writes and what every reply is generated from."""
 
+    local = True  # replies come from a model loaded in this process (talis_cli.remote.chat: from a server)
+
     def __init__(self, engine, config, template_spec: Optional[str] = None, system: Optional[str] = None,
                  preset: Optional[str] = None):
         self.engine = engine
@@ -40,6 +42,22 @@ class ChatSession:
         self.messages: list = []  # {"role": "user" | "assistant", "content": str}, oldest first
         self.last_stats = None
         self._context = (None, 0)  # (what was rendered, its token count): context_used's cache
+
+    # ----- what the REPL shows
+
+    @property
+    def model_name(self) -> str:
+        return Path(str(self.engine.model_dir)).name
+
+    @property
+    def model_dir(self):
+        """The model folder (for `/preset model`)."""
+        return self.engine.model_dir
+
+    @property
+    def context_size(self) -> int:
+        """Tokens the context holds (--max-seq-len)."""
+        return self.engine.max_seq_len
 
     # ----- settings
 
