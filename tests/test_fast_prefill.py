@@ -1,0 +1,156 @@
+"""The fast prefill (talis_cli.fast_prefill) and its rotary + cache-write kernel, against the eager model.
+
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 at small shapes (float32 and fp16 on the CPU); the
+tests marked gpu compare at a real shape on CUDA.
+"""
+import pytest
+import torch
+
+from quant_kernels import gptq_format
+from quant_kernels.fuse import fuse_model
+from quant_kernels.prefill_ops import rotary_to_cache
+from quant_kernels.quant_linear import QuantLinear
+from talis_cli.fast_prefill import PrefillRunner
+from talis_cli.model import apply_rotary
+
+from tests.test_fast_decode import random_quant, tiny_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# --- the kernel ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("T,start,n_heads,n_kv_heads,hd", [(37, 0, 4, 2, 32), (5, 11, 2, 2, 64), (1, 40, 4, 1, 16)])
+def test_rotary_to_cache_matches_eager_rotary_and_cache_write(dtype, T, start, n_heads, n_kv_heads, hd):
+    gen = torch.Generator().manual_seed(T * 100 + start)
+    slots = 64
+    qkv = torch.randn(T, (n_heads + 2 * n_kv_heads) * hd, generator=gen).to(DEVICE, dtype)
+    q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)  # strided views
+    angles = torch.rand(T, hd // 2, generator=gen) * 6.3
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
+    k_cache = torch.full((3, n_kv_heads, slots, hd), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    out = torch.full((n_heads, T, hd), float("nan"), dtype=dtype, device=DEVICE)
+
+    got = rotary_to_cache(q, k, v, cos, sin, k_cache[1], v_cache[1], start, out=out)
+
+    c, s = cos[None, None], sin[None, None]  # [1, 1, T, hd]
+    heads = lambda t, n: t.reshape(1, T, n, hd).transpose(1, 2)  # noqa: E731 (as Attention.forward shapes them)
+    assert torch.equal(got, apply_rotary(heads(q, n_heads), c, s)[0])  # same roundings, bit for bit
+    assert torch.equal(k_cache[1, :, start:start + T], apply_rotary(heads(k, n_kv_heads), c, s)[0])
+    assert torch.equal(v_cache[1, :, start:start + T], heads(v, n_kv_heads)[0])
+    written = torch.zeros_like(k_cache, dtype=torch.bool)
+    written[1, :, start:start + T] = True
+    assert k_cache[~written].isnan().all() and v_cache[~written].isnan().all()  # nothing else touched
+
+
+# --- the whole prefill against Transformer.forward -------------------------------------------------------------
+def assert_prefill_matches_forward(model, T: int, start_pos: int = 0, cache_row: int | None = None,
+                                   tolerance: float = 1e-4, rows: int = 1):
+    """Fill slots 0..start_pos-1 with the eager forward, then prefill T more tokens with the runner and with the
+    eager forward from the same cache; compare the last logits and every layer's cache."""
+    gen = torch.Generator().manual_seed(T + start_pos)
+    vocab = model.args.vocab_size
+    prefix, tokens = (torch.randint(0, vocab, (1, n), generator=gen).to(DEVICE) for n in (start_pos, T))
+    model.setup_cache(rows, 64)
+    row = 0 if cache_row is None else cache_row
+    with torch.no_grad():
+        for layer in model.model.layers:  # other rows hold garbage the prefill must neither read nor write
+            layer.self_attn.kv_cache.k.normal_()
+            layer.self_attn.kv_cache.v.normal_()
+        if start_pos:
+            model(prefix, start_pos=0)  # row 0
+            for layer in model.model.layers:
+                cache = layer.self_attn.kv_cache
+                cache.k[row], cache.v[row] = cache.k[0].clone(), cache.v[0].clone()
+        before = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone()) for layer in model.model.layers]
+        fast = PrefillRunner(model)(tokens, start_pos, cache_row)
+        after = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone()) for layer in model.model.layers]
+        for layer, (k, v) in zip(model.model.layers, before):
+            cache = layer.self_attn.kv_cache
+            cache.k.copy_(k)
+            cache.v.copy_(v)
+            if row:  # the eager forward writes row 0: give it row `row`'s prefix
+                cache.k[0], cache.v[0] = k[row], v[row]
+        plain = model(tokens, start_pos=start_pos, last_only=True)
+    assert fast.shape == plain.shape == (1, 1, vocab)
+    torch.testing.assert_close(fast, plain, rtol=tolerance, atol=tolerance)
+    for layer, (k, v), (k0, v0) in zip(model.model.layers, after, before):
+        cache = layer.self_attn.kv_cache
+        torch.testing.assert_close(k[row], cache.k[0], rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(v[row], cache.v[0], rtol=tolerance, atol=tolerance)
+        others = [r for r in range(rows) if r != row]
+        assert torch.equal(k[others], k0[others]) and torch.equal(v[others], v0[others])
+
+
+@pytest.mark.parametrize("kv_heads,fused,T,start_pos", [(4, True, 9, 0), (2, True, 13, 7), (2, False, 1, 20),
+                                                        (4, False, 5, 3)])
+def test_prefill_matches_forward(kv_heads, fused, T, start_pos):
+    model = tiny_model(seed=T, device=DEVICE, num_key_value_heads=kv_heads)
+    if fused:
+        fuse_model(model)
+    assert_prefill_matches_forward(model, T, start_pos)
+
+
+def test_prefill_into_another_cache_row_leaves_the_others_alone():
+    """The scheduler's prefill of one request into its own cache row (`cache_row`)."""
+    model = tiny_model(seed=5, device=DEVICE, num_key_value_heads=2)
+    fuse_model(model)
+    assert_prefill_matches_forward(model, 7, start_pos=6, cache_row=2, rows=3)
+
+
+@pytest.mark.parametrize("T,start_pos", [(11, 0), (6, 9), (3, 14)])
+def test_prefill_with_a_sliding_window_matches_forward(T, start_pos):
+    """Window 4: the prompt is longer than the window, and a continued prompt's queries see old slots only
+    through it."""
+    model = tiny_model(seed=2, device=DEVICE, num_key_value_heads=2, sliding_window=4)
+    fuse_model(model)
+    assert_prefill_matches_forward(model, T, start_pos)
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "dynamic", "factor": 2.0},
+])
+def test_prefill_with_rope_scaling_matches_forward(rope_scaling):
+    """YaRN's frequencies and attention factor come from the model's tables; dynamic NTK's follow the forward's
+    largest position (past max_position_embeddings 16 here), as the eager forward computes them."""
+    model = tiny_model(seed=4, device=DEVICE, max_position_embeddings=16, rope_scaling=rope_scaling)
+    fuse_model(model)
+    assert_prefill_matches_forward(model, 9, start_pos=12)
+
+
+@pytest.mark.parametrize("T", [5, 19])
+def test_prefill_of_act_order_gptq_layers_matches_forward(T):
+    """GPTQ act-order layers on the Triton backend: T <= 8 rows go to the GEMV with the norm and SiLU writing its
+    input in its act-order (input_gather), more rows to dequantize + matmul. fp16 tolerances."""
+    model = tiny_model(seed=6, dtype=torch.float16, device=DEVICE, num_key_value_heads=2)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for owner in (layer.self_attn, layer.mlp):
+                for name, linear in list(owner.named_children()):
+                    if isinstance(linear, torch.nn.Linear):
+                        k, n = linear.in_features, linear.out_features
+                        g_idx = gptq_format.default_g_idx(k, 32)[torch.randperm(k, generator=torch.Generator().manual_seed(i))]
+                        quant = random_quant(k, n, 4, 32, g_idx, seed=i * 10 + len(name))
+                        quant.scales.mul_(0.2)  # keeps activations moderate over the layers
+                        setattr(owner, name, quant.to(DEVICE))
+    fuse_model(model)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.set_backend("triton")
+    assert model.model.layers[0].self_attn.qkv_proj is not None
+    assert_prefill_matches_forward(model, T, start_pos=4, tolerance=2e-2)
+
+
+def test_the_runner_falls_back_to_the_eager_forward_for_a_batch():
+    model = tiny_model(seed=8, device=DEVICE)
+    model.setup_cache(2, 32)
+    tokens = torch.randint(0, 4096, (2, 5), device=DEVICE)
+    runner = PrefillRunner(model)
+    assert not runner.covers(tokens) and runner.covers(tokens[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(runner(tokens), model(tokens, last_only=True))
