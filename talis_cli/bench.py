@@ -6,8 +6,8 @@ copy bandwidth measured in the same run. Models of a named LLaMA shape are built
 directly on the GPU (no file); `--model DIR` loads a real checkpoint instead. The same shape is then timed with
 fp16 weights (cuBLAS) and, where torch has it, with torch's int4 kernel, all through the same CUDA-graph decode.
 
-Timing windows: prefill of `prompt` tokens starting at slot 0 (its time is the time to first token, greedy
-draw included); decode of `gen` tokens in the last `gen` slots of a `ctx`-slot cache, one host read per token,
+Timing windows: prefill of `prompt` tokens starting at slot 0 as `generate` runs it (talis_cli.fast_prefill on
+GPUs; its time is the time to first token, greedy draw included); decode of `gen` tokens in the last `gen` slots of a `ctx`-slot cache, one host read per token,
 each after the next step is queued, as streaming does (talis_cli.step_queue). The floor's KV term uses the mean
 context of that window. A model split over GPUs (--model with a device map) decodes as `generate` does: one CUDA
 graph per GPU.
@@ -32,6 +32,7 @@ from .config import ModelArgs
 from .engine import Engine, LoadSettings
 from .errors import TalisError, UsageError
 from .fast_decode import CudaGraphDecoder, graph_devices
+from .fast_prefill import PrefillRunner
 from .model import Transformer
 from .step_queue import greedy_decode
 
@@ -207,15 +208,16 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     device = model.model.embed_tokens.weight.device
     logits_device = model.logits_device  # another GPU when the model is split
     model.setup_cache(1, ctx)
-    if graph_devices(model) is not None:
-        runner = CudaGraphDecoder(model)
+    if graph_devices(model) is not None:  # what generate runs on GPUs
+        runner, prefill_step = CudaGraphDecoder(model), PrefillRunner(model)
     else:  # parts on the CPU: the plain path (fast_decode.graph_devices)
         runner = lambda tokens, pos: model(tokens, start_pos=pos)[:, -1]  # noqa: E731
+        prefill_step = lambda tokens, pos: model(tokens, start_pos=pos, last_only=True)  # noqa: E731
     tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
     start = ctx - gen  # decode fills the last `gen` slots
 
     def prefill():
-        model(tokens, start_pos=0, last_only=True)[:, -1].argmax(-1).tolist()  # the first token reaches the host
+        prefill_step(tokens, 0)[:, -1].argmax(-1).tolist()  # the first token reaches the host
 
     def decode():
         greedy_decode(runner, tokens[:, -1], range(start, ctx), logits_device)
