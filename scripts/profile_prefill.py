@@ -1,14 +1,15 @@
 """Where a prefill's time goes: CUDA kernels of one prompt's forward on a random model, by name.
 
     PYTHONPATH=. python3 scripts/profile_prefill.py [--shape 7B] [--prompts 128,2048] [--bits 4] [--act-order]
-                                                    [--paths fast,eager]
+                                                    [--paths fast,graphs,eager]
 
 For each prompt length and path: the wall time of the prefill (median of 5, first token on the host, as `talis
 bench` times it) and, from one profiled run, the GPU time per kernel name and its share, so the gap to fp16 cuBLAS
 shows where it is (dequantize, GEMM, attention, norms, launches). A wall time well above the GPU busy time means
 the host's launches are the limit. Paths: "fast" is what `talis generate` prefills one prompt with on a GPU
-(talis_cli.fast_prefill, plugged into the Generator by fast_decode.accelerate), "eager" the plain
-Transformer.forward.
+(talis_cli.fast_prefill, plugged into the Generator by fast_decode.accelerate), "graphs" the same replayed as a
+CUDA graph for prompts up to 256 tokens (captured at the second prompt of a length bucket: the first timed run
+here; off in generate for now), "eager" the plain Transformer.forward.
 """
 import argparse
 import statistics
@@ -57,7 +58,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--act-order", action="store_true")
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--paths", default="fast,eager", help="fast (what generate uses), eager, or both")
+    parser.add_argument("--paths", default="fast,graphs,eager", help="comma-separated: fast (what generate uses), "
+                        "graphs (the same replayed as CUDA graphs up to 256 tokens), eager")
     opts = parser.parse_args()
     paths = opts.paths.split(",")
     prompts = [int(p) for p in opts.prompts.split(",")]
@@ -65,7 +67,7 @@ def main() -> None:
     for kind in ("gptq", "fp16"):
         model = random_model(shape_args(opts.shape, max(prompts)), kind, opts.bits, 128, opts.act_order, device)
         model.setup_cache(1, max(prompts))
-        runners = {"fast": prefill_runner(model), "eager": eager(model)}
+        runners = {"fast": prefill_runner(model), "graphs": prefill_runner(model, graphs=True), "eager": eager(model)}
         with torch.inference_mode():
             for prompt in prompts:
                 tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)

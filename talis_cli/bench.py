@@ -32,7 +32,7 @@ from .config import ModelArgs
 from .engine import Engine, LoadSettings
 from .errors import TalisError, UsageError
 from .fast_decode import CudaGraphDecoder, graph_devices
-from .fast_prefill import PrefillRunner
+from .fast_prefill import prefill_runner
 from .model import Transformer
 from .step_queue import greedy_decode
 
@@ -209,7 +209,7 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     logits_device = model.logits_device  # another GPU when the model is split
     model.setup_cache(1, ctx)
     if graph_devices(model) is not None:  # what generate runs on GPUs
-        runner, prefill_step = CudaGraphDecoder(model), PrefillRunner(model)
+        runner, prefill_step = CudaGraphDecoder(model), prefill_runner(model)
     else:  # parts on the CPU: the plain path (fast_decode.graph_devices)
         runner = lambda tokens, pos: model(tokens, start_pos=pos)[:, -1]  # noqa: E731
         prefill_step = lambda tokens, pos: model(tokens, start_pos=pos, last_only=True)  # noqa: E731

@@ -159,6 +159,58 @@ def test_the_runner_falls_back_to_the_eager_forward_for_a_batch():
         torch.testing.assert_close(runner(tokens), model(tokens, last_only=True))
 
 
+# --- short prompts padded to a bucket (what a CUDA graph replays) -----------------------------------------------
+def test_buckets_apply_to_short_prompts_at_the_start_of_row_0_only():
+    model = tiny_model(seed=1, device=DEVICE)
+    model.setup_cache(1, 64)
+    runner = PrefillRunner(model, graphs=True)
+    assert [runner.bucket(T, 0, None) for T in (1, 9, 16, 17, 33, 64)] == [16, 16, 16, 32, 64, 64]
+    assert runner.bucket(65, 0, None) is None  # the 128 bucket would not fit a 64-slot cache
+    assert runner.bucket(9, 3, None) is None and runner.bucket(9, 0, 1) is None and runner.bucket(9, 0, 0) == 16
+    assert PrefillRunner(model).bucket(9, 0, None) is None  # graphs off
+    windowed = tiny_model(seed=1, device=DEVICE, model_type="mistral", sliding_window=8)
+    windowed.setup_cache(1, 64)
+    assert PrefillRunner(windowed, graphs=True).bucket(9, 0, None) is None
+
+
+def test_a_prompt_padded_at_its_end_gives_the_same_logits_cache_and_decode_steps():
+    """The real tokens' logits and keys/values equal the eager forward's; the padding's keys/values in the slots
+    after the prompt are overwritten by each decode step (the Triton step and the eager one) before any query
+    reads them, so the decoded logits equal those after an exact prefill."""
+    from talis_cli.fast_decode import segments
+
+    model = tiny_model(seed=9, device=DEVICE, num_key_value_heads=2)
+    fuse_model(model)
+    T, bucket, steps = 9, 16, 4
+    tokens = torch.randint(0, 4096, (1, T), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    following = torch.randint(0, 4096, (steps,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+
+    def decoded(prefill, fast: bool):
+        model.setup_cache(1, 64)
+        step = segments(model, 1)[0]
+        with torch.no_grad():
+            logits = [prefill()[0, -1]]
+            caches = [(layer.self_attn.kv_cache.k[0, :, :T].clone(), layer.self_attn.kv_cache.v[0, :, :T].clone())
+                      for layer in model.model.layers]
+            for i, token in enumerate(following):
+                if fast:
+                    step.tokens.copy_(token[None])
+                    step.slot.fill_(T + i)
+                    logits.append(step.run(capacity=64)[0])
+                else:
+                    logits.append(model(token[None, None], start_pos=T + i)[0, -1])
+        return torch.stack(logits), caches
+
+    exact, exact_caches = decoded(lambda: model(tokens, last_only=True), fast=False)
+    for fast in (False, True):
+        padded, padded_caches = decoded(lambda: PrefillRunner(model).padded(tokens, bucket), fast)
+        torch.testing.assert_close(padded, exact, rtol=1e-4, atol=1e-4)
+        for (k, v), (k0, v0) in zip(padded_caches, exact_caches):
+            torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(model.model.layers[0].self_attn.kv_cache.k[0, :, T + steps], torch.zeros_like(k[:, 0]))
+
+
 # --- where generation uses it -------------------------------------------------------------------------------------
 class Recording(PrefillRunner):
     """The runner, noting each call's (prompt length, start position)."""
@@ -255,3 +307,43 @@ def test_engine_generates_the_same_tokens_with_the_fast_prefill():
     assert tokens(first) == reply
     assert tokens(follow_up) == expected
     assert generator.last_stats.reused_tokens == len(first) + len(reply) - 1  # the runner ran from there
+
+
+@gpu
+@needs_cuda
+def test_cuda_graph_prefill_matches_the_fused_prefill_at_7b_shape():
+    """Prompts padded to their bucket and replayed as CUDA graphs (captured at a bucket's second prompt) give the
+    logits and keys/values of the prefill launched kernel by kernel; greedy decode after them draws the same
+    tokens (the padding's slots are overwritten before they are read)."""
+    from talis_cli import bench
+    from talis_cli.fast_decode import CudaGraphDecoder
+
+    model = bench.random_model(bench.shape_args("7B", 512), "gptq", 4, 128, act_order=True, device="cuda")
+    model.setup_cache(1, 512)
+    graphed, fused, decoder = PrefillRunner(model, graphs=True), PrefillRunner(model), CudaGraphDecoder(model)
+    gen = torch.Generator().manual_seed(0)
+    layers = model.model.layers
+
+    def run(prefill, tokens):
+        T = tokens.shape[1]
+        logits = prefill(tokens, 0)[0, -1].clone()
+        caches = [(layer.self_attn.kv_cache.k[0, :, :T].clone(), layer.self_attn.kv_cache.v[0, :, :T].clone())
+                  for layer in (layers[0], layers[-1])]
+        drawn = [logits.argmax().item()]
+        for pos in range(T, T + 8):
+            drawn.append(decoder(torch.tensor([[drawn[-1]]], device="cuda"), pos)[0].argmax().item())
+        return logits, caches, drawn
+
+    with torch.inference_mode():
+        # 20: the 32 bucket's first prompt (not captured), 29: captured, 32: replayed; 100, 128: the 128 bucket
+        for T in (20, 29, 32, 100, 128):
+            tokens = torch.randint(0, model.args.vocab_size, (1, T), generator=gen).cuda()
+            logits, caches, drawn = run(fused, tokens)
+            g_logits, g_caches, g_drawn = run(graphed, tokens)
+            assert rel_err(g_logits, logits) < 1e-2
+            for (k, v), (gk, gv) in zip(caches, g_caches):
+                assert rel_err(gk, k) < 1e-2 and rel_err(gv, v) < 1e-2
+            assert g_drawn == drawn
+    assert sorted(graphed._captured) == [32, 128]
+    del model, decoder
+    torch.cuda.empty_cache()
