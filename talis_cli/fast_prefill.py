@@ -42,7 +42,7 @@ class PrefillRunner:
     next of BUCKETS and replayed as a CUDA graph, so its ~14 launches per layer cost one. Causal attention keeps the
     real tokens' outputs exact; the padding's keys and values land in the slots after the prompt, which decode
     (and a continued prompt) write before any query reads them. A bucket is captured on its second prompt, so a
-    one-shot `generate` never pays for a capture; a new cache (setup_cache) drops the graphs. The logits of a
+    lone prompt never pays for a capture; a new cache (setup_cache) drops the graphs. The logits of a
     replay are a static buffer, valid until the next call.
     """
 
@@ -142,9 +142,10 @@ class PrefillRunner:
                     y, residual = y.index_select(0, last), residual.index_select(0, last)
                 out = _mlp(layer.self_attn.o_proj(y), residual, layer, y.shape[0])
         norm, head = model.model.norm, model.lm_head
+        device = norm.weight.device
+        with current_device(device):  # Triton launches on the current device (model.current_device)
+            h = ops.rms_norm(out.to(device), norm.weight, norm.eps, residual.to(device))
         device = model.logits_device
-        residual, out = residual.to(norm.weight.device), out.to(norm.weight.device)
-        h = ops.rms_norm(out, norm.weight, norm.eps, residual)
         with current_device(device):
             return head(h.to(device)).float()[None]
 
@@ -206,8 +207,9 @@ class PrefillRunner:
 
 
 def _gather(module, rows: int) -> torch.Tensor | None:
-    """The act-order input order of `module` when `rows` go to its GEMV (few rows); else None: the prefill GEMM
-    (dequantize + cuBLAS) writes the weight in the original row order and reads x as it is."""
+    """The act-order input order of `module` (a QuantLinear on the Triton kernels, else None) when `rows` go to
+    its GEMV (few rows); else None: the prefill GEMM (dequantize + cuBLAS) writes the weight in the original row
+    order and reads x as it is."""
     return input_gather(module) if rows <= MAX_ROWS else None
 
 
@@ -219,8 +221,8 @@ def _norm_qkv(out, residual, layer, T: int):
     """q, k, v [T, *] of `layer` from its input norm of residual (+ out, added to the residual stream in place;
     None at the first layer, whose input is the residual stream itself)."""
     attn, norm = layer.self_attn, layer.input_layernorm
-    module = attn.qkv_proj if attn.qkv_proj is not None else None
-    gather = _gather(module, T) if module is not None else None
+    module = attn.qkv_proj  # None where q, k, v were not fused
+    gather = _gather(module, T)
     if out is None:
         h = ops.rms_norm(residual, norm.weight, norm.eps, gather=gather)
     else:
@@ -234,7 +236,7 @@ def _mlp(o: torch.Tensor, residual: torch.Tensor, layer, rows: int) -> torch.Ten
     """The MLP's output [rows, dim] for attention output o (after o_proj), added to the residual stream first."""
     mlp, norm = layer.mlp, layer.post_attention_layernorm
     fused = mlp.gate_up_proj
-    gather = _gather(fused, rows) if fused is not None else None
+    gather = _gather(fused, rows)
     h = ops.rms_norm(o, norm.weight, norm.eps, residual, gather=gather)
     if fused is None:
         gate, up = mlp.gate_proj(h), mlp.up_proj(h)
