@@ -208,11 +208,12 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     device = model.model.embed_tokens.weight.device
     logits_device = model.logits_device  # another GPU when the model is split
     model.setup_cache(1, ctx)
-    if graph_devices(model) is not None:  # what generate runs on GPUs
-        runner, prefill_step = CudaGraphDecoder(model), prefill_runner(model)
+    # the prefill generate runs: the fast one on GPUs, else the plain forward
+    prefill_step = prefill_runner(model) or (lambda tokens, pos: model(tokens, start_pos=pos, last_only=True))
+    if graph_devices(model) is not None:
+        runner = CudaGraphDecoder(model)
     else:  # parts on the CPU: the plain path (fast_decode.graph_devices)
         runner = lambda tokens, pos: model(tokens, start_pos=pos)[:, -1]  # noqa: E731
-        prefill_step = lambda tokens, pos: model(tokens, start_pos=pos, last_only=True)  # noqa: E731
     tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
     start = ctx - gen  # decode fills the last `gen` slots
 
