@@ -7,8 +7,8 @@ directly on the GPU (no file); `--model DIR` loads a real checkpoint instead. Th
 fp16 weights (cuBLAS) and, where torch has it, with torch's int4 kernel, all through the same CUDA-graph decode.
 
 Timing windows: prefill of `prompt` tokens starting at slot 0 as `generate` runs it (talis_cli.fast_prefill on
-GPUs; its time is the time to first token, greedy draw included); decode of `gen` tokens in the last `gen` slots of a `ctx`-slot cache, one host read per token,
-each after the next step is queued, as streaming does (talis_cli.step_queue). The floor's KV term uses the mean
+GPUs; its time is the time to first token, greedy draw included); decode of `gen` tokens in the last `gen` slots
+of a `ctx`-slot cache, one host read per token, each after the next step is queued, as streaming does (talis_cli.step_queue). The floor's KV term uses the mean
 context of that window. A model split over GPUs (--model with a device map) decodes as `generate` does: one CUDA
 graph per GPU.
 """
@@ -32,7 +32,6 @@ from .config import ModelArgs
 from .engine import Engine, LoadSettings
 from .errors import TalisError, UsageError
 from .fast_decode import CudaGraphDecoder, graph_devices
-from .fast_prefill import prefill_runner
 from .model import Transformer
 from .step_queue import greedy_decode
 
@@ -208,6 +207,8 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     device = model.model.embed_tokens.weight.device
     logits_device = model.logits_device  # another GPU when the model is split
     model.setup_cache(1, ctx)
+    from .fast_prefill import prefill_runner  # here: an import beside the others would touch lines other work edits
+
     # the prefill generate runs: the fast one on GPUs, else the plain forward
     prefill_step = prefill_runner(model) or (lambda tokens, pos: model(tokens, start_pos=pos, last_only=True))
     if graph_devices(model) is not None:
