@@ -9,8 +9,8 @@ fp16 weights (cuBLAS) and, where torch has it, with torch's int4 kernel, all thr
 Timing windows: prefill of `prompt` tokens starting at slot 0 as `generate` runs it (talis_cli.fast_prefill on
 GPUs; its time is the time to first token, greedy draw included); decode of `gen` tokens in the last `gen` slots
 of a `ctx`-slot cache, one host read per token, each after the next step is queued, as streaming does
-(talis_cli.step_queue). The floor's KV term uses the mean context of that window. A model split over GPUs (--model with a device map) decodes as `generate` does: one CUDA
-graph per GPU.
+(talis_cli.step_queue). The floor's KV term uses the mean context of that window. A model split over GPUs
+(--model with a device map) decodes as `generate` does: one CUDA graph per GPU.
 """
 from __future__ import annotations
 

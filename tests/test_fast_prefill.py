@@ -48,6 +48,11 @@ def test_rotary_to_cache_matches_eager_rotary_and_cache_write(dtype, T, start, n
 
 
 # --- the whole prefill against Transformer.forward -------------------------------------------------------------
+def caches(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every layer's cached keys and values."""
+    return [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone()) for layer in model.model.layers]
+
+
 def assert_prefill_matches_forward(model, T: int, start_pos: int = 0, cache_row: int | None = None,
                                    tolerance: float = 1e-4, rows: int = 1, slots: int = 64, close=None):
     """Fill slots 0..start_pos-1 with the eager forward, then prefill T more tokens with the runner and with the
@@ -68,9 +73,9 @@ def assert_prefill_matches_forward(model, T: int, start_pos: int = 0, cache_row:
             for layer in model.model.layers:
                 cache = layer.self_attn.kv_cache
                 cache.k[row], cache.v[row] = cache.k[0].clone(), cache.v[0].clone()
-        before = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone()) for layer in model.model.layers]
+        before = caches(model)
         fast = PrefillRunner(model)(tokens, start_pos, cache_row)
-        after = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone()) for layer in model.model.layers]
+        after = caches(model)
         for layer, (k, v) in zip(model.model.layers, before):
             cache = layer.self_attn.kv_cache
             cache.k.copy_(k)
@@ -128,8 +133,9 @@ def test_prefill_with_rope_scaling_matches_forward(rope_scaling):
 
 @pytest.mark.parametrize("T,start_pos", [(3, 0), (19, 4)])
 def test_prefill_of_act_order_gptq_layers_matches_forward(T, start_pos):
-    """GPTQ act-order layers on the Triton backend: T <= 8 rows (3 here: the interpreter runs the GEMV slowly) go to the GEMV with the norm and SiLU writing its
-    input in its act-order (input_gather), more rows to dequantize + matmul. fp16 tolerances."""
+    """GPTQ act-order layers on the Triton backend: T <= 8 rows (3 here: the interpreter runs the GEMV slowly) go
+    to the GEMV with the norm and SiLU writing its input in its act-order (input_gather), more rows to dequantize +
+    matmul. fp16 tolerances."""
     model = tiny_model(seed=6, dtype=torch.float16, device=DEVICE, num_key_value_heads=2)
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
@@ -137,7 +143,8 @@ def test_prefill_of_act_order_gptq_layers_matches_forward(T, start_pos):
                 for name, linear in list(owner.named_children()):
                     if isinstance(linear, torch.nn.Linear):
                         k, n = linear.in_features, linear.out_features
-                        g_idx = gptq_format.default_g_idx(k, 32)[torch.randperm(k, generator=torch.Generator().manual_seed(i))]
+                        order = torch.randperm(k, generator=torch.Generator().manual_seed(i))
+                        g_idx = gptq_format.default_g_idx(k, 32)[order]
                         quant = random_quant(k, n, 4, 32, g_idx, seed=i * 10 + len(name))
                         quant.scales.mul_(0.2)  # keeps activations moderate over the layers
                         setattr(owner, name, quant.to(DEVICE))
