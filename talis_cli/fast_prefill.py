@@ -71,12 +71,15 @@ class PrefillRunner:
         size = next((b for b in BUCKETS if b >= T), None)
         return size if size is not None and size <= self.model.max_seq_len else None
 
-    def __call__(self, tokens: torch.Tensor, start_pos: int = 0, cache_row: int | None = None) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, start_pos: int = 0, cache_row: int | None = None, *,
+                 last_only: bool = True) -> torch.Tensor:
         """tokens int64 [1, T] at cache slots start_pos..start_pos+T-1 of cache row `cache_row` (default 0)
-        -> float32 logits [1, 1, vocab] of the last token."""
-        if not self.covers(tokens):
+        -> float32 logits [1, 1, vocab] of the last token. Called as the model is called (keywords start_pos,
+        cache_row, last_only), so a caller can take either; last_only=False (every token's logits) runs the eager
+        forward."""
+        if not self.covers(tokens) or not last_only:
             row = {} if cache_row is None else {"cache_row": cache_row}  # the eager forward's own argument
-            return self.model(tokens, start_pos=start_pos, last_only=True, **row)
+            return self.model(tokens, start_pos=start_pos, last_only=last_only, **row)
         self._check_cache()
         T = tokens.shape[1]
         bucket = self.bucket(T, start_pos, cache_row)

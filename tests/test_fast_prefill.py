@@ -156,7 +156,7 @@ def test_prefill_of_act_order_gptq_layers_matches_forward(T, start_pos):
     assert_prefill_matches_forward(model, T, start_pos, tolerance=2e-2)
 
 
-def test_the_runner_falls_back_to_the_eager_forward_for_a_batch():
+def test_the_runner_falls_back_to_the_eager_forward_for_a_batch_or_every_tokens_logits():
     model = tiny_model(seed=8, device=DEVICE)
     model.setup_cache(2, 32)
     tokens = torch.randint(0, 4096, (2, 5), device=DEVICE)
@@ -164,6 +164,9 @@ def test_the_runner_falls_back_to_the_eager_forward_for_a_batch():
     assert not runner.covers(tokens) and runner.covers(tokens[:1])
     with torch.no_grad():
         torch.testing.assert_close(runner(tokens), model(tokens, last_only=True))
+        every = runner(tokens[:1], start_pos=0, last_only=False)
+        assert every.shape == (1, 5, 4096)
+        torch.testing.assert_close(every, model(tokens[:1], start_pos=0))
 
 
 # --- short prompts padded to a bucket (what a CUDA graph replays) -----------------------------------------------
