@@ -18,7 +18,7 @@ from pathlib import Path
 TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fast_decode.py", "tests/test_triton_ops.py",
               "tests/test_bench.py", "tests/test_generation.py", "tests/test_device_planning.py",
               "tests/test_step_queue.py", "tests/test_sliding_window.py", "tests/test_rope_scaling.py",
-              "tests/test_quantized_head.py"]
+              "tests/test_quantized_head.py", "tests/test_fast_prefill.py"]
 INT_KEYS = {"prompt", "gen", "ctx", "bits", "group_size"}
 BOOL_KEYS = {"act_order", "kernels"}
 

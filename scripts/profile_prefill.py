@@ -1,10 +1,15 @@
 """Where a prefill's time goes: CUDA kernels of one prompt's forward on a random model, by name.
 
     PYTHONPATH=. python3 scripts/profile_prefill.py [--shape 7B] [--prompts 128,2048] [--bits 4] [--act-order]
+                                                    [--paths fast,graphs,eager]
 
-For each prompt length: the wall time of the prefill (median of 5, first token on the host, as `talis bench` times
-it) and, from one profiled run, the GPU time per kernel name and its share, so the gap to fp16 cuBLAS shows where it
-is (dequantize, GEMM, attention, norms, launches).
+For each prompt length and path: the wall time of the prefill (median of 5, first token on the host, as `talis
+bench` times it) and, from one profiled run, the GPU time per kernel name and its share, so the gap to fp16 cuBLAS
+shows where it is (dequantize, GEMM, attention, norms, launches). A wall time well above the GPU busy time means
+the host's launches are the limit. Paths: "fast" is what `talis generate` prefills one prompt with on a GPU
+(talis_cli.fast_prefill, plugged into the Generator by fast_decode.accelerate), "graphs" the same replayed as a
+CUDA graph for prompts up to 256 tokens (captured at the second prompt of a length bucket: the first timed run
+here; off in generate for now), "eager" the plain Transformer.forward.
 """
 import argparse
 import statistics
@@ -15,18 +20,24 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from talis_cli.bench import random_model, shape_args
+from talis_cli.fast_prefill import prefill_runner
 
 
-def prefill_s(model, tokens) -> float:
+def eager(model):
+    """Transformer.forward as a prefill: (tokens [1, T], start_pos) -> logits [1, 1, vocab]."""
+    return lambda tokens, start_pos: model(tokens, start_pos=start_pos, last_only=True)
+
+
+def prefill_s(prefill, tokens) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    model(tokens, start_pos=0, last_only=True)[:, -1].argmax(-1).tolist()
+    prefill(tokens, 0)[:, -1].argmax(-1).tolist()
     return time.perf_counter() - t0
 
 
-def kernel_table(model, tokens, top: int) -> list[str]:
+def kernel_table(prefill, tokens, top: int) -> list[str]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        prefill_s(model, tokens)
+        prefill_s(prefill, tokens)
         torch.cuda.synchronize()
     per_name = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
@@ -47,19 +58,26 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--act-order", action="store_true")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--paths", default="fast,graphs,eager", help="comma-separated: fast (what generate uses), "
+                        "graphs (the same replayed as CUDA graphs up to 256 tokens), eager")
     opts = parser.parse_args()
+    paths = opts.paths.split(",")
     prompts = [int(p) for p in opts.prompts.split(",")]
     device = torch.device("cuda")
     for kind in ("gptq", "fp16"):
         model = random_model(shape_args(opts.shape, max(prompts)), kind, opts.bits, 128, opts.act_order, device)
         model.setup_cache(1, max(prompts))
+        runners = {"fast": prefill_runner(model), "graphs": prefill_runner(model, graphs=True), "eager": eager(model)}
         with torch.inference_mode():
             for prompt in prompts:
                 tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
-                prefill_s(model, tokens)  # compiles and tunes
-                seconds = statistics.median(prefill_s(model, tokens) for _ in range(5))
-                print(f"{opts.shape} {kind} prefill {prompt}: {seconds * 1e3:.2f} ms, {prompt / seconds:,.0f} tok/s")
-                print("\n".join(kernel_table(model, tokens, opts.top)))
+                for path in paths:
+                    prefill = runners[path]
+                    prefill_s(prefill, tokens)  # compiles and tunes
+                    seconds = statistics.median(prefill_s(prefill, tokens) for _ in range(5))
+                    print(f"{opts.shape} {kind} {path} prefill {prompt}: {seconds * 1e3:.2f} ms, "
+                          f"{prompt / seconds:,.0f} tok/s")
+                    print("\n".join(kernel_table(prefill, tokens, opts.top)))
         del model
         torch.cuda.empty_cache()
 

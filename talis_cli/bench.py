@@ -6,11 +6,11 @@ copy bandwidth measured in the same run. Models of a named LLaMA shape are built
 directly on the GPU (no file); `--model DIR` loads a real checkpoint instead. The same shape is then timed with
 fp16 weights (cuBLAS) and, where torch has it, with torch's int4 kernel, all through the same CUDA-graph decode.
 
-Timing windows: prefill of `prompt` tokens starting at slot 0 (its time is the time to first token, greedy
-draw included); decode of `gen` tokens in the last `gen` slots of a `ctx`-slot cache, one host read per token,
-each after the next step is queued, as streaming does (talis_cli.step_queue). The floor's KV term uses the mean
-context of that window. A model split over GPUs (--model with a device map) decodes as `generate` does: one CUDA
-graph per GPU.
+Timing windows: prefill of `prompt` tokens starting at slot 0 as `generate` runs it (talis_cli.fast_prefill on
+GPUs; its time is the time to first token, greedy draw included); decode of `gen` tokens in the last `gen` slots
+of a `ctx`-slot cache, one host read per token, each after the next step is queued, as streaming does
+(talis_cli.step_queue). The floor's KV term uses the mean context of that window. A model split over GPUs
+(--model with a device map) decodes as `generate` does: one CUDA graph per GPU.
 """
 from __future__ import annotations
 
@@ -207,6 +207,10 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     device = model.model.embed_tokens.weight.device
     logits_device = model.logits_device  # another GPU when the model is split
     model.setup_cache(1, ctx)
+    from .fast_prefill import prefill_runner  # here: an import beside the others would touch lines other work edits
+
+    # the prefill generate runs: the fast one on GPUs, else the plain forward
+    prefill_step = prefill_runner(model) or (lambda tokens, pos: model(tokens, start_pos=pos, last_only=True))
     if graph_devices(model) is not None:
         runner = CudaGraphDecoder(model)
     else:  # parts on the CPU: the plain path (fast_decode.graph_devices)
@@ -215,7 +219,7 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     start = ctx - gen  # decode fills the last `gen` slots
 
     def prefill():
-        model(tokens, start_pos=0, last_only=True)[:, -1].argmax(-1).tolist()  # the first token reaches the host
+        prefill_step(tokens, 0)[:, -1].argmax(-1).tolist()  # the first token reaches the host
 
     def decode():
         greedy_decode(runner, tokens[:, -1], range(start, ctx), logits_device)

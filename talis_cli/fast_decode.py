@@ -24,6 +24,7 @@ from quant_kernels.fuse import fuse_model
 from quant_kernels.triton_backend import forward_gathered, input_gather, input_scatter
 
 from . import rope
+from .fast_prefill import prefill_runner
 
 MIN_BUCKET = 128  # smallest attention capacity captured
 
@@ -325,7 +326,7 @@ def graph_devices(model) -> list[torch.device] | None:
 
 def accelerate(model, generator=None) -> CudaGraphDecoder | None:
     """Fuse q/k/v and gate/up, then (model on CUDA GPUs, see `graph_devices`) give `generator` the CUDA-graph
-    decode step.
+    decode step and the fast prefill (fast_prefill.prefill_runner).
 
     Returns the runner, or None where the model stays on the plain path.
     """
@@ -336,4 +337,5 @@ def accelerate(model, generator=None) -> CudaGraphDecoder | None:
     runner.capture_all(model.cache_batch)
     if generator is not None:
         generator.fast_decode = runner
+        generator.prefill = prefill_runner(model)
     return runner

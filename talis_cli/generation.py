@@ -202,6 +202,7 @@ class Generator:
         self.last_stats: GenerationStats | None = None
         self._pad_lens = None  # int64 [B] left padding of the running batch, None when there is none
         self.fast_decode = None  # a runner (tokens, pos, pad_lens) -> logits replacing the step (fast_decode.py)
+        self.prefill = None  # a runner (tokens [1, T], start_pos) -> logits [1, 1, vocab] for one prompt
         # (cache version, token ids whose keys/values fill row 0's first slots): a chat's next prompt starts with
         # the previous prompt and reply, so only the new part needs a forward pass.
         self._in_cache: tuple[int, list[int]] | None = None
@@ -297,7 +298,11 @@ class Generator:
         try:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                logits = self.model(history[:, reused:T], start_pos=reused, pad_lens=pad_lens, last_only=True)[:, -1]
+                if self.prefill is not None and B == 1:  # fast_prefill.py
+                    logits = self.prefill(history[:, reused:T], reused)[:, -1]
+                else:
+                    logits = self.model(history[:, reused:T], start_pos=reused, pad_lens=pad_lens,
+                                        last_only=True)[:, -1]
                 in_cache = list(prompts[0])
                 sampler = Sampler(cfg, history, pad_lens, T, logits.shape[-1], prompt_indices)
                 tokens = sampler(logits)  # int64 [B]
