@@ -187,6 +187,7 @@ def chat(
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("talis chat needs a terminal; for piped text use talis generate (--each-line: a prompt per line)")
     config = settings.generation_config()
+    _refuse_tensor_parallel(settings, "talis chat")
     engine = load_engine(settings)
     from talis_cli.repl.app import run_chat
     from talis_cli.repl.session import ChatSession
@@ -338,6 +339,17 @@ def bench(
                        act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map,
                        tokenizer=tokenizer)
     _write_out(json.dumps(report, default=str) + "\n" if json_output else format_report(report) + "\n")
+
+
+def _refuse_tensor_parallel(settings, command: str) -> None:
+    """UsageError when `settings` ask for tensor parallelism, which `command` does not run."""
+    from talis_cli.placement import load_device_map
+    from talis_cli.tensor_parallel import requested_size
+
+    label, raw_map = load_device_map(settings.device_map)
+    if requested_size(settings.tensor_parallel, raw_map, f"device map {label}") > 1:
+        raise UsageError(f"{command} does not run with tensor parallelism yet; use talis generate "
+                         f"--tensor-parallel N, or drop --tensor-parallel")
 
 
 # ---------------------------------------------------------------- entry point
