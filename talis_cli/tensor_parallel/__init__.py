@@ -59,6 +59,7 @@ def load_engine(engine_cls, settings, raw_map: dict, size: int, progress=None):
     from . import launch
     from .mirror import Channel, MirroredDecode, MirroredModel, serve
 
+    check_split(settings, size)  # before any process starts
     torchrun = launch.from_torchrun()
     if torchrun is not None:
         rank, world_size, local = torchrun
@@ -89,13 +90,31 @@ def load_engine(engine_cls, settings, raw_map: dict, size: int, progress=None):
             sys.stderr.write(f"error: rank {rank}: {launch.error_line(exc)}\n")
             os._exit(1)
         raise SystemExit(0)
-    channel = Channel(world)
+    channel = Channel(world, children if torchrun is None else None)
     shard_model = engine.model
     engine.model = engine.generator.model = MirroredModel(shard_model, channel)
     engine.generator.fast_decode = MirroredDecode(shard_model, engine.generator.fast_decode, channel)
     if torchrun is not None:
         atexit.register(_stop_followers, channel)
     return engine
+
+
+def check_split(settings, size: int) -> None:
+    """TalisError when the model of `settings` does not split `size` ways (shard.Shard.check), from its config and
+    tensor headers alone."""
+    from pathlib import Path
+
+    from ..engine import DEFAULT_MODEL_DIR
+    from ..loaders import LoadRequest, pick_loader
+    from ..loaders.base import read_model_args
+    from .shard import Shard
+
+    model_dir = Path(settings.model_dir) if settings.model_dir else DEFAULT_MODEL_DIR
+    request = LoadRequest(model_dir, None, Path(settings.checkpoint) if settings.checkpoint else None,
+                          settings.wbits, settings.groupsize, settings.allow_pickle)
+    loader = pick_loader(request, settings.loader)
+    args = read_model_args(model_dir)
+    Shard(0, size).with_quant(loader.quant_settings(loader.tensor_shapes())).check(args)
 
 
 def load_rank(engine_cls, settings, rank: int, size: int, device: str, init_method: str | None, progress=None):

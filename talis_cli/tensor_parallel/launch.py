@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 
 FAIL_ENV = "TALIS_TP_FAIL"  # "R": rank R (R > 0) raises at its first decode step; tests of the failure path
@@ -102,6 +103,14 @@ class Children:
         sys.stderr.flush()
         self._end_all()
         os._exit(1)
+
+    def await_failure(self, timeout: float = 10.0) -> None:
+        """Rank 0's collective failed: if a child is ending, give the watchdog time to report it and end the process
+        (it does not return then); return when every child stays alive for `timeout` seconds."""
+        from multiprocessing.connection import wait
+
+        if wait([p.sentinel for p in self.procs], timeout):
+            time.sleep(timeout)  # the watchdog holds the report and exits the process
 
     def quiet(self) -> None:
         """Rank 0 is failing itself: no child's message after its own."""

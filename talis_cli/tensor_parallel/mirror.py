@@ -24,8 +24,9 @@ NOT_MIRRORED = frozenset({"rotary"})  # Transformer methods that change nothing 
 class Channel:
     """Rank 0's messages to the others (`world`: comm.World)."""
 
-    def __init__(self, world):
+    def __init__(self, world, children=None):
         self.world = world
+        self.children = children  # launch.Children when rank 0 spawned the others
         self.header = torch.zeros(4, dtype=torch.long)  # kind, rows, cache slot, has padding
 
     def _send_header(self, kind: int, rows: int = 0, pos: int = 0, padded: bool = False) -> None:
@@ -42,6 +43,16 @@ class Channel:
         return t
 
     # rank 0
+    def run(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on rank 0; when it fails because another rank has gone, that rank's message wins
+        (launch.Children reports it and ends the process)."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            if self.children is not None:
+                self.children.await_failure()
+            raise
+
     def send_decode(self, tokens: torch.Tensor, pos: int, pad_lens: torch.Tensor | None) -> None:
         """tokens int64 [B, 1] on rank 0's device; pad_lens int64 [B] or None."""
         self._send_header(DECODE, tokens.shape[0], pos, pad_lens is not None)
@@ -96,8 +107,8 @@ class MirroredModel:
         object.__setattr__(self, "_mirrored", mirrored_methods(model))
 
     def _call(self, name: str, *args, **kwargs):
-        self._channel.send_call(name, args, kwargs)
-        return getattr(self._model, name)(*args, **kwargs)
+        self._channel.run(self._channel.send_call, name, args, kwargs)
+        return self._channel.run(getattr(self._model, name), *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         return self._call("forward", *args, **kwargs)
@@ -124,8 +135,8 @@ class MirroredDecode:
         self.model, self.runner, self.channel = model, runner, channel
 
     def __call__(self, tokens: torch.Tensor, pos: int, pad_lens: torch.Tensor | None = None) -> torch.Tensor:
-        self.channel.send_decode(tokens, pos, pad_lens)
-        return decode_step(self.model, self.runner, tokens, pos, pad_lens)
+        self.channel.run(self.channel.send_decode, tokens, pos, pad_lens)
+        return self.channel.run(decode_step, self.model, self.runner, tokens, pos, pad_lens)
 
 
 def decode_step(model, runner, tokens, pos: int, pad_lens):
