@@ -252,7 +252,7 @@ def _sync_time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict:
+def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3, decode_start: int | None = None) -> dict:
     """Prefill and decode timings (seconds, medians of `repeats` after a warm-up run) of a cached model."""
     device = model.model.embed_tokens.weight.device
     logits_device = model.logits_device  # another GPU when the model is split
@@ -262,7 +262,7 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict
     else:  # parts on the CPU: the plain path (fast_decode.graph_devices)
         runner = lambda tokens, pos: model(tokens, start_pos=pos)[:, -1]  # noqa: E731
     tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
-    start = ctx - gen  # decode fills the last `gen` slots
+    start = ctx - gen if decode_start is None else decode_start  # by default decode fills the last `gen` slots
 
     def prefill():
         model(tokens, start_pos=0, last_only=True)[:, -1].argmax(-1).tolist()  # the first token reaches the host
@@ -316,6 +316,7 @@ def _fits(args: ModelArgs, bits: int, ctx: int, device) -> bool:
 
 
 def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, prompt: int, gen: int, ctx: int,
+             decode_start: int | None,
              bandwidth: float, device, kernels: bool = False) -> dict:
     """Build a model variant, time it, free it; the row of the report."""
     torch.cuda.empty_cache()
@@ -323,9 +324,9 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
     for gpu in gpus:
         torch.cuda.reset_peak_memory_stats(gpu)
     model = build()
-    timing = time_model(model, prompt, gen, ctx)
+    timing = time_model(model, prompt, gen, ctx, decode_start=decode_start)
     head = gptq_bytes(model.lm_head) if isinstance(model.lm_head, QuantLinear) else None
-    floor = floor_bytes(args, bits, group_size, ctx - gen / 2, head)
+    floor = floor_bytes(args, bits, group_size, decode_context(ctx, gen, decode_start), head)
     decode_tps = gen / timing["decode_s"]
     prefill_s = timing["prefill_s"]
     row = dict(variant=label, decode_tok_s=decode_tps, prefill_tok_s=prompt / prefill_s if prefill_s else None,
@@ -347,13 +348,15 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
               ctx: int | None = None, bits: int = 4, group_size: int = 128, act_order: bool = False,
               json_out: bool = False, kernels: bool = False, device_map: str | None = None,
               tokenizer: str | None = None, max_memory: str | None = None, tensor_parallel: int | None = None,
-              baselines: bool = True) -> dict:
+              baselines: bool = True, decode_start: int | None = None) -> dict:
     """Time one model and its baselines; returns the report (see `format_report`). `json_out` is the caller's
     choice of printer and changes nothing here.
 
     A --shape with `device_map` and/or `max_memory` is planned as `generate` plans a checkpoint and built directly
     on its GPUs (errors before anything is built); `tensor_parallel` N times the shape over N GPUs, one process
-    each (talis_cli.tensor_parallel.bench). `baselines` False skips the fp16 and int4 rows.
+    each (talis_cli.tensor_parallel.bench). `baselines` False skips the fp16 and int4 rows. `decode_start`: the
+    first cache slot of the decode window (default ctx - gen), so a long prefill and a short-context decode can be
+    timed in one run.
     """
     if not torch.cuda.is_available():
         raise TalisError("talis bench needs a CUDA GPU; none is visible here")
@@ -364,13 +367,15 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     ctx = ctx or prompt + gen
     if ctx < prompt + gen:
         raise UsageError(f"--ctx {ctx} is smaller than --prompt + --gen ({prompt + gen}); raise it or shorten them")
+    if decode_start is not None and not 0 < decode_start <= ctx - gen:
+        raise UsageError(f"decode_start {decode_start} must lie in 1..ctx - gen ({ctx - gen})")
     if tensor_parallel is not None and tensor_parallel > 1:
         if shape is None or device_map or max_memory:
             raise UsageError("talis bench --tensor-parallel times a --shape (random weights on each GPU); "
                              "drop --model, --device-map and --max-memory")
         from .tensor_parallel.bench import run_tp_bench
 
-        return run_tp_bench(tensor_parallel, shape, prompt, gen, ctx, bits, group_size, act_order)
+        return run_tp_bench(tensor_parallel, shape, prompt, gen, ctx, bits, group_size, act_order, decode_start)
     plan = None
     if shape is not None and (device_map or max_memory):  # before anything is built
         plan = plan_shape(shape_args(shape, ctx), bits, group_size, ctx, device_map, max_memory)
@@ -391,7 +396,8 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
         build_ours = lambda: random_model(args, "gptq", bits, group_size, act_order, where)  # noqa: E731
         if plan is not None:
             report["plan"] = plan_summary(plan, args.n_layers)
-    common = dict(args=args, prompt=prompt, gen=gen, ctx=ctx, bandwidth=bandwidth, device=device)
+    common = dict(args=args, prompt=prompt, gen=gen, ctx=ctx, bandwidth=bandwidth, device=device,
+                  decode_start=decode_start)
     report["rows"].append(_measure(f"talis gptq {bits}-bit g{group_size}", build_ours, bits=bits,
                                    group_size=group_size, kernels=kernels, **common))
     if model is not None:
@@ -418,6 +424,11 @@ def _baseline(label: str, kind: str, bits: int, group_size: int, common: dict) -
     gc.collect()  # the failed model is garbage only once the exception is gone
     torch.cuda.empty_cache()
     return dict(variant=label, error=error)
+
+
+def decode_context(ctx: int, gen: int, decode_start: int | None) -> float:
+    """The mean cached context of the decode window (the floor's KV term)."""
+    return (ctx - gen if decode_start is None else decode_start) + gen / 2
 
 
 def plan_summary(plan, n_layers: int) -> str:

@@ -107,20 +107,20 @@ def assert_same_as_one_process(report: dict) -> None:
 
 
 def test_embedded_model_over_two_ranks_matches_one_process():
-    assert_same_as_one_process(worker("--tokens", "16"))
+    assert_same_as_one_process(worker("--tokens", "16", "--cpu"))
 
 
 def test_act_order_gqa_gptq_model_over_two_ranks_matches_one_process(tmp_path):
     save_gptq(hf_model(seed=5, num_attention_heads=4, num_key_value_heads=2), tmp_path, bits=4, group_size=64,
               act_order=True)
-    report = worker("--model", tmp_path, "--tokens", "12")
+    report = worker("--model", tmp_path, "--tokens", "12", "--cpu")
     assert report["full_heads"] == [4, 2, 256]
     assert_same_as_one_process(report)
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
 def test_generate_with_tensor_parallel_prints_the_same_text():
-    args = ["-m", "talis_cli", "generate", "-p", PROMPT, "-n", "24", "--temperature", "0"]
+    args = ["-m", "talis_cli", "generate", "-p", PROMPT, "-n", "24", "--temperature", "0", "--device-map", "cpu"]
     plain, split = run(args), run([*args, "--tensor-parallel", "2"])
     assert plain.returncode == 0 and split.returncode == 0, split.stderr
     assert split.stdout == plain.stdout and len(plain.stdout) > len(PROMPT)
@@ -142,7 +142,7 @@ def _processes_with(marker: str) -> list[int]:
 def test_a_failure_on_rank_1_ends_both_ranks_with_one_message(tmp_path):
     """The device map asks for 2 ranks; rank 1 fails at its first decode step while rank 0 waits in a collective."""
     device_map = tmp_path / "tp.json"
-    device_map.write_text(json.dumps({"tensor_parallel": 2}))
+    device_map.write_text(json.dumps({"tensor_parallel": 2, "device": "cpu"}))
     marker = f"talis-tp-test-{uuid.uuid4().hex}"
     started = time.monotonic()
     result = run(["-m", "talis_cli", "generate", "-p", PROMPT, "-n", "8", "--device-map", device_map],
@@ -159,7 +159,32 @@ def test_a_failure_on_rank_1_ends_both_ranks_with_one_message(tmp_path):
 def test_a_model_that_does_not_split_fails_in_one_line_before_any_rank_starts(tmp_path):
     """down_proj's 192 input rows split into blocks of 96, which cut its groups of 64."""
     save_gptq(hf_model(seed=6, intermediate_size=192), tmp_path, bits=4, group_size=64)
-    result = run(["-m", "talis_cli", "generate", "-m", tmp_path, "-p", PROMPT, "-n", "4", "--tensor-parallel", "2"])
+    result = run(["-m", "talis_cli", "generate", "-m", tmp_path, "-p", PROMPT, "-n", "4", "--tensor-parallel", "2",
+                  "--device-map", "cpu"])
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "would cut a quantization group" in result.stderr
     assert "in_features 192" in result.stderr and "group size 64" in result.stderr
+
+
+# --- two GPUs ----------------------------------------------------------------------------------------------------
+two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_tp2_on_two_gpus_matches_one_gpu_on_a_13b_shape(tmp_path):
+    """A random 13B-shape GPTQ folder (4 of its 40 layers): 64 greedy tokens through the per-rank CUDA graphs with
+    the all-reduces inside, against one GPU. fp16 sums in another order may flip a near-tie: then the first
+    difference must be one (the one-GPU top-2 gap within the two engines' logit difference there)."""
+    script = Path(__file__).parents[1] / "scripts" / "random_checkpoint.py"
+    made = run([script, "--shape", "13B", "--layers", "4", "--out", tmp_path, "--device", "cuda"])
+    assert made.returncode == 0, made.stderr
+    report = worker("--model", tmp_path, "--tokens", "64")
+    assert report["heads"] == [20, 20, 6912] and report["full_heads"] == [40, 40, 13824]
+    assert report["max_abs_diff"] <= 0.02 * max(1.0, report["max_abs"]), report  # fp16 noise
+    diff = report["first_diff"]
+    if diff is not None:
+        assert diff["top2_gap"] <= 2 * diff["max_abs_diff"], report
+    else:
+        assert report["tp_single"] == report["one_single"]
+    assert len(report["tp_single"][0]) == 64

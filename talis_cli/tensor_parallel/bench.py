@@ -21,14 +21,15 @@ CALLS_PER_GRAPH = 64
 
 
 def run_tp_bench(size: int, shape: str, prompt: int, gen: int, ctx: int, bits: int, group_size: int,
-                 act_order: bool) -> dict:
+                 act_order: bool, decode_start: int | None = None) -> dict:
     """Spawn ranks 1..size-1, time on all; rank 0's report (format_report prints it)."""
     from . import launch, rank_devices
 
     devices = rank_devices(size, {})
     if devices is None:
         raise TalisError(f"talis bench --tensor-parallel {size} needs {size} CUDA GPUs; none is visible here")
-    spec = dict(shape=shape, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size, act_order=act_order)
+    spec = dict(shape=shape, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size, act_order=act_order,
+                decode_start=decode_start)
     init_method = f"tcp://127.0.0.1:{launch.free_port()}"
     children = launch.Children(_bench_child, lambda r: (spec, r, size, init_method, devices[r]), size)
     try:
@@ -47,7 +48,7 @@ def _bench_child(spec: dict, rank: int, size: int, init_method: str, device: str
 
 def bench_rank(spec: dict, rank: int, size: int, init_method: str, device: str) -> dict:
     """This rank's part of the run; the report on rank 0 (None elsewhere)."""
-    from ..bench import copy_bandwidth, floor_bytes, random_model, shape_args, time_model
+    from ..bench import copy_bandwidth, decode_context, floor_bytes, random_model, shape_args, time_model
     from .comm import AllReduce, init_world
     from .shard import Shard
 
@@ -65,7 +66,7 @@ def bench_rank(spec: dict, rank: int, size: int, init_method: str, device: str) 
     torch.manual_seed(rank)
     model = random_model(local, "gptq", spec["bits"], spec["group_size"], spec["act_order"], gpu)
     shard.wrap(model)
-    timing = time_model(model, spec["prompt"], spec["gen"], spec["ctx"])
+    timing = time_model(model, spec["prompt"], spec["gen"], spec["ctx"], decode_start=spec["decode_start"])
     peaks = torch.zeros(size, device=gpu)
     peaks[rank] = torch.cuda.max_memory_allocated(gpu) / GB
     dist.all_reduce(peaks)
@@ -73,7 +74,7 @@ def bench_rank(spec: dict, rank: int, size: int, init_method: str, device: str) 
         return None
     gen, prompt = spec["gen"], spec["prompt"]
     # the bytes one rank reads per token: its 1/N of the layers and of the KV cache, the whole (replicated) lm_head
-    floor = floor_bytes(local, spec["bits"], spec["group_size"], spec["ctx"] - gen / 2)
+    floor = floor_bytes(local, spec["bits"], spec["group_size"], decode_context(spec["ctx"], gen, spec["decode_start"]))
     decode_tps = gen / timing["decode_s"]
     prefill_s = timing["prefill_s"]
     row = dict(variant=f"talis gptq TP{size} {spec['bits']}-bit g{spec['group_size']}", decode_tok_s=decode_tps,
