@@ -89,13 +89,15 @@ def load_engine(engine_cls, settings, raw_map: dict, size: int, progress=None):
 
             sys.stderr.write(f"error: rank {rank}: {launch.error_line(exc)}\n")
             os._exit(1)
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
         raise SystemExit(0)
     channel = Channel(world, children if torchrun is None else None)
     shard_model = engine.model
     engine.model = engine.generator.model = MirroredModel(shard_model, channel)
     engine.generator.fast_decode = MirroredDecode(shard_model, engine.generator.fast_decode, channel)
-    if torchrun is not None:
-        atexit.register(_stop_followers, channel)
+    atexit.register(channel.shutdown)  # before launch.Children.close (exit handlers run last-registered first)
     return engine
 
 
@@ -144,15 +146,8 @@ def _spawned_rank(settings, rank: int, size: int, init_method: str, device: str,
 
         engine, world = load_rank(Engine, settings, rank, size, device, init_method)
         serve(engine, world)
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
     launch.child_main(body, pipe)
-
-
-def _stop_followers(channel) -> None:
-    """Under torchrun, at rank 0's exit: tell the other ranks to end (in a thread: a rank already gone must not
-    hold rank 0's exit)."""
-    import threading
-
-    thread = threading.Thread(target=channel.send_stop, daemon=True)
-    thread.start()
-    thread.join(timeout=5)

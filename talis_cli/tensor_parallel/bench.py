@@ -70,6 +70,7 @@ def bench_rank(spec: dict, rank: int, size: int, init_method: str, device: str) 
     peaks = torch.zeros(size, device=gpu)
     peaks[rank] = torch.cuda.max_memory_allocated(gpu) / GB
     dist.all_reduce(peaks)
+    dist.destroy_process_group()  # every rank is done with the collectives
     if rank != 0:
         return None
     gen, prompt = spec["gen"], spec["prompt"]

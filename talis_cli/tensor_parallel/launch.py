@@ -82,6 +82,8 @@ class Children:
             for i in [i for i in pending if self.procs[i].sentinel in ended]:
                 pending.remove(i)
                 self.procs[i].join()
+                if self.procs[i].exitcode == 0:
+                    continue  # a rank that finished its work (a bench) or was told to stop
                 with self.lock:
                     if self.closing:
                         return
@@ -116,6 +118,13 @@ class Children:
         """Rank 0 is failing itself: no child's message after its own."""
         with self.lock:
             self.closing = True
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds in all for every child to end; whether they all did."""
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        return not any(proc.is_alive() for proc in self.procs)
 
     def close(self) -> None:
         """End every child (rank 0 is exiting)."""

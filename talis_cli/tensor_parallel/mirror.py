@@ -27,6 +27,8 @@ class Channel:
     def __init__(self, world, children=None):
         self.world = world
         self.children = children  # launch.Children when rank 0 spawned the others
+        self.busy = False  # inside a call: the ranks may be mid-collective
+        self.broken = False  # a call failed or was interrupted: the ranks are out of step
         self.header = torch.zeros(4, dtype=torch.long)  # kind, rows, cache slot, has padding
 
     def _send_header(self, kind: int, rows: int = 0, pos: int = 0, padded: bool = False) -> None:
@@ -46,12 +48,16 @@ class Channel:
     def run(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) on rank 0; when it fails because another rank has gone, that rank's message wins
         (launch.Children reports it and ends the process)."""
+        self.busy = True
         try:
-            return fn(*args, **kwargs)
-        except Exception:
-            if self.children is not None:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self.broken = True
+            if self.children is not None and isinstance(exc, Exception):
                 self.children.await_failure()
             raise
+        self.busy = False
+        return result
 
     def send_decode(self, tokens: torch.Tensor, pos: int, pad_lens: torch.Tensor | None) -> None:
         """tokens int64 [B, 1] on rank 0's device; pad_lens int64 [B] or None."""
@@ -66,6 +72,23 @@ class Channel:
 
     def send_stop(self) -> None:
         self._send_header(STOP)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """At rank 0's exit: when the ranks are in step, tell them to stop, wait for them, and take the process group
+        down in order (NCCL warns otherwise); else leave them to be ended (launch.Children.close, or torchrun)."""
+        import threading
+
+        if self.broken or self.busy:
+            return
+        if self.children is not None:
+            with self.children.lock:
+                self.children.closing = True  # their exits from now on are expected
+        stop = threading.Thread(target=self.send_stop, daemon=True)  # a rank already gone must not hold the exit
+        stop.start()
+        stop.join(timeout)
+        if stop.is_alive() or (self.children is not None and not self.children.join(timeout)):
+            return
+        dist.destroy_process_group()
 
     # ranks > 0
     def recv_decode(self, rows: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
