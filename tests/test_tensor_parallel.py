@@ -188,3 +188,26 @@ def test_tp2_on_two_gpus_matches_one_gpu_on_a_13b_shape(tmp_path):
     else:
         assert report["tp_single"] == report["one_single"]
     assert len(report["tp_single"][0]) == 64
+
+
+def test_ctrl_c_ends_every_rank_with_exit_130():
+    """SIGINT to the whole process group, as a terminal sends it: rank 0 decides, the other rank goes with it."""
+    import signal
+
+    marker = f"talis-tp-test-{uuid.uuid4().hex}"
+    proc = subprocess.Popen([sys.executable, "-m", "talis_cli", "generate", "-p", PROMPT, "-n", "4000", "--temperature", "0",
+                             "--max-seq-len", "512", "--device-map", "cpu", "--tensor-parallel", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "TALIS_TP_TEST_MARK": marker})
+    try:
+        assert proc.stdout.read(1)  # generating: both ranks are up and stepping together
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert b"Traceback" not in proc.stderr.read()
+    deadline = time.monotonic() + 10
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_with(marker) == []
