@@ -65,16 +65,18 @@ def summary(results: dict) -> list[str]:
     for shape in ("13B", "70B"):
         one, tp, split = row(f"{shape} one GPU"), row(f"{shape} TP2"), row(f"{shape} split")
         if one and tp:
-            prefill = (tp["prefill_tok_s"] / one["prefill_tok_s"]) if tp["prefill_tok_s"] and one["prefill_tok_s"] else None
+            both = tp["prefill_tok_s"] and one["prefill_tok_s"]
+            prefill = f"{tp['prefill_tok_s'] / one['prefill_tok_s']:.2f}x" if both else "n/a"
             lines.append(f"  {shape}: TP2 / one GPU decode {tp['decode_tok_s'] / one['decode_tok_s']:.2f}x "
-                         f"(target {'1.6' if shape == '70B' else '1.4'}x), prefill "
-                         f"{prefill if prefill is None else f'{prefill:.2f}x'} (target 1.6x)")
+                         f"(target {'1.6' if shape == '70B' else '1.4'}x), prefill {prefill} (target 1.6x)")
         if one and split:
-            lines.append(f"  {shape}: split / one GPU decode {split['decode_tok_s'] / one['decode_tok_s']:.1%} (target >= 95%)")
+            ratio = split["decode_tok_s"] / one["decode_tok_s"]
+            lines.append(f"  {shape}: split / one GPU decode {ratio:.1%} (target >= 95%)")
     for label in ("13B TP2", "70B TP2"):
         for r in (results.get(label) or {}).get("allreduce") or []:
+            graph = "failed" if r["graph_us"] is None else f"{r['graph_us']:.1f} us"
             lines.append(f"  all-reduce {label[:3]} run {r['path']:<8} {r['bytes'] // 1024:>3} KB  eager "
-                         f"{r['eager_us']:.1f} us  graph {r['graph_us'] if r['graph_us'] is None else round(r['graph_us'], 1)} us")
+                         f"{r['eager_us']:.1f} us  graph {graph}")
     return lines
 
 

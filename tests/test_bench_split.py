@@ -9,7 +9,6 @@ import torch
 from talis_cli import bench, placement
 from talis_cli.errors import TalisError
 from talis_cli.memory_plan import footprint
-from talis_cli.model_info import kv_cache_bytes
 
 
 @pytest.fixture

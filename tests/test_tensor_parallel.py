@@ -195,8 +195,9 @@ def test_ctrl_c_ends_every_rank_with_exit_130():
     import signal
 
     marker = f"talis-tp-test-{uuid.uuid4().hex}"
-    proc = subprocess.Popen([sys.executable, "-m", "talis_cli", "generate", "-p", PROMPT, "-n", "4000", "--temperature", "0",
-                             "--max-seq-len", "512", "--device-map", "cpu", "--tensor-parallel", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "talis_cli", "generate", "-p", PROMPT, "-n", "4000",
+                             "--temperature", "0", "--max-seq-len", "512", "--device-map", "cpu",
+                             "--tensor-parallel", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "TALIS_TP_TEST_MARK": marker})
     try:
