@@ -120,11 +120,18 @@ def test_act_order_gqa_gptq_model_over_two_ranks_matches_one_process(tmp_path):
 
 # --- the command ---------------------------------------------------------------------------------------------------
 def test_generate_with_tensor_parallel_prints_the_same_text():
+    """Ranks started by talis, and ranks started by torchrun (each process joins as RANK of WORLD_SIZE)."""
+    from talis_cli.tensor_parallel.launch import free_port
+
     args = ["-m", "talis_cli", "generate", "-p", PROMPT, "-n", "24", "--temperature", "0", "--device-map", "cpu"]
     plain, split = run(args), run([*args, "--tensor-parallel", "2"])
     assert plain.returncode == 0 and split.returncode == 0, split.stderr
     assert split.stdout == plain.stdout and len(plain.stdout) > len(PROMPT)
     assert split.stderr == ""
+    torchrun = run(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(), *args,
+                    "--tensor-parallel", "2"], env={"OMP_NUM_THREADS": "1"})
+    assert torchrun.returncode == 0, torchrun.stderr
+    assert torchrun.stdout == plain.stdout
 
 
 def _processes_with(marker: str) -> list[int]:

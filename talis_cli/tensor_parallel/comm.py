@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -81,10 +82,18 @@ class AllReduce:
 
     def _one_shot(self, dtype) -> "OneShot | None":
         if self.one_shot is None and self.one_shot_error is None:
+            one_shot = None
             try:
-                self.one_shot = OneShot(self.world, dtype)
-            except Exception as e:  # an older torch, no peer access: NCCL for every message
+                one_shot = OneShot(self.world, dtype)
+            except Exception as e:  # an older torch, no peer access, no capture: NCCL for every message
                 self.one_shot_error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            # every rank must take the same path: the one-shot path only where it works on all of them
+            works = torch.tensor([int(one_shot is not None)])
+            dist.all_reduce(works, op=dist.ReduceOp.MIN, group=self.world.control)
+            if works.item():
+                self.one_shot = one_shot
+            elif self.one_shot_error is None:
+                self.one_shot_error = "the one-shot all-reduce failed on another rank"
         if self.one_shot is not None and self.one_shot.dtype != dtype:
             return None
         return self.one_shot
@@ -111,18 +120,28 @@ class OneShot:
         self.dtype = dtype
         self.group_name = world.group.group_name
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed before torch 2.9; a no-op (or a deprecation) after
-            enable(self.group_name)
+        if enable is not None:  # needed before torch 2.9; a no-op (or a deprecation warning) after
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                enable(self.group_name)
         numel = ONE_SHOT_MAX_BYTES // torch.tensor([], dtype=dtype).element_size()
         self.buffer = symm_mem.empty(numel, dtype=dtype, device=torch.device(world.device))
         symm_mem.rendezvous(self.buffer, self.group_name)
         ops = torch.ops.symm_mem
         self.copy_out = getattr(ops, "one_shot_all_reduce_copy_out", None)
         self.reduce_out = ops.one_shot_all_reduce_out
-        # check it once, eagerly: a path that fails here fails before any graph holds it
+        # check it eagerly and inside a CUDA graph: a path that fails here fails before any decode graph holds it
         probe = torch.full((8,), float(world.rank + 1), dtype=dtype, device=torch.device(world.device))
-        total = self(probe)
         want = world.size * (world.size + 1) / 2
+        self._check(self(probe), want)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            total = self(probe)
+        graph.replay()
+        self._check(total, want)
+
+    @staticmethod
+    def _check(total: torch.Tensor, want: float) -> None:
         if not torch.all(total == want).item():
             raise RuntimeError(f"one-shot all-reduce probe gave {total[0].item()}, expected {want}")
 
