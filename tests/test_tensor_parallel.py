@@ -88,6 +88,17 @@ def test_requested_size_from_the_flag_or_the_device_map():
         requested_size(0)
 
 
+def test_layer_placement_and_tensor_parallel_do_not_mix():
+    from talis_cli.engine import LoadSettings
+    from talis_cli.tensor_parallel import check_settings
+
+    with pytest.raises(UsageError, match=r"^the device map places layers \(layers\); with tensor parallelism"):
+        check_settings(LoadSettings(), {"tensor_parallel": 2, "layers": {"0-7": 0}}, "the device map")
+    with pytest.raises(UsageError, match=r"^--max-memory places the layers of a split model"):
+        check_settings(LoadSettings(max_memory="0=20GiB"), {"tensor_parallel": 2}, "the device map")
+    check_settings(LoadSettings(), {"tensor_parallel": 2, "device": "cpu"}, "the device map")
+
+
 def test_chat_refuses_tensor_parallel_in_one_line():
     from talis_cli.cli import _refuse_tensor_parallel
     from talis_cli.settings import RunSettings

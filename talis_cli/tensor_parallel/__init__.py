@@ -35,6 +35,19 @@ def requested_size(flag: int | None, raw_map: dict | None = None, source: str = 
     return value
 
 
+def check_settings(settings, raw_map: dict, source: str) -> None:
+    """UsageError for placement settings that mean nothing when every rank holds 1/N of every layer: a map's layer
+    ranges or GPU split, --max-memory."""
+    placed = sorted(set(raw_map) - {MAP_KEY, "device"})
+    if placed or raw_map.get("device") not in (None, "auto", "cpu", "cuda"):
+        what = ", ".join(placed) or f"device {raw_map.get('device')!r}"
+        raise UsageError(f"{source} places layers ({what}); with tensor parallelism every GPU holds 1/N of every "
+                         f"layer: use a map of only {{\"{MAP_KEY}\": N}} (\"device\": \"cpu\" for CPU processes)")
+    if settings.max_memory:
+        raise UsageError("--max-memory places the layers of a split model; with --tensor-parallel every GPU holds 1/N "
+                         "of every layer: drop --max-memory")
+
+
 def rank_devices(size: int, raw_map: dict) -> list[str] | None:
     """Devices of ranks 0..size-1 on this host: GPUs 0..N-1, or None for CPU processes (no GPU, or the map says
     "device": "cpu"). TalisError when there are GPUs but fewer than `size`."""
@@ -59,6 +72,7 @@ def load_engine(engine_cls, settings, raw_map: dict, size: int, progress=None):
     from . import launch
     from .mirror import Channel, MirroredDecode, MirroredModel, serve
 
+    check_settings(settings, raw_map, "the device map")
     check_split(settings, size)  # before any process starts
     torchrun = launch.from_torchrun()
     if torchrun is not None:
