@@ -34,6 +34,7 @@ def from_torchrun() -> tuple[int, int, int] | None:
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for the ranks' rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
