@@ -199,13 +199,27 @@ def test_tp2_on_two_gpus_matches_one_gpu_on_a_13b_shape(tmp_path):
     assert made.returncode == 0, made.stderr
     report = worker("--model", tmp_path, "--tokens", "64")
     assert report["heads"] == [20, 20, 6912] and report["full_heads"] == [40, 40, 13824]
+    assert_same_as_one_gpu(report)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_tp2_on_two_gpus_matches_one_gpu_on_the_embedded_model():
+    """Act-order GPTQ: the row-parallel layers' shards keep their own g_idx (the Triton kernels need equal groups,
+    so those layers compute with the torch backend); the column-parallel ones run the Triton kernels."""
+    report = worker("--tokens", "64")
+    assert report["heads"] == [4, 2, 384]
+    assert_same_as_one_gpu(report)
+
+
+def assert_same_as_one_gpu(report: dict) -> None:
     assert report["max_abs_diff"] <= 0.02 * max(1.0, report["max_abs"]), report  # fp16 noise
     diff = report["first_diff"]
-    if diff is not None:
+    if diff is not None:  # a near-tie flipped by the order of fp16 sums, and nothing else
         assert diff["top2_gap"] <= 2 * diff["max_abs_diff"], report
     else:
         assert report["tp_single"] == report["one_single"]
-    assert len(report["tp_single"][0]) == 64
+    assert len(report["tp_single"][0]) == 64 or report["tp_single"] == report["one_single"]  # an EOS may come first
 
 
 def test_ctrl_c_ends_every_rank_with_exit_130():
