@@ -84,7 +84,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-tests", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check")
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (tests: at most 180)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: a child's run_bench arguments (JSON)
     opts = parser.parse_args()
     if opts.one:
@@ -97,7 +97,7 @@ def main() -> int:
     if not opts.no_tests:
         try:
             code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES],
-                                   timeout=max(60.0, opts.budget / 3))
+                                   timeout=min(180.0, opts.budget / 2))
         except subprocess.TimeoutExpired:
             code = "timed out"
         print(f"[gpu_check_tp] tests exit {code} in {time.perf_counter() - started:.0f} s", flush=True)
