@@ -54,7 +54,7 @@ class Channel:
         except BaseException as exc:
             self.broken = True
             if self.children is not None and isinstance(exc, Exception):
-                self.children.await_failure()
+                self.children.await_failure(3.0)
             raise
         self.busy = False
         return result
@@ -105,7 +105,7 @@ class Channel:
 
 def _to_cpu(value):
     if isinstance(value, torch.Tensor):
-        return value.cpu()
+        return value.cpu().clone()  # compact: a pickled view would carry its whole storage
     if isinstance(value, (tuple, list)):
         return type(value)(_to_cpu(v) for v in value)
     if isinstance(value, dict):
