@@ -72,7 +72,9 @@ class AllReduce:
         self.one_shot_error: str | None = None  # why the small-message path is off, for the bench report
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        if self.world.on_gpu and self.mode != "nccl" and y.numel() * y.element_size() <= ONE_SHOT_MAX_BYTES:
+        nbytes = y.numel() * y.element_size()
+        # the one-shot kernel reads 16-byte vectors: other sizes (never a decode row of a LLaMA) take NCCL
+        if self.world.on_gpu and self.mode != "nccl" and nbytes <= ONE_SHOT_MAX_BYTES and nbytes % 16 == 0:
             one_shot = self._one_shot(y.dtype)
             if one_shot is not None:
                 return one_shot(y)
