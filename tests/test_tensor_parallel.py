@@ -244,3 +244,15 @@ def test_ctrl_c_ends_every_rank_with_exit_130():
     while _processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _processes_with(marker) == []
+
+
+def test_weights_that_do_not_match_their_config_fail_every_rank_with_one_message(tmp_path):
+    """Each rank reads the same mismatched folder and fails while loading; the user sees one line."""
+    save_gptq(hf_model(seed=8), tmp_path, bits=4, group_size=64)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 384}))  # splits, but is wrong
+    result = run(["-m", "talis_cli", "generate", "-m", tmp_path, "-p", PROMPT, "-n", "4", "--tensor-parallel", "2",
+                  "--device-map", "cpu"])
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "but config.json implies" in lines[0], result.stderr
