@@ -252,12 +252,13 @@ def _sync_time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3, decode_start: int | None = None) -> dict:
+def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3, decode_start: int | None = None,
+               graphs: bool = True) -> dict:
     """Prefill and decode timings (seconds, medians of `repeats` after a warm-up run) of a cached model."""
     device = model.model.embed_tokens.weight.device
     logits_device = model.logits_device  # another GPU when the model is split
     model.setup_cache(1, ctx)
-    if graph_devices(model) is not None:
+    if graphs and graph_devices(model) is not None:  # graphs False: tensor parallel without capturable all-reduces
         runner = CudaGraphDecoder(model)
     else:  # parts on the CPU: the plain path (fast_decode.graph_devices)
         runner = lambda tokens, pos: model(tokens, start_pos=pos)[:, -1]  # noqa: E731

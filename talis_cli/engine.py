@@ -137,7 +137,8 @@ class Engine:
         loaded.model.setup_cache(1, max_seq_len)
         engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, 0.0, backend, generation_defaults)
         phases.lap("KV cache")
-        if request.plan.uses_cuda and _triton_backend_available():  # the CUDA-graph decode step (Triton ops)
+        graphs = settings.shard is None or settings.shard.graphs  # tensor parallel: where the all-reduce captures
+        if request.plan.uses_cuda and _triton_backend_available() and graphs:  # the CUDA-graph decode step
             from .fast_decode import accelerate
 
             accelerate(engine.model, engine.generator)

@@ -135,6 +135,8 @@ def check_split(settings, size: int) -> None:
 
 def load_rank(engine_cls, settings, rank: int, size: int, device: str, init_method: str | None, progress=None):
     """Join the world as `rank` and load this rank's shard: (engine, comm.World)."""
+    import torch
+
     from ..threads import default_threads
     from .comm import AllReduce, init_world
     from .shard import Shard
@@ -143,7 +145,9 @@ def load_rank(engine_cls, settings, rank: int, size: int, device: str, init_meth
     threads = settings.threads
     if threads is None and device == "cpu":  # the cores are shared by the ranks
         threads = max(1, default_threads() // size)
-    shard = Shard(rank, size, device, all_reduce=AllReduce(world))
+    all_reduce = AllReduce(world)
+    graphs = all_reduce.prepare(torch.float16)  # GPU models compute in fp16
+    shard = Shard(rank, size, device, all_reduce=all_reduce, graphs=graphs)
     engine = engine_cls.load(dataclasses.replace(settings, shard=shard, tensor_parallel=None, threads=threads),
                              progress if rank == 0 else None)
     engine.tensor_parallel = size

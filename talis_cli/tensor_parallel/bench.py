@@ -55,6 +55,7 @@ def bench_rank(spec: dict, rank: int, size: int, init_method: str, device: str) 
     world = init_world(rank, size, device, init_method)
     gpu = torch.device(device)
     all_reduce = AllReduce(world)
+    graphs = all_reduce.prepare(torch.float16)
     collectives = allreduce_table(world, all_reduce)
     args = shape_args(spec["shape"], spec["ctx"])
     shard = Shard(rank, size, device, bits=spec["bits"], group_size=spec["group_size"],
@@ -66,7 +67,8 @@ def bench_rank(spec: dict, rank: int, size: int, init_method: str, device: str) 
     torch.manual_seed(rank)
     model = random_model(local, "gptq", spec["bits"], spec["group_size"], spec["act_order"], gpu)
     shard.wrap(model)
-    timing = time_model(model, spec["prompt"], spec["gen"], spec["ctx"], decode_start=spec["decode_start"])
+    timing = time_model(model, spec["prompt"], spec["gen"], spec["ctx"], decode_start=spec["decode_start"],
+                        graphs=graphs)
     peaks = torch.zeros(size, device=gpu)
     peaks[rank] = torch.cuda.max_memory_allocated(gpu) / GB
     dist.all_reduce(peaks)
@@ -88,10 +90,12 @@ def bench_rank(spec: dict, rank: int, size: int, init_method: str, device: str) 
                 copy_tb_s=bandwidth / 1e12, prompt=prompt, gen=gen, ctx=spec["ctx"], bits=spec["bits"],
                 group_size=spec["group_size"], act_order=spec["act_order"], shape=spec["shape"].upper(),
                 tensor_parallel=size, allreduce_path=all_reduce.path, allreduce_error=all_reduce.one_shot_error,
+                decode_graphs=graphs, capture_error=all_reduce.capture_error,
                 allreduce=collectives, rows=[row],
                 notes=[f"tensor parallel {size}: per-rank floor (1/{size} of the layers and KV cache, the whole "
                        f"lm_head); small all-reduces: {all_reduce.path}"
-                       + (f" ({all_reduce.one_shot_error})" if all_reduce.one_shot_error else "")])
+                       + (f" ({all_reduce.one_shot_error})" if all_reduce.one_shot_error else "")
+                       + ("" if graphs else f"; decode WITHOUT CUDA graphs ({all_reduce.capture_error})")])
 
 
 def allreduce_table(world, all_reduce) -> list[dict]:

@@ -70,6 +70,7 @@ class AllReduce:
         self.mode = os.environ.get(ALLREDUCE_ENV, "auto").lower()
         self.one_shot: OneShot | None = None
         self.one_shot_error: str | None = None  # why the small-message path is off, for the bench report
+        self.capture_error: str | None = None  # why NCCL's all-reduce did not capture, when it did not
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
         nbytes = y.numel() * y.element_size()
@@ -99,6 +100,32 @@ class AllReduce:
         if self.one_shot is not None and self.one_shot.dtype != dtype:
             return None
         return self.one_shot
+
+    def prepare(self, dtype) -> bool:
+        """On GPUs, before any CUDA graph: set up the one-shot path for `dtype` activations and say whether the
+        decode step may be captured: yes with the one-shot path (decode messages are small), else only where NCCL's
+        all-reduce captures on every rank (checked here). True on CPUs (no graphs there anyway). Every rank must
+        call this at the same point."""
+        if not self.world.on_gpu:
+            return True
+        if self.mode != "nccl" and self._one_shot(dtype) is not None:
+            return True
+        device = torch.device(self.world.device)
+        y = torch.ones(8, dtype=dtype, device=device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                dist.all_reduce(y, group=self.world.group)
+            captured = 1
+        except Exception as e:  # noqa: BLE001
+            captured, self.capture_error = 0, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        works = torch.tensor([captured])
+        dist.all_reduce(works, op=dist.ReduceOp.MIN, group=self.world.control)  # replay only where all captured
+        if not works.item():
+            return False
+        y.fill_(1)
+        graph.replay()
+        return bool(torch.all(y == self.world.size).item())
 
     @property
     def path(self) -> str:

@@ -40,6 +40,7 @@ class Shard:
     group_size: int = -1
     act_order: bool = False
     all_reduce: object = field(default=None, compare=False, repr=False)  # comm.AllReduce of this rank's world
+    graphs: bool = True  # the decode step may be captured in CUDA graphs (comm.AllReduce.prepare)
 
     def with_quant(self, quant) -> "Shard":
         """This shard for weights of QuantSettings `quant` (None: float weights)."""
