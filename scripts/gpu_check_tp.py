@@ -63,7 +63,8 @@ def summary(results: dict) -> list[str]:
         r = report["rows"][0]
         peaks = ", ".join(f"{gb:.1f}" for gb in r.get("peak_by_gpu_gb") or [])
         lines.append(f"  {label:<14} decode {r['decode_tok_s']:8.1f}  prefill {r['prefill_tok_s'] or float('nan'):8.0f}"
-                     f"  peak [{peaks}]  small all-reduce: {report.get('allreduce_path', '-')}")
+                     f"  peak [{peaks}]  small all-reduce: {report.get('allreduce_path', '-')}"
+                     + ("  (decode WITHOUT CUDA graphs)" if report.get("decode_graphs") is False else ""))
     for shape in ("13B", "70B"):
         one, tp, split = row(f"{shape} one GPU"), row(f"{shape} TP2"), row(f"{shape} split")
         if one and tp:
