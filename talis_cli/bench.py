@@ -32,7 +32,8 @@ from .config import ModelArgs
 from .engine import Engine, LoadSettings
 from .errors import TalisError, UsageError
 from .fast_decode import CudaGraphDecoder, graph_devices
-from .model import Transformer
+from .fast_prefill import prefill_runner
+from .model import Transformer, current_device
 from .step_queue import greedy_decode
 
 GB = 1e9
@@ -99,6 +100,49 @@ def floor_bytes(args: ModelArgs, bits: int, group_size: int, context: float, hea
     return parts
 
 
+# --- where the layers of a random model go -----------------------------------------------------------------------
+def gptq_tensor_shapes(args: ModelArgs, bits: int, group_size: int) -> dict[str, list[int]]:
+    """Tensor shapes of an AutoGPTQ checkpoint of `args` (fp16 embedding and head), what the planner reads from a
+    folder's headers."""
+    groups = lambda k: 1 if group_size == -1 else math.ceil(k / group_size)  # noqa: E731
+    q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    linears = {"self_attn.q_proj": (args.dim, q_out), "self_attn.k_proj": (args.dim, kv_out),
+               "self_attn.v_proj": (args.dim, kv_out), "self_attn.o_proj": (q_out, args.dim),
+               "mlp.gate_proj": (args.dim, args.intermediate_size), "mlp.up_proj": (args.dim, args.intermediate_size),
+               "mlp.down_proj": (args.intermediate_size, args.dim)}
+    shapes = {"model.embed_tokens.weight": [args.vocab_size, args.dim], "model.norm.weight": [args.dim],
+              "lm_head.weight": [args.vocab_size, args.dim]}
+    for i in range(args.n_layers):
+        for name, (k, n) in linears.items():
+            p = f"model.layers.{i}.{name}"
+            shapes.update({f"{p}.qweight": [gptq_format.packed_length(k, bits), n],
+                           f"{p}.qzeros": [groups(k), gptq_format.packed_length(n, bits)],
+                           f"{p}.scales": [groups(k), n], f"{p}.g_idx": [k]})
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"model.layers.{i}.{norm}.weight"] = [args.dim]
+    return shapes
+
+
+def plan_shape(args: ModelArgs, bits: int, group_size: int, ctx: int, device_map: str | None,
+               max_memory: str | None):
+    """The DevicePlan of a random model of `args` with a KV cache of `ctx` slots, as `generate` would plan the same
+    checkpoint: a device map (name or file) and/or --max-memory caps. TalisError / UsageError, before anything is
+    built, for a map naming a GPU this machine lacks or a part that overflows its cap."""
+    from .memory_plan import footprint, parse_max_memory
+    from .model_info import kv_cache_bytes
+    from .placement import load_device_map, plan_devices
+
+    label, raw = load_device_map(device_map or "auto")
+    caps = parse_max_memory(max_memory) if max_memory else None
+    fp = footprint(gptq_tensor_shapes(args, bits, group_size), args.n_layers,
+                   kv_cache_bytes(args, ctx, dtype_bytes=2) // args.n_layers, float_bytes=2)
+    plan = plan_devices(raw, args.n_layers, f"device map {label}", fp, caps)
+    if not plan.uses_cuda or "cpu" in plan.devices:
+        raise UsageError(f"talis bench --shape places every layer on a GPU; the plan puts parts on the CPU "
+                         f"({', '.join(plan.devices)}); give GPUs in the map or --max-memory")
+    return plan
+
+
 # --- random models built on the GPU ------------------------------------------------------------------------------
 def _packed_constant(value: int, bits: int) -> int:
     """The int32 word holding `value` in every `bits`-wide slot (as a signed int)."""
@@ -139,13 +183,16 @@ class TorchInt4Linear(nn.Module):
 
 
 def random_model(args: ModelArgs, kind: str, bits: int, group_size: int, act_order: bool, device):
-    """A Transformer of random weights on `device`, q/k/v and gate/up already fused.
+    """A Transformer of random weights on `device` (a device, or a placement.DevicePlan: each part built directly
+    on its GPU), q/k/v and gate/up already fused.
 
     kind: "gptq" (QuantLinear, Triton backend, fp16), "fp16" (nn.Linear) or "int4" (torch's int4 kernel, bf16).
     """
     dtype = torch.bfloat16 if kind == "int4" else torch.float16
+    def place(name: str) -> torch.device:
+        return torch.device(device.device_for(name) if hasattr(device, "device_for") else device)
 
-    def linear(k: int, n: int):
+    def linear(k: int, n: int, device):
         if kind == "gptq":
             layer = random_quant_linear(k, n, bits, group_size, act_order, device)
             layer.set_backend("triton", keep_source=False)
@@ -159,21 +206,25 @@ def random_model(args: ModelArgs, kind: str, bits: int, group_size: int, act_ord
     with torch.device("meta"):
         model = Transformer(args)
     (qkv, o, gate_up, down) = linear_shapes(args)
-    for block in model.model.layers:
+    for i, block in enumerate(model.model.layers):
         attn, mlp = block.self_attn, block.mlp
+        layer_device = place(f"model.layers.{i}")
         for name in ("q_proj", "k_proj", "v_proj"):
             delattr(attn, name)
             setattr(attn, name, None)
         for name in ("gate_proj", "up_proj"):
             delattr(mlp, name)
             setattr(mlp, name, None)
-        attn.qkv_proj, attn.o_proj = linear(*qkv), linear(*o)
-        mlp.gate_up_proj, mlp.down_proj = linear(*gate_up), linear(*down)
-    norms = [model.model.norm] + [n for b in model.model.layers for n in (b.input_layernorm, b.post_attention_layernorm)]
-    for norm in norms:
-        norm.weight = nn.Parameter(torch.ones(args.dim, device=device, dtype=dtype), requires_grad=False)
-    for module, std in ((model.model.embed_tokens, 1.0), (model.lm_head, 1 / math.sqrt(args.dim))):
-        module.weight = nn.Parameter(torch.randn(module.weight.shape, device=device, dtype=dtype) * std,
+        with current_device(layer_device):  # Triton's prepare runs on the current device
+            attn.qkv_proj, attn.o_proj = linear(*qkv, layer_device), linear(*o, layer_device)
+            mlp.gate_up_proj, mlp.down_proj = linear(*gate_up, layer_device), linear(*down, layer_device)
+    norms = [("model.norm", model.model.norm)] + [(f"model.layers.{i}", n) for i, b in enumerate(model.model.layers)
+                                                  for n in (b.input_layernorm, b.post_attention_layernorm)]
+    for name, norm in norms:
+        norm.weight = nn.Parameter(torch.ones(args.dim, device=place(name), dtype=dtype), requires_grad=False)
+    for name, module, std in (("model.embed_tokens", model.model.embed_tokens, 1.0),
+                              ("lm_head", model.lm_head, 1 / math.sqrt(args.dim))):
+        module.weight = nn.Parameter(torch.randn(module.weight.shape, device=place(name), dtype=dtype) * std,
                                      requires_grad=False)
     return model.eval()
 
@@ -202,21 +253,20 @@ def _sync_time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3) -> dict:
+def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3, decode_start: int | None = None,
+               graphs: bool = True) -> dict:
     """Prefill and decode timings (seconds, medians of `repeats` after a warm-up run) of a cached model."""
     device = model.model.embed_tokens.weight.device
     logits_device = model.logits_device  # another GPU when the model is split
     model.setup_cache(1, ctx)
-    from .fast_prefill import prefill_runner  # here: an import beside the others would touch lines other work edits
-
     # the prefill generate runs: the fast one on GPUs, else the plain forward
     prefill_step = prefill_runner(model) or (lambda tokens, pos: model(tokens, start_pos=pos, last_only=True))
-    if graph_devices(model) is not None:
+    if graphs and graph_devices(model) is not None:  # graphs False: tensor parallel without capturable all-reduces
         runner = CudaGraphDecoder(model)
     else:  # parts on the CPU: the plain path (fast_decode.graph_devices)
         runner = lambda tokens, pos: model(tokens, start_pos=pos)[:, -1]  # noqa: E731
     tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
-    start = ctx - gen  # decode fills the last `gen` slots
+    start = ctx - gen if decode_start is None else decode_start  # by default decode fills the last `gen` slots
 
     def prefill():
         prefill_step(tokens, 0)[:, -1].argmax(-1).tolist()  # the first token reaches the host
@@ -270,6 +320,7 @@ def _fits(args: ModelArgs, bits: int, ctx: int, device) -> bool:
 
 
 def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, prompt: int, gen: int, ctx: int,
+             decode_start: int | None,
              bandwidth: float, device, kernels: bool = False) -> dict:
     """Build a model variant, time it, free it; the row of the report."""
     torch.cuda.empty_cache()
@@ -277,9 +328,9 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
     for gpu in gpus:
         torch.cuda.reset_peak_memory_stats(gpu)
     model = build()
-    timing = time_model(model, prompt, gen, ctx)
+    timing = time_model(model, prompt, gen, ctx, decode_start=decode_start)
     head = gptq_bytes(model.lm_head) if isinstance(model.lm_head, QuantLinear) else None
-    floor = floor_bytes(args, bits, group_size, ctx - gen / 2, head)
+    floor = floor_bytes(args, bits, group_size, decode_context(ctx, gen, decode_start), head)
     decode_tps = gen / timing["decode_s"]
     prefill_s = timing["prefill_s"]
     row = dict(variant=label, decode_tok_s=decode_tps, prefill_tok_s=prompt / prefill_s if prefill_s else None,
@@ -287,7 +338,8 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
                ms_per_token=timing["decode_s"] / gen * 1e3,
                floor_tok_s=bandwidth / floor["total"], pct_floor=100 * decode_tps * floor["total"] / bandwidth,
                bytes_per_token_gb=floor["total"] / GB,
-               peak_vram_gb=sum(torch.cuda.max_memory_allocated(gpu) for gpu in gpus) / GB)  # all GPUs of a split
+               peak_vram_gb=sum(torch.cuda.max_memory_allocated(gpu) for gpu in gpus) / GB,  # all GPUs of a split
+               peak_by_gpu_gb=[torch.cuda.max_memory_allocated(gpu) / GB for gpu in gpus])
     if kernels:
         row["kernels"] = gemv_table(model, bandwidth)
     del model
@@ -299,9 +351,17 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
 def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 128, gen: int = 128,
               ctx: int | None = None, bits: int = 4, group_size: int = 128, act_order: bool = False,
               json_out: bool = False, kernels: bool = False, device_map: str | None = None,
-              tokenizer: str | None = None) -> dict:
+              tokenizer: str | None = None, max_memory: str | None = None, tensor_parallel: int | None = None,
+              baselines: bool = True, decode_start: int | None = None) -> dict:
     """Time one model and its baselines; returns the report (see `format_report`). `json_out` is the caller's
-    choice of printer and changes nothing here."""
+    choice of printer and changes nothing here.
+
+    A --shape with `device_map` and/or `max_memory` is planned as `generate` plans a checkpoint and built directly
+    on its GPUs (errors before anything is built); `tensor_parallel` N times the shape over N GPUs, one process
+    each (talis_cli.tensor_parallel.bench). `baselines` False skips the fp16 and int4 rows. `decode_start`: the
+    first cache slot of the decode window (default ctx - gen), so a long prefill and a short-context decode can be
+    timed in one run.
+    """
     if not torch.cuda.is_available():
         raise TalisError("talis bench needs a CUDA GPU; none is visible here")
     if (shape is None) == (model is None):
@@ -311,25 +371,44 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     ctx = ctx or prompt + gen
     if ctx < prompt + gen:
         raise UsageError(f"--ctx {ctx} is smaller than --prompt + --gen ({prompt + gen}); raise it or shorten them")
+    if decode_start is not None and not 0 < decode_start <= ctx - gen:
+        raise UsageError(f"decode_start {decode_start} must lie in 1..ctx - gen ({ctx - gen})")
+    if tensor_parallel is not None and tensor_parallel > 1:
+        if shape is None or device_map or max_memory:
+            raise UsageError("talis bench --tensor-parallel times a --shape (random weights on each GPU); "
+                             "drop --model, --device-map and --max-memory")
+        from .tensor_parallel.bench import run_tp_bench
+
+        return run_tp_bench(tensor_parallel, shape, prompt, gen, ctx, bits, group_size, act_order, decode_start)
+    plan = None
+    if shape is not None and (device_map or max_memory):  # before anything is built
+        plan = plan_shape(shape_args(shape, ctx), bits, group_size, ctx, device_map, max_memory)
     device = torch.device("cuda", torch.cuda.current_device())
     bandwidth = copy_bandwidth(device)
     report = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, copy_tb_s=bandwidth / 1e12,
                   prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size, act_order=act_order,
                   rows=[], notes=[])
     if model is not None:
-        engine = _load_engine(model, ctx, device_map, tokenizer)
+        engine = _load_engine(model, ctx, device_map, tokenizer, max_memory)
         args, bits, group_size = engine.args, engine.quant.bits, engine.quant.group_size
         report.update(model=str(model), bits=bits, group_size=group_size)
         build_ours = lambda: engine.model  # noqa: E731
     else:
         args = shape_args(shape, ctx)
         report["shape"] = shape.upper()
-        build_ours = lambda: random_model(args, "gptq", bits, group_size, act_order, device)  # noqa: E731
-    common = dict(args=args, prompt=prompt, gen=gen, ctx=ctx, bandwidth=bandwidth, device=device)
+        where = plan or device  # a split plan: each part built on its GPU
+        build_ours = lambda: random_model(args, "gptq", bits, group_size, act_order, where)  # noqa: E731
+        if plan is not None:
+            report["plan"] = plan_summary(plan, args.n_layers)
+    common = dict(args=args, prompt=prompt, gen=gen, ctx=ctx, bandwidth=bandwidth, device=device,
+                  decode_start=decode_start)
     report["rows"].append(_measure(f"talis gptq {bits}-bit g{group_size}", build_ours, bits=bits,
                                    group_size=group_size, kernels=kernels, **common))
     if model is not None:
         del engine, build_ours
+    if not baselines or plan is not None:
+        report["notes"].append("baselines skipped" + (" (a split model)" if baselines else ""))
+        return report
     if _fits(args, 16, ctx, device):
         report["rows"].append(_baseline("fp16 cuBLAS", "fp16", 16, -1, common))
     else:
@@ -351,9 +430,27 @@ def _baseline(label: str, kind: str, bits: int, group_size: int, common: dict) -
     return dict(variant=label, error=error)
 
 
-def _load_engine(model_dir: str, ctx: int, device_map: str | None, tokenizer: str | None = None):
+def decode_context(ctx: int, gen: int, decode_start: int | None) -> float:
+    """The mean cached context of the decode window (the floor's KV term)."""
+    return (ctx - gen if decode_start is None else decode_start) + gen / 2
+
+
+def plan_summary(plan, n_layers: int) -> str:
+    """'cuda:0 layers 0-39 (+embed), cuda:1 layers 40-79 (+norm, lm_head)': where a plan puts the parts."""
+    runs: list[list] = []
+    for i in range(n_layers):
+        device = plan.device_for(f"model.layers.{i}")
+        if runs and runs[-1][0] == device:
+            runs[-1][2] = i
+        else:
+            runs.append([device, i, i])
+    return ", ".join(f"{d} layers {a}-{b}" for d, a, b in runs)
+
+
+def _load_engine(model_dir: str, ctx: int, device_map: str | None, tokenizer: str | None = None,
+                 max_memory: str | None = None):
     engine = Engine.load(LoadSettings(model_dir=model_dir, max_seq_len=ctx, device_map=device_map or "auto",
-                                      tokenizer=tokenizer))
+                                      tokenizer=tokenizer, max_memory=max_memory))
     if engine.quant is None:
         raise TalisError(f"{model_dir} holds fp16 weights; talis bench measures GPTQ models (use --shape for fp16 baselines)")
     return engine
@@ -384,5 +481,15 @@ def format_report(report: dict) -> str:
             total_us = sum(k["us"] * k["count"] for k in row["kernels"])
             lines.append(f"all GEMVs of one token: {total_us / 1e3:.3f} ms of {row['ms_per_token']:.3f} ms per token")
     lines += [f"note: {r['variant']} prefill failed: {r['prefill_error']}" for r in report["rows"] if r.get("prefill_error")]
+    for row in report["rows"]:
+        if len(row.get("peak_by_gpu_gb") or []) > 1:
+            lines.append(f"{row['variant']}: peak GB per GPU " + ", ".join(
+                f"cuda:{i} {gb:.1f}" for i, gb in enumerate(row["peak_by_gpu_gb"])))
+    if report.get("plan"):
+        lines.append(f"plan: {report['plan']}")
+    if report.get("allreduce"):
+        from .tensor_parallel.bench import format_allreduce
+
+        lines += format_allreduce(report)
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

@@ -220,6 +220,7 @@ def chat(
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("talis chat needs a terminal; for piped text use talis generate (--each-line: a prompt per line)")
     config = settings.generation_config()
+    _refuse_tensor_parallel(settings, "talis chat")
     from talis_cli.repl.app import run_chat
 
     if remote.url:
@@ -392,7 +393,10 @@ def bench(
     group_size: Annotated[int, typer.Option("--group-size", metavar="N", help="Group size for --shape.")] = 128,
     act_order: Annotated[bool, typer.Option("--act-order", help="Act-order weights for --shape.")] = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Also time each quantized GEMV shape.")] = False,
-    device_map: Annotated[Optional[str], typer.Option("--device-map", metavar="NAME|FILE", help="Device map for --model.")] = None,
+    device_map: Annotated[Optional[str], typer.Option("--device-map", metavar="NAME|FILE", help="Device map for --model, or where --shape's random layers go (one CUDA graph per GPU).")] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="CAPS", help="Memory caps for placing layers, e.g. 0=24GiB,1=24GiB.")] = None,
+    tensor_parallel: Annotated[Optional[int], typer.Option("--tensor-parallel", metavar="N", help="Time --shape split over N GPUs (tensor parallel, one process per GPU), with an all-reduce table.", min=1)] = None,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also time fp16 (cuBLAS) and torch's int4 kernel.")] = True,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="DIR", help="Folder of the tokenizer files for --model (default: the model folder).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ):
@@ -406,8 +410,20 @@ def bench(
 
     report = run_bench(shape=shape, model=model, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size,
                        act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map,
-                       tokenizer=tokenizer)
+                       tokenizer=tokenizer, max_memory=max_memory, tensor_parallel=tensor_parallel,
+                       baselines=baselines)
     _write_out(json.dumps(report, default=str) + "\n" if json_output else format_report(report) + "\n")
+
+
+def _refuse_tensor_parallel(settings, command: str) -> None:
+    """UsageError when `settings` ask for tensor parallelism, which `command` does not run."""
+    from talis_cli.placement import load_device_map
+    from talis_cli.tensor_parallel import requested_size
+
+    label, raw_map = load_device_map(settings.device_map)
+    if requested_size(settings.tensor_parallel, raw_map, f"device map {label}") > 1:
+        raise UsageError(f"{command} does not run with tensor parallelism yet; use talis generate "
+                         f"--tensor-parallel N, or drop --tensor-parallel")
 
 
 # ---------------------------------------------------------------- entry point

@@ -30,6 +30,8 @@ class LoadSettings:
     loader: str | None = None  # force a registered loader by name
     threads: int | None = None  # torch CPU threads; None: talis_cli.threads.default_threads()
     tokenizer: Path | str | None = None  # folder of the tokenizer files; None: the model folder
+    tensor_parallel: int | None = None  # ranks holding 1/N of every layer each; None: the device map's, else 1
+    shard: object = None  # set by talis_cli.tensor_parallel on each rank: its tensor_parallel.shard.Shard
 
 
 class LoadPhases:
@@ -71,6 +73,7 @@ class Engine:
         self.load_s = load_s  # seconds; Engine.load sets it to load_phases.total
         self.load_phases: LoadPhases | None = None  # set by Engine.load
         self.backend = backend
+        self.tensor_parallel = 1  # ranks holding a part of every layer (talis_cli.tensor_parallel sets it)
         self.add_bos = adds_bos(tokenizer)  # prompts start with BOS where the tokenizer's own encode adds it
         self.generation_defaults = generation_defaults or {}  # the folder's generation_config.json
         self.eos_ids = eos_ids(loaded.args, tokenizer, self.generation_defaults)
@@ -86,7 +89,7 @@ class Engine:
         from .model_generation_config import read_generation_config
         from .memory_plan import footprint, parse_max_memory
         from .model_info import kv_cache_bytes
-        from .placement import load_device_map, map_may_use_gpu, plan_devices
+        from .placement import DevicePlan, load_device_map, map_may_use_gpu, plan_devices
 
         from .threads import set_threads
 
@@ -97,6 +100,12 @@ class Engine:
         if settings.backend not in BACKENDS:
             raise UsageError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
         label, raw_map = load_device_map(settings.device_map)
+        if settings.shard is None:
+            from .tensor_parallel import load_engine, requested_size
+
+            size = requested_size(settings.tensor_parallel, raw_map, f"device map {label}")
+            if size > 1:  # start the ranks; each comes back here with its shard
+                return load_engine(cls, settings, raw_map, size, progress)
         request = LoadRequest(model_dir, None, Path(settings.checkpoint) if settings.checkpoint else None,
                               settings.wbits, settings.groupsize, settings.allow_pickle)
         loader = pick_loader(request, settings.loader)
@@ -105,14 +114,19 @@ class Engine:
         max_seq_len = check_max_seq_len(settings.max_seq_len, args)
         max_memory = parse_max_memory(settings.max_memory) if settings.max_memory else None
         float_bytes = 2 if map_may_use_gpu(raw_map) else 4  # fp16 on GPUs, fp32 on the CPU
-        fp = footprint(loader.tensor_shapes(), args.n_layers,
-                       kv_cache_bytes(args, max_seq_len, dtype_bytes=float_bytes) // args.n_layers, float_bytes)
-        request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
+        if settings.shard is not None:  # a tensor-parallel rank: all of its part on its own device
+            request.plan, request.shard = DevicePlan({"": settings.shard.device}), settings.shard
+        else:
+            fp = footprint(loader.tensor_shapes(), args.n_layers,
+                           kv_cache_bytes(args, max_seq_len, dtype_bytes=float_bytes) // args.n_layers, float_bytes)
+            request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
         phases.lap("config and plan")
         # before the weights: a folder without a usable tokenizer fails fast
         tokenizer = load_tokenizer(settings.tokenizer or model_dir)
         phases.lap("tokenizer")
         loaded = loader.load(progress)
+        if settings.shard is not None:
+            settings.shard.wrap(loaded.model)  # o_proj, down_proj: sums over the ranks
         phases.lap("weights read")
         if request.plan.uses_cuda:  # fused q/k/v and gate/up: one launch each at decode
             from quant_kernels.fuse import fuse_model
@@ -123,7 +137,8 @@ class Engine:
         loaded.model.setup_cache(1, max_seq_len)
         engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, 0.0, backend, generation_defaults)
         phases.lap("KV cache")
-        if request.plan.uses_cuda and _triton_backend_available():  # the CUDA-graph decode step (Triton ops)
+        graphs = settings.shard is None or settings.shard.graphs  # tensor parallel: where the all-reduce captures
+        if request.plan.uses_cuda and _triton_backend_available() and graphs:  # the CUDA-graph decode step
             from .fast_decode import accelerate
 
             accelerate(engine.model, engine.generator)

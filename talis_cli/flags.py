@@ -49,6 +49,7 @@ class LoadFlags:
     backend: Annotated[Optional[str], option("--backend", metavar="NAME", help="Quantized matmul backend: auto, torch, torch_dense or triton.", default="auto")] = None
     threads: Annotated[Optional[int], option("--threads", "-t", metavar="N", help="CPU threads for torch.", default="the free cores: usable cores minus the load average, at least 1; OMP_NUM_THREADS if set", min=1)] = None
     allow_pickle: Annotated[Optional[bool], option("--allow-pickle", help="Read .bin/.pt checkpoints (tensors only).")] = None
+    tensor_parallel: Annotated[Optional[int], option("--tensor-parallel", metavar="N", help="Split every layer over N GPUs (N processes; on a machine without GPUs, N CPU processes).", default="1, or the device map's tensor_parallel", min=1)] = None
     tokenizer: Annotated[Optional[Path], option("--tokenizer", metavar="DIR", help="Folder of the tokenizer files (default: the model folder), e.g. the original model's.")] = None
     config: Annotated[Optional[Path], option("--config", metavar="FILE", help="File of settings (JSON, TOML or KEY=VALUE); flags win over it.")] = None
 

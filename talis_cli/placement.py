@@ -21,6 +21,7 @@ from .json_files import read_json_object
 from .memory_plan import GiB, Footprint, available_memory, check_fits, plan_by_capacity
 
 COMPACT_KEYS = {"layers", "embed_tokens", "norm", "lm_head", "gpu_split", "device"}
+TENSOR_PARALLEL_KEY = "tensor_parallel"  # N ranks, each with 1/N of every layer (talis_cli.tensor_parallel)
 
 
 @dataclass
@@ -98,6 +99,9 @@ def _parts(n_layers: int) -> list[str]:
 
 
 def _plan_from_map(raw: dict, n_layers: int, source: str) -> DevicePlan:
+    raw = {k: v for k, v in raw.items() if k != TENSOR_PARALLEL_KEY}  # read by Engine.load before planning
+    if not raw:
+        raw = {"device": "auto"}
     if not raw.keys() & {"layers", "gpu_split", "device"}:
         odd = [k for k in raw if not (k.startswith("model.") or k in ("lm_head", "", "*"))]
         if odd:

@@ -16,7 +16,7 @@ from talis_cli.errors import UsageError
 # Setting name -> type a config file's value is converted to.
 LOAD_SETTINGS = {"model": Path, "checkpoint": Path, "wbits": int, "groupsize": int, "device_map": str,
                  "max_memory": str, "max_seq_len": int, "backend": str, "allow_pickle": bool, "threads": int,
-                 "tokenizer": Path}
+                 "tokenizer": Path, "tensor_parallel": int}
 SAMPLING_SETTINGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
                      "typical_p": float, "repetition_penalty": float, "repetition_window": int,
                      "frequency_penalty": float, "presence_penalty": float, "seed": int, "stop": list}
@@ -46,6 +46,7 @@ class RunSettings:
     allow_pickle: Optional[bool] = None
     threads: Optional[int] = None
     tokenizer: Optional[Path] = None  # folder of the tokenizer files when the model folder has none
+    tensor_parallel: Optional[int] = None  # ranks (GPUs) holding 1/N of every layer each
     preset: Optional[str] = None
     template: Optional[str] = None
     system: Optional[str] = None
@@ -58,7 +59,8 @@ class RunSettings:
         given = {"model_dir": self.model, "checkpoint": self.checkpoint, "wbits": self.wbits,
                  "groupsize": self.groupsize, "device_map": self.device_map, "max_memory": self.max_memory,
                  "max_seq_len": self.max_seq_len, "backend": self.backend, "allow_pickle": self.allow_pickle,
-                 "threads": self.threads, "tokenizer": self.tokenizer}
+                 "threads": self.threads, "tokenizer": self.tokenizer,
+                 "tensor_parallel": self.tensor_parallel}
         return LoadSettings(**{name: value for name, value in given.items() if value is not None})
 
     def generation_config(self):

@@ -47,6 +47,7 @@ class LoadRequest:
     groupsize: int | None = None
     allow_pickle: bool = False
     dtype: object = None  # torch dtype; default fp16 on GPU, fp32 on CPU
+    shard: object = None  # tensor parallel: this rank's tensor_parallel.shard.Shard (its slice of every layer)
 
 
 @dataclass
@@ -97,23 +98,28 @@ class Loader:
         shapes = self.tensor_shapes()
         quant = self.quant_settings(shapes)
         dtype = self.request.dtype or (torch.float16 if self.request.plan.uses_cuda else torch.float32)
+        shard = self.request.shard.with_quant(quant) if self.request.shard is not None else None
         with torch.device("meta"), skip_weight_init():
-            model = Transformer(args)
+            model = Transformer(shard.local_args(args) if shard else args)  # a rank's 1/N of every layer
         if quant is not None:
             swap_quantized_linears(model, shapes, quant, dtype)
-        self._fill(model, shapes, dtype, progress)
+        if shard:
+            shard.prepare(model, args)
+        self._fill(model, shapes, dtype, progress, shard)
         finish_tied_and_defaults(model, args)
         self.finish(model, args)
         check_all_loaded(model, self.folder)
         model.eval()
         return LoadedModel(model, args, quant, self.files(), self.name)
 
-    def _fill(self, model, shapes: dict[str, list[int]], dtype, progress: Progress | None) -> None:
+    def _fill(self, model, shapes: dict[str, list[int]], dtype, progress: Progress | None, shard=None) -> None:
         total, done = len(shapes), 0
         for name, tensor in self.tensors():
             done += 1
             if name.endswith(IGNORED_SUFFIXES):
                 continue
+            if shard is not None:
+                tensor = shard.tensor(name, tensor)
             assign_tensor(model, name, tensor, self.request.plan.device_for(name), dtype, self.folder)
             if progress and (done % 16 == 0 or done == total):
                 progress(done, total, name)
