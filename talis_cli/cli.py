@@ -337,6 +337,7 @@ def serve(
     The generation flags are the defaults; each request may override them. Ctrl-C or SIGTERM stops it."""
     settings = run_settings(load, sampling, system=system)
     config = settings.generation_config()
+    _refuse_tensor_parallel(settings, "talis serve")
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key (or TALIS_API_KEY) is empty; give a key, or leave it unset for no key")
     from talis_cli.server.run import serve as run_server
