@@ -151,10 +151,31 @@ def _x_vector(x32_ptr, rows, offs_kw, stride_xm, first, X_LOAD: tl.constexpr, PA
 
 
 @triton.jit
-def _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, offs_kw, mask_x, stride_xm,
-              BITS: tl.constexpr, HAS_PERM: tl.constexpr, VECTOR_X: tl.constexpr, PAIR_FMA: tl.constexpr,
-              NEG_ZERO: tl.constexpr, PAIR_SUM: tl.constexpr, X_LOAD: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_KW, BLOCK_N]: sum over each word's rows of x * (q - zero) * 2**-BITS.
+def _products_zero(packed, offs_m, EMULATE: tl.constexpr):
+    """The empty sum of `_word_products` for words like `packed`, [BLOCK_M, BLOCK_KW, BLOCK_N]: fp32 zeros under
+    EMULATE, else int32 words holding fp16 +0.0 in both halves."""
+    if EMULATE:
+        return tl.zeros_like(packed.to(tl.float32)) * tl.zeros_like(offs_m.to(tl.float32))
+    else:
+        return tl.zeros_like(packed) + tl.zeros_like(offs_m)
+
+
+@triton.jit
+def _products_sum(acc, PAIR_SUM: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_KW, BLOCK_N]: the value of a `_word_products` sum (the two fp16 lanes added)."""
+    if EMULATE:
+        return acc
+    else:
+        return tl.inline_asm_elementwise(PAIR_SUM, "=f,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _word_products(acc, packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, offs_kw, mask_x, stride_xm,
+                   BITS: tl.constexpr, HAS_PERM: tl.constexpr, VECTOR_X: tl.constexpr, PAIR_FMA: tl.constexpr,
+                   NEG_ZERO: tl.constexpr, X_LOAD: tl.constexpr, EMULATE: tl.constexpr):
+    """acc plus x * (q - zero) * 2**-BITS for each row of each word, [BLOCK_M, BLOCK_KW, BLOCK_N]: in fp32 under
+    EMULATE, else in two fp16 lanes of an int32 (`_products_zero` starts a sum, `_products_sum` ends it; one sum
+    takes at most 8 products a lane, so that fp16 rounding stays small).
 
     packed: int32 [1, BLOCK_KW, BLOCK_N] words in kernel layout (`word_slot`), values in slots of SLOT bits (for
     3 bits, 4-bit slots whose top bit is ignored); offs_kw: their word indices, word w holding input rows
@@ -169,17 +190,15 @@ def _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, of
     STEP: tl.constexpr = 1.0 / (1 << BITS)
     if EMULATE:  # the interpreter runs no PTX: the same sum in fp32
         zero = _fp16_halves(scale_zero)[1]
-        dot = tl.zeros_like(zero * packed.to(tl.float32)) * tl.zeros_like(offs_m.to(tl.float32))
         for p in tl.static_range(PAIRS):
             x_low, x_high = _fp16_halves(_x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm, p,
                                                  PER_WORD, HAS_PERM))
             halves = packed >> (SLOT * p)
-            dot += x_low * (((halves & MASK).to(tl.float32) - zero) * STEP)
-            dot += x_high * ((((halves >> 16) & MASK).to(tl.float32) - zero) * STEP)
-        return dot
+            acc += x_low * (((halves & MASK).to(tl.float32) - zero) * STEP)
+            acc += x_high * ((((halves >> 16) & MASK).to(tl.float32) - zero) * STEP)
+        return acc
     else:
         VECTOR: tl.constexpr = 4 if PAIRS >= 4 else PAIRS
-        acc2 = tl.zeros_like(packed) + tl.zeros_like(offs_m)  # fp16 +0.0 in both halves, [BLOCK_M, KW, N]
         for p in tl.static_range(PAIRS):
             if VECTOR_X:
                 if p % VECTOR == 0:
@@ -191,10 +210,10 @@ def _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, of
                                                  dtype=tl.int32, is_pure=True, pack=1)
             # pair p sits at bit SLOT*p of each half: unpacked in place below bit 8 (`unpack_offsets`), else
             # after a shift by 8 (the same shifted word for all pairs above)
-            acc2 = tl.inline_asm_elementwise(PAIR_FMA[(SLOT * p) % 8 // SLOT], "=r,r,r,r,r",
-                                             [packed >> ((SLOT * p) // 8 * 8), neg_zero, x2, acc2],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(PAIR_SUM, "=f,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
+            acc = tl.inline_asm_elementwise(PAIR_FMA[(SLOT * p) % 8 // SLOT], "=r,r,r,r,r",
+                                            [packed >> ((SLOT * p) // 8 * 8), neg_zero, x2, acc],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        return acc
 
 
 @triton.jit
@@ -289,15 +308,20 @@ def _gemv_kernel(
             scale = _fp16_halves(scale_zero)[0]
             mask_x = mask_m & (kw0 + offs_w < kw_end)
             word = (kw0 + offs_w) * 4  # index of the unit's first 4-bit word (8 input rows each)
-            dot = _word_dot(w0, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, word, mask_x, stride_xm,
-                            BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO, PAIR_SUM, X_LOAD, EMULATE)
-            dot += _word_dot(w1, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, word + 1, mask_x,
-                             stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO, PAIR_SUM, X_LOAD, EMULATE)
-            dot += _word_dot(w2, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, word + 2, mask_x,
-                             stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO, PAIR_SUM, X_LOAD, EMULATE)
-            dot += _word_dot(_fourth_word(w0, w1, w2), scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x,
-                             word + 3, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO, PAIR_SUM,
-                             X_LOAD, EMULATE)
+            # two words a sum: 8 products a lane, as for 2-bit words (half the conversions to fp32 of one a sum)
+            acc2 = _word_products(_products_zero(w0, offs_m, EMULATE), w0, scale_zero, x16_ptr, x32_ptr, perm_ptr,
+                                  offs_m, rows_x, word, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA,
+                                  NEG_ZERO, X_LOAD, EMULATE)
+            acc2 = _word_products(acc2, w1, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, word + 1, mask_x,
+                                  stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO, X_LOAD, EMULATE)
+            dot = _products_sum(acc2, PAIR_SUM, EMULATE)
+            acc2 = _word_products(_products_zero(w0, offs_m, EMULATE), w2, scale_zero, x16_ptr, x32_ptr, perm_ptr,
+                                  offs_m, rows_x, word + 2, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA,
+                                  NEG_ZERO, X_LOAD, EMULATE)
+            acc2 = _word_products(acc2, _fourth_word(w0, w1, w2), scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m,
+                                  rows_x, word + 3, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO,
+                                  X_LOAD, EMULATE)
+            dot += _products_sum(acc2, PAIR_SUM, EMULATE)
             acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
             w0, w1, w2, scale_zero = next_w0, next_w1, next_w2, next_scale_zero
     else:
@@ -309,9 +333,10 @@ def _gemv_kernel(
             next_scale_zero = _load_scale_zero(scale_zero_ptr, kw0 + BLOCK_KW, kw_end, offs_n, mask_n, N,
                                                group_shift, UNIT_ROWS)
             scale = _fp16_halves(scale_zero)[0]
-            dot = _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, kw0 + offs_w,
-                            mask_m & (kw0 + offs_w < kw_end), stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA,
-                            NEG_ZERO, PAIR_SUM, X_LOAD, EMULATE)
+            acc2 = _word_products(_products_zero(packed, offs_m, EMULATE), packed, scale_zero, x16_ptr, x32_ptr,
+                                  perm_ptr, offs_m, rows_x, kw0 + offs_w, mask_m & (kw0 + offs_w < kw_end), stride_xm,
+                                  BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO, X_LOAD, EMULATE)
+            dot = _products_sum(acc2, PAIR_SUM, EMULATE)
             acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
             packed, scale_zero = next_packed, next_scale_zero
 
