@@ -22,6 +22,13 @@ instruction: fp32 arithmetic per weight made the kernel instruction bound at ~6 
   vector load.
 Per 16 words and thread these cut the loop from 429 to 353 SASS instructions (sm_90, the 7B gate/up
 configuration), 7B decode 2,052 -> 1,909 us per step on an H100 (BENCHMARKS.md, fifth session).
+3-bit values, which GPTQ packs across word boundaries, come repacked at load in units of 32 rows: three words of
+eight 4-bit slots, each slot's low 3 bits one value of rows 0-23 and its top bit one bit of a value of rows 24-31
+(triton_backend.pack_3bit_units). The kernel gathers those top bits into a fourth word (three shifts and three
+logic operations per unit and column) and reads all four as 4-bit words holding 3-bit values, with the same
+unpacking: no value is read across a word boundary and the weight stays at 3/8 byte a value. Two such words share
+one f16x2 sum (8 products a lane, as for 2-bit words). scripts/gemv_sass.py (triton 3.9, sm_90): 2.65 SASS
+instructions per weight in the loop, against 2.99 for 4-bit.
 Under TRITON_INTERPRET=1 (no GPU, no PTX) the same arithmetic runs in plain fp32 Triton operations.
 """
 import itertools
@@ -373,8 +380,9 @@ def _fits(config: dict, key: tuple) -> bool:
     """Pruner (key: N, K, bits, ...; one row): every split gets at least one block of units (as large as groups
     of all rows allow); between half a program and 32 programs per SM."""
     n, k, bits = key[:3]
-    if k // unit_rows(bits) < config["SPLIT_K"] * block_units(config["BLOCK_KW"], bits, 31, 1):
-        return False
+    units = block_units(config["BLOCK_KW"], bits, 31, 1)
+    if k // unit_rows(bits) < config["SPLIT_K"] * units or units * unit_words(bits) > 16:
+        return False  # (3-bit blocks of 8 units, 24 words a thread, spill registers on sm_90)
     programs = triton.cdiv(n, config["BLOCK_N"]) * config["SPLIT_K"]
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     return sms // 2 <= programs <= 32 * sms

@@ -294,7 +294,8 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     """Time one model and its baselines; returns the report (see `format_report`). `json_out` is the caller's
     choice of printer and changes nothing here."""
     if bits not in gptq_format.SUPPORTED_BITS:
-        raise UsageError(f"--bits {bits} is not supported; use one of {', '.join(map(str, gptq_format.SUPPORTED_BITS))}")
+        supported = ", ".join(map(str, gptq_format.SUPPORTED_BITS))
+        raise UsageError(f"--bits {bits} is not supported; use one of {supported}")
     if not torch.cuda.is_available():
         raise TalisError("talis bench needs a CUDA GPU; none is visible here")
     if (shape is None) == (model is None):
