@@ -179,6 +179,44 @@ def test_repacking_in_column_slices_gives_the_layout_of_one_piece(monkeypatch, b
     assert torch.equal(sliced.qweight, whole.qweight) and torch.equal(sliced.scale_zero, whole.scale_zero)
 
 
+def _fp16_fma(a: int, b: int, c: int) -> int:
+    """PTX fma.rn.f16x2 on the bits of three f16x2 words (the product and sum exact in float64, one rounding)."""
+    import numpy as np
+
+    halves = lambda w: np.array([w & 0xFFFF, w >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)  # noqa: E731
+    out = (halves(a) * halves(b) + halves(c)).astype(np.float16).view(np.uint16)
+    return int(out[0]) | int(out[1]) << 16
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpacking_constants_give_exact_weights(bits):
+    """The GEMV's PTX constants (`asm_arguments`), applied as PTX would: for every value q at every in-place offset
+    of a slot (other bits of the word set, as a 3-bit slot's top bit is), and every zero point z,
+    (q - z) * 2**-bits exactly in both fp16 lanes. Runs without a GPU; the kernels themselves are checked by the
+    tests marked gpu."""
+    import re
+
+    from quant_kernels.triton_gemv import asm_arguments, slot_bits, unpack_offsets
+
+    asm = asm_arguments(bits, emulate=False)
+    assert len(asm["PAIR_FMA"]) == len(unpack_offsets(bits)) == 8 // slot_bits(bits)
+    for offset, pair_fma, neg_zero in zip(unpack_offsets(bits), asm["PAIR_FMA"], asm["NEG_ZERO"]):
+        mask = int(re.search(r"lop3\.b32 t, \$1, (0x[0-9a-f]+), 0x64006400, 0xea;", pair_fma).group(1), 16)
+        step = int(re.search(r"mov\.b32 s, (0x[0-9a-f]+);", pair_fma).group(1), 16)
+        mul, add = (int(v, 16) for v in re.search(r"mov\.b32 m, (0x[0-9a-f]+);\s*mov\.b32 a, (0x[0-9a-f]+);",
+                                                  neg_zero).groups())
+        others = ~(((1 << bits) - 1) << offset) & 0xFFFF  # every bit of the half but the value's
+        for z in range(2**bits + 1):  # full zero points: stored zero + 1 (format v1) reaches 2**bits
+            z16 = int(torch.tensor(float(z), dtype=torch.float16).view(torch.int16)) & 0xFFFF
+            addend = _fp16_fma(z16 * 0x10001, mul, add)  # prmt puts the zero point (high half) in both lanes
+            for q in range(2**bits):
+                half = q << offset | others
+                word = (half | half << 16) & mask | 0x64006400  # lop3 (a & b) | c
+                weight = _fp16_fma(word, step, addend)
+                want = int(torch.tensor((q - z) / 2**bits, dtype=torch.float16).view(torch.int16)) & 0xFFFF
+                assert weight == want * 0x10001, f"q={q} z={z} offset={offset}"
+
+
 def test_group_order_sorts_rows_by_group():
     g_idx = torch.arange(96, dtype=torch.int32) // 32
     assert group_order(g_idx, 32) is None
