@@ -27,8 +27,9 @@ eight 4-bit slots, each slot's low 3 bits one value of rows 0-23 and its top bit
 (triton_backend.pack_3bit_units). The kernel gathers those top bits into a fourth word (three shifts and three
 logic operations per unit and column) and reads all four as 4-bit words holding 3-bit values, with the same
 unpacking: no value is read across a word boundary and the weight stays at 3/8 byte a value. Two such words share
-one f16x2 sum (8 products a lane, as for 2-bit words). scripts/gemv_sass.py (triton 3.9, sm_90): 2.65 SASS
-instructions per weight in the loop, against 2.99 for 4-bit.
+one f16x2 sum (8 products a lane, as for 2-bit words). scripts/gemv_sass.py (sm_90, triton 3.6 as on the GPU
+machine): 2.65 SASS instructions per weight in the loop (one unit a block), against 2.76 for 4-bit (BLOCK_KW 4);
+with 3/4 of the bytes, 3-bit decode is the closer of the two to being instruction bound.
 Under TRITON_INTERPRET=1 (no GPU, no PTX) the same arithmetic runs in plain fp32 Triton operations.
 """
 import itertools
