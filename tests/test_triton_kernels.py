@@ -288,34 +288,36 @@ def test_released_source_frees_gptq_tensors_when_the_backend_holds_the_weight(bi
 
 
 def test_tiny_3bit_gptq_model_gives_the_torch_backends_greedy_tokens(tmp_path, monkeypatch):
-    """A 3-bit act-order GPTQ folder (tests/tiny_models.save_gptq): every quantized layer on the Triton kernels
-    (prefill of 10 tokens through dequantize + matmul, decode through the GEMV) picks the same greedy tokens as
-    the torch backend."""
+    """A 3-bit act-order GPTQ folder (tests/tiny_models.save_gptq), loaded by the engine: with every quantized
+    layer on the Triton kernels (prefill of 10 tokens through dequantize + matmul, decode steps through the GEMV)
+    greedy decoding picks the torch backend's tokens."""
     from talis_cli.engine import Engine, LoadSettings
-    from talis_cli.generation import GenerationConfig
     from tests.tiny_models import hf_model, save_gptq
 
-    # Under the interpreter a program costs the same whatever its size: one program per layer is quickest here.
-    monkeypatch.setattr("quant_kernels.triton_gemv.GEMV_TUNER.interpreter_config",
-                        dict(BLOCK_N=256, BLOCK_KW=8, SPLIT_K=1, num_warps=4))
+    # One GEMV program per layer (under the interpreter a program costs the same whatever its size); no tuning.
+    monkeypatch.setattr("quant_kernels.triton_gemv.GEMV_TUNER.pick",
+                        lambda key, launch: dict(BLOCK_N=256, BLOCK_KW=8, SPLIT_K=1, num_warps=2))
     save_gptq(hf_model(seed=13, num_hidden_layers=1), tmp_path, bits=3, group_size=32, act_order=True)
     engine = Engine.load(LoadSettings(model_dir=tmp_path, device_map="cpu", backend="torch", max_seq_len=32))
-    engine.model.half()  # as on a GPU: the kernels take fp16 scales
-    engine.generator.eos_ids = []  # always the full count of tokens
-    prompt = torch.randint(3, 4096, (10,), generator=torch.Generator().manual_seed(2)).tolist()
-    cfg = GenerationConfig(temperature=0.0, max_new_tokens=3)
-
-    def greedy() -> list[int]:
-        engine.model.clear_cache()  # the whole prompt again, no prefix reused from the other backend's run
-        return [t for event in engine.generator.stream(prompt, cfg) for t in event.token_ids]
-
-    expected = greedy()
-    layers = [m for m in engine.model.modules() if isinstance(m, QuantLinear)]
+    model = engine.model.to(DEVICE, torch.float16)  # as on a GPU: the kernels take fp16 scales
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.bits == 3 for m in layers)
-    for m in layers:
-        m.set_backend("triton", keep_source=False)
+    prompt = torch.randint(3, 4096, (1, 10), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def greedy(backend: str, new_tokens: int = 3) -> list[int]:
+        for m in layers:
+            m.set_backend(backend)
+        model.setup_cache(1, 32)
+        with torch.no_grad():
+            tokens = [int(model(prompt, last_only=True)[0, -1].argmax())]
+            for pos in range(10, 10 + new_tokens - 1):
+                step = torch.tensor([tokens[-1:]], device=DEVICE)
+                tokens.append(int(model(step, start_pos=pos)[0, -1].argmax()))
+        return tokens
+
+    expected = greedy("torch")
+    assert greedy("triton") == expected
     assert all(isinstance(m.backend_state, PreparedWeight) for m in layers)
-    assert greedy() == expected
 
 
 def test_weight_bytes_count_what_the_backend_holds():
