@@ -5,14 +5,18 @@
   full zero point (stored zero + offset, an exact small integer) in the high half. The kernels read it with the
   same wide loads as qweight and do no bit work per weight word for it.
 - qweight is repacked so that rows 2p and 2p+1 of each word share one shift (`triton_gemv.word_slot`): the GEMV
-  then unpacks two values per instruction.
+  then unpacks two values per instruction. 3-bit values, which GPTQ packs across word boundaries, are repacked
+  per unit of 32 rows into three words of eight 4-bit slots: the low 3 bits of a slot hold one value of rows
+  0-23, the top bits of the three words' slots together hold the values of rows 24-31 (`pack_3bit_units`).
+  Every value is then read from one word, no value straddles two, and the weight keeps its 3/8 byte per value.
 - act-order: input rows are sorted by group once (the permutation kept), so each group's scales are read in one
   run; at run time the kernels read x through the permutation, or the producer of x writes it in that order
   (`input_gather`, used by the decode step).
 The state is self-contained: `set_backend("triton", keep_source=False)` (what the engine does) frees the layer's
 GPTQ tensors, so the weight is held once; otherwise the layer keeps both copies.
-- anything the kernels do not cover (3-bit words, rows of a group not contiguous after sorting, K not a whole
-  number of words, a CPU tensor outside the interpreter) falls back to the torch reference backend.
+- anything the kernels do not cover (rows of a group not contiguous after sorting, K not a whole number of
+  units (`triton_gemv.unit_rows`: 32 rows for 3 bits, 32 / bits otherwise) or groups smaller than one, scales
+  not fp16, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
 `forward` routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV; more rows (prefill) are
 dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS. Measured on an
@@ -27,14 +31,15 @@ from . import gptq_format
 from .autotune_cache import interpreting
 from .quant_linear import QuantLinear, TorchBackend, register_backend
 from .triton_gemm import dequantize_into
-from .triton_gemv import MAX_ROWS, Workspace, gemv_workspace_size, quant_gemv, word_slot
+from .triton_gemv import MAX_ROWS, Workspace, gemv_workspace_size, quant_gemv, slot_bits, unit_rows, word_slot
 
-TRITON_BITS = (2, 4, 8)  # whole values per int32 word; 3-bit values straddle words
+TRITON_BITS = (2, 3, 4, 8)
 
 
 @dataclass
 class PreparedWeight:
-    """Tensors in kernel layout. qweight: int32 [K*bits/32, N], rows sorted by group when `perm` is set;
+    """Tensors in kernel layout. qweight: int32 [K*bits/32, N] (`triton_gemv._gemv_kernel` describes it), rows
+    sorted by group when `perm` is set;
     scale_zero: int32 [n_groups, N], fp16 scale (low half) and fp16 full zero point (high half);
     perm: int32 [K] or None, row k of qweight multiplies input feature perm[k]; groups of 2**group_shift rows."""
 
@@ -56,10 +61,11 @@ def unsupported_reason(layer: QuantLinear) -> str | None:
         return f"{layer.scales.dtype} scales"
     if layer.qweight.device.type != "cuda" and not interpreting():
         return f"tensors on {layer.qweight.device.type}"
-    if layer.in_features % (32 // layer.bits):
-        return "in_features not a whole number of int32 words"
-    if layer.group_size != -1 and layer.group_size < 32 // layer.bits:
-        return "groups smaller than one int32 word"
+    rows = unit_rows(layer.bits)  # held by whole int32 words
+    if layer.in_features % rows:
+        return f"in_features not a multiple of {rows} ({layer.bits}-bit values in whole int32 words)"
+    if layer.group_size != -1 and layer.group_size < rows:
+        return f"groups smaller than {rows} rows ({layer.bits}-bit values in whole int32 words)"
     return None
 
 
@@ -89,8 +95,8 @@ def prepare_weight(layer: QuantLinear) -> PreparedWeight:
     # Column slices: unpacked, a layer takes 32 / bits times its packed size (1.4 GB more for LLaMA-65B's
     # gate/up in one piece, on the GPU that is loading it).
     qweight = torch.cat([
-        gptq_format.pack_rows(gptq_format.unpack_rows(layer.qweight[:, cols], layer.bits, layer.in_features)[order],
-                              layer.bits)
+        pack_kernel_rows(gptq_format.unpack_rows(layer.qweight[:, cols], layer.bits, layer.in_features)[order],
+                         layer.bits)
         for cols in column_slices(layer.out_features, REPACK_COLUMNS)], dim=1)
     zeros = gptq_format.unpack_zeros(layer.qzeros, layer.bits, layer.out_features, layer.zero_offset)
     return PreparedWeight(qweight, fp16_pairs(layer.scales, zeros.half()), perm, layer.bits, group_shift)
@@ -105,12 +111,30 @@ def column_slices(cols: int, width: int) -> list[slice]:
 
 
 def kernel_row_order(rows: int, bits: int) -> torch.Tensor:
-    """Row index to pack at each position so that word slot s holds the row `triton_gemv.word_slot` puts there."""
-    per_word = 32 // bits
+    """Row index to pack at each position so that word slot s holds the row `triton_gemv.word_slot` puts there
+    (for 3 bits: the slots of the four 4-bit words the GEMV unpacks each unit into)."""
+    per_word = 32 // slot_bits(bits)
     slot_row = [0] * per_word
     for row in range(per_word):
         slot_row[word_slot(row, bits)] = row
     return (torch.arange(0, rows, per_word)[:, None] + torch.tensor(slot_row)).flatten()
+
+
+def pack_kernel_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes: int32 [K, N] in `kernel_row_order` -> qweight int32 [K * bits / 32, N] in kernel layout."""
+    return pack_3bit_units(codes) if bits == 3 else gptq_format.pack_rows(codes, bits)
+
+
+def pack_3bit_units(codes: torch.Tensor) -> torch.Tensor:
+    """3-bit codes int32 [K, N] (K a multiple of 32), rows in `kernel_row_order` -> int32 [3 * K / 32, N].
+
+    Each unit of 32 rows becomes three words w = 0, 1, 2 of eight 4-bit slots: slot s of word w holds the code of
+    row 8w + s in its low 3 bits and bit w of the code of row 24 + s in its top bit (`triton_gemv._fourth_word`
+    gathers those back)."""
+    units = codes.reshape(-1, 4, 8, codes.shape[1])  # [K/32, 4 words of 8 slots, N]
+    top = torch.stack([(units[:, 3] >> w) & 1 for w in range(3)], dim=1)  # [K/32, 3, 8, N]
+    nibbles = units[:, :3] | (top << 3)
+    return gptq_format.pack_rows(nibbles.reshape(-1, codes.shape[1]), 4)
 
 
 def fp16_pairs(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,26 @@ from .triton_gemv import _fp16_halves
 def _dequantized_tile(qweight_ptr, scale_zero_ptr, offs_k, offs_n, mask_k, mask_n,
                       N, group_shift, BITS: tl.constexpr):
     """fp32 [BLOCK_K, BLOCK_N] tile of W = scale * (q - zero) for rows offs_k (packed row order)."""
-    PER_WORD: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     mask = mask_k[:, None] & mask_n[None, :]
-    # Each word is loaded by the PER_WORD rows it holds; the repeats hit L1.
-    packed = tl.load(qweight_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    row = offs_k % PER_WORD  # at slot triton_gemv.word_slot(row, BITS)
-    q = (packed >> (((row % 2) * (PER_WORD // 2) + row // 2) * BITS)[:, None]) & MASK
+    if BITS == 3:  # units of 32 rows in three words of 4-bit slots (triton_gemv._gemv_kernel)
+        row = offs_k % 8  # at slot triton_gemv.word_slot(row, 3) of word (offs_k % 32) // 8 of the unit
+        shift = (((row % 2) * 4 + row // 2) * 4)[:, None]
+        word = ((offs_k % 32) // 8)[:, None]
+        unit = qweight_ptr + (offs_k // 32 * 3)[:, None] * N + offs_n[None, :]
+        # Every row loads its unit's three words; the repeats hit L1.
+        w0 = tl.load(unit, mask=mask, other=0)
+        w1 = tl.load(unit + N, mask=mask, other=0)
+        w2 = tl.load(unit + 2 * N, mask=mask, other=0)
+        low = tl.where(word == 0, w0, tl.where(word == 1, w1, w2)) >> shift
+        top = (((w0 >> shift) >> 3) & 1) | (((w1 >> shift) >> 2) & 2) | (((w2 >> shift) >> 1) & 4)
+        q = tl.where(word == 3, top, low & MASK)
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        # Each word is loaded by the PER_WORD rows it holds; the repeats hit L1.
+        packed = tl.load(qweight_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        row = offs_k % PER_WORD  # at slot triton_gemv.word_slot(row, BITS)
+        q = (packed >> (((row % 2) * (PER_WORD // 2) + row // 2) * BITS)[:, None]) & MASK
     group_rows = (offs_k >> group_shift)[:, None] * N + offs_n[None, :]
     scale, zero = _fp16_halves(tl.load(scale_zero_ptr + group_rows, mask=mask, other=0))
     return (q.to(tl.float32) - zero) * scale

@@ -22,6 +22,14 @@ instruction: fp32 arithmetic per weight made the kernel instruction bound at ~6 
   vector load.
 Per 16 words and thread these cut the loop from 429 to 353 SASS instructions (sm_90, the 7B gate/up
 configuration), 7B decode 2,052 -> 1,909 us per step on an H100 (BENCHMARKS.md, fifth session).
+3-bit values, which GPTQ packs across word boundaries, come repacked at load in units of 32 rows: three words of
+eight 4-bit slots, each slot's low 3 bits one value of rows 0-23 and its top bit one bit of a value of rows 24-31
+(triton_backend.pack_3bit_units). The kernel gathers those top bits into a fourth word (three shifts and three
+logic operations per unit and column) and reads all four as 4-bit words holding 3-bit values, with the same
+unpacking: no value is read across a word boundary and the weight stays at 3/8 byte a value. Two such words share
+one f16x2 sum (8 products a lane, as for 2-bit words). scripts/gemv_sass.py (sm_90, triton 3.6 as on the GPU
+machine): 2.65 SASS instructions per weight in the loop (one unit a block), against 2.76 for 4-bit (BLOCK_KW 4);
+with 3/4 of the bytes, 3-bit decode is the closer of the two to being instruction bound.
 Under TRITON_INTERPRET=1 (no GPU, no PTX) the same arithmetic runs in plain fp32 Triton operations.
 """
 import itertools
@@ -36,16 +44,35 @@ from .pdl import allow_next_kernel, pdl_args, wait_for_previous_kernel
 MAX_ROWS = 8  # the GEMV serves up to this many rows; the backend sends more rows to dequantize + cuBLAS
 
 
+def slot_bits(bits: int) -> int:
+    """Width of the slot a `bits`-bit value takes in a word of the kernel layout: `bits`, or 4 for 3-bit values
+    (three words hold 32 of them; see `unit_rows`)."""
+    return 4 if bits == 3 else bits
+
+
+def unit_rows(bits: int) -> int:
+    """Input rows of one unit, the whole words the kernels read together per column: 32 / bits rows in one word,
+    or for 3-bit values 32 rows in three words."""
+    return 32 if bits == 3 else 32 // bits
+
+
+def unit_words(bits: int) -> int:
+    """int32 words of one unit (`unit_rows`) per column."""
+    return unit_rows(bits) * bits // 32
+
+
 def word_slot(row: int, bits: int) -> int:
-    """Where row `row` (0 <= row < 32 / bits) of a word sits in the kernel layout, in units of `bits` bits:
-    rows 2p and 2p+1 at slots p and 16 / bits + p (bit offsets bits*p and 16 + bits*p)."""
-    return (row % 2) * (16 // bits) + row // 2
+    """Where row `row` (0 <= row < 32 / slot_bits) of a word sits in the kernel layout, in slots of
+    `slot_bits(bits)` bits: rows 2p and 2p+1 at slots p and 16 / slot_bits + p (bit offsets slot_bits*p and
+    16 + slot_bits*p). For 3 bits this is the layout of the four words the GEMV builds from each unit of three."""
+    slot = slot_bits(bits)
+    return (row % 2) * (16 // slot) + row // 2
 
 
 def unpack_offsets(bits: int) -> tuple[int, ...]:
     """Bit offsets inside a 16-bit half at which the GEMV unpacks a value in place, without a shift: 1024 + q *
     2**offset must stay an exact fp16 (q << offset below bit 10); the values above bit 7 are shifted down by 8."""
-    return tuple(range(0, 8, bits))
+    return tuple(range(0, 8, slot_bits(bits)))
 
 
 def _pair_fma_asm(bits: int, offset: int) -> str:
@@ -92,7 +119,7 @@ def asm_arguments(bits: int, emulate: bool) -> dict:
     offsets = unpack_offsets(bits)
     return dict(PAIR_FMA=tuple(_pair_fma_asm(bits, o) for o in offsets),
                 NEG_ZERO=tuple(_neg_zero_asm(bits, o) for o in offsets),
-                PAIR_SUM=_PAIR_SUM_ASM, X_LOAD=_vector_load_asm(min(4, 16 // bits)))
+                PAIR_SUM=_PAIR_SUM_ASM, X_LOAD=_vector_load_asm(min(4, 16 // slot_bits(bits))))
 
 
 @triton.jit
@@ -132,32 +159,54 @@ def _x_vector(x32_ptr, rows, offs_kw, stride_xm, first, X_LOAD: tl.constexpr, PA
 
 
 @triton.jit
-def _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, offs_kw, mask_x, stride_xm,
-              BITS: tl.constexpr, HAS_PERM: tl.constexpr, VECTOR_X: tl.constexpr, PAIR_FMA: tl.constexpr,
-              NEG_ZERO: tl.constexpr, PAIR_SUM: tl.constexpr, X_LOAD: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_KW, BLOCK_N]: sum over each word's rows of x * (q - zero) * 2**-BITS.
+def _products_zero(packed, offs_m, EMULATE: tl.constexpr):
+    """The empty sum of `_word_products` for words like `packed`, [BLOCK_M, BLOCK_KW, BLOCK_N]: fp32 zeros under
+    EMULATE, else int32 words holding fp16 +0.0 in both halves."""
+    if EMULATE:
+        return tl.zeros_like(packed.to(tl.float32)) * tl.zeros_like(offs_m.to(tl.float32))
+    else:
+        return tl.zeros_like(packed) + tl.zeros_like(offs_m)
 
-    packed: int32 [1, BLOCK_KW, BLOCK_N] words in kernel layout (`word_slot`); scale_zero: int32 [1, 1, BLOCK_N].
+
+@triton.jit
+def _products_sum(acc, PAIR_SUM: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_KW, BLOCK_N]: the value of a `_word_products` sum (the two fp16 lanes added)."""
+    if EMULATE:
+        return acc
+    else:
+        return tl.inline_asm_elementwise(PAIR_SUM, "=f,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _word_products(acc, packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, offs_kw, mask_x, stride_xm,
+                   BITS: tl.constexpr, HAS_PERM: tl.constexpr, VECTOR_X: tl.constexpr, PAIR_FMA: tl.constexpr,
+                   NEG_ZERO: tl.constexpr, X_LOAD: tl.constexpr, EMULATE: tl.constexpr):
+    """acc plus x * (q - zero) * 2**-BITS for each row of each word, [BLOCK_M, BLOCK_KW, BLOCK_N]: in fp32 under
+    EMULATE, else in two fp16 lanes of an int32 (`_products_zero` starts a sum, `_products_sum` ends it; one sum
+    takes at most 8 products a lane, so that fp16 rounding stays small).
+
+    packed: int32 [1, BLOCK_KW, BLOCK_N] words in kernel layout (`word_slot`), values in slots of SLOT bits (for
+    3 bits, 4-bit slots whose top bit is ignored); offs_kw: their word indices, word w holding input rows
+    w * 32 / SLOT...; scale_zero: int32 [1, 1, BLOCK_N].
     VECTOR_X: the activations of each word come in vector loads from rows `rows_x` (every word of the block is
     in range); otherwise pair by pair, masked by mask_x.
     """
-    PER_WORD: tl.constexpr = 32 // BITS
+    SLOT: tl.constexpr = 4 if BITS == 3 else BITS  # slot_bits
+    PER_WORD: tl.constexpr = 32 // SLOT
     PAIRS: tl.constexpr = PER_WORD // 2
     MASK: tl.constexpr = (1 << BITS) - 1
     STEP: tl.constexpr = 1.0 / (1 << BITS)
     if EMULATE:  # the interpreter runs no PTX: the same sum in fp32
         zero = _fp16_halves(scale_zero)[1]
-        dot = tl.zeros_like(zero * packed.to(tl.float32)) * tl.zeros_like(offs_m.to(tl.float32))
         for p in tl.static_range(PAIRS):
             x_low, x_high = _fp16_halves(_x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm, p,
                                                  PER_WORD, HAS_PERM))
-            halves = packed >> (BITS * p)
-            dot += x_low * (((halves & MASK).to(tl.float32) - zero) * STEP)
-            dot += x_high * ((((halves >> 16) & MASK).to(tl.float32) - zero) * STEP)
-        return dot
+            halves = packed >> (SLOT * p)
+            acc += x_low * (((halves & MASK).to(tl.float32) - zero) * STEP)
+            acc += x_high * ((((halves >> 16) & MASK).to(tl.float32) - zero) * STEP)
+        return acc
     else:
         VECTOR: tl.constexpr = 4 if PAIRS >= 4 else PAIRS
-        acc2 = tl.zeros_like(packed) + tl.zeros_like(offs_m)  # fp16 +0.0 in both halves, [BLOCK_M, KW, N]
         for p in tl.static_range(PAIRS):
             if VECTOR_X:
                 if p % VECTOR == 0:
@@ -165,29 +214,40 @@ def _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, of
                 x2 = xs[p % VECTOR]
             else:
                 x2 = _x_pair(x16_ptr, x32_ptr, perm_ptr, offs_m, offs_kw, mask_x, stride_xm, p, PER_WORD, HAS_PERM)
-            neg_zero = tl.inline_asm_elementwise(NEG_ZERO[(BITS * p) % 8 // BITS], "=r,r", [scale_zero],
+            neg_zero = tl.inline_asm_elementwise(NEG_ZERO[(SLOT * p) % 8 // SLOT], "=r,r", [scale_zero],
                                                  dtype=tl.int32, is_pure=True, pack=1)
-            # pair p sits at bit BITS*p of each half: unpacked in place below bit 8 (`unpack_offsets`), else
+            # pair p sits at bit SLOT*p of each half: unpacked in place below bit 8 (`unpack_offsets`), else
             # after a shift by 8 (the same shifted word for all pairs above)
-            acc2 = tl.inline_asm_elementwise(PAIR_FMA[(BITS * p) % 8 // BITS], "=r,r,r,r,r",
-                                             [packed >> ((BITS * p) // 8 * 8), neg_zero, x2, acc2],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(PAIR_SUM, "=f,r", [acc2], dtype=tl.float32, is_pure=True, pack=1)
+            acc = tl.inline_asm_elementwise(PAIR_FMA[(SLOT * p) % 8 // SLOT], "=r,r,r,r,r",
+                                            [packed >> ((SLOT * p) // 8 * 8), neg_zero, x2, acc],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        return acc
 
 
 @triton.jit
-def _load_block(qweight_ptr, scale_zero_ptr, kw0, kw_end, offs_w, offs_n, mask_n, N, group_shift,
-                PER_WORD: tl.constexpr, EVEN_K: tl.constexpr):
-    """The words [1, BLOCK_KW, BLOCK_N] from word row kw0 (zeros past kw_end) and their group's scale/zero words
-    [1, 1, BLOCK_N] (past kw_end: those of the last row, a harmless valid read). EVEN_K: kw_end is a whole number
-    of blocks, so one comparison masks the block."""
+def _load_words(qweight_ptr, kw0, kw_end, offs_w, offs_n, mask_n, N, WORD: tl.constexpr, UNIT_WORDS: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """Word WORD of each unit kw0 + offs_w: int32 [1, BLOCK_KW, BLOCK_N], zeros past unit kw_end. EVEN_K: kw_end is
+    a whole number of blocks, so one comparison masks the block."""
     offs_kw = kw0 + offs_w
     # EVEN_K: the block's test against kw_end, as a block-shaped tensor (a scalar mask fails in the interpreter)
     in_k = (kw0 + 0 * offs_w < kw_end) if EVEN_K else (offs_kw < kw_end)
-    packed = tl.load(qweight_ptr + offs_kw * N + offs_n, mask=in_k & mask_n, other=0)
-    group_row = ((tl.minimum(kw0, kw_end - 1) * PER_WORD) >> group_shift) * N
-    scale_zero = tl.load(scale_zero_ptr + group_row + offs_n, mask=mask_n, other=0)
-    return packed, scale_zero
+    return tl.load(qweight_ptr + (offs_kw * UNIT_WORDS + WORD) * N + offs_n, mask=in_k & mask_n, other=0)
+
+
+@triton.jit
+def _load_scale_zero(scale_zero_ptr, kw0, kw_end, offs_n, mask_n, N, group_shift, UNIT_ROWS: tl.constexpr):
+    """The scale/zero words [1, 1, BLOCK_N] of unit kw0's group (past kw_end: those of the last unit, a harmless
+    valid read)."""
+    group_row = ((tl.minimum(kw0, kw_end - 1) * UNIT_ROWS) >> group_shift) * N
+    return tl.load(scale_zero_ptr + group_row + offs_n, mask=mask_n, other=0)
+
+
+@triton.jit
+def _fourth_word(w0, w1, w2):
+    """The fourth word of a 3-bit unit in 4-bit slots: bit b of its value in slot s is bit 3 of slot s of word b
+    (the other bits of each slot are left as they fall: the unpacking masks them)."""
+    return ((w0 >> 3) & 0x11111111) | ((w1 >> 2) & 0x22222222) | ((w2 >> 1) & 0x44444444)
 
 
 @triton.jit
@@ -203,8 +263,11 @@ def _gemv_kernel(
 
     x16 / x32: the same fp16 activations [M, K_in] viewed as int16 / int32, row stride stride_xm (in fp16
     elements, even), unit column stride.
-    qweight: int32 [K * BITS / 32, N], 32 / BITS values of one column per word along K, row r of a word at slot
-    `word_slot(r, BITS)`.
+    qweight: int32 [K * BITS / 32, N] in units (`unit_rows`) of whole words along K. 2, 4, 8 bits: one word of
+    32 / BITS values per unit, row r of a word at slot `word_slot(r, BITS)`. 3 bits: three consecutive words per
+    unit of 32 rows, each holding in the low 3 bits of its eight 4-bit slots the values of rows 8w..8w+7 (word
+    w, slots as `word_slot(r, 3)`) and in the top bit of each slot one bit of a value of rows 24..31: the kernel
+    builds those as a fourth word (`_fourth_word`) and reads all four as 4-bit words holding 3-bit values.
     scale_zero: int32 [n_groups, N], the fp16 scale in the low half and the fp16 full zero point (stored zero +
     offset) in the high half: one word, in the same layout as qweight's, per group and column.
     perm: int32 [K] (only when HAS_PERM): row k of qweight multiplies input feature perm[k].
@@ -212,13 +275,13 @@ def _gemv_kernel(
     tickets: int32 [>= cdiv(N, BLOCK_N)], zero on entry and exit.
     PAIR_FMA, NEG_ZERO, PAIR_SUM, X_LOAD: the PTX snippets, from `asm_arguments` (unused when EMULATE).
     PDL: see quant_kernels.pdl.
-    EVEN_K: the words K * BITS / 32 are a whole number of blocks. VECTOR_X (needs EVEN_K, no perm): x's rows
+    EVEN_K: the units K / unit_rows are a whole number of blocks. VECTOR_X (needs EVEN_K, no perm): x's rows
     start 16-byte aligned and each word's activations are read in vector loads.
-    Assumes K % (32 / BITS) == 0, M <= BLOCK_M, and that a block of BLOCK_KW words lies in one group
-    (BLOCK_KW * 32 / BITS divides 2**group_shift). Grid: (cdiv(N, BLOCK_N), split_k).
-    Every tensor is 3-D [rows, words, columns] from the start so no value changes layout inside the loop.
+    Assumes K % unit_rows == 0, M <= BLOCK_M, and that a block of BLOCK_KW units lies in one group
+    (BLOCK_KW * unit_rows divides 2**group_shift). Grid: (cdiv(N, BLOCK_N), split_k).
+    Every tensor is 3-D [rows, units, columns] from the start so no value changes layout inside the loop.
     """
-    PER_WORD: tl.constexpr = 32 // BITS
+    UNIT_ROWS: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # unit_rows
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
 
@@ -229,27 +292,61 @@ def _gemv_kernel(
     rows_x = tl.minimum(offs_m, M - 1)  # rows past M compute on row M - 1 and are never stored
     mask_n = offs_n < N
 
-    words = K // PER_WORD
-    words_per_split = tl.cdiv(tl.cdiv(words, split_k), BLOCK_KW) * BLOCK_KW
-    kw_begin = pid_k * words_per_split
-    kw_end = tl.minimum(kw_begin + words_per_split, words)
+    units = K // UNIT_ROWS
+    units_per_split = tl.cdiv(tl.cdiv(units, split_k), BLOCK_KW) * BLOCK_KW
+    kw_begin = pid_k * units_per_split
+    kw_end = tl.minimum(kw_begin + units_per_split, units)
 
     allow_next_kernel(PDL)
     # Software pipeline: the words and scales of block i+1 are in flight while block i is computed; block 0 is
     # loaded before waiting for the kernel that writes x (weights are never written while decoding).
-    packed, scale_zero = _load_block(qweight_ptr, scale_zero_ptr, kw_begin, kw_end, offs_w, offs_n, mask_n, N,
-                                     group_shift, PER_WORD, EVEN_K)
-    wait_for_previous_kernel(PDL)
     acc = tl.zeros([BLOCK_M, 1, BLOCK_N], dtype=tl.float32)
-    for kw0 in range(kw_begin, kw_end, BLOCK_KW):
-        next_packed, next_scale_zero = _load_block(qweight_ptr, scale_zero_ptr, kw0 + BLOCK_KW, kw_end, offs_w,
-                                                   offs_n, mask_n, N, group_shift, PER_WORD, EVEN_K)
-        scale = _fp16_halves(scale_zero)[0]
-        dot = _word_dot(packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, kw0 + offs_w,
-                        mask_m & (kw0 + offs_w < kw_end), stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO,
-                        PAIR_SUM, X_LOAD, EMULATE)
-        acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
-        packed, scale_zero = next_packed, next_scale_zero
+    if BITS == 3:  # three words per unit, read as four 4-bit words
+        w0 = _load_words(qweight_ptr, kw_begin, kw_end, offs_w, offs_n, mask_n, N, 0, 3, EVEN_K)
+        w1 = _load_words(qweight_ptr, kw_begin, kw_end, offs_w, offs_n, mask_n, N, 1, 3, EVEN_K)
+        w2 = _load_words(qweight_ptr, kw_begin, kw_end, offs_w, offs_n, mask_n, N, 2, 3, EVEN_K)
+        scale_zero = _load_scale_zero(scale_zero_ptr, kw_begin, kw_end, offs_n, mask_n, N, group_shift, UNIT_ROWS)
+        wait_for_previous_kernel(PDL)
+        for kw0 in range(kw_begin, kw_end, BLOCK_KW):
+            next_w0 = _load_words(qweight_ptr, kw0 + BLOCK_KW, kw_end, offs_w, offs_n, mask_n, N, 0, 3, EVEN_K)
+            next_w1 = _load_words(qweight_ptr, kw0 + BLOCK_KW, kw_end, offs_w, offs_n, mask_n, N, 1, 3, EVEN_K)
+            next_w2 = _load_words(qweight_ptr, kw0 + BLOCK_KW, kw_end, offs_w, offs_n, mask_n, N, 2, 3, EVEN_K)
+            next_scale_zero = _load_scale_zero(scale_zero_ptr, kw0 + BLOCK_KW, kw_end, offs_n, mask_n, N,
+                                               group_shift, UNIT_ROWS)
+            scale = _fp16_halves(scale_zero)[0]
+            mask_x = mask_m & (kw0 + offs_w < kw_end)
+            word = (kw0 + offs_w) * 4  # index of the unit's first 4-bit word (8 input rows each)
+            # two words a sum: 8 products a lane, as for 2-bit words (half the conversions to fp32 of one a sum)
+            acc2 = _word_products(_products_zero(w0, offs_m, EMULATE), w0, scale_zero, x16_ptr, x32_ptr, perm_ptr,
+                                  offs_m, rows_x, word, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA,
+                                  NEG_ZERO, X_LOAD, EMULATE)
+            acc2 = _word_products(acc2, w1, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, word + 1, mask_x,
+                                  stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO, X_LOAD, EMULATE)
+            dot = _products_sum(acc2, PAIR_SUM, EMULATE)
+            acc2 = _word_products(_products_zero(w0, offs_m, EMULATE), w2, scale_zero, x16_ptr, x32_ptr, perm_ptr,
+                                  offs_m, rows_x, word + 2, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA,
+                                  NEG_ZERO, X_LOAD, EMULATE)
+            acc2 = _word_products(acc2, _fourth_word(w0, w1, w2), scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m,
+                                  rows_x, word + 3, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO,
+                                  X_LOAD, EMULATE)
+            dot += _products_sum(acc2, PAIR_SUM, EMULATE)
+            acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
+            w0, w1, w2, scale_zero = next_w0, next_w1, next_w2, next_scale_zero
+    else:
+        packed = _load_words(qweight_ptr, kw_begin, kw_end, offs_w, offs_n, mask_n, N, 0, 1, EVEN_K)
+        scale_zero = _load_scale_zero(scale_zero_ptr, kw_begin, kw_end, offs_n, mask_n, N, group_shift, UNIT_ROWS)
+        wait_for_previous_kernel(PDL)
+        for kw0 in range(kw_begin, kw_end, BLOCK_KW):
+            next_packed = _load_words(qweight_ptr, kw0 + BLOCK_KW, kw_end, offs_w, offs_n, mask_n, N, 0, 1, EVEN_K)
+            next_scale_zero = _load_scale_zero(scale_zero_ptr, kw0 + BLOCK_KW, kw_end, offs_n, mask_n, N,
+                                               group_shift, UNIT_ROWS)
+            scale = _fp16_halves(scale_zero)[0]
+            acc2 = _word_products(_products_zero(packed, offs_m, EMULATE), packed, scale_zero, x16_ptr, x32_ptr,
+                                  perm_ptr, offs_m, rows_x, kw0 + offs_w, mask_m & (kw0 + offs_w < kw_end), stride_xm,
+                                  BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO, X_LOAD, EMULATE)
+            dot = _products_sum(acc2, PAIR_SUM, EMULATE)
+            acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
+            packed, scale_zero = next_packed, next_scale_zero
 
     mask_out = mask_m & mask_n
     out_ptrs = out_ptr + offs_m * stride_om + offs_n
@@ -270,12 +367,23 @@ def _gemv_kernel(
             tl.store(tickets_ptr + pid_n, 0)
 
 
+def block_units(block_kw: int, bits: int, group_shift: int, rows: int) -> int:
+    """Units (`unit_rows`) per block of a launch with configuration BLOCK_KW and `rows` rows: at most 16 words a
+    thread for one row, fewer for more rows (bounded accumulators); for 3 bits half as many units as BLOCK_KW
+    (each unit is three words, four unpacked); never more than one group."""
+    units = min(block_kw, 16 // triton.next_power_of_2(rows))
+    if bits == 3:
+        units = max(1, units // 2)
+    return max(1, min(units, (1 << min(group_shift, 30)) // unit_rows(bits)))
+
+
 def _fits(config: dict, key: tuple) -> bool:
-    """Pruner (key: N, K, bits, ...; one row): every split gets at least one block of words; between half a
-    program and 32 programs per SM."""
+    """Pruner (key: N, K, bits, ...; one row): every split gets at least one block of units (as large as groups
+    of all rows allow); between half a program and 32 programs per SM."""
     n, k, bits = key[:3]
-    if k * bits // 32 < config["SPLIT_K"] * config["BLOCK_KW"]:
-        return False
+    units = block_units(config["BLOCK_KW"], bits, 31, 1)
+    if k // unit_rows(bits) < config["SPLIT_K"] * units or units * unit_words(bits) > 16:
+        return False  # (3-bit blocks of 8 units, 24 words a thread, spill registers on sm_90)
     programs = triton.cdiv(n, config["BLOCK_N"]) * config["SPLIT_K"]
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     return sms // 2 <= programs <= 32 * sms
@@ -326,7 +434,7 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
 
     The product runs in fp16 (x of another dtype is converted first; |x| must stay below the fp16 range).
 
-    Tensors as in `_gemv_kernel`; groups hold 2**group_shift rows (at least one word).
+    Tensors as in `_gemv_kernel`; groups hold 2**group_shift rows (at least one unit, `unit_rows`).
     `out` ([M, N], unit column stride) receives the result if given. `config` forces one launch configuration
     (tests); otherwise the tuned one for this shape is used.
     """
@@ -339,18 +447,17 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     # The kernel reads fp16 activations as int32 pairs, and each word's in vector loads of up to 16 bytes: rows
     # must start at such a boundary (else they are copied: fresh storage is aligned, and a row is whole words).
     x16 = x if x.dtype == torch.float16 else x.to(torch.float16)
-    vector_bytes = 4 * min(4, 16 // bits)
+    vector_bytes = 4 * min(4, 16 // slot_bits(bits))
     if (x16.stride(0) * 2) % vector_bytes or x16.data_ptr() % vector_bytes:
         x16 = x16.clone(memory_format=torch.contiguous_format)
     workspace, tickets = Workspace.reserve(x.device, *gemv_workspace_size(n))
-    group_words = max(1, (1 << min(group_shift, 30)) * bits // 32)
     emulate = interpreting()
     asm = asm_arguments(bits, emulate)
 
     def launch(cfg: dict, rows: int = m) -> None:
         rows_block = triton.next_power_of_2(rows)
-        block_kw = min(cfg["BLOCK_KW"], group_words, 16 // rows_block)  # bounded accumulators per thread
-        even_k = (k * bits // 32) % block_kw == 0
+        block_kw = block_units(cfg["BLOCK_KW"], bits, group_shift, rows)
+        even_k = (k // unit_rows(bits)) % block_kw == 0
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemv_kernel[grid](
             x16.view(torch.int16), x16.view(torch.int32), qweight, scale_zero,

@@ -71,7 +71,8 @@ def main_loop(sass: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--block-kw", type=int, default=4)
+    parser.add_argument("--block-kw", type=int, default=4,
+                        help="BLOCK_KW as the kernel receives it: units per block (a unit is three words for 3 bits)")
     parser.add_argument("--warps", type=int, default=8)
     parser.add_argument("--act-order", action="store_true")
     parser.add_argument("--sass", help="also write the whole SASS listing here")
@@ -83,11 +84,14 @@ def main() -> None:
             f.write(sass)
     loop = main_loop(sass)
     counts = collections.Counter(INSTRUCTION.match(line).group(1) for line in loop)
-    words = opts.block_kw * 4  # per thread and iteration: BLOCK_KW word rows x 4 columns (one 16-byte load)
+    # per thread and iteration: BLOCK_KW units (one word, or three for 3 bits) x 4 columns (16-byte loads)
+    words = opts.block_kw * gemv.unit_words(opts.bits) * 4
     registers = ", ".join(re.findall(r"REG:\d+", usage))
     print(f"triton {triton.__version__}, {opts.bits}-bit, BLOCK_KW {opts.block_kw}, {opts.warps} warps"
           f"{', act-order' if opts.act_order else ''}: {registers}")
-    print(f"main loop: {len(loop)} instructions for {words} words a thread ({len(loop) / words:.1f} per word)")
+    weights = words * 32 // opts.bits
+    print(f"main loop: {len(loop)} instructions for {words} words a thread ({len(loop) / words:.1f} per word, "
+          f"{len(loop) / weights:.2f} per weight)")
     print("  " + ", ".join(f"{op} {n}" for op, n in counts.most_common(16)))
 
 

@@ -144,18 +144,13 @@ def plan_shape(args: ModelArgs, bits: int, group_size: int, ctx: int, device_map
 
 
 # --- random models built on the GPU ------------------------------------------------------------------------------
-def _packed_constant(value: int, bits: int) -> int:
-    """The int32 word holding `value` in every `bits`-wide slot (as a signed int)."""
-    word = sum(value << (bits * i) for i in range(32 // bits))
-    return word - (1 << 32) if word >= 1 << 31 else word
-
-
 def random_quant_linear(in_features: int, out_features: int, bits: int, group_size: int, act_order: bool, device):
     """A QuantLinear of random GPTQ tensors made on `device`: uniform codes, symmetric zeros (v1 format) and
     scales that keep the output's spread near the input's."""
     layer = QuantLinear(in_features, out_features, bits, group_size, device=device)
     layer.qweight.copy_(torch.randint(-2**31, 2**31 - 1, layer.qweight.shape, dtype=torch.int32, device=device))
-    layer.qzeros.fill_(_packed_constant(2 ** (bits - 1) - 1, bits))  # zero = 2^(bits-1): codes centred
+    zeros = torch.full((layer.qzeros.shape[0], out_features), 2 ** (bits - 1) - 1, dtype=torch.int32, device=device)
+    layer.qzeros.copy_(gptq_format.pack_cols(zeros, bits))  # zero = 2^(bits-1) (v1 stores it less 1): codes centred
     code_std = math.sqrt((4 ** bits - 1) / 12)
     layer.scales.uniform_(0.5, 1.5).mul_(1 / (code_std * math.sqrt(in_features)))
     if act_order:
@@ -362,6 +357,10 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     first cache slot of the decode window (default ctx - gen), so a long prefill and a short-context decode can be
     timed in one run.
     """
+
+    if bits not in gptq_format.SUPPORTED_BITS:
+        supported = ", ".join(map(str, gptq_format.SUPPORTED_BITS))
+        raise UsageError(f"--bits {bits} is not supported; use one of {supported}")
     if not torch.cuda.is_available():
         raise TalisError("talis bench needs a CUDA GPU; none is visible here")
     if (shape is None) == (model is None):

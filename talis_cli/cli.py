@@ -390,7 +390,7 @@ def bench(
     prompt: Annotated[int, typer.Option("--prompt", metavar="TOKENS", help="Prompt tokens.")] = 128,
     gen: Annotated[int, typer.Option("--gen", metavar="TOKENS", help="Tokens to generate.")] = 128,
     ctx: Annotated[Optional[int], option("--ctx", metavar="TOKENS", help="Context to allocate.", panel=None, default="--prompt + --gen")] = None,
-    bits: Annotated[int, typer.Option("--bits", metavar="BITS", help="Bits per weight for --shape: 4 or 8.")] = 4,
+    bits: Annotated[int, typer.Option("--bits", metavar="BITS", help="Bits per weight for --shape: 2, 3, 4 or 8.")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", metavar="N", help="Group size for --shape.")] = 128,
     act_order: Annotated[bool, typer.Option("--act-order", help="Act-order weights for --shape.")] = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Also time each quantized GEMV shape.")] = False,

@@ -77,7 +77,7 @@ def test_unknown_shape_is_a_usage_error():
         bench.shape_args("7b-chat", 128)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, 3])
 def test_random_quant_linear_is_symmetric_and_keeps_spread(bits):
     torch.manual_seed(bits)
     layer = bench.random_quant_linear(512, 384, bits, 128, act_order=True, device="cpu")
@@ -90,6 +90,11 @@ def test_random_quant_linear_is_symmetric_and_keeps_spread(bits):
     x = torch.randn(64, 512)
     y = x.half().float() @ layer.dequantized_weight().float().t()
     assert 0.7 < y.std().item() < 1.5  # scales chosen so each layer roughly keeps unit spread
+
+
+def test_unsupported_bits_are_a_usage_error():
+    with pytest.raises(UsageError, match=r"^--bits 5 is not supported; use one of 2, 3, 4, 8$"):
+        bench.run_bench(shape="7B", bits=5)
 
 
 def test_run_bench_needs_a_gpu_or_a_clear_choice():

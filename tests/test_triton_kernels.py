@@ -9,7 +9,7 @@ import torch
 from quant_kernels import gptq_format
 from quant_kernels.autotune_cache import Tuner
 from quant_kernels.quant_linear import QuantLinear
-from quant_kernels.triton_backend import (Fallback, PreparedWeight, TritonBackend, group_order,
+from quant_kernels.triton_backend import (Fallback, PreparedWeight, TritonBackend, group_order, pack_3bit_units,
                                           prepare_weight)
 from quant_kernels.triton_gemm import dequantize_into, quant_gemm
 from quant_kernels.triton_gemv import Workspace, quant_gemv
@@ -63,7 +63,8 @@ def random_x(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 # K = 200 and 264 are not multiples of the interpreter's K block (64 words); N = 80 is not a multiple of BLOCK_N;
-# N = 90 is not a whole number of packed zero words.
+# N = 90 is not a whole number of packed zero words. 3 bits: K = 288 is 9 units of 32 rows (blocks of 4 units);
+# groups of 32 rows are one unit a block; N = 45 is odd.
 SMALL_CASES = [
     # rows, K, N, bits, group_size, act_order
     (1, 256, 64, 4, 128, False),
@@ -76,6 +77,9 @@ SMALL_CASES = [
     (1, 256, 64, 2, 128, True),
     (5, 512, 32, 2, 32, False),
     (2, 256, 90, 4, 64, False),
+    (1, 256, 64, 3, 128, False),
+    (3, 288, 45, 3, 32, True),
+    (8, 256, 80, 3, -1, True),
 ]
 
 
@@ -122,6 +126,7 @@ def test_gemv_split_k_leaves_workspace_clean():
 
 @pytest.mark.parametrize("rows,k,n,bits,group_size,act_order", [
     (33, 200, 80, 4, 8, True), (9, 256, 64, 4, 128, False), (17, 264, 64, 8, -1, True), (40, 256, 96, 2, 32, False),
+    (12, 224, 72, 3, 32, True),
 ])
 def test_gemm_matches_reference(rows, k, n, bits, group_size, act_order):
     layer = random_layer(k, n, bits, group_size, act_order, seed=rows)
@@ -132,7 +137,8 @@ def test_gemm_matches_reference(rows, k, n, bits, group_size, act_order):
     assert relative_error(out, reference(layer, x)) < TOLERANCE
 
 
-@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, True), (8, -1, False), (2, 128, True)])
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, True), (8, -1, False), (2, 128, True), (3, 32, True),
+                                                       (3, -1, False)])
 def test_dequantize_into_matches_reference_exactly(bits, group_size, act_order):
     layer = random_layer(256, 96, bits, group_size, act_order, zero_offset=0)
     dense = dequantize_into(poisoned(256, 96), *prepare_weight(layer).args())
@@ -159,7 +165,7 @@ def test_prefill_dequantizes_wide_layers_in_column_slices(monkeypatch):
     assert relative_error(layer(x), reference(layer, x)) < TOLERANCE
 
 
-@pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, True), (2, 32, False), (8, -1, True)])
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, True), (2, 32, False), (8, -1, True), (3, 64, True)])
 def test_repacking_in_column_slices_gives_the_layout_of_one_piece(monkeypatch, bits, group_size, act_order):
     """prepare_weight repacks wide layers slice by slice (to bound the memory it needs while loading); an odd
     slice width must give the same kernel layout as the whole layer at once."""
@@ -171,6 +177,44 @@ def test_repacking_in_column_slices_gives_the_layout_of_one_piece(monkeypatch, b
     monkeypatch.setattr(backend, "REPACK_COLUMNS", 7)
     sliced = prepare_weight(layer)
     assert torch.equal(sliced.qweight, whole.qweight) and torch.equal(sliced.scale_zero, whole.scale_zero)
+
+
+def _fp16_fma(a: int, b: int, c: int) -> int:
+    """PTX fma.rn.f16x2 on the bits of three f16x2 words (the product and sum exact in float64, one rounding)."""
+    import numpy as np
+
+    halves = lambda w: np.array([w & 0xFFFF, w >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)  # noqa: E731
+    out = (halves(a) * halves(b) + halves(c)).astype(np.float16).view(np.uint16)
+    return int(out[0]) | int(out[1]) << 16
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpacking_constants_give_exact_weights(bits):
+    """The GEMV's PTX constants (`asm_arguments`), applied as PTX would: for every value q at every in-place offset
+    of a slot (other bits of the word set, as a 3-bit slot's top bit is), and every zero point z,
+    (q - z) * 2**-bits exactly in both fp16 lanes. Runs without a GPU; the kernels themselves are checked by the
+    tests marked gpu."""
+    import re
+
+    from quant_kernels.triton_gemv import asm_arguments, slot_bits, unpack_offsets
+
+    asm = asm_arguments(bits, emulate=False)
+    assert len(asm["PAIR_FMA"]) == len(unpack_offsets(bits)) == 8 // slot_bits(bits)
+    for offset, pair_fma, neg_zero in zip(unpack_offsets(bits), asm["PAIR_FMA"], asm["NEG_ZERO"]):
+        mask = int(re.search(r"lop3\.b32 t, \$1, (0x[0-9a-f]+), 0x64006400, 0xea;", pair_fma).group(1), 16)
+        step = int(re.search(r"mov\.b32 s, (0x[0-9a-f]+);", pair_fma).group(1), 16)
+        mul, add = (int(v, 16) for v in re.search(r"mov\.b32 m, (0x[0-9a-f]+);\s*mov\.b32 a, (0x[0-9a-f]+);",
+                                                  neg_zero).groups())
+        others = ~(((1 << bits) - 1) << offset) & 0xFFFF  # every bit of the half but the value's
+        for z in range(2**bits + 1):  # full zero points: stored zero + 1 (format v1) reaches 2**bits
+            z16 = int(torch.tensor(float(z), dtype=torch.float16).view(torch.int16)) & 0xFFFF
+            addend = _fp16_fma(z16 * 0x10001, mul, add)  # prmt puts the zero point (high half) in both lanes
+            for q in range(2**bits):
+                half = q << offset | others
+                word = (half | half << 16) & mask | 0x64006400  # lop3 (a & b) | c
+                weight = _fp16_fma(word, step, addend)
+                want = int(torch.tensor((q - z) / 2**bits, dtype=torch.float16).view(torch.int16)) & 0xFFFF
+                assert weight == want * 0x10001, f"q={q} z={z} offset={offset}"
 
 
 def test_group_order_sorts_rows_by_group():
@@ -186,7 +230,7 @@ def test_group_order_sorts_rows_by_group():
 @pytest.mark.parametrize("rows", [1, 6, 19])
 @pytest.mark.parametrize("bits,act_order", [(4, True), (8, False), (3, True)])
 def test_backend_matches_torch_backend(rows, bits, act_order):
-    """Through QuantLinear; 3-bit layers fall back to the torch backend and must give its result exactly."""
+    """Through QuantLinear: the Triton kernels (GEMV up to 8 rows, dequantize + matmul above) for every bit width."""
     layer = random_layer(256, 64, bits, 64, act_order, seed=rows)
     x = random_x(rows, 256, seed=rows)[None]  # [1, rows, K]: QuantLinear flattens leading dims
     layer.set_backend("torch")
@@ -194,30 +238,86 @@ def test_backend_matches_torch_backend(rows, bits, act_order):
     layer.set_backend("triton")
     out = layer(x)
     assert out.shape == expected.shape == (1, rows, 64)
-    if bits == 3:
-        assert isinstance(layer._state, Fallback) and layer._state.reason == "3-bit weights"
-        assert torch.equal(out, expected)
-    else:
-        assert isinstance(layer._state, PreparedWeight)
-        assert relative_error(out[0], reference(layer, x[0])) < TOLERANCE
+    assert isinstance(layer._state, PreparedWeight)
+    assert relative_error(out[0], reference(layer, x[0])) < TOLERANCE
+
+
+@pytest.mark.parametrize("in_features,group_size,reason", [
+    (240, 64, "in_features not a multiple of 32 (3-bit values in whole int32 words)"),
+    (256, 16, "groups smaller than 32 rows (3-bit values in whole int32 words)"),
+])
+def test_3bit_layers_the_kernels_cannot_run_fall_back_to_torch(in_features, group_size, reason):
+    """3-bit values come in units of 32 rows (three int32 words): other layers keep the torch backend's result."""
+    layer = random_layer(in_features, 48, 3, group_size, act_order=True, seed=2)
+    x = random_x(3, in_features, seed=2)
+    layer.set_backend("torch")
+    expected = layer(x)
+    layer.set_backend("triton", keep_source=False)
+    assert isinstance(layer._state, Fallback) and layer._state.reason == reason
+    assert not layer.source_released  # the fallback still reads the GPTQ tensors
+    assert torch.equal(layer(x), expected)
+
+
+def test_3bit_units_hold_rows_0_to_23_in_slots_and_rows_24_to_31_in_the_top_bits():
+    """The kernel layout of 3-bit codes, read back bit by bit in plain Python (one unit of 32 rows, 2 columns)."""
+    codes = torch.randint(0, 8, (32, 2), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    words = pack_3bit_units(codes)
+    assert words.shape == (3, 2)
+    for col in range(2):
+        for w in range(3):
+            word = int(words[w, col]) & 0xFFFFFFFF
+            slots = [(word >> (4 * s)) & 0xF for s in range(8)]
+            assert [v & 7 for v in slots] == codes[8 * w:8 * w + 8, col].tolist()
+            assert [v >> 3 for v in slots] == [(int(c) >> w) & 1 for c in codes[24:, col]]
 
 
 @pytest.mark.parametrize("bits", [4, 3])
-def test_released_source_frees_gptq_tensors_only_when_the_backend_holds_the_weight(bits):
+def test_released_source_frees_gptq_tensors_when_the_backend_holds_the_weight(bits):
     layer = random_layer(256, 64, bits, 64, act_order=True, seed=bits)
     x = random_x(3, 256, seed=5)
     expected = reference(layer, x)
     layer.set_backend("triton", keep_source=False)
-    assert layer.source_released == (bits != 3)  # the 3-bit fallback still reads the GPTQ tensors
+    assert layer.source_released
     assert relative_error(layer(x), expected) < TOLERANCE
-    if bits == 3:
-        return
     assert layer.qweight.numel() == layer.qzeros.numel() == layer.scales.numel() == 0
     with pytest.raises(RuntimeError, match="reload the model"):
         layer.set_backend("torch")
     layer.to(DEVICE)  # moving drops the prepared state, which cannot be rebuilt now
     with pytest.raises(RuntimeError, match="reload the model"):
         layer(x)
+
+
+def test_tiny_3bit_gptq_model_gives_the_torch_backends_greedy_tokens(tmp_path, monkeypatch):
+    """A 3-bit act-order GPTQ folder (tests/tiny_models.save_gptq), loaded by the engine: with every quantized
+    layer on the Triton kernels (prefill of 10 tokens through dequantize + matmul, decode steps through the GEMV)
+    greedy decoding picks the torch backend's tokens."""
+    from talis_cli.engine import Engine, LoadSettings
+    from tests.tiny_models import hf_model, save_gptq
+
+    # One GEMV program per layer (under the interpreter a program costs the same whatever its size); no tuning.
+    monkeypatch.setattr("quant_kernels.triton_gemv.GEMV_TUNER.pick",
+                        lambda key, launch: dict(BLOCK_N=256, BLOCK_KW=8, SPLIT_K=1, num_warps=2))
+    save_gptq(hf_model(seed=13, num_hidden_layers=1), tmp_path, bits=3, group_size=32, act_order=True)
+    engine = Engine.load(LoadSettings(model_dir=tmp_path, device_map="cpu", backend="torch", max_seq_len=32))
+    model = engine.model.to(DEVICE, torch.float16)  # as on a GPU: the kernels take fp16 scales
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.bits == 3 for m in layers)
+    prompt = torch.randint(3, 4096, (1, 10), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def greedy(backend: str, new_tokens: int = 3) -> list[int]:
+        for m in layers:
+            m.set_backend(backend)
+        model.setup_cache(1, 32)
+        with torch.no_grad():
+            tokens = [int(model(prompt, last_only=True)[0, -1].argmax())]
+            for pos in range(10, 10 + new_tokens - 1):
+                step = torch.tensor([tokens[-1:]], device=DEVICE)
+                tokens.append(int(model(step, start_pos=pos)[0, -1].argmax()))
+        return tokens
+
+    expected = greedy("torch")
+    assert greedy("triton") == expected
+    assert all(isinstance(m.backend_state, PreparedWeight) for m in layers)
 
 
 def test_weight_bytes_count_what_the_backend_holds():
@@ -265,7 +365,8 @@ REAL_SHAPES = [(4096, 11008), (11008, 4096)]  # (K, N)
 @gpu
 @pytest.mark.parametrize("k,n", REAL_SHAPES)
 @pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, False), (4, 128, True), (8, -1, False),
-                                                       (4, 32, True), (2, 64, False)])
+                                                       (4, 32, True), (2, 64, False), (3, 128, False), (3, 128, True),
+                                                       (3, 32, False)])
 def test_real_shapes_on_gpu(k, n, bits, group_size, act_order):
     """Every path at LLaMA shapes, with fixed launch configurations (the timing script checks the tuned ones)."""
     layer = random_layer(k, n, bits, group_size, act_order)
