@@ -250,14 +250,20 @@ def attention_splits(capacity: int, rows: int, sms: int) -> tuple[int, int]:
 
 
 _TICKETS: dict = {}
+_RETIRED: list = []  # outgrown ticket buffers: CUDA graphs captured with them still use them
+MIN_TICKETS = 8192  # (batch lanes x heads) served without growing: 64 lanes of 128 heads
 
 
 def _tickets(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 tickets, one buffer per device grown on demand (first grown by an eager run, outside any
-    CUDA-graph capture); kernels leave them zero."""
+    """Zeroed int32 tickets, one buffer per device, grown on demand (first grown by an eager run, outside any
+    CUDA-graph capture); kernels leave them zero. An outgrown buffer is kept, not freed: graphs captured with it
+    (smaller batches) go on using it, and freed memory reused by another tensor would be corrupted by their
+    atomics."""
     have = _TICKETS.get(device)
     if have is None or have.numel() < count:
-        have = _TICKETS[device] = torch.zeros(count, dtype=torch.int32, device=device)
+        if have is not None:
+            _RETIRED.append(have)
+        have = _TICKETS[device] = torch.zeros(max(count, MIN_TICKETS), dtype=torch.int32, device=device)
     return have
 
 

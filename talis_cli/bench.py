@@ -267,7 +267,7 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3, decode_
         prefill_step(tokens, 0)[:, -1].argmax(-1).tolist()  # the first token reaches the host
 
     def decode():
-        greedy_decode(runner, tokens[:, -1], range(start, ctx), logits_device)
+        greedy_decode(runner, tokens[:, -1], range(start, start + gen), logits_device)
 
     timing = dict(prefill_s=None, prefill_error=None)
     with torch.inference_mode():

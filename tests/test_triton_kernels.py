@@ -374,13 +374,15 @@ def test_real_shapes_on_gpu(k, n, bits, group_size, act_order):
     dense = gptq_format.dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, 1).float()
     for rows, split_k in ((1, 1), (1, 16), (3, 4), (8, 2)):
         x = random_x(rows, k, seed=rows)
-        out = quant_gemv(x, *weight.args(), out=poisoned(rows, n),
-                         config=dict(BLOCK_N=512, BLOCK_KW=2, SPLIT_K=split_k, num_warps=4))
+        # 3-bit: the tuned configuration (fixed ones can need more shared memory than an H200 has; the tuner skips
+        # those), so split-K varies only with the tuner's choice
+        config = None if bits == 3 else dict(BLOCK_N=512, BLOCK_KW=2, SPLIT_K=split_k, num_warps=4)
+        out = quant_gemv(x, *weight.args(), out=poisoned(rows, n), config=config)
         assert relative_error(out, x.float() @ dense) < TOLERANCE, f"gemv rows={rows} split_k={split_k}"
     for rows in (33, 300):
         x = random_x(rows, k, seed=rows)
-        out = quant_gemm(x, *weight.args(), out=poisoned(rows, n),
-                         config=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3))
+        config = None if bits == 3 else dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+        out = quant_gemm(x, *weight.args(), out=poisoned(rows, n), config=config)
         assert relative_error(out, x.float() @ dense) < TOLERANCE, f"gemm rows={rows}"
     scratch = dequantize_into(torch.full((k, n), float("nan"), dtype=torch.float16, device=DEVICE), *weight.args())
     assert torch.equal(scratch, dense.half())

@@ -285,7 +285,14 @@ async def whole_reply(request: Request, reply: "Reply", events: asyncio.Queue, p
             req.cancel()
     if last.finish_reason == "cancelled":  # the client left (nobody reads this), or the server's drain
         return Response(status_code=499) if left.is_set() else unavailable("draining")
+    if last.finish_reason == "error":
+        return error_response(500, model_failure(req), code="model_error")
     return JSONResponse(reply.whole("".join(parts) + last.text, last.finish_reason))
+
+
+def model_failure(req) -> str:
+    """The message of a request the model failed on mid-generation (scheduler finish reason "error")."""
+    return f"the model failed while generating this reply ({req.error}); the server's log has the details"
 
 
 def submit(scheduler, ids: list[int], config, listener, param: str):
@@ -368,6 +375,11 @@ async def stream_chunks(reply: Reply, events: asyncio.Queue, include_usage: bool
                     if event.text:
                         out.append(sse(reply.chunk(event.text)))
                     continue
+                if event.finish_reason == "error":  # OpenAI's way: an error object as the stream's last event
+                    out.append(sse({"error": {"message": model_failure(req), "type": "server_error", "param": None,
+                                              "code": "model_error"}}))
+                    yield "".join(out)
+                    return
                 out += final_chunks(reply, event, include_usage)
                 yield "".join(out)
                 return
