@@ -18,7 +18,8 @@ GPTQ tensors, so the weight is held once; otherwise the layer keeps both copies.
   units (`triton_gemv.unit_rows`: 32 rows for 3 bits, 32 / bits otherwise) or groups smaller than one, scales
   not fp16, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
-`forward` routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV; more rows (prefill) are
+`forward` routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV (up to GEMV_PASSES times that
+in passes of MAX_ROWS rows: a server's decode batch); more rows (prefill) are
 dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS. Measured on an
 H100 (BENCHMARKS.md, Kernels): at 2048 rows dequantize + cuBLAS ran at 550-630 TFLOP/s, 85-90% of fp16 cuBLAS,
 while the fused Triton GEMM (`triton_gemm.quant_gemm`) reached only ~155 TFLOP/s. Rows 9-64 were not compared yet.
@@ -177,6 +178,31 @@ class Scratch:
         return column_slices(cols, max(128, cls.SLICE_ELEMENTS // rows // 128 * 128))
 
 
+# Up to GEMV_PASSES * MAX_ROWS rows (a server's decode batch) run as GEMV passes of MAX_ROWS rows. Each pass reads
+# the 4-bit weight once; dequantize + cuBLAS writes and reads it in fp16 besides. On an H200 (BENCHMARKS.md,
+# 2026-12-01) dequantize + cuBLAS at 16 rows took 26 / 68 / 125 us on the 7B o / down / gate_up layers, against
+# 6 / 9 / 16 us for one single-row GEMV.
+GEMV_PASSES = 4
+
+
+def quantized_product(x2d: torch.Tensor, args: tuple) -> torch.Tensor:
+    """x2d [M, K] (contiguous) @ W -> [M, N] in x2d's dtype; `args` as PreparedWeight.args(). Up to MAX_ROWS rows:
+    one GEMV; up to GEMV_PASSES * MAX_ROWS: GEMV passes of MAX_ROWS rows; more: dequantize + cuBLAS."""
+    qweight, bits = args[0], args[3]
+    m, k, n = x2d.shape[0], qweight.shape[0] * 32 // bits, qweight.shape[1]
+    if m <= MAX_ROWS:
+        return quant_gemv(x2d, *args)
+    y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    if m <= GEMV_PASSES * MAX_ROWS:
+        for start in range(0, m, MAX_ROWS):
+            quant_gemv(x2d[start : start + MAX_ROWS], *args, out=y[start : start + MAX_ROWS])
+        return y
+    for cols in Scratch.column_slices(k, n):
+        scratch = Scratch.get(x2d.device, x2d.dtype, k, cols.stop - cols.start)
+        torch.matmul(x2d, dequantize_into(scratch, *args, first_column=cols.start), out=y[:, cols])
+    return y
+
+
 class TritonBackend:
     """QuantLinear backend running the Triton kernels; falls back to TorchBackend where they do not apply."""
 
@@ -203,14 +229,7 @@ class TritonBackend:
         """x2d: [M, in] -> [M, out] in x2d's dtype."""
         if isinstance(state, Fallback):
             return state.backend.forward(layer, state.state, x2d)
-        x2d = x2d.contiguous()
-        if x2d.shape[0] <= MAX_ROWS:
-            y = quant_gemv(x2d, *state.args())
-        else:
-            y = torch.empty((x2d.shape[0], layer.out_features), dtype=x2d.dtype, device=x2d.device)
-            for cols in Scratch.column_slices(layer.in_features, layer.out_features):
-                scratch = Scratch.get(x2d.device, x2d.dtype, layer.in_features, cols.stop - cols.start)
-                torch.matmul(x2d, dequantize_into(scratch, *state.args(), first_column=cols.start), out=y[:, cols])
+        y = quantized_product(x2d.contiguous(), state.args())
         if layer.bias is not None:
             y += layer.bias.to(y.dtype)
         return y
@@ -235,9 +254,10 @@ def input_scatter(module) -> torch.Tensor | None:
 
 
 def forward_gathered(layer: QuantLinear, x_gathered: torch.Tensor) -> torch.Tensor:
-    """layer(x) for x_gathered = x[:, input_gather(layer)], [M, in] with M <= MAX_ROWS -> [M, out]."""
+    """layer(x) for x_gathered = x[:, input_gather(layer)], [M, in] -> [M, out]."""
     state = layer.backend_state
-    y = quant_gemv(x_gathered, state.qweight, state.scale_zero, None, state.bits, state.group_shift)
+    # without the permutation: the rows of the kernels' layout are the features in x_gathered's order
+    y = quantized_product(x_gathered, (state.qweight, state.scale_zero, None, state.bits, state.group_shift))
     if layer.bias is not None:
         y += layer.bias.to(y.dtype)
     return y

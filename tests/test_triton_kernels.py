@@ -9,10 +9,10 @@ import torch
 from quant_kernels import gptq_format
 from quant_kernels.autotune_cache import Tuner
 from quant_kernels.quant_linear import QuantLinear
-from quant_kernels.triton_backend import (Fallback, PreparedWeight, TritonBackend, group_order, pack_3bit_units,
-                                          prepare_weight)
+from quant_kernels.triton_backend import (GEMV_PASSES, Fallback, PreparedWeight, TritonBackend, forward_gathered,
+                                          group_order, input_gather, pack_3bit_units, prepare_weight)
 from quant_kernels.triton_gemm import dequantize_into, quant_gemm
-from quant_kernels.triton_gemv import Workspace, quant_gemv
+from quant_kernels.triton_gemv import MAX_ROWS, Workspace, quant_gemv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -161,8 +161,22 @@ def test_prefill_dequantizes_wide_layers_in_column_slices(monkeypatch):
     assert [(c.start, c.stop) for c in Scratch.column_slices(256, 300)] == [(0, 128), (128, 256), (256, 300)]
     layer = random_layer(256, 300, 4, 64, act_order=True, seed=3)
     layer.set_backend("triton")
-    x = random_x(19, 256, seed=3)
+    x = random_x(GEMV_PASSES * MAX_ROWS + 3, 256, seed=3)
     assert relative_error(layer(x), reference(layer, x)) < TOLERANCE
+
+
+@pytest.mark.parametrize("rows", [MAX_ROWS + 1, 19, GEMV_PASSES * MAX_ROWS, GEMV_PASSES * MAX_ROWS + 1])
+def test_rows_beyond_one_gemv_match_reference_plain_and_gathered(rows):
+    """A decode batch of more rows than one GEMV takes (GEMV passes, then dequantize + matmul), through forward
+    and through forward_gathered (the act-order input already in the kernels' order), with a bias."""
+    layer = random_layer(256, 96, 4, 32, act_order=True, seed=rows)
+    layer.bias = torch.randn(96, generator=torch.Generator().manual_seed(rows)).to(DEVICE, torch.float16)
+    layer.set_backend("triton")
+    x = random_x(rows, 256, seed=rows)
+    expected = reference(layer, x) + layer.bias.float()
+    assert relative_error(layer(x), expected) < TOLERANCE
+    gathered = x[:, input_gather(layer).long()]
+    assert relative_error(forward_gathered(layer, gathered), expected) < TOLERANCE
 
 
 @pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, True), (2, 32, False), (8, -1, True), (3, 64, True)])
