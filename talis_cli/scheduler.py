@@ -267,8 +267,13 @@ class Scheduler:
                 request = self._waiting.popleft() if self._waiting else None
             if request is None:
                 return
-            self._ensure_cache()
-            self._start(request)
+            try:
+                self._ensure_cache()
+                self._start(request)
+            except Exception as exc:  # it left the queue and holds no row yet: _fail_all would not reach it
+                request.error = f"{type(exc).__name__}: {exc}"
+                request._deliver(request._last_event(ERROR))
+                raise
 
     def _start(self, request: Request) -> None:
         """Give `request` the free row that holds the longest start of its prompt (else the least recently used)."""

@@ -251,3 +251,27 @@ def test_prefill_goes_through_the_generators_fast_prefill_when_it_has_one(model,
     got = drain(scheduler, [other, r])
     assert got[r.id] == alone(model, tokenizer, p, SEEDED)
     assert calls == [(len(first), 0, 0)] + [(min(8, len(p) - s), s, 1) for s in range(0, len(p), 8)]
+
+
+def test_a_failure_while_admitting_ends_that_request_with_an_error_and_the_thread_serves_on(model, tokenizer):
+    """A request taken off the queue whose admission fails (say, the cache cannot be allocated) gets its last
+    event, finish reason "error", instead of leaving its reader waiting forever."""
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=2)
+    scheduler.start()
+    real, failures = scheduler._ensure_cache, ["out of memory"]
+
+    def ensure_cache_failing_once():
+        if failures:
+            raise RuntimeError(failures.pop())
+        real()
+
+    scheduler._ensure_cache = ensure_cache_failing_once
+    p = tokenizer.encode("And God said")
+    try:
+        failed = scheduler.submit(p, GREEDY)
+        assert shape(failed.events(timeout=30)) == [(0, "", [], "error")]
+        assert failed.done and failed.error == "RuntimeError: out of memory"
+        after = scheduler.submit(p, GREEDY)
+        assert shape(after.events(timeout=30)) == alone(model, tokenizer, p, GREEDY)
+    finally:
+        scheduler.stop(deadline_s=0)
