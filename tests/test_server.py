@@ -383,3 +383,30 @@ def test_a_conversation_renders_as_talis_chat_renders_it(client, live):
 
     with_default = dataclasses.replace(live.state.served, system="Answer as the prophets did.")  # talis serve --system
     assert with_default.chat_ids([ChatMessage(**turn) for turn in turns]) == ids
+
+
+def test_a_slow_prompt_to_tokenize_does_not_stall_the_event_loop(live, monkeypatch):
+    """Tokenizing runs off the event loop: while one long prompt is being tokenized (seconds for megabytes of
+    text), /health and other requests still answer at once."""
+    import threading
+
+    served, slow = live.state.served, threading.Event()
+    real = served.prompt_ids
+
+    def slow_prompt_ids(text):
+        if text == "slow":
+            slow.set()
+            time.sleep(2.0)
+        return real(text)
+
+    monkeypatch.setattr(served, "prompt_ids", slow_prompt_ids)
+    answers = {}
+    sender = threading.Thread(target=lambda: answers.update(slow=post(live.url, {"prompt": "slow", "max_tokens": 1})))
+    sender.start()
+    assert slow.wait(10)
+    started = time.perf_counter()
+    health = httpx.get(live.url + "/health", timeout=10)
+    waited = time.perf_counter() - started
+    sender.join(30)
+    assert health.status_code == 200 and waited < 1.0, f"/health waited {waited:.2f} s"
+    assert answers["slow"].status_code == 200 and answers["slow"].json()["usage"]["completion_tokens"] == 1

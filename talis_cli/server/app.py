@@ -10,6 +10,7 @@ request; the scheduler drops the row at its next step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import sys
@@ -137,6 +138,9 @@ def create_app(state: ServerState, cors_origins: tuple[str, ...] = ()) -> FastAP
 
     cors_origins: browser origins allowed to call the API (none by default; the page at / is same-origin)."""
     app = FastAPI(title="talis", docs_url=None, redoc_url=None, openapi_url=None)
+    # Prompts are tokenized off the event loop (a long one takes seconds, which would stall every stream and
+    # /health), on one thread: PromptEncoder.plain flips a flag on the shared tokenizer for each call.
+    tokenizing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="talis-tokenize")
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_exception_handler)
@@ -177,7 +181,7 @@ def create_app(state: ServerState, cors_origins: tuple[str, ...] = ()) -> FastAP
         body = await read_body(request, ChatCompletionRequest)
         served = served_model(state, body.model)
         config = generation_config(served.config, body)
-        ids = encode(lambda: served.chat_ids(body.messages), "messages")
+        ids = await encode(tokenizing, lambda: served.chat_ids(body.messages), "messages")
         return await complete(state, request, served, ids, with_stops(config, served.template.stop), body, "chat")
 
     @app.post("/v1/completions")
@@ -185,7 +189,7 @@ def create_app(state: ServerState, cors_origins: tuple[str, ...] = ()) -> FastAP
         body = await read_body(request, CompletionRequest)
         served = served_model(state, body.model)
         config = generation_config(served.config, body)
-        ids = encode(lambda: served.prompt_ids(body.prompt), "prompt")
+        ids = await encode(tokenizing, lambda: served.prompt_ids(body.prompt), "prompt")
         return await complete(state, request, served, ids, config, body, "text")
 
     return app
@@ -223,10 +227,11 @@ def model_card(served: ServedModel) -> dict:
     return {"id": served.model_id, "object": "model", "created": served.created, "owned_by": "talis"}
 
 
-def encode(make_ids, param: str) -> list[int]:
-    """Token ids from `make_ids`, a template or tokenizer error as a 400 naming `param`."""
+async def encode(pool: concurrent.futures.Executor, make_ids, param: str) -> list[int]:
+    """Token ids from `make_ids`, run on `pool` (not on the event loop); a template or tokenizer error as a 400
+    naming `param`."""
     try:
-        return make_ids()
+        return await asyncio.get_running_loop().run_in_executor(pool, make_ids)
     except TalisError as exc:
         raise APIError(400, str(exc), param) from None
 
