@@ -135,6 +135,9 @@ def test_models_and_health(live, client):
 ERROR_CASES = [  # (body, path, status, param, code, words in the message)
     (b"{not json", "/v1/completions", 400, None, None, "not valid JSON"),
     (b"[1, 2]", "/v1/completions", 400, None, None, "one JSON object"),
+    (b'{"prompt": "x", "temperature": Infinity}', "/v1/completions", 400, None, None,
+     "not valid JSON (Infinity is not a JSON number)"),
+    (b'{"prompt": "x", "top_p": NaN}', "/v1/completions", 400, None, None, "not valid JSON (NaN is not a JSON number)"),
     ({"max_tokens": 3}, "/v1/completions", 400, "prompt", None, "prompt is required"),
     ({"prompt": 5}, "/v1/completions", 400, "prompt", None, "valid string"),
     ({"prompt": "x", "temperature": "hot"}, "/v1/completions", 400, "temperature", None, "valid number"),

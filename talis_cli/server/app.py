@@ -204,7 +204,7 @@ async def read_body(request: Request, schema):
         if len(raw) > MAX_BODY_BYTES:
             raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB; send a shorter prompt")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_json)
     except ValueError as exc:  # also bytes that are not UTF-8
         raise APIError(400, f"the request body is not valid JSON ({exc}); send one JSON object") from None
     try:
@@ -212,6 +212,12 @@ async def read_body(request: Request, schema):
     except ValidationError as exc:
         message, param = validation_message(exc.errors())
         raise APIError(400, message, param) from None
+
+
+def _not_json(constant: str):
+    """Python's json reads NaN, Infinity and -Infinity; JSON has no such numbers (a temperature of Infinity
+    would sample uniformly at random)."""
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def served_model(state: ServerState, model_id: str | None) -> ServedModel:
