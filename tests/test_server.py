@@ -138,6 +138,8 @@ ERROR_CASES = [  # (body, path, status, param, code, words in the message)
     (b'{"prompt": "x", "temperature": Infinity}', "/v1/completions", 400, None, None,
      "not valid JSON (Infinity is not a JSON number)"),
     (b'{"prompt": "x", "top_p": NaN}', "/v1/completions", 400, None, None, "not valid JSON (NaN is not a JSON number)"),
+    (b'{"prompt": "x", "temperature": 1e400}', "/v1/completions", 400, None, None,
+     "not valid JSON (1e400 is too large a number)"),
     ({"max_tokens": 3}, "/v1/completions", 400, "prompt", None, "prompt is required"),
     ({"prompt": 5}, "/v1/completions", 400, "prompt", None, "valid string"),
     ({"prompt": "x", "temperature": "hot"}, "/v1/completions", 400, "temperature", None, "valid number"),

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import hmac
 import json
+import math
 import sys
 import time
 import uuid
@@ -204,7 +205,7 @@ async def read_body(request: Request, schema):
         if len(raw) > MAX_BODY_BYTES:
             raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB; send a shorter prompt")
     try:
-        data = json.loads(raw, parse_constant=_not_json)
+        data = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except ValueError as exc:  # also bytes that are not UTF-8
         raise APIError(400, f"the request body is not valid JSON ({exc}); send one JSON object") from None
     try:
@@ -218,6 +219,14 @@ def _not_json(constant: str):
     """Python's json reads NaN, Infinity and -Infinity; JSON has no such numbers (a temperature of Infinity
     would sample uniformly at random)."""
     raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; 1e400 and the like would read as infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
 
 
 def served_model(state: ServerState, model_id: str | None) -> ServedModel:
