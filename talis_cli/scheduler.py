@@ -211,8 +211,10 @@ class Scheduler:
         with self._lock:
             if self._draining:
                 raise Draining("the server is shutting down and takes no new requests; try again after it restarts")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the most is {self.max_queue}); "
+            # as many as there are free rows get one at the next step: only those beyond them wait
+            waiting = len(self._waiting) - self._owner.count(None)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting for a row (the most is {self.max_queue}); "
                                 "try again later")
             request = Request(next(self._ids), prompt_ids, cfg, prompt_index, listener)
             self._waiting.append(request)

@@ -221,12 +221,16 @@ def test_api_key():
 
 
 def test_queue_full_is_429():
-    with serve_embedded(max_queue=0) as server:
+    with serve_embedded(max_batch=1, max_queue=0) as server:
+        assert post(server.url, {"prompt": PROMPT, "max_tokens": 2}).status_code == 200  # a free row: it runs
+        ids = server.state.served.prompt_ids(PROMPT)
+        busy = server.scheduler.submit(ids, GREEDY.with_overrides(max_new_tokens=400))  # takes the only row
         response = post(server.url, {"prompt": PROMPT, "max_tokens": 2})
+        busy.cancel()
         assert response.status_code == 429
         error = response.json()["error"]
         assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
-        assert "the most is 0" in error["message"]
+        assert error["message"] == "0 requests are already waiting for a row (the most is 0); try again later"
 
 
 @pytest.mark.parametrize("phase, words", [("loading", "still loading"), ("draining", "shutting down")])

@@ -322,7 +322,7 @@ def submit(scheduler, ids: list[int], config, listener, param: str):
     try:
         return scheduler.submit(ids, config, listener=listener)
     except QueueFull as exc:
-        raise APIError(429, f"{exc}; retry later", code="queue_full") from None
+        raise APIError(429, str(exc), code="queue_full") from None
     except Draining:
         raise APIError(503, "the server is shutting down and takes no new requests", code="draining") from None
     except UsageError as exc:
