@@ -361,8 +361,6 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     if bits not in gptq_format.SUPPORTED_BITS:
         supported = ", ".join(map(str, gptq_format.SUPPORTED_BITS))
         raise UsageError(f"--bits {bits} is not supported; use one of {supported}")
-    if not torch.cuda.is_available():
-        raise TalisError("talis bench needs a CUDA GPU; none is visible here")
     if (shape is None) == (model is None):
         raise UsageError("give exactly one of --shape (7B, 13B, ...) or --model DIR")
     if prompt < 1 or gen < 1:
@@ -372,6 +370,10 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
         raise UsageError(f"--ctx {ctx} is smaller than --prompt + --gen ({prompt + gen}); raise it or shorten them")
     if decode_start is not None and not 0 < decode_start <= ctx - gen:
         raise UsageError(f"decode_start {decode_start} must lie in 1..ctx - gen ({ctx - gen})")
+    if shape is not None:
+        shape_args(shape, ctx)  # an unknown name: a usage error first, on any machine
+    if not torch.cuda.is_available():
+        raise TalisError("talis bench needs a CUDA GPU; none is visible here")
     if tensor_parallel is not None and tensor_parallel > 1:
         if shape is None or device_map or max_memory:
             raise UsageError("talis bench --tensor-parallel times a --shape (random weights on each GPU); "

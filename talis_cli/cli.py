@@ -129,8 +129,7 @@ def generate(
     sampling: SamplingFlags = None,
     remote: RemoteFlags = None,
 ):
-    """Generate text from a prompt (-p, or stdin) and stream it to stdout (from a model loaded here, or from a
-    running `talis serve` with --url)."""
+    """Generate text from a prompt (-p, or stdin) and stream it to stdout (from a model loaded here, or from a running `talis serve` with --url)."""
     import time
 
     from talis_cli.repl.render import ContextFullNotice, print_stats_block
@@ -212,8 +211,7 @@ def chat(
     sampling: SamplingFlags = None,
     remote: RemoteFlags = None,
 ):
-    """Chat with the model, or with a running `talis serve` (--url) (/help inside lists the commands; Ctrl-D or
-    /bye leaves)."""
+    """Chat with the model, or with a running `talis serve` (--url) (/help inside lists the commands; Ctrl-D or /bye leaves)."""
     if remote.url:
         _refuse_local_flags(load, sampling)
     settings = run_settings(load, sampling, system=system)  # a missing file is named first

@@ -9,6 +9,7 @@ torch is imported only when generation starts, so reading presets and flags stay
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -81,12 +82,12 @@ MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 # field -> (type, check, allowed range in words)
 _RULES = {
     "max_new_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
-    "temperature": (float, lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "temperature": (float, lambda v: 0 <= v < math.inf, ">= 0 (0 = greedy), finite"),
     "top_k": (int, lambda v: v >= 0, "an integer >= 0 (0 disables)"),
     "top_p": (float, lambda v: 0 < v <= 1, "0 < top_p <= 1 (1 disables)"),
     "min_p": (float, lambda v: 0 <= v <= 1, "0 <= min_p <= 1 (0 disables)"),
     "typical_p": (float, lambda v: 0 < v <= 1, "0 < typical_p <= 1 (1 disables)"),
-    "repetition_penalty": (float, lambda v: v > 0, "> 0 (1 disables)"),
+    "repetition_penalty": (float, lambda v: 0 < v < math.inf, "> 0 (1 disables), finite"),
     "repetition_window": (int, lambda v: v >= 0, "an integer >= 0 (0 = the whole context)"),
     "frequency_penalty": (float, lambda v: -2 <= v <= 2, "-2 <= frequency_penalty <= 2"),
     "presence_penalty": (float, lambda v: -2 <= v <= 2, "-2 <= presence_penalty <= 2"),

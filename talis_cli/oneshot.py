@@ -3,7 +3,8 @@
 With `--each-line` the prompts go through the continuous-batching scheduler (talis_cli.scheduler): up to
 --batch-size run at once, and a finished line's row is taken by the next line at once. Result N is on line N:
 a line that cannot run (blank, too long for the context, ...) gets an empty line (or a JSON object with an
-`error` field naming it), the other lines still run, and the run reports the failure. Frontend code, but free of typer: the CLI passes in how to report a failed line.
+`error` field naming it), the other lines still run, and the run reports the failure. Frontend code, but free of
+typer: the CLI passes in how to report a failed line.
 """
 
 from __future__ import annotations

@@ -211,8 +211,10 @@ class Scheduler:
         with self._lock:
             if self._draining:
                 raise Draining("the server is shutting down and takes no new requests; try again after it restarts")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the most is {self.max_queue}); "
+            # as many as there are free rows get one at the next step: only those beyond them wait
+            waiting = len(self._waiting) - self._owner.count(None)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting for a row (the most is {self.max_queue}); "
                                 "try again later")
             request = Request(next(self._ids), prompt_ids, cfg, prompt_index, listener)
             self._waiting.append(request)
@@ -267,8 +269,13 @@ class Scheduler:
                 request = self._waiting.popleft() if self._waiting else None
             if request is None:
                 return
-            self._ensure_cache()
-            self._start(request)
+            try:
+                self._ensure_cache()
+                self._start(request)
+            except Exception as exc:  # it left the queue and holds no row yet: _fail_all would not reach it
+                request.error = f"{type(exc).__name__}: {exc}"
+                request._deliver(request._last_event(ERROR))
+                raise
 
     def _start(self, request: Request) -> None:
         """Give `request` the free row that holds the longest start of its prompt (else the least recently used)."""

@@ -173,6 +173,9 @@ def padding_id(tokenizer, rows: int) -> int:
     return 0
 
 
+LONG_TEXT = 1 << 16  # characters: a text this long takes tens of milliseconds and more to encode
+
+
 def check_in_embedding(ids, rows: int, tokenizer) -> None:
     """TalisError naming the first id of `ids` that the embedding (`rows` rows) does not hold, with both sizes."""
     bad = next((i for i in ids if not 0 <= i < rows), None)
@@ -220,6 +223,8 @@ class PromptEncoder:
         saved = backend.encode_special_tokens
         backend.encode_special_tokens = True  # special tokens' text goes through the model like any text
         try:
+            if len(text) >= LONG_TEXT:  # same ids; encode_batch lets other threads run meanwhile (encode holds the GIL)
+                return backend.encode_batch([text], add_special_tokens=False)[0].ids
             return backend.encode(text, add_special_tokens=False).ids
         finally:
             backend.encode_special_tokens = saved

@@ -118,3 +118,15 @@ def test_report_printer_lists_every_variant():
         assert line in text
     table = text.split("\n")[4:6]
     assert [float(line.split()[1]) for line in table] == [0.0, 100.0] and "failed" in table[1]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"shape": "9Z"}, "unknown shape '9Z'; choose one of 7B"),
+    ({}, "give exactly one of --shape (7B, 13B, ...) or --model DIR"),
+    ({"shape": "7B", "prompt": 64, "gen": 64, "ctx": 100}, "--ctx 100 is smaller than --prompt + --gen (128)"),
+])
+def test_usage_errors_come_before_the_gpu_check(kwargs, words):
+    """A mistyped command is a usage error (exit 2) on any machine, not "needs a CUDA GPU" on a CPU."""
+    with pytest.raises(UsageError) as caught:
+        bench.run_bench(**kwargs)
+    assert str(caught.value).startswith(words)

@@ -360,3 +360,15 @@ def test_on_a_gpu_the_stats_report_vram_and_the_text_matches_the_engine():
 def test_bench_without_a_gpu_says_so_in_one_line():
     result = run_talis("bench", "--shape", "7B", "--gen", "4")
     assert result.returncode == 1 and "needs a CUDA GPU" in one_line_error(result)
+
+
+def test_every_commands_summary_is_one_line():
+    """typer's rich help keeps a docstring's line breaks: a summary written over two lines is cut mid-sentence in
+    `talis --help`'s command list."""
+    import typer
+
+    from talis_cli.cli import app
+
+    for name, command in typer.main.get_command(app).commands.items():
+        summary = (command.help or "").strip().split("\n\n")[0]
+        assert summary and "\n" not in summary, name

@@ -280,6 +280,14 @@ def test_row_seeds_are_the_seed_for_prompt_0_and_distinct_in_range():
     assert len(seeds) == 3 * 199 and all(0 <= s < 2**64 for s in seeds)
 
 
+@pytest.mark.parametrize("name", ["temperature", "repetition_penalty"])
+def test_an_infinite_temperature_or_penalty_is_out_of_range(name):
+    """An infinite temperature samples uniformly at random, an infinite penalty zeroes logits: neither is a setting
+    (a float flag or a server's JSON body could give one)."""
+    with pytest.raises(UsageError, match=f"^{name} = inf is out of range: allowed .*, finite$"):
+        GenerationConfig().with_overrides(**{name: float("inf")})
+
+
 @pytest.mark.parametrize("seed, message", [(2**64, "seed = 18446744073709551616 is out of range"),
                                            (-2, "seed = -2 is out of range"), (1.5, "seed = 1.5 is out of range")])
 def test_seeds_outside_64_bits_are_usage_errors(seed, message):

@@ -104,6 +104,24 @@ def test_raw_prompts_are_plain_text_unless_special(tokenizers):
         assert encoder.parse_special(text).count(tokenizer.eos_token_id) == 1
 
 
+def test_a_long_text_gives_the_ids_of_the_tokenizers_own_encode(tokenizers):
+    """A text of LONG_TEXT characters or more goes through encode_batch (other threads run meanwhile, a server's
+    event loop included): the same ids as the backend's encode, control-token text still plain text."""
+    from talis_cli.tokenizer import LONG_TEXT
+
+    for name, tokenizer in tokenizers.items():
+        text = f"And God said{tokenizer.eos_token} Let there be{tokenizer.bos_token} light. " * (LONG_TEXT // 40 + 1)
+        assert len(text) >= LONG_TEXT
+        backend = tokenizer.backend_tokenizer
+        saved, backend.encode_special_tokens = backend.encode_special_tokens, True
+        try:
+            expected = backend.encode(text, add_special_tokens=False).ids
+        finally:
+            backend.encode_special_tokens = saved
+        assert PromptEncoder(tokenizer).plain(text) == expected, name
+        assert not {tokenizer.bos_token_id, tokenizer.eos_token_id} & set(expected), name
+
+
 # ---------------------------------------------------------------- the model folder of the CLI runs
 
 

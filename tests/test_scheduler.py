@@ -123,12 +123,18 @@ def test_cancel_mid_decode_ends_with_cancelled_frees_the_row_and_leaves_the_othe
 def test_a_full_queue_and_bad_requests_are_refused_at_submit(model, tokenizer):
     scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=1, max_queue=2)
     p = tokenizer.encode("And God said")
+    first = scheduler.submit(p, GREEDY)  # takes the free row at the next step: it does not count as waiting
     scheduler.submit(p, GREEDY)
     scheduler.submit(p, GREEDY)
-    with pytest.raises(QueueFull, match="^2 requests are already waiting \\(the most is 2\\); try again later$"):
+    full = "^2 requests are already waiting for a row \\(the most is 2\\); try again later$"
+    with pytest.raises(QueueFull, match=full):
         scheduler.submit(p, GREEDY)
-    scheduler.step()  # one is admitted, so one place in the queue is free again
-    scheduler.submit(p, GREEDY)
+    scheduler.step()  # the first is admitted; two still wait for its row
+    with pytest.raises(QueueFull, match=full):
+        scheduler.submit(p, GREEDY)
+    while not first.done:
+        scheduler.step()
+    scheduler.submit(p, GREEDY)  # its row is free: one place more
     too_long = list(range(3, 3 + CONTEXT))
     with pytest.raises(TalisError, match=f"^the prompt is {CONTEXT} tokens, 1 too many for a context of {CONTEXT} "
                                          f"\\(room for {CONTEXT - 1} plus one new token\\)"):
@@ -251,3 +257,39 @@ def test_prefill_goes_through_the_generators_fast_prefill_when_it_has_one(model,
     got = drain(scheduler, [other, r])
     assert got[r.id] == alone(model, tokenizer, p, SEEDED)
     assert calls == [(len(first), 0, 0)] + [(min(8, len(p) - s), s, 1) for s in range(0, len(p), 8)]
+
+
+def test_a_failure_while_admitting_ends_that_request_with_an_error_and_the_thread_serves_on(model, tokenizer):
+    """A request taken off the queue whose admission fails (say, the cache cannot be allocated) gets its last
+    event, finish reason "error", instead of leaving its reader waiting forever."""
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=2)
+    scheduler.start()
+    real, failures = scheduler._ensure_cache, ["out of memory"]
+
+    def ensure_cache_failing_once():
+        if failures:
+            raise RuntimeError(failures.pop())
+        real()
+
+    scheduler._ensure_cache = ensure_cache_failing_once
+    p = tokenizer.encode("And God said")
+    try:
+        failed = scheduler.submit(p, GREEDY)
+        assert shape(failed.events(timeout=30)) == [(0, "", [], "error")]
+        assert failed.done and failed.error == "RuntimeError: out of memory"
+        after = scheduler.submit(p, GREEDY)
+        assert shape(after.events(timeout=30)) == alone(model, tokenizer, p, GREEDY)
+    finally:
+        scheduler.stop(deadline_s=0)
+
+
+def test_max_queue_0_runs_requests_that_find_a_free_row(model, tokenizer):
+    """max_queue counts requests that wait for a row: with 0, a request runs when a row is free and is refused
+    only when every row is taken."""
+    scheduler = Scheduler(Generator(model, tokenizer, (), CONTEXT), max_batch=2, max_queue=0)
+    p = tokenizer.encode("And God said")
+    a, b = scheduler.submit(p, GREEDY), scheduler.submit(p, GREEDY, prompt_index=1)
+    with pytest.raises(QueueFull, match="^0 requests are already waiting for a row \\(the most is 0\\)"):
+        scheduler.submit(p, GREEDY)
+    seen = drain(scheduler, [a, b])
+    assert seen[a.id] == alone(model, tokenizer, p, GREEDY) and seen[b.id] == alone(model, tokenizer, p, GREEDY, 1)

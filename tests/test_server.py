@@ -135,6 +135,11 @@ def test_models_and_health(live, client):
 ERROR_CASES = [  # (body, path, status, param, code, words in the message)
     (b"{not json", "/v1/completions", 400, None, None, "not valid JSON"),
     (b"[1, 2]", "/v1/completions", 400, None, None, "one JSON object"),
+    (b'{"prompt": "x", "temperature": Infinity}', "/v1/completions", 400, None, None,
+     "not valid JSON (Infinity is not a JSON number)"),
+    (b'{"prompt": "x", "top_p": NaN}', "/v1/completions", 400, None, None, "not valid JSON (NaN is not a JSON number)"),
+    (b'{"prompt": "x", "temperature": 1e400}', "/v1/completions", 400, None, None,
+     "not valid JSON (1e400 is too large a number)"),
     ({"max_tokens": 3}, "/v1/completions", 400, "prompt", None, "prompt is required"),
     ({"prompt": 5}, "/v1/completions", 400, "prompt", None, "valid string"),
     ({"prompt": "x", "temperature": "hot"}, "/v1/completions", 400, "temperature", None, "valid number"),
@@ -216,12 +221,16 @@ def test_api_key():
 
 
 def test_queue_full_is_429():
-    with serve_embedded(max_queue=0) as server:
+    with serve_embedded(max_batch=1, max_queue=0) as server:
+        assert post(server.url, {"prompt": PROMPT, "max_tokens": 2}).status_code == 200  # a free row: it runs
+        ids = server.state.served.prompt_ids(PROMPT)
+        busy = server.scheduler.submit(ids, GREEDY.with_overrides(max_new_tokens=400))  # takes the only row
         response = post(server.url, {"prompt": PROMPT, "max_tokens": 2})
+        busy.cancel()
         assert response.status_code == 429
         error = response.json()["error"]
         assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
-        assert "the most is 0" in error["message"]
+        assert error["message"] == "0 requests are already waiting for a row (the most is 0); try again later"
 
 
 @pytest.mark.parametrize("phase, words", [("loading", "still loading"), ("draining", "shutting down")])
@@ -383,3 +392,23 @@ def test_a_conversation_renders_as_talis_chat_renders_it(client, live):
 
     with_default = dataclasses.replace(live.state.served, system="Answer as the prophets did.")  # talis serve --system
     assert with_default.chat_ids([ChatMessage(**turn) for turn in turns]) == ids
+
+
+def test_a_long_prompt_does_not_stall_the_event_loop(live):
+    """Tokenizing runs off the event loop, and lets it run: while a 6 MB prompt is read and tokenized (seconds),
+    /health keeps answering at once; the prompt is then refused with its token count."""
+    import threading
+
+    answers = {}
+    body = {"prompt": "And God said unto Moses " * 250_000, "max_tokens": 1}
+    sender = threading.Thread(target=lambda: answers.update(long=post(live.url, body)))
+    sender.start()
+    answered = [time.perf_counter()]  # the server runs in this process: a stall of it stalls this loop too
+    while sender.is_alive():
+        assert httpx.get(live.url + "/health", timeout=30).status_code == 200
+        answered.append(time.perf_counter())
+        time.sleep(0.05)
+    sender.join()
+    assert answers["long"].status_code == 400 and answers["long"].json()["error"]["code"] == "context_length_exceeded"
+    slowest = max(b - a for a, b in zip(answered, answered[1:]))
+    assert len(answered) > 5 and slowest < 0.5, f"/health answered {len(answered) - 1} times, {slowest:.2f} s apart"

@@ -168,3 +168,23 @@ def test_the_stop_button_ends_a_reply_early_and_errors_show_the_servers_message(
     send(browser, "Hello")
     error = wait_for(lambda: page_text(browser, "#error")[0], "the 400 message")
     assert error.startswith("temperature = -1.0 is out of range: allowed >= 0"), error
+
+
+def test_clear_during_a_reply_starts_a_new_chat_with_nothing_of_the_old_one(url, browser):
+    """Clear while a reply streams: the aborted reply is not kept (no note, no orphan assistant turn), so the next
+    message is answered as the first of a new conversation."""
+    browser.get(url + "/")
+    set_field(browser, "api-key", KEY)
+    set_field(browser, "temperature", "0")
+    set_field(browser, "max-tokens", "400")
+    send(browser, "And God said")
+    wait_for(lambda: "".join(page_text(browser, ".message.assistant")), "the reply's first words")
+    browser.execute_script("document.getElementById('clear').click()")
+    wait_for(lambda: browser.execute_script("return !document.getElementById('send').disabled"), "the page to settle")
+    assert page_text(browser, "#messages > *") == []
+    set_field(browser, "max-tokens", "20")
+    send(browser, "In the beginning")
+    wait_for(lambda: page_text(browser, ".stats"), "the stats line")
+    expected = api_reply(url, [{"role": "user", "content": "In the beginning"}], 20)
+    assert page_text(browser, ".message") == ["In the beginning", expected["choices"][0]["message"]["content"]]
+    assert page_text(browser, ".note") == [] and page_text(browser, "#error") == [""]

@@ -19,8 +19,8 @@ from talis_cli.generation import GenerationConfig, GenerationStats, TokenEvent
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # the longest wait for the next chunk (a long prompt queued behind others on a busy server)
-PER_PROMPT_STATUSES = (400, 422)
-SERVER_SIDE_SETTINGS = ("typical_p", "repetition_window")  # GenerationConfig fields the API does not take  # the request itself was refused; another prompt may still run
+PER_PROMPT_STATUSES = (400, 422)  # the request itself was refused; another prompt may still run
+SERVER_SIDE_SETTINGS = ("typical_p", "repetition_window")  # GenerationConfig fields the API does not take
 
 
 class ServerError(TalisError):

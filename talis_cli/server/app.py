@@ -10,8 +10,10 @@ request; the scheduler drops the row at its next step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
+import math
 import sys
 import time
 import uuid
@@ -137,6 +139,9 @@ def create_app(state: ServerState, cors_origins: tuple[str, ...] = ()) -> FastAP
 
     cors_origins: browser origins allowed to call the API (none by default; the page at / is same-origin)."""
     app = FastAPI(title="talis", docs_url=None, redoc_url=None, openapi_url=None)
+    # Prompts are tokenized off the event loop (a long one takes seconds, which would stall every stream and
+    # /health), on one thread: PromptEncoder.plain flips a flag on the shared tokenizer for each call.
+    tokenizing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="talis-tokenize")
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_exception_handler)
@@ -177,7 +182,7 @@ def create_app(state: ServerState, cors_origins: tuple[str, ...] = ()) -> FastAP
         body = await read_body(request, ChatCompletionRequest)
         served = served_model(state, body.model)
         config = generation_config(served.config, body)
-        ids = encode(lambda: served.chat_ids(body.messages), "messages")
+        ids = await encode(tokenizing, lambda: served.chat_ids(body.messages), "messages")
         return await complete(state, request, served, ids, with_stops(config, served.template.stop), body, "chat")
 
     @app.post("/v1/completions")
@@ -185,7 +190,7 @@ def create_app(state: ServerState, cors_origins: tuple[str, ...] = ()) -> FastAP
         body = await read_body(request, CompletionRequest)
         served = served_model(state, body.model)
         config = generation_config(served.config, body)
-        ids = encode(lambda: served.prompt_ids(body.prompt), "prompt")
+        ids = await encode(tokenizing, lambda: served.prompt_ids(body.prompt), "prompt")
         return await complete(state, request, served, ids, config, body, "text")
 
     return app
@@ -200,7 +205,7 @@ async def read_body(request: Request, schema):
         if len(raw) > MAX_BODY_BYTES:
             raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB; send a shorter prompt")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except ValueError as exc:  # also bytes that are not UTF-8
         raise APIError(400, f"the request body is not valid JSON ({exc}); send one JSON object") from None
     try:
@@ -208,6 +213,20 @@ async def read_body(request: Request, schema):
     except ValidationError as exc:
         message, param = validation_message(exc.errors())
         raise APIError(400, message, param) from None
+
+
+def _not_json(constant: str):
+    """Python's json reads NaN, Infinity and -Infinity; JSON has no such numbers (a temperature of Infinity
+    would sample uniformly at random)."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; 1e400 and the like would read as infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
 
 
 def served_model(state: ServerState, model_id: str | None) -> ServedModel:
@@ -223,10 +242,11 @@ def model_card(served: ServedModel) -> dict:
     return {"id": served.model_id, "object": "model", "created": served.created, "owned_by": "talis"}
 
 
-def encode(make_ids, param: str) -> list[int]:
-    """Token ids from `make_ids`, a template or tokenizer error as a 400 naming `param`."""
+async def encode(pool: concurrent.futures.Executor, make_ids, param: str) -> list[int]:
+    """Token ids from `make_ids`, run on `pool` (not on the event loop); a template or tokenizer error as a 400
+    naming `param`."""
     try:
-        return make_ids()
+        return await asyncio.get_running_loop().run_in_executor(pool, make_ids)
     except TalisError as exc:
         raise APIError(400, str(exc), param) from None
 
@@ -302,7 +322,7 @@ def submit(scheduler, ids: list[int], config, listener, param: str):
     try:
         return scheduler.submit(ids, config, listener=listener)
     except QueueFull as exc:
-        raise APIError(429, f"{exc}; retry later", code="queue_full") from None
+        raise APIError(429, str(exc), code="queue_full") from None
     except Draining:
         raise APIError(503, "the server is shutting down and takes no new requests", code="draining") from None
     except UsageError as exc:

@@ -147,12 +147,14 @@ def serve(settings, config, *, host: str = "127.0.0.1", port: int = 8000, api_ke
     async def main():
         loop = asyncio.get_running_loop()
         drains: list[threading.Thread] = []
+        phase = threading.Lock()  # a signal's "draining" and the load's "ready" one at a time
 
         def on_signal():
             if drains:  # a second signal: quit now
                 server.should_exit = server.force_exit = True
                 return
-            state.phase = "draining"
+            with phase:
+                state.phase = "draining"
             drains.append(threading.Thread(target=drain, name="talis-drain", daemon=True))
             drains[0].start()
 
@@ -171,8 +173,11 @@ def serve(settings, config, *, host: str = "127.0.0.1", port: int = 8000, api_ke
                 failure.append(exc)
                 server.should_exit = True
                 return
-            if state.phase == "loading":
-                state.ready(served)
+            with phase:  # else a signal between the check and ready() would drain before state.served is set
+                loading = state.phase == "loading"
+                if loading:
+                    state.ready(served)
+            if loading:
                 announce(f"talis serve: {url_of(sock)} (model {served.model_id}, max batch {max_batch}; "
                          "Ctrl-C stops)")
             else:
