@@ -18,11 +18,12 @@ GPTQ tensors, so the weight is held once; otherwise the layer keeps both copies.
   units (`triton_gemv.unit_rows`: 32 rows for 3 bits, 32 / bits otherwise) or groups smaller than one, scales
   not fp16, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
-`forward` routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV (up to GEMV_PASSES times that
-in passes of MAX_ROWS rows: a server's decode batch); more rows (prefill) are
-dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS. Measured on an
-H100 (BENCHMARKS.md, Kernels): at 2048 rows dequantize + cuBLAS ran at 550-630 TFLOP/s, 85-90% of fp16 cuBLAS,
-while the fused Triton GEMM (`triton_gemm.quant_gemm`) reached only ~155 TFLOP/s. Rows 9-64 were not compared yet.
+`forward` (`quantized_product`) routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV, up to
+GEMV_PASSES times that (a server's decode batch, a short prompt) to GEMV passes of MAX_ROWS rows; more rows
+(prefill) are dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS.
+Measured on an H100 (BENCHMARKS.md, Kernels): at 2048 rows dequantize + cuBLAS ran at 550-630 TFLOP/s, 85-90% of
+fp16 cuBLAS, while the fused Triton GEMM (`triton_gemm.quant_gemm`) reached only ~155 TFLOP/s; on an H200
+(2026-12-01) the fused GEMM was slower than dequantize + cuBLAS at every M from 16 to 2048.
 """
 from dataclasses import dataclass
 

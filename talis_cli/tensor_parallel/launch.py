@@ -102,6 +102,10 @@ class Children:
         if line is None:
             line = f"the process ended unexpectedly (exit code {proc.exitcode})"
         self.closing = True
+        try:  # what rank 0 already generated reaches the pipe before the hard exit
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
         sys.stderr.write(f"error: rank {index + 1}: {line}\n")
         sys.stderr.flush()
         self._end_all()
