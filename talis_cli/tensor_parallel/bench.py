@@ -8,10 +8,11 @@ Rank 0 reports.
 from __future__ import annotations
 
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
+
+from quant_kernels.autotune_cache import graph_time_us
 
 from ..errors import TalisError
 
@@ -131,29 +132,17 @@ def _eager_us(fn, y, calls: int = 200) -> float:
 
 
 def _graph_us(fn, y, replays: int = 20) -> float | None:
+    """Microseconds per call of fn(y) replayed in a CUDA graph of CALLS_PER_GRAPH calls (warm L2: what a decode
+    step's all-reduces see), after one eager call on a side stream; None where the collective does not capture."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn(y)
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            for _ in range(CALLS_PER_GRAPH):
-                fn(y)
+        return graph_time_us(lambda: fn(y), cold_l2=False, launches=CALLS_PER_GRAPH, replays=replays)
     except RuntimeError:
         return None
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS_PER_GRAPH)
-    return statistics.median(times)
 
 
 def format_allreduce(report: dict) -> list[str]:
