@@ -13,9 +13,15 @@ scheduler's continuous batching: each row its own slot and its own cache row), c
 `CudaGraphDecoder` is the runner the Generator calls in place of its plain decode step (and the scheduler through
 `decode_rows`); `accelerate(model, generator)` fuses q/k/v and gate/up and plugs the runner in when the model sits
 on CUDA devices (a model split over several GPUs: one graph per device, `graph_devices`).
+
+Graphs are captured lazily. The load captures only the first context bucket (whose eager run compiles the kernels
+and tunes the GEMVs, which every later bucket shares); a bucket is captured on first use, and the next larger one
+ahead of need, once a sequence that may reach it (`CudaGraphDecoder.expect`) passes AHEAD_FRACTION of its bucket.
+A server captures every batch and context bucket at its start instead (`capture_rows`, Scheduler.warm_up).
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 
@@ -27,6 +33,7 @@ from . import rope
 from .fast_prefill import prefill_runner
 
 MIN_BUCKET = 128  # smallest attention capacity captured
+AHEAD_FRACTION = 0.5  # a step past this share of its bucket captures the next bucket (when the sequence may need it)
 
 
 class DecodeStep:
@@ -187,6 +194,16 @@ class CudaGraphDecoder:
     Graphs are captured lazily on first use of a bucket (after one eager run, which also picks kernel configs);
     the graphs of one device share a memory pool. A new KV cache (setup_cache) drops them. The returned logits are
     a static buffer on the last layer's device, valid until the next call.
+
+    Ahead of need: once told the last slot a generation may write (`expect`), a step past AHEAD_FRACTION of its
+    bucket also captures the next bucket, right after launching its own graph, so the capture's host work runs
+    while the GPU computes that step. It runs on the calling thread, not on a background thread, because:
+    - the capture's eager run executes the step: its split-K GEMVs share one partial-sum and ticket workspace per
+      device (triton_gemv.Workspace) with the step in flight, and every graph of a batch size reads the same
+      static input buffers (token, slot), so it must not overlap another step;
+    - torch.cuda.graph captures in the "global" error mode: a cudaMalloc or synchronizing call from another
+      thread (the caching allocator growing, a token copy) during a capture fails or invalidates it;
+    - recording is Python launching a few hundred kernels under the GIL, which a thread would not overlap anyway.
     """
 
     def __init__(self, model):
@@ -197,6 +214,17 @@ class CudaGraphDecoder:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}  # (batch key, capacity, index)
         self._cache_version = None
         self._buckets: list[int] = []
+        self._reach: int | None = None  # the last slot the current generation may write (`expect`); None: unknown
+
+    @property
+    def captured(self) -> int:
+        """How many graphs are captured now (one per batch key, context bucket and device segment)."""
+        return len(self._graphs)
+
+    def expect(self, last_slot: int) -> None:
+        """The current generation writes no cache slot after `last_slot` (the prompt's length plus its token
+        budget): a bucket it cannot reach is never captured ahead of need."""
+        self._reach = last_slot
 
     def __call__(self, tokens: torch.Tensor, pos: int, pad_lens: torch.Tensor | None = None) -> torch.Tensor:
         """tokens int64 [B, 1] at cache slot `pos` (pad_lens int64 [B] or None) -> float32 logits [B, vocab]."""
@@ -212,7 +240,20 @@ class CudaGraphDecoder:
                 step.pad_lens.zero_()
             else:
                 step.pad_lens.copy_(pad_lens)
-        return self._replay(steps, B, capacity, fill)
+        logits = self._replay(steps, B, capacity, fill)
+        ahead = self.ahead_bucket(pos)
+        if ahead is not None and not self._has(B, ahead, len(steps)):
+            self._capture_ahead(steps, B, ahead)
+        return logits
+
+    def ahead_bucket(self, pos: int) -> int | None:
+        """The bucket to capture ahead of need after a step at slot `pos`: the next one above pos's bucket once
+        pos has passed AHEAD_FRACTION of its bucket and the generation may reach it (`expect`); else None."""
+        capacity = bucket(self._buckets, pos)
+        larger = [size for size in self._buckets if size > capacity]
+        if not larger or self._reach is None or self._reach < capacity or pos + 1 < AHEAD_FRACTION * capacity:
+            return None
+        return larger[0]
 
     def decode_rows(self, tokens: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Rows at their own positions, as Transformer.decode_rows: tokens, slots, rows int64 [B] (best on the
@@ -262,12 +303,24 @@ class CudaGraphDecoder:
             steps = self._steps[key] = segments(self.model, batch, per_row=per_row)
         return steps
 
+    def _has(self, key, capacity: int, segments: int) -> bool:
+        return all((key, capacity, index) in self._graphs for index in range(segments))
+
+    def _capture_ahead(self, steps: list[DecodeStep], key, capacity: int) -> None:
+        """Capture the graphs of bucket `capacity` without replaying them. Their eager run writes cache slot
+        capacity - 1, which the sequence writes again before any query reads it (it is beyond the current slot);
+        the queued step has read its inputs first (same stream), and the next call fills them again."""
+        for index, step in enumerate(steps):
+            with _current(step.device):
+                step.slot.fill_(capacity - 1)
+                self._graphs[(key, capacity, index)] = self._capture(step, capacity)
+
     def _replay(self, steps: list[DecodeStep], key, capacity: int, fill) -> torch.Tensor:
         """Fill each step's inputs (`fill(step)`, on its device), hand the hidden state on, replay (capturing on
         first use) the graphs (batch key `key`, capacity, segment index); the last step's logits."""
         outputs = None
         for index, step in enumerate(steps):
-            with torch.cuda.device(step.device):
+            with _current(step.device):
                 fill(step)
                 if outputs is not None:
                     step.feed(outputs)
@@ -278,14 +331,21 @@ class CudaGraphDecoder:
                 graph.replay()
         return outputs
 
-    def capture_all(self, batch: int = 1) -> None:
-        """Capture every bucket now (at load), so no reply stalls when its context crosses into a new bucket.
-        The steps write cache slots that a generation always writes again before reading them."""
+    def capture_first(self, batch: int = 1, every: bool = False) -> None:
+        """Capture the first context bucket of a `batch`-row step now (at load): its eager run compiles the
+        kernels and tunes the GEMVs, so a later bucket costs only its capture. `every`: all buckets now, so no reply
+        stalls when its context crosses into a new one (benchmarks). The steps write cache slots that a generation
+        always writes again before reading them."""
         device = self.model.model.embed_tokens.weight.device
         tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        with torch.inference_mode():
-            for capacity in buckets(self.model.max_seq_len, sliding_window(self.model)):
-                self(tokens, capacity - 1)
+        sizes = buckets(self.model.max_seq_len, sliding_window(self.model))
+        reach, self._reach = self._reach, None  # no capture ahead of need from these steps
+        try:
+            with torch.inference_mode():
+                for capacity in sizes if every else sizes[:1]:
+                    self(tokens, capacity - 1)
+        finally:
+            self._reach = reach
 
     def _capture(self, step: DecodeStep, capacity: int) -> tuple[torch.cuda.CUDAGraph, object]:
         """(graph, its outputs) of `step`, under step.device made current by the caller."""
@@ -306,6 +366,11 @@ class CudaGraphDecoder:
         with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
             outputs = step.run(capacity)
         return graph, outputs
+
+
+def _current(device: torch.device):
+    """`device` made the current CUDA device (nothing to do for a CPU step: tests of the bucket logic)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def graph_devices(model) -> list[torch.device] | None:
@@ -334,7 +399,7 @@ def accelerate(model, generator=None) -> CudaGraphDecoder | None:
     if graph_devices(model) is None:
         return None
     runner = CudaGraphDecoder(model)
-    runner.capture_all(model.cache_batch)
+    runner.capture_first(model.cache_batch)  # the other buckets on first use or ahead of need
     if generator is not None:
         generator.fast_decode = runner
         generator.prefill = prefill_runner(model)

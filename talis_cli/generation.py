@@ -313,6 +313,9 @@ class Generator:
             stats.first_token_s = time.perf_counter() - t_call
 
             buffers = host_buffers(device, B)
+            expect = getattr(self.fast_decode, "expect", None)
+            if expect is not None:  # the CUDA-graph runner captures only the buckets this run may reach ahead
+                expect(T + budget - 2)  # the last decode step's slot
 
             def queue(step: int) -> QueuedStep:
                 """The decode step of the tokens drawn last (slot T + step) and the next draw, launched."""

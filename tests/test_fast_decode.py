@@ -189,10 +189,10 @@ def test_cuda_graph_greedy_tokens_match_embedded_model():
         pytest.skip("the embedded model is not built yet")
     engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=256))
     prompt = torch.tensor([engine.encode("In the beginning God created")], device="cuda")
-    runner = engine.generator.fast_decode  # every bucket was captured at load
-    assert runner is not None and len(runner._graphs) == len(buckets(256))
+    runner = engine.generator.fast_decode  # the first bucket was captured at load (the others lazily)
+    assert runner is not None and runner.captured == 1
     assert greedy(engine.model, prompt, 64, runner) == greedy(engine.model, prompt, 64)
-    assert len(runner._graphs) == len(buckets(256))  # the cache was kept, nothing recaptured
+    assert runner.captured == 1  # the cache was kept, nothing recaptured; slots up to 70 stay in bucket 128
 
 
 @gpu

@@ -1,0 +1,154 @@
+"""CUDA graphs captured lazily: the load captures the first context bucket only, a later bucket is captured on
+first use or ahead of need, and the tokens equal the plain path's whichever bucket a step replays.
+
+On the CPU the decode step runs its Triton ops under TRITON_INTERPRET=1 and a captured "graph" is the step run
+again eagerly into the same output buffer (`EagerGraphDecoder`): what is checked is which buckets are captured
+when, and that each replay computes the plain forward's step. The gpu tests do the same with real CUDA graphs.
+"""
+import pytest
+import torch
+
+from quant_kernels.fuse import fuse_model
+from talis_cli import fast_decode
+from talis_cli.fast_decode import CudaGraphDecoder, buckets
+from talis_cli.generation import GenerationConfig, Generator
+from talis_cli.tokenizer import load_tokenizer
+
+from tests.test_fast_decode import tiny_model
+from tests.tiny_models import TOKENIZER_DIR
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay() runs the step again and writes its captured outputs."""
+
+    def __init__(self, step, capacity: int, outputs):
+        self.step, self.capacity, self.outputs = step, capacity, outputs
+
+    def replay(self) -> None:
+        fresh = self.step.run(self.capacity)
+        if isinstance(self.outputs, tuple):
+            for have, new in zip(self.outputs, fresh):
+                have.copy_(new)
+        else:
+            self.outputs.copy_(fresh)
+
+
+class EagerGraphDecoder(CudaGraphDecoder):
+    """CudaGraphDecoder with EagerGraph captures; `log` lists (slot of the call, captured capacities after it)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.log: list[tuple[int, list[int]]] = []
+
+    @staticmethod
+    def _outputs(step, capacity):
+        out = step.run(capacity)
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+    def _capture(self, step, capacity):  # the stand-in graph writes into the outputs it returns
+        outputs = self._outputs(step, capacity)
+        return EagerGraph(step, capacity, outputs), outputs
+
+    def __call__(self, tokens, pos, pad_lens=None):
+        logits = super().__call__(tokens, pos, pad_lens)
+        self.log.append((pos, self.capacities()))
+        return logits
+
+    def capacities(self) -> list[int]:
+        return sorted({capacity for _, capacity, _ in self._graphs})
+
+
+@pytest.fixture
+def small_buckets(monkeypatch):
+    monkeypatch.setattr(fast_decode, "MIN_BUCKET", 8)  # buckets(32) == [8, 16, 32]
+    assert buckets(32) == [8, 16, 32]
+
+
+def greedy_ids(generator: Generator, prompt: list[int], n: int) -> list[int]:
+    cfg = GenerationConfig(max_new_tokens=n, temperature=0.0)
+    return [t for event in generator.stream(prompt, cfg) for t in event.token_ids]
+
+
+def test_load_captures_the_first_bucket_and_the_next_one_ahead_of_need(small_buckets):
+    model = tiny_model(seed=7, num_key_value_heads=2, max_position_embeddings=32)
+    fuse_model(model)
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    plain = Generator(model, tokenizer, eos_ids=[], max_seq_len=32)
+    prompt = [1, 306, 278, 3763, 2856]  # 5 tokens: decode steps write slots 5, 6, ...
+    expected = greedy_ids(plain, prompt, 12)
+
+    fast = Generator(model, tokenizer, eos_ids=[], max_seq_len=32)
+    fast._ensure_cache(1)
+    runner = fast.fast_decode = EagerGraphDecoder(model)
+    runner.capture_first(1)  # what Engine.load does (through fast_decode.accelerate)
+    assert runner.captured == 1 and runner.capacities() == [8]
+    runner.log.clear()
+
+    assert greedy_ids(fast, prompt, 12) == expected  # slots 5..15: buckets 8 and 16
+    # the step at slot 5 is past half of bucket 8 and the run may reach slot 15: 16 is captured before slot 8 needs
+    # it; 32 is never captured (the run ends at slot 15)
+    assert runner.log[0] == (5, [8, 16])
+    assert [pos for pos, _ in runner.log] == list(range(5, 16))
+    assert runner.capacities() == [8, 16] and runner.captured == 2
+
+    # a short run stays in bucket 8 and captures nothing ahead; a long one captures 32 at slot 7 (half of 16)
+    assert greedy_ids(fast, prompt, 2) == expected[:2] and runner.captured == 2
+    runner.log.clear()
+    longer = greedy_ids(fast, prompt, 26)
+    assert longer == greedy_ids(plain, prompt, 26)
+    assert dict(runner.log)[7] == [8, 16] and dict(runner.log)[8] == [8, 16, 32]
+
+
+def test_without_expect_buckets_are_captured_on_first_use_only(small_buckets):
+    """Callers that do not say how far they go (a tensor-parallel rank follows rank 0's steps) capture a bucket
+    when a step first needs it, never ahead."""
+    model = tiny_model(seed=8, max_position_embeddings=32)
+    fuse_model(model)
+    model.setup_cache(1, 32)
+    runner = EagerGraphDecoder(model)
+    token = torch.tensor([[5]])
+    with torch.inference_mode():
+        for pos in (3, 7, 8, 20):
+            runner(token, pos)
+    assert runner.log == [(3, [8]), (7, [8]), (8, [8, 16]), (20, [8, 16, 32])]
+
+
+def test_ahead_bucket_follows_half_of_the_bucket_and_the_reach():
+    model = tiny_model(seed=9, max_position_embeddings=2048)
+    model.setup_cache(1, 2048)
+    runner = CudaGraphDecoder(model)
+    runner._check_cache()
+    assert runner._buckets == [128, 256, 512, 1024, 2048]
+    assert runner.ahead_bucket(100) is None  # nothing expected: lazy only
+    runner.expect(1000)
+    assert runner.ahead_bucket(62) is None and runner.ahead_bucket(63) == 256  # slot 63 is the 64th of 128
+    assert runner.ahead_bucket(300) == 1024 and runner.ahead_bucket(255) == 512
+    assert runner.ahead_bucket(600) is None  # bucket 1024 is this run's last: 2048 is beyond slot 1000
+    runner.expect(200)
+    assert runner.ahead_bucket(100) == 256 and runner.ahead_bucket(130) is None
+    assert runner.ahead_bucket(2047) is None  # the last bucket
+
+
+# --- GPU: real CUDA graphs ------------------------------------------------------------------------------------
+@gpu
+@needs_cuda
+def test_engine_load_captures_one_bucket_and_replies_cross_buckets_as_the_eager_step():
+    """Engine.load captures the first context bucket only; a reply crossing 128 and 256 slots captures 256 and 512
+    ahead of need (1024, beyond the reply, never) and gives the greedy tokens of the same steps run eagerly."""
+    from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings
+
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        pytest.skip("the embedded model is not built yet")
+    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=1024))
+    runner = engine.generator.fast_decode
+    assert runner.captured == 1 and {capacity for _, capacity, _ in runner._graphs} == {128}
+    assert "CUDA graphs" in engine.load_phases.phases
+    prompt = engine.encode("In the beginning God created the heaven and the earth.")
+    n = 300 - len(prompt)
+    graphs = greedy_ids(engine.generator, prompt, n)
+    assert {capacity for _, capacity, _ in runner._graphs} == {128, 256, 512}
+    engine.generator.fast_decode = EagerGraphDecoder(engine.model)  # the same kernels, launched one by one
+    assert graphs == greedy_ids(engine.generator, prompt, n)
