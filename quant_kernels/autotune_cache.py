@@ -6,6 +6,13 @@ shape). The first call for a shape times every surviving candidate and keeps the
 starts with its choices made and its first reply is not stalled by tuning. Under TRITON_INTERPRET=1 (CPU tests)
 nothing is timed: the tuner returns its single interpreter configuration.
 
+A table of choices ships with the package (`tuned_configs.json` beside this module, the cache file's layout,
+written by `scripts/tune_kernels.py --write-table` on the GPUs we can measure): a shape it holds for this GPU is
+never timed, so a fresh machine's first load does not tune. The order: this machine's cache (its own timings win),
+the table's section for this GPU and Triton version, then the table's choices for this GPU under other Triton
+versions (a choice launches under any version; only the ranking may move), else tuning. TALIS_TUNED_TABLE=0
+ignores the table (a tuning run that writes it).
+
 Candidates are timed as they run in the decode step: inside a CUDA graph (a Python launch costs more than a small
 GEMV, so timing eager launches ranks configurations by noise) and with L2 emptied before each launch (a decode step
 streams gigabytes of weights through a 50 MB L2, so no layer finds its weights there).
@@ -31,8 +38,43 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+TABLE_PATH = Path(__file__).with_name("tuned_configs.json")  # shipped choices: {section: {repr(key): config}}
+
+
 def cache_path() -> Path:
     return Path(os.environ.get("TALIS_CACHE_DIR", Path.home() / ".cache" / "talis")) / "autotune.json"
+
+
+def section_name(kernel: str, device_name: str, triton_version: str) -> str:
+    """The key of one kernel's choices on one GPU model under one Triton version (cache file and table)."""
+    return f"{kernel}|{device_name}|triton {triton_version}"
+
+
+def shipped_choices(kernel: str, device_name: str, triton_version: str, path: Path | None = None) -> dict:
+    """The table's choices {repr(key): config} of `kernel` on `device_name`: those of other Triton versions first
+    (in section-name order, a later one overriding), then those of this version over them. {} without a table or with
+    TALIS_TUNED_TABLE=0."""
+    if os.environ.get("TALIS_TUNED_TABLE", "1") == "0":
+        return {}
+    table = _read_json(path or TABLE_PATH)
+    exact = section_name(kernel, device_name, triton_version)
+    prefix = section_name(kernel, device_name, "")
+    choices: dict = {}
+    for name in sorted(n for n in table if n.startswith(prefix) and n != exact):
+        choices.update(table[name])
+    choices.update(table.get(exact, {}))
+    return choices
+
+
+def write_table(sections: dict, path: Path | None = None) -> Path:
+    """Merge `sections` ({section: {repr(key): config}}, e.g. a tuning run's cache file) into the shipped table
+    (a key tuned again replaces the old choice); returns the table's path. OSError when it cannot be written."""
+    path = path or TABLE_PATH
+    table = _read_json(path)
+    for name, choices in sections.items():
+        table.setdefault(name, {}).update(choices)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return path
 
 
 class _L2Flush:
@@ -99,8 +141,9 @@ class Tuner:
         """The configuration for `key`; times the candidates with `launch(config)` the first time a key is seen."""
         if interpreting():
             return self.interpreter_config
-        if self._chosen is None:
-            self._chosen = _load_section(self._section())
+        if self._chosen is None:  # this machine's own timings over the shipped table
+            self._chosen = {**shipped_choices(self.name, torch.cuda.get_device_name(), triton.__version__),
+                            **_load_section(self._section())}
         text = repr(key)
         config = self._chosen.get(text)
         if config is None:
@@ -110,7 +153,7 @@ class Tuner:
         return config
 
     def _section(self) -> str:
-        return f"{self.name}|{torch.cuda.get_device_name()}|triton {triton.__version__}"
+        return section_name(self.name, torch.cuda.get_device_name(), triton.__version__)
 
     def _tune(self, key: tuple, launch: Callable[[dict], None]) -> dict:
         candidates = [c for c in self.configs if self.prune(c, key)] or self.configs[:1]  # tiny shapes: any will do
@@ -127,11 +170,15 @@ class Tuner:
         return candidates[min(range(len(candidates)), key=timings.__getitem__)]
 
 
-def _load_section(section: str) -> dict:
+def _read_json(path: Path) -> dict:
     try:
-        return json.loads(cache_path().read_text()).get(section, {})
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _load_section(section: str) -> dict:
+    return _read_json(cache_path()).get(section, {})
 
 
 def _store(section: str, key: str, config: dict) -> None:

@@ -1,0 +1,93 @@
+"""Tune the Triton GEMV for model shapes on this GPU; with --write-table, merge the choices into the table that
+ships with the package (quant_kernels/tuned_configs.json), so a fresh machine with this GPU loads without tuning.
+
+    PYTHONPATH=. python3 scripts/tune_kernels.py [--shapes 7B,13B,70B] [--bits 4,3] [--group-size 128]
+        [--act-order no|yes|both] [--model DIR|default ...] [--write-table] [--json FILE]
+
+Every choice is timed here, from scratch: this machine's cache (TALIS_CACHE_DIR) and the shipped table are
+ignored for the run. A named shape tunes one decoder layer's linears as the decode step runs them (q/k/v and
+gate/up fused, one row); `--model` loads a model folder (`default`: the embedded model) on the GPU, which tunes
+every layer shape it decodes with its own bits, groups and act-order. Prints one line per choice.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="", help="comma-separated LLaMA shapes (talis bench's names)")
+    parser.add_argument("--bits", default="4", help="comma-separated bit widths for --shapes")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--act-order", choices=("no", "yes", "both"), default="both")
+    parser.add_argument("--model", action="append", default=[], help="a GPTQ model folder, or `default`")
+    parser.add_argument("--write-table", action="store_true", help="merge the choices into the shipped table")
+    parser.add_argument("--json", type=Path, help="also write the choices to this file")
+    opts = parser.parse_args(argv)
+    if not opts.shapes and not opts.model:
+        parser.error("name --shapes or --model")
+    return opts
+
+
+def tune_shapes(shapes: list[str], bits: list[int], group_size: int, act_orders: list[bool]) -> None:
+    import torch
+
+    from talis_cli.bench import linear_shapes, random_quant_linear, shape_args
+
+    for shape in shapes:
+        args = shape_args(shape, 2048)
+        for b in bits:
+            for act_order in act_orders:
+                for k, n in linear_shapes(args):
+                    layer = random_quant_linear(k, n, b, group_size, act_order, "cuda")
+                    layer.set_backend("triton", keep_source=False)
+                    with torch.inference_mode():
+                        layer(torch.randn(1, k, dtype=torch.float16, device="cuda"))  # tunes this key
+                    del layer
+                    torch.cuda.empty_cache()
+
+
+def tune_models(folders: list[str]) -> None:
+    import torch
+
+    from talis_cli.engine import Engine, LoadSettings
+
+    for folder in folders:
+        engine = Engine.load(LoadSettings(model_dir=None if folder == "default" else folder, device_map="auto"))
+        del engine  # its load captured the first decode bucket: every layer shape was tuned there
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("tune_kernels.py needs a CUDA GPU (the choices are timings of this GPU); run it on the GPU machine",
+              file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ["TALIS_CACHE_DIR"] = scratch  # read at each lookup: nothing of earlier runs is reused
+        os.environ["TALIS_TUNED_TABLE"] = "0"
+        from quant_kernels.autotune_cache import cache_path, write_table
+
+        tune_shapes([s for s in opts.shapes.split(",") if s], [int(b) for b in opts.bits.split(",")],
+                    opts.group_size, {"no": [False], "yes": [True], "both": [False, True]}[opts.act_order])
+        tune_models(opts.model)
+        sections = json.loads(cache_path().read_text()) if cache_path().exists() else {}
+    for section, choices in sorted(sections.items()):
+        for key, config in sorted(choices.items()):
+            print(f"{section}  {key}  {json.dumps(config, sort_keys=True)}")
+    if opts.json:
+        opts.json.write_text(json.dumps(sections, indent=1, sort_keys=True) + "\n")
+    if opts.write_table:
+        path = write_table(sections)
+        print(f"merged {sum(map(len, sections.values()))} choices into {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

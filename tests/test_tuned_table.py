@@ -1,0 +1,95 @@
+"""The shipped table of tuned launch configurations: a shape it holds for this GPU is never timed; this machine's
+own cache wins over it; TALIS_TUNED_TABLE=0 ignores it; scripts/tune_kernels.py merges a tuning run into it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from quant_kernels import autotune_cache
+from quant_kernels.autotune_cache import Tuner, section_name, shipped_choices, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = "NVIDIA H200"
+KEY = (4096, 4096, 4, 7, False)
+CONFIGS = [dict(BLOCK_N=128, SPLIT_K=s) for s in (1, 2, 4)]
+
+
+class Timed(Exception):
+    """Raised by the launch of a test tuner: the tuner went on to time candidates."""
+
+
+def launch(config: dict) -> None:
+    raise Timed(config)
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """A table file and an empty machine cache, the tuner outside the interpreter on a pretend H200."""
+    path = tmp_path / "tuned_configs.json"
+    monkeypatch.setattr(autotune_cache, "TABLE_PATH", path)
+    monkeypatch.setenv("TALIS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TALIS_TUNED_TABLE", raising=False)
+    monkeypatch.setattr(autotune_cache, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: GPU)
+    return path
+
+
+def tuner() -> Tuner:
+    return Tuner("gemv2", CONFIGS, prune=lambda c, key: True, interpreter_config=CONFIGS[0])
+
+
+def test_a_shape_in_the_table_is_not_timed(table):
+    write_table({section_name("gemv2", GPU, triton.__version__): {repr(KEY): CONFIGS[2]}})
+    assert tuner().pick(KEY, launch) == CONFIGS[2]
+    with pytest.raises(Timed):  # a shape it lacks is tuned
+        tuner().pick((4096, 11008, 4, 7, False), launch)
+
+
+def test_the_machine_cache_wins_and_other_triton_versions_serve(table):
+    write_table({section_name("gemv2", GPU, "0.1"): {repr(KEY): CONFIGS[1], repr((1, 2)): CONFIGS[1]},
+                 section_name("gemv2", "NVIDIA H100 80GB HBM3", triton.__version__): {repr((3, 4)): CONFIGS[2]}})
+    assert tuner().pick(KEY, launch) == CONFIGS[1]  # another Triton version's choice, for want of this one's
+    with pytest.raises(Timed):  # another GPU's choice is not taken
+        tuner().pick((3, 4), launch)
+    autotune_cache._store(section_name("gemv2", GPU, triton.__version__), repr(KEY), CONFIGS[0])
+    assert tuner().pick(KEY, launch) == CONFIGS[0]  # this machine's own timing
+    assert tuner().pick((1, 2), launch) == CONFIGS[1]
+
+
+def test_tuned_table_off(table, monkeypatch):
+    write_table({section_name("gemv2", GPU, triton.__version__): {repr(KEY): CONFIGS[2]}})
+    monkeypatch.setenv("TALIS_TUNED_TABLE", "0")
+    assert shipped_choices("gemv2", GPU, triton.__version__) == {}
+    with pytest.raises(Timed):
+        tuner().pick(KEY, launch)
+
+
+def test_write_table_merges_sections(tmp_path):
+    path = tmp_path / "table.json"
+    a, b = section_name("gemv2", GPU, "3.6.0"), section_name("gemv2", GPU, "3.7.0")
+    write_table({a: {"k1": {"x": 1}, "k2": {"x": 2}}}, path)
+    write_table({a: {"k2": {"x": 3}}, b: {"k1": {"x": 4}}}, path)
+    assert json.loads(path.read_text()) == {a: {"k1": {"x": 1}, "k2": {"x": 3}}, b: {"k1": {"x": 4}}}
+    assert shipped_choices("gemv2", GPU, "3.7.0", path) == {"k1": {"x": 4}, "k2": {"x": 3}}
+    assert shipped_choices("gemv2", GPU, "3.5.0", path) == {"k1": {"x": 4}, "k2": {"x": 3}}  # newest wins
+    assert shipped_choices("gemm", GPU, "3.7.0", path) == {}
+
+
+def test_the_shipped_table_is_valid_json_of_sections():
+    table = json.loads(autotune_cache.TABLE_PATH.read_text())
+    for section, choices in table.items():
+        kernel, device, version = section.split("|")
+        assert version.startswith("triton ") and all(isinstance(c, dict) for c in choices.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's answer")
+def test_tune_kernels_script_needs_a_gpu():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--shapes", "7B"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "tune_kernels.py needs a CUDA GPU (the choices are timings of this GPU); run it on the GPU machine"]
