@@ -1,0 +1,50 @@
+"""scripts/bench_peer.py on the CPU: talis timed alone (ExLlamaV2 needs CUDA: one line says so), its report's
+load phases, prefill lengths and greedy reply as the engine gives them in this process."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_peer.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_peer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's answer")
+def test_bench_peer_times_talis_alone_on_the_cpu():
+    from talis_cli.engine import Engine, LoadSettings
+    from talis_cli.generation import GenerationConfig, Generator
+
+    done = subprocess.run([sys.executable, str(SCRIPT), "default", "--prompts", "8,20", "--gen", "6",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "exllamav2 needs a CUDA GPU: timing talis only"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["ctx"] == 128 + 6 + 1 and [e["engine"] for e in report["engines"]] == ["talis"]
+    talis = report["engines"][0]
+    assert set(talis["prefill"]) == {"8", "20"} and talis["device"] == "cpu" and talis["graphs_captured"] == 0
+    assert list(talis["load_phases"]) == ["imports", "config and plan", "tokenizer", "weights read",
+                                          "backend prepare", "KV cache"]
+    assert sum(talis["load_phases"].values()) == pytest.approx(talis["load_s"], rel=1e-6)
+    assert "prefill 20: first / median" in done.stdout and "decode tok/s" in done.stdout
+
+    engine = Engine.load(LoadSettings(device_map="cpu", max_seq_len=report["ctx"]))
+    prompt = load_script().prompt_ids(engine.args.vocab_size, 128)
+    generator = Generator(engine.model, engine.tokenizer, [], engine.max_seq_len)
+    events = generator.stream(prompt, GenerationConfig(max_new_tokens=6, temperature=0.0))
+    assert talis["decode_prompt"] == 128 and talis["decode_ids"] == [t for e in events for t in e.token_ids]
+
+
+def test_bench_peer_needs_one_model():
+    done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and "name a model folder (or `default`) or --shape, not both" in done.stderr
