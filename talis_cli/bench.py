@@ -392,7 +392,8 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     if model is not None:
         engine = _load_engine(model, ctx, device_map, tokenizer, max_memory)
         args, bits, group_size = engine.args, engine.quant.bits, engine.quant.group_size
-        report.update(model=str(model), bits=bits, group_size=group_size)
+        report.update(model=str(model), bits=bits, group_size=group_size, load_s=engine.load_s,
+                      load_phases=engine.load_phases.phases)
         build_ours = lambda: engine.model  # noqa: E731
     else:
         args = shape_args(shape, ctx)
@@ -486,6 +487,9 @@ def format_report(report: dict) -> str:
         if len(row.get("peak_by_gpu_gb") or []) > 1:
             lines.append(f"{row['variant']}: peak GB per GPU " + ", ".join(
                 f"cuda:{i} {gb:.1f}" for i, gb in enumerate(row["peak_by_gpu_gb"])))
+    if report.get("load_phases"):  # --model: the engine's load, CUDA graphs (the first bucket only) apart
+        lines.append(f"load {report['load_s']:.2f} s: " + ", ".join(
+            f"{name} {seconds:.2f}" for name, seconds in report["load_phases"].items()))
     if report.get("plan"):
         lines.append(f"plan: {report['plan']}")
     if report.get("allreduce"):

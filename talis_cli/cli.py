@@ -176,8 +176,9 @@ def generate(
     if stats and totals is not None:
         # the engine's phases, after the command's own work before it (flags, --config file, stdin)
         phases = {"command setup": loaded - launched - engine.load_s, **engine.load_phases.phases}
+        later = getattr(engine.generator.fast_decode, "later_captures", None)  # lazily captured CUDA graphs
         print_stats_block(totals, load_s=loaded - launched, total_s=time.perf_counter() - launched,
-                          load_phases=phases, seed=config.seed)
+                          load_phases=phases, seed=config.seed, graph_captures=later() if later else None)
     if any(p.error for p in prompts):
         raise typer.Exit(1)
 

@@ -22,6 +22,7 @@ A server captures every batch and context bucket at its start instead (`capture_
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -215,11 +216,19 @@ class CudaGraphDecoder:
         self._cache_version = None
         self._buckets: list[int] = []
         self._reach: int | None = None  # the last slot the current generation may write (`expect`); None: unknown
+        self.capture_s: list[float] = []  # host seconds of each capture so far (its eager run included), in order
+        self.load_captures = 0  # how many of them capture_first made (the load's)
 
     @property
     def captured(self) -> int:
         """How many graphs are captured now (one per batch key, context bucket and device segment)."""
         return len(self._graphs)
+
+    def later_captures(self) -> tuple[int, float]:
+        """(captures, host seconds) since the load's: what replies paid for buckets captured on first use or
+        ahead of need (`talis generate --stats` shows it)."""
+        later = self.capture_s[self.load_captures:]
+        return len(later), sum(later)
 
     def expect(self, last_slot: int) -> None:
         """The current generation writes no cache slot after `last_slot` (the prompt's length plus its token
@@ -313,7 +322,7 @@ class CudaGraphDecoder:
         for index, step in enumerate(steps):
             with _current(step.device):
                 step.slot.fill_(capacity - 1)
-                self._graphs[(key, capacity, index)] = self._capture(step, capacity)
+                self._graphs[(key, capacity, index)] = self._timed_capture(step, capacity)
 
     def _replay(self, steps: list[DecodeStep], key, capacity: int, fill) -> torch.Tensor:
         """Fill each step's inputs (`fill(step)`, on its device), hand the hidden state on, replay (capturing on
@@ -326,7 +335,7 @@ class CudaGraphDecoder:
                     step.feed(outputs)
                 captured = self._graphs.get((key, capacity, index))
                 if captured is None:
-                    captured = self._graphs[(key, capacity, index)] = self._capture(step, capacity)
+                    captured = self._graphs[(key, capacity, index)] = self._timed_capture(step, capacity)
                 graph, outputs = captured
                 graph.replay()
         return outputs
@@ -346,6 +355,13 @@ class CudaGraphDecoder:
                     self(tokens, capacity - 1)
         finally:
             self._reach = reach
+        self.load_captures = len(self.capture_s)
+
+    def _timed_capture(self, step: DecodeStep, capacity: int) -> tuple[torch.cuda.CUDAGraph, object]:
+        start = time.perf_counter()
+        captured = self._capture(step, capacity)
+        self.capture_s.append(time.perf_counter() - start)
+        return captured
 
     def _capture(self, step: DecodeStep, capacity: int) -> tuple[torch.cuda.CUDAGraph, object]:
         """(graph, its outputs) of `step`, under step.device made current by the caller."""

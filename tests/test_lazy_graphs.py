@@ -93,6 +93,8 @@ def test_load_captures_the_first_bucket_and_the_next_one_ahead_of_need(small_buc
     assert runner.log[0] == (5, [8, 16])
     assert [pos for pos, _ in runner.log] == list(range(5, 16))
     assert runner.capacities() == [8, 16] and runner.captured == 2
+    count, seconds = runner.later_captures()  # what `generate --stats` shows: captures after the load's
+    assert runner.load_captures == 1 and count == 1 and 0 < seconds == runner.capture_s[1]
 
     # a short run stays in bucket 8 and captures nothing ahead; a long one captures 32 at slot 7 (half of 16)
     assert greedy_ids(fast, prompt, 2) == expected[:2] and runner.captured == 2
@@ -132,6 +134,28 @@ def test_ahead_bucket_follows_half_of_the_bucket_and_the_reach():
     assert runner.ahead_bucket(2047) is None  # the last bucket
 
 
+def test_stats_and_bench_report_show_the_load_phases_and_later_captures():
+    from rich.console import Console
+
+    from talis_cli import bench
+    from talis_cli.generation import GenerationStats
+    from talis_cli.repl.render import print_stats_block
+
+    console = Console(record=True, width=100)
+    stats = GenerationStats(prompt_tokens=5, new_tokens=12, prefill_s=0.01, decode_s=0.02, first_token_s=0.012)
+    phases = {"imports": 4.4, "weights read": 0.5, "CUDA graphs": 0.25}
+    print_stats_block(stats, load_s=5.15, total_s=6.0, console=console, load_phases=phases, show_memory=False,
+                      graph_captures=(2, 0.0375))
+    lines = console.export_text().splitlines()
+    assert "  CUDA graphs:        0.250 s" in lines
+    assert "graphs captured:      2 during the run, 37.5 ms" in lines
+    rows = [dict(variant="talis", decode_tok_s=600.0, pct_floor=50.0, prefill_tok_s=6e3, ttft_ms=21.0,
+                 bytes_per_token_gb=3.7, peak_vram_gb=4.5, ms_per_token=1.6)]
+    report = dict(model="/tmp/r7", bits=4, group_size=128, act_order=False, prompt=128, gen=128, ctx=256,
+                  device="X", torch="2", copy_tb_s=4.2, rows=rows, notes=[], load_s=5.15, load_phases=phases)
+    assert "load 5.15 s: imports 4.40, weights read 0.50, CUDA graphs 0.25" in bench.format_report(report).splitlines()
+
+
 # --- GPU: real CUDA graphs ------------------------------------------------------------------------------------
 @gpu
 @needs_cuda
@@ -152,3 +176,21 @@ def test_engine_load_captures_one_bucket_and_replies_cross_buckets_as_the_eager_
     assert {capacity for _, capacity, _ in runner._graphs} == {128, 256, 512}
     engine.generator.fast_decode = EagerGraphDecoder(engine.model)  # the same kernels, launched one by one
     assert graphs == greedy_ids(engine.generator, prompt, n)
+
+
+@gpu
+@needs_cuda
+def test_generate_stats_show_the_graphs_captured_during_the_run():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_cli import talis_env
+
+    done = subprocess.run([sys.executable, "-m", "talis_cli", "generate", "-p", "In the beginning", "-n", "200",
+                           "--temperature", "0", "--stats"], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], env=talis_env())
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^  CUDA graphs: +[0-9.]+ s$", done.stderr, re.M)
+    assert re.search(r"^graphs captured: +[0-9]+ during the run, [0-9.]+ ms$", done.stderr, re.M)

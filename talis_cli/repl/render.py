@@ -118,10 +118,12 @@ def stats_line(stats, show_memory: bool = True) -> str:
 
 
 def print_stats_block(stats, load_s: Optional[float], total_s: float, console: Optional[Console] = None,
-                      load_phases: Optional[dict] = None, seed: Optional[int] = None, show_memory: bool = True) -> None:
+                      load_phases: Optional[dict] = None, seed: Optional[int] = None, show_memory: bool = True,
+                      graph_captures: Optional[tuple[int, float]] = None) -> None:
     """The --stats block on stderr, laid out like `ollama run --verbose`; `load_phases` ({name: seconds}, summing
     to `load_s`) are listed under the load duration; `seed` is the run's sampling seed. A run on a server has
-    no load (`load_s` None) and this process's memory says nothing of it (`show_memory` False)."""
+    no load (`load_s` None) and this process's memory says nothing of it (`show_memory` False).
+    `graph_captures`: (CUDA graphs captured during the run, their host seconds), on the CUDA-graph path."""
     t = timings_of(stats)
     phases = [(f"  {name}", f"{seconds:.3f} s") for name, seconds in (load_phases or {}).items()]
     load = [("load duration", f"{load_s:.3f} s")] if load_s is not None else []
@@ -133,6 +135,8 @@ def print_stats_block(stats, load_s: Optional[float], total_s: float, console: O
             ("eval count", f"{stats.new_tokens} token(s)"), ("eval duration", f"{stats.decode_s * 1000:.1f} ms"),
             ("eval rate", f"{t['decode_tok_s']:.2f} tokens/s"),
             ("time to first token", f"{stats.first_token_s * 1000:.1f} ms"),
+            *([("graphs captured", f"{graph_captures[0]} during the run, {graph_captures[1] * 1000:.1f} ms")]
+              if graph_captures is not None else []),
             *([("seed", str(seed))] if seed is not None else []),
             *([("memory", memory_in_use())] if show_memory else [])]
     console = console or stderr_console()
