@@ -124,11 +124,12 @@ def exllamav2_worker(opts) -> dict:
     except ImportError as error:
         return {"engine": "exllamav2", "error": f"cannot import exllamav2 ({error}); see this script's docstring"}
     imported = time.perf_counter()
+    ctx = opts.ctx
     config = ExLlamaV2Config(opts.model)
-    config.max_seq_len = opts.ctx
+    config.max_seq_len = ctx
     config.prepare()
     model = ExLlamaV2(config)
-    cache = ExLlamaV2Cache(model, max_seq_len=opts.ctx, lazy=True)
+    cache = ExLlamaV2Cache(model, max_seq_len=ctx, lazy=True)
     model.load_autosplit(cache)
     _sync()
     loaded = time.perf_counter()
@@ -224,7 +225,7 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, help="with --shape: fewer decoder layers (quick checks)")
     parser.add_argument("--prompts", default="128,512,2048", help="comma-separated prompt lengths to prefill")
     parser.add_argument("--gen", type=int, default=128, help="greedy tokens decoded")
-    parser.add_argument("--ctx", type=int, help="context (KV cache) size; default the longest prompt + gen")
+    parser.add_argument("--ctx", type=int, help="context (KV cache) size; default the longest prompt, or 128 + gen + 1")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer", choices=("exllamav2", "none"), default="exllamav2")
     parser.add_argument("--timeout", type=float, default=540.0, help="seconds each engine's process may take")
@@ -234,7 +235,8 @@ def parse_args(argv=None):
     if (opts.model is None) == (opts.shape is None):
         parser.error("name a model folder (or `default`) or --shape, not both")
     opts.prompts = [int(p) for p in opts.prompts.split(",") if p]
-    opts.ctx = opts.ctx or max(opts.prompts + [DECODE_PROMPT]) + opts.gen + 1
+    # each prompt is prefilled from slot 0 on its own: the cache holds the longest one, or the decode's run
+    opts.ctx = opts.ctx or max(opts.prompts + [DECODE_PROMPT + opts.gen + 1])
     return opts
 
 
