@@ -340,19 +340,17 @@ class CudaGraphDecoder:
                 graph.replay()
         return outputs
 
-    def capture_first(self, batch: int = 1, every: bool = False) -> None:
+    def capture_first(self, batch: int = 1) -> None:
         """Capture the first context bucket of a `batch`-row step now (at load): its eager run compiles the
-        kernels and tunes the GEMVs, so a later bucket costs only its capture. `every`: all buckets now, so no reply
-        stalls when its context crosses into a new one (benchmarks). The steps write cache slots that a generation
-        always writes again before reading them."""
+        kernels and tunes the GEMVs, so a later bucket costs only its capture. The step writes a cache slot that a
+        generation always writes again before reading it."""
         device = self.model.model.embed_tokens.weight.device
         tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        sizes = buckets(self.model.max_seq_len, sliding_window(self.model))
-        reach, self._reach = self._reach, None  # no capture ahead of need from these steps
+        first = buckets(self.model.max_seq_len, sliding_window(self.model))[0]
+        reach, self._reach = self._reach, None  # no capture ahead of need from this step
         try:
             with torch.inference_mode():
-                for capacity in sizes if every else sizes[:1]:
-                    self(tokens, capacity - 1)
+                self(tokens, first - 1)
         finally:
             self._reach = reach
         self.load_captures = len(self.capture_s)
