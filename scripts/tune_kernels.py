@@ -3,6 +3,10 @@ ships with the package (quant_kernels/tuned_configs.json), so a fresh machine wi
 
     PYTHONPATH=. python3 scripts/tune_kernels.py [--shapes 7B,13B,70B] [--bits 4,3] [--group-size 128]
         [--act-order no|yes|both] [--model DIR|default ...] [--write-table] [--json FILE]
+    PYTHONPATH=. python3 scripts/tune_kernels.py --merge FILE   # a run's --json into the table (no GPU needed)
+
+On the lent GPU machine the checkout is a copy: write the choices under $OUT with --json there, and --merge the
+fetched file into the table here, then commit it.
 
 Every choice is timed here, from scratch: this machine's cache (TALIS_CACHE_DIR) and the shipped table are
 ignored for the run. A named shape tunes one decoder layer's linears as the decode step runs them (q/k/v and
@@ -26,9 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", action="append", default=[], help="a GPTQ model folder, or `default`")
     parser.add_argument("--write-table", action="store_true", help="merge the choices into the shipped table")
     parser.add_argument("--json", type=Path, help="also write the choices to this file")
+    parser.add_argument("--merge", type=Path, help="merge this file of choices (a run's --json) into the table")
     opts = parser.parse_args(argv)
-    if not opts.shapes and not opts.model:
-        parser.error("name --shapes or --model")
+    if not opts.shapes and not opts.model and not opts.merge:
+        parser.error("name --shapes, --model or --merge")
     return opts
 
 
@@ -63,6 +68,17 @@ def tune_models(folders: list[str]) -> None:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    if opts.merge:
+        from quant_kernels.autotune_cache import write_table
+
+        try:
+            sections = json.loads(opts.merge.read_text())
+        except (OSError, ValueError) as error:
+            print(f"cannot read {opts.merge}: {error}; pass the file a tuning run wrote with --json", file=sys.stderr)
+            return 1
+        path = write_table(sections)
+        print(f"merged {sum(map(len, sections.values()))} choices into {path}")
+        return 0
     import torch
 
     if not torch.cuda.is_available():

@@ -93,3 +93,20 @@ def test_tune_kernels_script_needs_a_gpu():
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         "tune_kernels.py needs a CUDA GPU (the choices are timings of this GPU); run it on the GPU machine"]
+
+
+def test_tune_kernels_merge_writes_a_runs_choices_into_the_table(tmp_path, monkeypatch):
+    """--merge (no GPU): the file a GPU run wrote with --json lands in the shipped table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tune_kernels", ROOT / "scripts" / "tune_kernels.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    table = tmp_path / "tuned_configs.json"
+    monkeypatch.setattr(autotune_cache, "TABLE_PATH", table)
+    run = tmp_path / "tuned.json"
+    sections = {section_name("gemv2", GPU, "3.6.0"): {repr(KEY): CONFIGS[1]}}
+    run.write_text(json.dumps(sections))
+    assert script.main(["--merge", str(run)]) == 0
+    assert json.loads(table.read_text()) == sections
+    assert script.main(["--merge", str(tmp_path / "missing.json")]) == 1
