@@ -22,6 +22,7 @@ A server captures every batch and context bucket at its start instead (`capture_
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -340,17 +341,19 @@ class CudaGraphDecoder:
                 graph.replay()
         return outputs
 
-    def capture_first(self, batch: int = 1) -> None:
+    def capture_first(self, batch: int = 1, every: bool = False) -> None:
         """Capture the first context bucket of a `batch`-row step now (at load): its eager run compiles the
-        kernels and tunes the GEMVs, so a later bucket costs only its capture. The step writes a cache slot that a
-        generation always writes again before reading it."""
+        kernels and tunes the GEMVs, so a later bucket costs only its capture. `every`: every bucket now (the
+        load before lazy capture: TALIS_CAPTURE_ALL=1, for comparisons). The steps write cache slots that a
+        generation always writes again before reading them."""
         device = self.model.model.embed_tokens.weight.device
         tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        first = buckets(self.model.max_seq_len, sliding_window(self.model))[0]
-        reach, self._reach = self._reach, None  # no capture ahead of need from this step
+        sizes = buckets(self.model.max_seq_len, sliding_window(self.model))
+        reach, self._reach = self._reach, None  # no capture ahead of need from these steps
         try:
             with torch.inference_mode():
-                self(tokens, first - 1)
+                for capacity in sizes if every else sizes[:1]:
+                    self(tokens, capacity - 1)
         finally:
             self._reach = reach
         self.load_captures = len(self.capture_s)
@@ -413,7 +416,8 @@ def accelerate(model, generator=None) -> CudaGraphDecoder | None:
     if graph_devices(model) is None:
         return None
     runner = CudaGraphDecoder(model)
-    runner.capture_first(model.cache_batch)  # the other buckets on first use or ahead of need
+    # the other buckets on first use or ahead of need; TALIS_CAPTURE_ALL=1: all of them now (comparisons)
+    runner.capture_first(model.cache_batch, every=os.environ.get("TALIS_CAPTURE_ALL") == "1")
     if generator is not None:
         generator.fast_decode = runner
         generator.prefill = prefill_runner(model)

@@ -104,6 +104,16 @@ def test_load_captures_the_first_bucket_and_the_next_one_ahead_of_need(small_buc
     assert dict(runner.log)[7] == [8, 16] and dict(runner.log)[8] == [8, 16, 32]
 
 
+def test_capture_every_bucket_at_load_when_asked(small_buckets):
+    """TALIS_CAPTURE_ALL=1 (accelerate's `every`): the load before lazy capture, every bucket at once."""
+    model = tiny_model(seed=8, max_position_embeddings=32)
+    fuse_model(model)
+    model.setup_cache(1, 32)
+    runner = EagerGraphDecoder(model)
+    runner.capture_first(1, every=True)
+    assert runner.capacities() == [8, 16, 32] and runner.load_captures == 3 and runner.later_captures()[0] == 0
+
+
 def test_without_expect_buckets_are_captured_on_first_use_only(small_buckets):
     """Callers that do not say how far they go (a tensor-parallel rank follows rank 0's steps) capture a bucket
     when a step first needs it, never ahead."""
@@ -194,3 +204,16 @@ def test_generate_stats_show_the_graphs_captured_during_the_run():
     assert done.returncode == 0, done.stderr
     assert re.search(r"^  CUDA graphs: +[0-9.]+ s$", done.stderr, re.M)
     assert re.search(r"^graphs captured: +[0-9]+ during the run, [0-9.]+ ms$", done.stderr, re.M)
+
+
+@gpu
+@needs_cuda
+def test_capture_all_switch_restores_the_load_of_every_bucket(monkeypatch):
+    from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings
+
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        pytest.skip("the embedded model is not built yet")
+    monkeypatch.setenv("TALIS_CAPTURE_ALL", "1")
+    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=1024))
+    runner = engine.generator.fast_decode
+    assert {capacity for _, capacity, _ in runner._graphs} == {128, 256, 512, 1024} and runner.load_captures == 4
