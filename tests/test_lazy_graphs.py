@@ -182,10 +182,12 @@ def test_engine_load_captures_one_bucket_and_replies_cross_buckets_as_the_eager_
     assert "CUDA graphs" in engine.load_phases.phases
     prompt = engine.encode("In the beginning God created the heaven and the earth.")
     n = 300 - len(prompt)
-    graphs = greedy_ids(engine.generator, prompt, n)
-    assert {capacity for _, capacity, _ in runner._graphs} == {128, 256, 512}
-    engine.generator.fast_decode = EagerGraphDecoder(engine.model)  # the same kernels, launched one by one
-    assert graphs == greedy_ids(engine.generator, prompt, n)
+    generator = Generator(engine.model, engine.tokenizer, [], engine.max_seq_len)  # no EOS: the reply runs to n
+    generator.fast_decode, generator.prefill = runner, engine.generator.prefill
+    graphs = greedy_ids(generator, prompt, n)
+    assert len(graphs) == n and {capacity for _, capacity, _ in runner._graphs} == {128, 256, 512}
+    generator.fast_decode = EagerGraphDecoder(engine.model)  # the same kernels, launched one by one
+    assert graphs == greedy_ids(generator, prompt, n)
 
 
 @gpu
