@@ -182,12 +182,16 @@ def test_engine_load_captures_one_bucket_and_replies_cross_buckets_as_the_eager_
     assert "CUDA graphs" in engine.load_phases.phases
     prompt = engine.encode("In the beginning God created the heaven and the earth.")
     n = 300 - len(prompt)
-    generator = Generator(engine.model, engine.tokenizer, [], engine.max_seq_len)  # no EOS: the reply runs to n
-    generator.fast_decode, generator.prefill = runner, engine.generator.prefill
-    graphs = greedy_ids(generator, prompt, n)
+
+    def reply(decoder) -> list[int]:
+        """n greedy tokens, no EOS (the reply runs to slot 298); a fresh generator: the whole prompt prefilled"""
+        generator = Generator(engine.model, engine.tokenizer, [], engine.max_seq_len)
+        generator.fast_decode, generator.prefill = decoder, engine.generator.prefill
+        return greedy_ids(generator, prompt, n)
+
+    graphs = reply(runner)
     assert len(graphs) == n and {capacity for _, capacity, _ in runner._graphs} == {128, 256, 512}
-    generator.fast_decode = EagerGraphDecoder(engine.model)  # the same kernels, launched one by one
-    assert graphs == greedy_ids(generator, prompt, n)
+    assert graphs == reply(EagerGraphDecoder(engine.model))  # the same kernels, launched one by one
 
 
 @gpu
