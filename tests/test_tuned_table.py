@@ -110,3 +110,31 @@ def test_tune_kernels_merge_writes_a_runs_choices_into_the_table(tmp_path, monke
     assert script.main(["--merge", str(run)]) == 0
     assert json.loads(table.read_text()) == sections
     assert script.main(["--merge", str(tmp_path / "missing.json")]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_load_covered_by_the_table_times_nothing(tmp_path, monkeypatch):
+    """scripts/tune_kernels.py --model default (its own process), merged into a table: with an empty machine cache,
+    loading the embedded model and generating from it pick every GEMV configuration from the table."""
+    from quant_kernels.triton_gemv import GEMV_TUNER
+    from talis_cli.engine import Engine, LoadSettings
+    from talis_cli.generation import GenerationConfig
+
+    run = tmp_path / "run.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_kernels.py"), "--model", "default",
+                           "--json", str(run)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    monkeypatch.setattr(autotune_cache, "TABLE_PATH", tmp_path / "tuned_configs.json")
+    write_table(json.loads(run.read_text()))
+    monkeypatch.setenv("TALIS_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(GEMV_TUNER, "_chosen", None)  # forget this process's choices
+
+    def no_timing(key, launch):
+        raise AssertionError(f"tuned at load: {key}")
+
+    monkeypatch.setattr(GEMV_TUNER, "_tune", no_timing)
+    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=256))
+    events = list(engine.generator.stream(engine.encode("In the beginning"), GenerationConfig(max_new_tokens=8,
+                                                                                              temperature=0)))
+    assert events and not (tmp_path / "empty" / "autotune.json").exists()
