@@ -93,6 +93,7 @@ def talis_worker(opts) -> dict:
     plain.fast_decode, plain.prefill = generator.fast_decode, generator.prefill
     prompt = prompt_ids(engine.args.vocab_size, min(DECODE_PROMPT, opts.ctx - opts.gen - 1))
     cfg = GenerationConfig(max_new_tokens=opts.gen, temperature=0.0)
+
     def reply() -> tuple[list[int], float]:
         """The greedy reply's ids and the seconds from its first token to its last, as the consumer sees them."""
         ids, first = [], None
@@ -115,21 +116,20 @@ def talis_worker(opts) -> dict:
 
 
 def exllamav2_worker(opts) -> dict:
-    import torch
-
     t0 = time.perf_counter()
+    import torch  # counted in import_s, as talis' imports phase counts it
+
     try:
         import exllamav2
         from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
     except ImportError as error:
         return {"engine": "exllamav2", "error": f"cannot import exllamav2 ({error}); see this script's docstring"}
     imported = time.perf_counter()
-    ctx = opts.ctx
     config = ExLlamaV2Config(opts.model)
-    config.max_seq_len = ctx
+    config.max_seq_len = opts.ctx
     config.prepare()
     model = ExLlamaV2(config)
-    cache = ExLlamaV2Cache(model, max_seq_len=ctx, lazy=True)
+    cache = ExLlamaV2Cache(model, max_seq_len=opts.ctx, lazy=True)
     model.load_autosplit(cache)
     _sync()
     loaded = time.perf_counter()
