@@ -125,9 +125,8 @@ def exllamav2_worker(opts) -> dict:
     except ImportError as error:
         return {"engine": "exllamav2", "error": f"cannot import exllamav2 ({error}); see this script's docstring"}
     imported = time.perf_counter()
-    config = ExLlamaV2Config(opts.model)
+    config = ExLlamaV2Config(opts.model)  # reads the folder (prepare() again would reread max_seq_len)
     config.max_seq_len = opts.ctx
-    config.prepare()
     model = ExLlamaV2(config)
     cache = ExLlamaV2Cache(model, max_seq_len=opts.ctx, lazy=True)
     model.load_autosplit(cache)
