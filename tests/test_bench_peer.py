@@ -48,3 +48,16 @@ def test_bench_peer_times_talis_alone_on_the_cpu():
 def test_bench_peer_needs_one_model():
     done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2 and "name a model folder (or `default`) or --shape, not both" in done.stderr
+
+
+def test_a_peer_that_is_not_installed_is_reported_in_one_line():
+    if importlib.util.find_spec("exllamav2") is not None:
+        pytest.skip("exllamav2 is installed here")
+    module = load_script()
+    opts = module.parse_args(["default", "--prompts", "8", "--gen", "4"])
+    report = module.run_worker("exllamav2", opts, timeout_s=120)
+    assert report == {"engine": "exllamav2", "error": "cannot import exllamav2 (No module named 'exllamav2'); "
+                                                      "see this script's docstring"}
+    table = module.format_table([report])
+    assert table.splitlines()[-1] == "exllamav2: cannot import exllamav2 (No module named 'exllamav2'); " \
+                                     "see this script's docstring"
