@@ -354,9 +354,28 @@ class CudaGraphDecoder:
             with torch.inference_mode():
                 for capacity in sizes if every else sizes[:1]:
                     self(tokens, capacity - 1)
+                # a later bucket whose attention launch Triton compiles apart runs once eagerly now: its capture
+                # mid-reply then costs no compile
+                steps = self._steps_for(batch, batch, False)
+                compiled = {attention_variant(steps[0], sizes[0])}
+                for capacity in [] if every else sizes[1:]:
+                    variant = attention_variant(steps[0], capacity)
+                    if variant not in compiled:
+                        compiled.add(variant)
+                        self._run_eager(steps, capacity)
         finally:
             self._reach = reach
         self.load_captures = len(self.capture_s)
+
+    def _run_eager(self, steps: list[DecodeStep], capacity: int) -> None:
+        """The steps once, eagerly, at slot capacity - 1 (a slot a generation writes again before reading it)."""
+        outputs = None
+        for step in steps:
+            with _current(step.device):
+                step.slot.fill_(capacity - 1)
+                if outputs is not None:
+                    step.feed(outputs)
+                outputs = step.run(capacity)
 
     def _timed_capture(self, step: DecodeStep, capacity: int) -> tuple[torch.cuda.CUDAGraph, object]:
         start = time.perf_counter()
@@ -383,6 +402,15 @@ class CudaGraphDecoder:
         with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
             outputs = step.run(capacity)
         return graph, outputs
+
+
+def attention_variant(step: DecodeStep, capacity: int) -> tuple:
+    """What Triton compiles apart in the decode attention of `step` over `capacity` slots: the number of splits
+    (a compile-time constant) and how the chunk length specializes (Triton compiles an integer argument apart when
+    it is 1 or a multiple of 16)."""
+    rows = step.tokens.numel() * step.model.args.n_heads
+    splits, chunk = ops.attention_splits(capacity, rows, step.n_sms)
+    return splits, chunk % 16 == 0, chunk == 1
 
 
 def _current(device: torch.device):

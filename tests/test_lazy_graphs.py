@@ -104,6 +104,24 @@ def test_load_captures_the_first_bucket_and_the_next_one_ahead_of_need(small_buc
     assert dict(runner.log)[7] == [8, 16] and dict(runner.log)[8] == [8, 16, 32]
 
 
+def test_load_compiles_each_attention_variant_once(small_buckets, monkeypatch):
+    """A later bucket whose attention launch compiles apart (here 16: its chunk of 16 slots specializes as a
+    multiple of 16, 8's does not) runs once eagerly at load; 32 shares 16's variant; nothing more is captured."""
+    model = tiny_model(seed=8, max_position_embeddings=32)
+    fuse_model(model)
+    model.setup_cache(1, 32)
+    runner = EagerGraphDecoder(model)
+    eager = []
+    original = runner._run_eager
+    monkeypatch.setattr(runner, "_run_eager", lambda steps, capacity: (eager.append(capacity),
+                                                                        original(steps, capacity)))
+    runner.capture_first(1)
+    step = runner._steps[1][0]
+    assert [fast_decode.attention_variant(step, c) for c in (8, 16, 32)] == [(1, False, False), (1, True, False),
+                                                                             (1, True, False)]
+    assert eager == [16] and runner.capacities() == [8]
+
+
 def test_capture_every_bucket_at_load_when_asked(small_buckets):
     """TALIS_CAPTURE_ALL=1 (accelerate's `every`): the load before lazy capture, every bucket at once."""
     model = tiny_model(seed=8, max_position_embeddings=32)
