@@ -15,8 +15,9 @@ scheduler's continuous batching: each row its own slot and its own cache row), c
 on CUDA devices (a model split over several GPUs: one graph per device, `graph_devices`).
 
 Graphs are captured lazily. The load captures only the first context bucket (whose eager run compiles the kernels
-and tunes the GEMVs, which every later bucket shares); a bucket is captured on first use, and the next larger one
-ahead of need, once a sequence that may reach it (`CudaGraphDecoder.expect`) passes AHEAD_FRACTION of its bucket.
+and tunes the GEMVs, which every later bucket shares) and runs a later bucket once eagerly where its attention
+launch compiles apart (`attention_variant`); a bucket is captured on first use, and the next larger one ahead of
+need, once a sequence that may reach it (`CudaGraphDecoder.expect`) passes AHEAD_FRACTION of its bucket.
 A server captures every batch and context bucket at its start instead (`capture_rows`, Scheduler.warm_up).
 """
 from __future__ import annotations
