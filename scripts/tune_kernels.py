@@ -9,9 +9,12 @@ On the lent GPU machine the checkout is a copy: write the choices under $OUT wit
 fetched file into the table here, then commit it.
 
 Every choice is timed here, from scratch: this machine's cache (TALIS_CACHE_DIR) and the shipped table are
-ignored for the run. A named shape tunes one decoder layer's linears as the decode step runs them (q/k/v and
-gate/up fused, one row); `--model` loads a model folder (`default`: the embedded model) on the GPU, which tunes
-every layer shape it decodes with its own bits, groups and act-order. Prints one line per choice.
+ignored for the run. Each linear shape runs at 1, 16 and 32 rows, which tunes every kernel that has a tuner: the
+GEMV (one row: the decode step; its choice serves up to 8 rows) and, where the installed kernels have it, the
+tensor-core kernel of 8-32 rows (a short prompt's prefill, a server's decode batch; tiles of 16 and 32 rows). A
+named shape gives one decoder layer's linears as the fast path runs them (q/k/v and gate/up fused); `--model`
+loads a folder (`default`: the embedded model) on the GPU and takes each distinct linear of it, with its own bits,
+groups and act-order. Prints one line per choice.
 """
 import argparse
 import json
@@ -37,6 +40,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return opts
 
 
+ROWS = (1, 16, 32)  # rows per call: the decode GEMV, then the two tile heights of the 8-32-row kernel
+
+
+def tune_layer(layer, device) -> None:
+    """Call `layer` (a QuantLinear on the Triton backend) at each of ROWS rows of random fp16 input on `device`:
+    each call tunes the key it reaches."""
+    import torch
+
+    with torch.inference_mode():
+        for rows in ROWS:
+            layer(torch.randn(rows, layer.in_features, dtype=torch.float16, device=device))
+
+
 def tune_shapes(shapes: list[str], bits: list[int], group_size: int, act_orders: list[bool]) -> None:
     import torch
 
@@ -49,8 +65,7 @@ def tune_shapes(shapes: list[str], bits: list[int], group_size: int, act_orders:
                 for k, n in linear_shapes(args):
                     layer = random_quant_linear(k, n, b, group_size, act_order, "cuda")
                     layer.set_backend("triton", keep_source=False)
-                    with torch.inference_mode():
-                        layer(torch.randn(1, k, dtype=torch.float16, device="cuda"))  # tunes this key
+                    tune_layer(layer, "cuda")
                     del layer
                     torch.cuda.empty_cache()
 
@@ -58,11 +73,22 @@ def tune_shapes(shapes: list[str], bits: list[int], group_size: int, act_orders:
 def tune_models(folders: list[str]) -> None:
     import torch
 
+    from quant_kernels.quant_linear import QuantLinear
+    from quant_kernels.triton_backend import PreparedWeight
     from talis_cli.engine import Engine, LoadSettings
 
     for folder in folders:
         engine = Engine.load(LoadSettings(model_dir=None if folder == "default" else folder, device_map="auto"))
-        del engine  # its load captured the first decode bucket: every layer shape was tuned there
+        seen = set()
+        for module in engine.model.modules():
+            state = getattr(module, "backend_state", None)
+            if not isinstance(module, QuantLinear) or not isinstance(state, PreparedWeight):
+                continue  # layers the Triton kernels do not run have nothing to tune
+            key = (module.in_features, module.out_features, state.bits, state.group_shift, state.perm is not None)
+            if key not in seen:
+                seen.add(key)
+                tune_layer(module, state.qweight.device)
+        del engine
         torch.cuda.empty_cache()
 
 

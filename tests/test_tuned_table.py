@@ -116,7 +116,7 @@ def test_tune_kernels_merge_writes_a_runs_choices_into_the_table(tmp_path, monke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_load_covered_by_the_table_times_nothing(tmp_path, monkeypatch):
     """scripts/tune_kernels.py --model default (its own process), merged into a table: with an empty machine cache,
-    loading the embedded model and generating from it pick every GEMV configuration from the table."""
+    loading the embedded model and generating from short prompts pick every configuration from the table."""
     from quant_kernels.triton_gemv import GEMV_TUNER
     from talis_cli.engine import Engine, LoadSettings
     from talis_cli.generation import GenerationConfig
@@ -135,6 +135,10 @@ def test_a_load_covered_by_the_table_times_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GEMV_TUNER, "_tune", no_timing)
     engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=256))
-    events = list(engine.generator.stream(engine.encode("In the beginning"), GenerationConfig(max_new_tokens=8,
-                                                                                              temperature=0)))
-    assert events and not (tmp_path / "empty" / "autotune.json").exists()
+    cfg = GenerationConfig(max_new_tokens=8, temperature=0)
+    # prompts of a few and of 17-32 tokens: the GEMV, and the 8-32-row kernel where there is one
+    for text in ("In the beginning", "In the beginning God created the heaven and the earth. And the earth was "
+                                     "without form, and void; and darkness"):
+        assert 4 <= len(engine.encode(text)) <= 32
+        assert list(engine.generator.stream(engine.encode(text), cfg))
+    assert not (tmp_path / "empty" / "autotune.json").exists()
