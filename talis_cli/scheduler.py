@@ -186,6 +186,9 @@ class Scheduler:
         self._pending = None  # (rows, drawn tokens on the device) of the decode step launched and not yet read
         self.prefill_s = 0.0  # seconds spent in prefill forwards (and first draws) so far
         self.decode_s = 0.0  # seconds spent in decode steps (and draws) so far
+        self.decode_steps = 0  # decode steps launched so far
+        self.decoded_rows = 0  # rows those steps advanced (decoded_rows / decode_steps: the mean batch)
+        self.cpu_s = 0.0  # CPU seconds of the stepping thread inside step() (its wall time less GPU and lock waits)
 
     # --- any thread ---------------------------------------------------------------------------------------
     @property
@@ -231,6 +234,13 @@ class Scheduler:
         tokens, launches the following step at once for the rows that may go on, and only then detokenizes and
         delivers, so the GPU computes while the host streams. A row that turns out to have ended (a stop
         string, a cancel) wastes its lane of that step once."""
+        cpu = time.thread_time()
+        try:
+            return self._step()
+        finally:
+            self.cpu_s += time.thread_time() - cpu
+
+    def _step(self) -> bool:
         import torch
 
         with torch.inference_mode():
@@ -341,6 +351,8 @@ class Scheduler:
         cache_rows = torch.tensor([a.row for a in rows])
         fast = getattr(self.generator.fast_decode, "decode_rows", None)
         logits = (fast or self.model.decode_rows)(tokens, slots, cache_rows)
+        self.decode_steps += 1
+        self.decoded_rows += len(rows)
         for a in rows:
             self._held[a.row].append(a.last_token)  # the step writes its keys/values at slot a.length
         self._pending = (rows, self._draw_launch(rows, logits))
