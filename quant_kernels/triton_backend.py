@@ -187,8 +187,10 @@ class Scratch:
 # 6 / 9 / 16 us for one single-row GEMV.
 GEMV_PASSES = 4
 # From this many rows up to MAX_SKINNY_ROWS the tensor-core kernel (triton_skinny) runs instead: the GEMV's cost grows
-# with the rows, the tensor-core kernel's hardly. TALIS_SKINNY_FROM_ROWS overrides it (A/B runs; 33: never).
-SKINNY_FROM_ROWS = int(os.environ.get("TALIS_SKINNY_FROM_ROWS", MAX_ROWS + 1))
+# with the rows, the tensor-core kernel's hardly. On an H200 (BENCHMARKS.md, 2026-12-01, 7B layers, 4-bit g128) the
+# GEMV took 13-26 us at 2 rows and 20-35 at 4, the tensor-core kernel 25-45 at any of 2-16 rows, and at 8 rows
+# the GEMV 33-58 us against 25-45. TALIS_SKINNY_FROM_ROWS overrides it (A/B runs; 33: never).
+SKINNY_FROM_ROWS = int(os.environ.get("TALIS_SKINNY_FROM_ROWS", 8))
 
 
 def quantized_product(x2d: torch.Tensor, args: tuple) -> torch.Tensor:
