@@ -12,18 +12,15 @@ zeroes its workspace again, as in the GEMV.
 Weights in the kernel layout of triton_backend.prepare_weight (`triton_gemv.word_slot`); 3-bit weights (units of
 three words) are not served here. A tile never spans two quantization groups: BLOCK_K divides the group size.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .autotune_cache import Tuner, generated_configs, interpreting
+from .autotune_cache import Tuner, generated_configs
 from .triton_gemv import Workspace, _fp16_halves
 
 SKINNY_BITS = (2, 4, 8)
 MAX_SKINNY_ROWS = 32  # rows per launch at most (BLOCK_M 32)
-UNPACK_ASM = os.environ.get("TALIS_SKINNY_ASM", "1") != "0"  # 4-bit words unpacked in PTX (A/B runs: 0 = plain)
 
 
 @triton.jit
@@ -31,15 +28,14 @@ def _skinny_kernel(
     x_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
     M, N, K, group_shift, split_k, stride_xm, stride_om,
     BITS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, UNPACK_ASM: tl.constexpr, UNPACK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, perm[k]] * scale[g, n] * (q[k, n] - zero[g, n]), g = k >> group_shift.
 
     x: fp16 [M, K_in], row stride stride_xm, unit column stride; qweight: int32 [K * BITS / 32, N], scale_zero,
     perm, workspace (fp32, >= M * N, zero on entry and exit) and tickets (int32, >= cdiv(M, BLOCK_M) *
     cdiv(N, BLOCK_N), zero on entry and exit) as in `triton_gemv._gemv_kernel`; out [M, N], row stride
-    stride_om. UNPACK_ASM (4 bits, on a GPU): words unpacked by the PTX `UNPACK` (`_UNPACK_4BIT_ASM`), two weights
-    an instruction. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. Grid: (cdiv(N, BLOCK_N), split_k,
+    stride_om. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. Grid: (cdiv(N, BLOCK_N), split_k,
     cdiv(M, BLOCK_M)).
     """
     PER_WORD: tl.constexpr = 32 // BITS
@@ -68,14 +64,11 @@ def _skinny_kernel(
         offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
         packed = tl.load(qweight_ptr + offs_w[:, None] * N + offs_n[None, :],
                          mask=(offs_w * PER_WORD < k_end)[:, None] & mask_n[None, :], other=0)
+        # each word unpacked once into its PER_WORD rows: [words, PER_WORD, BLOCK_N] -> [BLOCK_K, BLOCK_N]
+        q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, BLOCK_N])
         scale, zero = _fp16_halves(tl.load(scale_zero_ptr + (k0 >> group_shift) * N + offs_n, mask=mask_n, other=0))
-        if UNPACK_ASM:
-            w = _unpack_4bit_pairs(packed, scale, zero, UNPACK, BLOCK_K, BLOCK_N)
-        else:
-            # each word unpacked once into its PER_WORD rows: [words, PER_WORD, BLOCK_N] -> [BLOCK_K, BLOCK_N]
-            q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, BLOCK_N])
-            # (q - zero) is a small exact integer in fp16, so the product rounds once, as the dequantize kernel's
-            w = (q.to(tl.float16) - zero.to(tl.float16)[None, :]) * scale.to(tl.float16)[None, :]
+        # (q - zero) is a small exact integer in fp16, so the product rounds once, as the dequantize kernel's does
+        w = (q.to(tl.float16) - zero.to(tl.float16)[None, :]) * scale.to(tl.float16)[None, :]
         acc = tl.dot(a, w, acc)
 
     mask_out = mask_m[:, None] & mask_n[None, :]
@@ -93,55 +86,6 @@ def _skinny_kernel(
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask_out)
             tl.store(partial_ptrs, tl.zeros_like(acc), mask=mask_out)
             tl.store(tickets_ptr + tile, 0)
-
-
-# PTX: one word of 4-bit weights in kernel layout (rows 2p and 2p+1 at bit offsets 4p and 16 + 4p) -> its eight
-# weights (q - zero) * scale as fp16 $0..$7 (rows 0..7). $8 the word; $9 / $10 -(2**6 + zero / 16) / -(2**2 + zero /
-# 16) and $11 16 * scale, each in both fp16 halves (s0, s4: 2**-4, 2**-8). OR-ing 0x6400 into a half holding q at bit offset o gives the
-# fp16 1024 + q * 2**o exactly; one f16x2 fma by 2**-(4 + o) plus the addend leaves (q - zero) / 16 exactly (as in
-# the GEMV: triton_gemv._dequant_pair_asm), and one f16x2 multiply by 16 * scale rounds once.
-_UNPACK_4BIT_ASM = """{ .reg .b32 t, h, s0, s4;
-mov.b32 s0, 0x2c002c00;
-mov.b32 s4, 0x1c001c00;
-lop3.b32 t, $8, 0x000f000f, 0x64006400, 0xea;
-fma.rn.f16x2 t, t, s0, $9;
-mul.rn.f16x2 t, t, $11;
-mov.b32 {$0, $1}, t;
-lop3.b32 t, $8, 0x00f000f0, 0x64006400, 0xea;
-fma.rn.f16x2 t, t, s4, $10;
-mul.rn.f16x2 t, t, $11;
-mov.b32 {$2, $3}, t;
-shr.b32 h, $8, 8;
-lop3.b32 t, h, 0x000f000f, 0x64006400, 0xea;
-fma.rn.f16x2 t, t, s0, $9;
-mul.rn.f16x2 t, t, $11;
-mov.b32 {$4, $5}, t;
-lop3.b32 t, h, 0x00f000f0, 0x64006400, 0xea;
-fma.rn.f16x2 t, t, s4, $10;
-mul.rn.f16x2 t, t, $11;
-mov.b32 {$6, $7}, t; }"""
-
-
-@triton.jit
-def _f16x2(value):
-    """int32 words holding fp32 `value` (exact in fp16) as fp16 in both halves."""
-    bits = value.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return bits | (bits << 16)
-
-
-@triton.jit
-def _unpack_4bit_pairs(packed, scale, zero, UNPACK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp16 [BLOCK_K, BLOCK_N] weights from int32 words [BLOCK_K / 8, BLOCK_N] (kernel layout) and the fp32 scale
-    and full zero point [BLOCK_N] of their group, through the PTX `UNPACK`."""
-    neg_zero_0 = _f16x2(-(64.0 + zero / 16))[None, :]
-    neg_zero_4 = _f16x2(-(4.0 + zero / 16))[None, :]
-    scale16 = _f16x2(scale * 16)[None, :]
-    w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-        UNPACK, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [packed, neg_zero_0, neg_zero_4, scale16],
-        dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-    # [words, N, i, j, l] holds row 4l + 2j + i of each word: to [words, l, j, i, N], then rows in order
-    rows = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
-    return tl.reshape(tl.permute(rows, (0, 4, 3, 2, 1)), [BLOCK_K, BLOCK_N])
 
 
 def skinny_workspace_size(n: int) -> tuple[int, int]:
@@ -195,7 +139,6 @@ def quant_skinny(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tenso
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     workspace, tickets = Workspace.reserve(x.device, *skinny_workspace_size(n))
     block_m = rows_block(m)
-    unpack_asm = bits == 4 and UNPACK_ASM and not interpreting()
 
     def launch(cfg: dict) -> None:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(m, block_m))
@@ -203,7 +146,7 @@ def quant_skinny(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tenso
             x16, qweight, scale_zero, perm if perm is not None else qweight, out, workspace, tickets,
             m, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
             BITS=bits, HAS_PERM=perm is not None, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            UNPACK_ASM=unpack_asm, UNPACK=_UNPACK_4BIT_ASM if unpack_asm else "", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     key = (block_m, n, k, bits, group_shift, perm is not None)
