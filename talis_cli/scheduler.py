@@ -316,26 +316,36 @@ class Scheduler:
         request.stats.queued_s = time.perf_counter() - request._submitted
 
     def _prefill(self) -> None:
+        """Prefill the newcomers' prompts, at most prefill_chunk tokens in all this step (a long prompt goes on in
+        the next steps); those whose prompt is then whole draw their first token. On a GPU the chunks of several
+        newcomers run as one forward (fast_prefill.PrefillRunner.prefill_segments), so they share its weight
+        reads."""
         import torch
 
-        room = self.prefill_chunk
+        room, chunks = self.prefill_chunk, []
         for active in [a for a in self._active if not a.decoding]:
             if room <= 0:
-                return
-            prompt, start = active.request.prompt_ids, active.prefilled
-            chunk = prompt[start : start + room]
-            tokens = torch.tensor([chunk], device=self.model.model.embed_tokens.weight.device)
-            # the generator's fast prefill on GPUs (fast_prefill.PrefillRunner, where present), else the model's
-            prefill = getattr(self.generator, "prefill", None)
-            if prefill is not None:
-                logits = prefill(tokens, start, cache_row=active.row)[:, -1]
-            else:
-                logits = self.model(tokens, start_pos=start, last_only=True, cache_row=active.row)[:, -1]
-            room -= len(chunk)
+                break
+            start = active.prefilled
+            chunks.append((active, active.request.prompt_ids[start : start + room], start))
+            room -= len(chunks[-1][1])
+        if not chunks:
+            return
+        # the generator's fast prefill on GPUs (fast_prefill.PrefillRunner, where present), else the model's
+        runner = getattr(self.generator, "prefill", None)
+        if runner is not None and len(chunks) > 1 and hasattr(runner, "prefill_segments"):
+            logits = runner.prefill_segments([(chunk, start, a.row) for a, chunk, start in chunks])
+        else:
+            device = self.model.model.embed_tokens.weight.device
+            forward = runner or self.model
+            logits = torch.cat([forward(torch.tensor([chunk], device=device), start_pos=start, last_only=True,
+                                        cache_row=a.row)[:, -1] for a, chunk, start in chunks])
+        for active, chunk, _ in chunks:
             active.prefilled += len(chunk)
             self._held[active.row].extend(chunk)
-            if active.decoding:  # the whole prompt is in: its first token
-                self._draw([active], logits)
+        whole = [i for i, (active, _, _) in enumerate(chunks) if active.decoding]
+        if whole:  # their whole prompt is in: their first tokens
+            self._draw([chunks[i][0] for i in whole], logits[whole] if len(whole) < len(chunks) else logits)
 
     def _launch(self) -> None:
         """Launch one decode step and draw for every decoding row that may go on (its last token is not EOS and
