@@ -9,8 +9,8 @@ cache slice, o_proj, add + RMSNorm, the fused gate/up projection, SiLU*mul, down
 (and the last layer's o_proj and MLP) run on the last token only, as `last_only` needs nothing else.
 
 It covers one row at any start position (a chat's continued prompt), into any cache row (`cache_row`: the
-scheduler's single-row prefill), sliding windows and every rope type (dynamic NTK included: its tables are made
-per call, as the eager forward makes them). A batch of several rows, a model without a KV cache, or a head_dim
+scheduler's single-row prefill), sliding windows, every rope type (dynamic NTK included: its tables are made
+per call, as the eager forward makes them) and an int8 KV cache (written quantized, read back dequantized for SDPA). A batch of several rows, a model without a KV cache, or a head_dim
 that is not a power of two go to the eager forward.
 """
 from __future__ import annotations
@@ -130,13 +130,14 @@ class PrefillRunner:
             with current_device(device):
                 q, k, v = _norm_qkv(out, residual, layer, T)
                 cache = layer.self_attn.kv_cache
-                q = rotary_to_cache(q, k, v, cos, sin, cache.k[row], cache.v[row], start_pos)  # [heads, T, hd]
+                scales = {"k_scale": cache.k_scale[row], "v_scale": cache.v_scale[row]} if cache.quantized else {}
+                q = rotary_to_cache(q, k, v, cos, sin, cache.k[row], cache.v[row], start_pos, **scales)  # [heads, T, hd]
                 first_key, query_mask = key_start, mask
                 final = i == len(layers) - 1  # past its attention only one token's output is needed
                 if final and last is None:  # the last token's query sees every key of its window
                     q, query_mask, residual = q[:, -1:], None, residual[-1:]
                     first_key = max(0, end - window) if window else 0
-                keys, values = cache.k[row:row + 1, :, first_key:end], cache.v[row:row + 1, :, first_key:end]
+                keys, values = cache.read(slice(row, row + 1), first_key, end)  # an int8 cache: dequantized
                 y = F.scaled_dot_product_attention(
                     q[None], keys, values, attn_mask=query_mask, is_causal=query_mask is None and q.shape[1] > 1,
                     enable_gqa=keys.shape[1] != q.shape[0])  # [1, heads, T or 1, hd]
