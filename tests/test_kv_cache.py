@@ -68,6 +68,32 @@ def test_unknown_cache_type_is_a_usage_error():
         model.setup_cache(1, 8)
 
 
+def test_bench_floor_and_memory_plan_count_the_int8_cache():
+    """65B shape at 2048 context: the KV term of the bandwidth floor and the planned footprint (weights + cache)
+    with the int8 cache; the issue's target is a peak of at most 38 GB (fp16 cache: 40.1 GB planned)."""
+    from talis_cli import bench
+    from talis_cli.memory_plan import footprint
+    from talis_cli.model_info import kv_cache_bytes
+
+    args = bench.shape_args("65B", 2048)
+    int8_kv = 80 * 2 * 64 * (128 + 4) * 2048
+    assert bench.floor_bytes(args, 4, 128, 2048, kv_cache="int8")["kv"] == int8_kv
+    assert bench.floor_bytes(args, 4, 128, 2048)["kv"] == 80 * 2 * 64 * 128 * 2 * 2048
+    planned = {kind: footprint(bench.gptq_tensor_shapes(args, 4, 128), args.n_layers,
+                               kv_cache_bytes(args, 2048, kind=kind) // args.n_layers, 2).total
+               for kind in ("fp16", "int8")}
+    assert planned["fp16"] - planned["int8"] == 80 * 2 * 64 * (128 * 2 - 132) * 2048
+    assert 37e9 < planned["int8"] <= 38e9 < 40e9 < planned["fp16"]
+
+
+def test_bench_refuses_an_unknown_cache_type_before_the_gpu_check():
+    from talis_cli.bench import run_bench
+    from talis_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown KV cache type 'int4'"):
+        run_bench(shape="7B", kv_cache="int4")
+
+
 # --- the Triton decode attention over an int8 cache ---------------------------------------------------------------
 def int8_cache(batch: int, n_kv_heads: int, slots: int, hd: int, dtype, gen) -> KVCache:
     """An int8 KVCache holding random codes and scales."""
