@@ -389,6 +389,15 @@ def test_scheduler_with_int8_cache_gives_what_the_generator_gives(embedded):
     assert texts == alone
 
 
+def test_tensor_parallel_ranks_keep_their_heads_in_an_int8_cache():
+    """Two CPU ranks, each with half the KV heads in an int8 cache, against one process with the int8 cache."""
+    from tests.test_tensor_parallel import assert_same_as_one_process, worker
+
+    report = worker("--tokens", "16", "--cpu", "--kv-cache", "int8")
+    assert report["cache"] == ["torch.int8", report["full_heads"][1] // 2]
+    assert_same_as_one_process(report)
+
+
 # --- the CLI ------------------------------------------------------------------------------------------------------
 def talis(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "talis_cli", *args], capture_output=True, text=True,
