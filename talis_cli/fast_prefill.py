@@ -10,7 +10,8 @@ cache slice, o_proj, add + RMSNorm, the fused gate/up projection, SiLU*mul, down
 
 It covers one row at any start position (a chat's continued prompt), into any cache row (`cache_row`: the
 scheduler's single-row prefill), sliding windows, every rope type (dynamic NTK included: its tables are made
-per call, as the eager forward makes them) and an int8 KV cache (written quantized, read back dequantized for SDPA). A batch of several rows, a model without a KV cache, or a head_dim
+per call, as the eager forward makes them) and an int8 KV cache (written quantized, read back dequantized for
+SDPA). A batch of several rows, a model without a KV cache, or a head_dim
 that is not a power of two go to the eager forward.
 """
 from __future__ import annotations
@@ -131,7 +132,8 @@ class PrefillRunner:
                 q, k, v = _norm_qkv(out, residual, layer, T)
                 cache = layer.self_attn.kv_cache
                 scales = {"k_scale": cache.k_scale[row], "v_scale": cache.v_scale[row]} if cache.quantized else {}
-                q = rotary_to_cache(q, k, v, cos, sin, cache.k[row], cache.v[row], start_pos, **scales)  # [heads, T, hd]
+                q = rotary_to_cache(q, k, v, cos, sin, cache.k[row], cache.v[row], start_pos,
+                                    **scales)  # [heads, T, hd]
                 first_key, query_mask = key_start, mask
                 final = i == len(layers) - 1  # past its attention only one token's output is needed
                 if final and last is None:  # the last token's query sees every key of its window

@@ -64,9 +64,9 @@ class KVCache(nn.Module):
         store = torch.int8 if self.quantized else dtype
         self.register_buffer("k", torch.zeros(shape, dtype=store, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=store, device=device), persistent=False)
-        scales = (lambda: torch.zeros(shape[:3], dtype=torch.float32, device=device)) if self.quantized else (lambda: None)
-        self.register_buffer("k_scale", scales(), persistent=False)
-        self.register_buffer("v_scale", scales(), persistent=False)
+        for name in ("k_scale", "v_scale"):  # [batch, kv_heads, max_seq_len] fp32, or None for an fp16 cache
+            scale = torch.zeros(shape[:3], dtype=torch.float32, device=device) if self.quantized else None
+            self.register_buffer(name, scale, persistent=False)
 
     @property
     def quantized(self) -> bool:

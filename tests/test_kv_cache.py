@@ -412,13 +412,24 @@ def test_cli_generate_and_info_with_int8_cache(embedded):
                 "--device-map", "cpu", "--max-seq-len", "256")
     assert run.returncode == 0, run.stderr
     ids = embedded.encode("And God said")
-    expected = "".join(e.text for e in embedded.generator.stream(ids, GenerationConfig(max_new_tokens=16, temperature=0)))
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0)
+    expected = "".join(e.text for e in embedded.generator.stream(ids, cfg))
     assert run.stdout == expected + "\n"
     info = talis("info", "--json", "--kv-cache", "int8", "--max-seq-len", "256", "--device-map", "cpu")
     assert info.returncode == 0, info.stderr
     report = json.loads(info.stdout)
     assert report["kv_cache"] == "int8"
     assert report["memory"]["kv_cache_bytes"] == kv_cache_bytes(embedded.args, 256, kind="int8")
+
+
+def test_config_file_sets_the_cache_type_and_the_flag_wins(tmp_path):
+    from talis_cli.settings import resolve_settings
+
+    config = tmp_path / "talis.toml"
+    config.write_text('kv-cache = "int8"\n')
+    assert resolve_settings({}, config).load_settings().kv_cache == "int8"
+    assert resolve_settings({"kv_cache": "fp16"}, config).load_settings().kv_cache == "fp16"
+    assert resolve_settings({}).load_settings().kv_cache == "fp16"  # the default
 
 
 def test_cli_unknown_cache_type_is_exit_2_in_one_line():

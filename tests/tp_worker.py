@@ -56,6 +56,7 @@ def main() -> None:
     with torch.inference_mode():
         a, b = tp.model(tokens).cpu(), one.model(tokens).cpu()
     shard = tp.model.shard
+    rank0_cache = tp.model.model.layers[0].self_attn.kv_cache
     tp_single, one_single = greedy(tp, prompts[:1], opts.tokens), greedy(one, prompts[:1], opts.tokens)
     print(json.dumps(dict(
         max_abs_diff=(a - b).abs().max().item(), max_abs=b.abs().max().item(),
@@ -64,7 +65,7 @@ def main() -> None:
         first_diff=first_diff(tp, one, prompts[0], tp_single[0], one_single[0]),
         heads=[shard.args.n_heads, shard.args.n_kv_heads, shard.args.intermediate_size],
         full_heads=[one.args.n_heads, one.args.n_kv_heads, one.args.intermediate_size],
-        cache=[str(cache.k.dtype), cache.k.shape[1]] if (cache := tp.model.model.layers[0].self_attn.kv_cache) else None)))
+        cache=[str(rank0_cache.k.dtype), rank0_cache.k.shape[1]])))
 
 
 if __name__ == "__main__":
