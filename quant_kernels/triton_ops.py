@@ -145,7 +145,7 @@ def _cached_kv(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, base, scale_b
 
 
 @triton.jit
-def _as_float(x, scale, dtype, QUANT: tl.constexpr):
+def _as_float(x, scale, dtype: tl.constexpr, QUANT: tl.constexpr):
     """Cached values x [..., HD] in fp32 as the model sees them: with QUANT, x * scale[..., None] rounded to
     `dtype` first (talis_cli.kv_cache.dequantize_heads)."""
     if QUANT:
