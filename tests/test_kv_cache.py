@@ -422,6 +422,14 @@ def test_cli_generate_and_info_with_int8_cache(embedded):
     assert report["memory"]["kv_cache_bytes"] == kv_cache_bytes(embedded.args, 256, kind="int8")
 
 
+def test_cli_with_url_refuses_the_cache_type_in_one_line():
+    """With --url the server's model answers: --kv-cache belongs to `talis serve`."""
+    run = talis("generate", "--url", "http://127.0.0.1:9", "-p", "x", "--kv-cache", "int8", timeout=60)
+    assert run.returncode == 2
+    assert run.stderr == ("error: --kv-cache sets up a local model, and with --url the server's model answers; "
+                          "drop --kv-cache (or --url), or pass it to `talis serve`\n")
+
+
 def test_config_file_sets_the_cache_type_and_the_flag_wins(tmp_path):
     from talis_cli.settings import resolve_settings
 
