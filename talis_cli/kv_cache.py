@@ -72,14 +72,14 @@ class KVCache(nn.Module):
     def quantized(self) -> bool:
         return self.kind == "int8"
 
-    def update(self, start: int, k, v, row: int | None = None):
+    def update(self, start: int, k, v, row: int | None = None, first: int = 0):
         """Write k, v [B, kv_heads, T, hd] at slots start..start+T-1 of rows 0..B-1 (of row `row` alone, B = 1);
-        return those rows of the cache up to the last written slot (in `dtype`)."""
+        return those rows' slots first..start+T-1 (in `dtype`: an int8 cache dequantizes only those)."""
         B, _, T, _ = k.shape
         end = start + T
         rows = slice(0, B) if row is None else slice(row, row + 1)
         self._write((rows, slice(None), slice(start, end)), k, v)
-        return self.read(rows, 0, end)
+        return self.read(rows, first, end)
 
     def update_rows(self, rows, slots, k, v, length: int):
         """Row b of k, v [B, kv_heads, 1, hd] goes to slot slots[b] of cache row rows[b] (int64 [B] each);

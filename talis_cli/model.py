@@ -111,8 +111,7 @@ class Attention(nn.Module):
         if rows is not None:
             k, v = self.kv_cache.update_rows(rows.rows, rows.slots, k, v, rows.length)
         elif self.kv_cache is not None:
-            k, v = self.kv_cache.update(start_pos, k, v, cache_row)
-            k, v = k[:, :, key_start:], v[:, :, key_start:]
+            k, v = self.kv_cache.update(start_pos, k, v, cache_row, first=key_start)
         # mask None means plain causal attention over exactly these T tokens.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,

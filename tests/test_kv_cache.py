@@ -271,11 +271,12 @@ def test_per_row_decode_step_on_int8_cache_matches_decode_rows(window):
                 restore(c, saved)
 
 
-@pytest.mark.parametrize("start_pos,cache_row", [(0, None), (9, 2)])
-def test_fast_prefill_on_int8_cache_matches_eager_forward(start_pos, cache_row):
+@pytest.mark.parametrize("start_pos,cache_row,window", [(0, None, None), (9, 2, None), (20, 1, 8)])
+def test_fast_prefill_on_int8_cache_matches_eager_forward(start_pos, cache_row, window):
     """PrefillRunner (rotary_to_cache writing int8, SDPA over the dequantized slice) against the eager forward
-    from the same cache: the last logits, and the same codes in every layer."""
-    model = int8_model()
+    from the same cache: the last logits, and the same codes in every layer (with a sliding window, both read only
+    the window's slots)."""
+    model = int8_model(**(dict(model_type="mistral", sliding_window=window) if window else {}))
     fuse_model(model)
     model.setup_cache(3, 64)
     runner = PrefillRunner(model)
@@ -396,6 +397,29 @@ def test_tensor_parallel_ranks_keep_their_heads_in_an_int8_cache():
     report = worker("--tokens", "16", "--cpu", "--kv-cache", "int8")
     assert report["cache"] == ["torch.int8", report["full_heads"][1] // 2]
     assert_same_as_one_process(report)
+
+
+def test_server_with_int8_cache_completes_as_the_generator_does(embedded):
+    """`talis serve --kv-cache int8` as its settings load it: the served model's cache is int8 and a greedy
+    completion is the text Generator.stream gives on an int8 cache."""
+    import httpx
+
+    from talis_cli.generation import GenerationConfig
+    from talis_cli.server.run import BackgroundServer, load_served
+    from talis_cli.settings import RunSettings
+
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    expected = "".join(e.text for e in embedded.generator.stream(embedded.encode("And God said"), cfg))
+    server = BackgroundServer(load_served(RunSettings(kv_cache="int8", device_map="cpu"), cfg, 2, 8))
+    try:
+        cache = server.state.served.engine.model.model.layers[0].self_attn.kv_cache
+        assert cache.k.dtype == torch.int8
+        reply = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                           json={"prompt": "And God said", "max_tokens": 12, "temperature": 0})
+    finally:
+        server.close()
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == expected
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------------
