@@ -520,3 +520,35 @@ def test_cuda_graph_greedy_tokens_on_int8_cache_random_7b():
     assert greedy(model, prompt, 64, CudaGraphDecoder(model)) == plain
     del model
     torch.cuda.empty_cache()
+
+
+@gpu
+@needs_cuda
+def test_embedded_model_on_cuda_with_int8_cache_matches_its_eager_path():
+    """The embedded model loaded for the GPU with --kv-cache int8 (fast prefill, CUDA-graph decode steps, per-row
+    graphs in the scheduler): 64 greedy tokens equal the eager model's on the int8 cache, and the scheduler gives
+    each request the text it gets alone."""
+    from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings
+    from talis_cli.generation import GenerationConfig
+    from talis_cli.scheduler import Scheduler
+
+    from tests.test_fast_decode import greedy
+
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        pytest.skip("the embedded model is not built yet")
+    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=256, kv_cache="int8"))
+    model, runner = engine.model, engine.generator.fast_decode
+    assert runner is not None and model.model.layers[0].self_attn.kv_cache.k.dtype == torch.int8
+    prompt = torch.tensor([engine.encode("In the beginning God created")], device="cuda")
+    assert greedy(model, prompt, 64, runner) == greedy(model, prompt, 64)
+    cfg = GenerationConfig(temperature=0, max_new_tokens=40)
+    prompts = [engine.encode(t) for t in ("And it came to pass", "Blessed are", "The LORD is my shepherd")]
+    alone = ["".join(e.text for e in engine.generator.stream(p, cfg)) for p in prompts]
+    scheduler = Scheduler(engine.generator, max_batch=4)
+    scheduler.start()
+    try:
+        requests = [scheduler.submit(p, cfg) for p in prompts]
+        got = ["".join(e.text for e in r.events(timeout=120)) for r in requests]
+    finally:
+        scheduler.stop(5)
+    assert got == alone
