@@ -7,7 +7,8 @@
   filled slots split along the sequence (flash-decoding, so short batches still fill the GPU), the splits merged
   by the last one to finish. The slot is a device tensor, so a CUDA graph can replay the launch; it is one slot
   for a left-padded batch, or one per row with each row in a cache row of its own (continuous batching). The cache
-  may be int8 with one fp32 scale per head vector (`quantize_heads`, as talis_cli.kv_cache does it in torch).
+  may be int8 or fp8 (e4m3) with one fp32 scale per head vector (`quantize_heads`, as talis_cli.kv_cache does it
+  in torch).
 
 Rounding follows the eager model (talis_cli.model) step by step in the model dtype, so greedy tokens match.
 Every function takes [B, features] rows (B the batch, one token each); tensors on CUDA, or on CPU under
@@ -115,13 +116,35 @@ def _rotate(src, cos, sin, offs, HD: tl.constexpr):
 
 
 @triton.jit
-def quantize_heads(x):
-    """Head vectors x [..., HD] (along the last axis) -> (q, scale): q fp32 [..., HD] holding the int8 values,
-    scale fp32 [..., 1] = max(max|x|, 1e-8) / 127, q = floor(x / scale + 0.5) clamped to [-127, 127]. IEEE
-    divisions (div_rn, which contraction into an FMA cannot change), so torch's quantization gives the same ints."""
+def _round_to_e4m3(y):
+    """y fp32 with |y| <= 448 rounded to the nearest float8 e4m3 value (ties to even), still in fp32, so the cast
+    that stores it is exact (Triton's interpreter rounds some casts wrongly, e.g. -31.89 to -16): steps of
+    2^(exponent - 3) in the normal range, 2^-9 below 2^-6 (the subnormals)."""
+    exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    exponent = tl.maximum(exponent, -6)
+    inv_step = ((3 - exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^(3 - exponent), exact
+    r = y * inv_step  # exact: a power of two
+    f = tl.floor(r)
+    d = r - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return (f + up.to(tl.float32)) / inv_step
+
+
+@triton.jit
+def quantize_heads(x, FP8: tl.constexpr):
+    """Head vectors x [..., HD] (along the last axis) -> (q, scale) with scale fp32 [..., 1]. int8: scale =
+    max(max|x|, 1e-8) / 127, q = floor(x / scale + 0.5) clamped to [-127, 127]; FP8: scale = max(max|x|, 1e-8) /
+    448, q = x / scale rounded to e4m3. q is fp32 holding those codes exactly. IEEE divisions (div_rn, which
+    contraction into an FMA cannot change), so torch's quantization gives the same codes."""
     xf = x.to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xf), axis=-1, keep_dims=True), 1e-8), 127.0)
-    q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(xf, scale) + 0.5), -127.0), 127.0)
+    absmax = tl.maximum(tl.max(tl.abs(xf), axis=-1, keep_dims=True), 1e-8)
+    if FP8:
+        scale = tl.math.div_rn(absmax, 448.0)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(xf, scale), -448.0), 448.0))
+    else:
+        scale = tl.math.div_rn(absmax, 127.0)
+        q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(xf, scale) + 0.5), -127.0), 127.0)
     return q, scale
 
 
@@ -159,7 +182,7 @@ def _decode_attention_kernel(
     v_scale_ptr, part_ptr, tickets_ptr, out_ptr, scatter_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch,
     stride_cs, stride_sb, stride_sh, stride_ss, n_heads, group, chunk, scale, window, SPLITS: tl.constexpr,
     HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PER_ROW: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
+    PER_ROW: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b, h, s): head h of row b over cache slots [lo + s*chunk, lo + (s+1)*chunk), one launch for the
     whole step; lo is 0, or with HAS_WINDOW the first slot of the sliding window (slot - window + 1, at least 0),
@@ -183,7 +206,8 @@ def _decode_attention_kernel(
     HD + 2]; tickets int32 [B * n_heads], zero on entry and exit; out [B, n_heads*HD].
     With PER_ROW, slot is int64 [B] (row b's own slot) and row b reads and writes cache row rows[b] (int64 [B])
     instead of row b.
-    With QUANT the caches are int8 and k_scale, v_scale fp32 [batch, kv_heads, max_seq_len] (strides stride_sb,
+    With QUANT the caches are int8 (float8 e4m3 with FP8) and k_scale, v_scale fp32 [batch, kv_heads, max_seq_len]
+    (strides stride_sb,
     stride_sh, stride_ss): cached vectors are dequantized to the model dtype where read, and the new token's k, v
     are quantized (quantize_heads) both where stored and where this step uses them, as the eager model, which
     writes them into the cache before it reads it, does.
@@ -223,8 +247,8 @@ def _decode_attention_kernel(
     v_new = tl.load(v_ptr + b * stride_v + kv_h * HD + offs_d)
     qf = q.to(tl.float32) * scale
     if QUANT:  # the new token as the cache will hold it
-        k_q, k_new_scale = quantize_heads(k_new[None, :])
-        v_q, v_new_scale = quantize_heads(v_new[None, :])
+        k_q, k_new_scale = quantize_heads(k_new[None, :], FP8)
+        v_q, v_new_scale = quantize_heads(v_new[None, :], FP8)
         k_q, v_q = tl.reshape(k_q, [HD]), tl.reshape(v_q, [HD])
         k_new_scale, v_new_scale = tl.max(k_new_scale), tl.max(v_new_scale)
         k_new, v_new = (k_q * k_new_scale).to(q.dtype), (v_q * v_new_scale).to(q.dtype)
@@ -258,8 +282,8 @@ def _decode_attention_kernel(
         if h % group == 0:
             new = base + slot * stride_cs + offs_d
             if QUANT:
-                tl.store(k_cache_ptr + new, k_q.to(tl.int8))
-                tl.store(v_cache_ptr + new, v_q.to(tl.int8))
+                tl.store(k_cache_ptr + new, k_q.to(k_cache_ptr.dtype.element_ty))
+                tl.store(v_cache_ptr + new, v_q.to(v_cache_ptr.dtype.element_ty))
                 tl.store(k_scale_ptr + scale_base + slot * stride_ss, k_new_scale)
                 tl.store(v_scale_ptr + scale_base + slot * stride_ss, v_new_scale)
             else:
@@ -287,6 +311,18 @@ def _decode_attention_kernel(
         y = tl.sum(accs * weight[:, None], axis=0) / tl.sum(ls * weight, axis=0)
         tl.store(out_ptr + b * n_heads * HD + cols, y.to(out_ptr.dtype.element_ty))
         tl.store(tickets_ptr + row, 0)
+
+
+CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)  # the 8-bit caches
+
+
+def check_cache(k_cache, v_cache, k_scale, v_scale) -> bool:
+    """Whether the caches hold 8-bit codes (then with their scales, all of one layout and dtype), else floats."""
+    quant = k_cache.dtype in CODE_DTYPES
+    assert v_cache.dtype == k_cache.dtype, "k_cache and v_cache must share a dtype"
+    assert not quant or (k_scale is not None and v_scale is not None and v_scale.stride() == k_scale.stride()), \
+        "an 8-bit cache needs k_scale, v_scale of one layout"
+    return quant
 
 
 def attention_splits(capacity: int, rows: int, sms: int) -> tuple[int, int]:
@@ -338,8 +374,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     at least `window` serves every slot.
     Rows at their own positions: with `rows` (int64 [B], distinct except for lanes whose output is ignored), row b
     uses cache row rows[b] and its own slot, slot int64 [B] (capacity > every slot); pass pad_lens zeros.
-    An int8 cache (talis_cli.kv_cache): int8 caches and their scales k_scale, v_scale fp32 [batch, n_kv_heads,
-    max_seq_len] (one layout); the new token's k, v are quantized in the kernel, stored and used as stored.
+    An 8-bit cache (talis_cli.kv_cache): int8 or float8_e4m3fn caches and their scales k_scale, v_scale fp32
+    [batch, n_kv_heads, max_seq_len] (one layout); the new token's k, v are quantized in the kernel, stored and
+    used as stored.
     """
     B = q.shape[0]
     hd = cos.shape[1]
@@ -347,9 +384,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     assert slot.numel() == (B if per_row else 1), "slot: one per row with `rows`, else one for the batch"
     n_heads, n_kv_heads = q.shape[1] // hd, k_cache.shape[1]
     assert k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride(), "caches must share a contiguous layout"
-    quant = k_cache.dtype == torch.int8
-    assert not quant or (k_scale is not None and v_scale is not None and v_scale.stride() == k_scale.stride()
-                         and v_cache.dtype == torch.int8), "an int8 cache needs k_scale, v_scale of one layout"
+    quant = check_cache(k_cache, v_cache, k_scale, v_scale)
     scale_strides = k_scale.stride() if quant else (0, 0, 0)
     splits, chunk = attention_splits(capacity, B * n_heads, n_sms)
     parts = torch.empty((B, n_heads, splits, hd + 2), dtype=torch.float32, device=q.device)
@@ -361,7 +396,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         scatter if scatter is not None else out, q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), *scale_strides, n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5,
         window or 0, SPLITS=splits, HD=hd, BLOCK_S=64, HAS_SCATTER=scatter is not None,
-        HAS_WINDOW=window is not None, PER_ROW=per_row, QUANT=quant, num_warps=8,
+        HAS_WINDOW=window is not None, PER_ROW=per_row, QUANT=quant, FP8=k_cache.dtype == torch.float8_e4m3fn,
+        num_warps=8,
         **pdl_args(q.device),
     )
     return out

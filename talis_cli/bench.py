@@ -33,7 +33,7 @@ from .engine import Engine, LoadSettings
 from .errors import TalisError, UsageError
 from .fast_decode import CudaGraphDecoder, graph_devices
 from .fast_prefill import prefill_runner
-from .kv_cache import check_kind, slot_bytes
+from .kv_cache import check_devices, check_kind, slot_bytes
 from .model import Transformer, current_device
 from .step_queue import greedy_decode
 
@@ -363,6 +363,8 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     memory).
     """
     check_kind(kv_cache)
+    if torch.cuda.is_available():
+        check_devices(kv_cache, range(torch.cuda.device_count()))
 
     if bits not in gptq_format.SUPPORTED_BITS:
         supported = ", ".join(map(str, gptq_format.SUPPORTED_BITS))

@@ -396,7 +396,7 @@ def bench(
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="CAPS", help="Memory caps for placing layers, e.g. 0=24GiB,1=24GiB.")] = None,
     tensor_parallel: Annotated[Optional[int], typer.Option("--tensor-parallel", metavar="N", help="Time --shape split over N GPUs (tensor parallel, one process per GPU), with an all-reduce table.", min=1)] = None,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also time fp16 (cuBLAS) and torch's int4 kernel.")] = True,
-    kv_cache: Annotated[str, typer.Option("--kv-cache", metavar="TYPE", help="KV cache type of every row: fp16 or int8.")] = "fp16",
+    kv_cache: Annotated[str, typer.Option("--kv-cache", metavar="TYPE", help="KV cache type of every row: fp16, int8 or fp8.")] = "fp16",
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="DIR", help="Folder of the tokenizer files for --model (default: the model folder).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ):

@@ -89,7 +89,7 @@ class Engine:
         from .loaders.base import read_model_args
         from .model_generation_config import read_generation_config
         from .memory_plan import footprint, parse_max_memory
-        from .kv_cache import check_kind
+        from .kv_cache import check_devices, check_kind
         from .model_info import kv_cache_bytes
         from .placement import DevicePlan, load_device_map, map_may_use_gpu, plan_devices
 
@@ -124,6 +124,7 @@ class Engine:
                            kv_cache_bytes(args, max_seq_len, dtype_bytes=float_bytes, kind=settings.kv_cache)
                            // args.n_layers, float_bytes)
             request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
+        check_devices(settings.kv_cache, request.plan.devices)
         phases.lap("config and plan")
         # before the weights: a folder without a usable tokenizer fails fast
         tokenizer = load_tokenizer(settings.tokenizer or model_dir)

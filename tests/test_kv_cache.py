@@ -1,5 +1,6 @@
-"""The int8 KV cache (talis_cli.kv_cache, --kv-cache int8): quantization, the Triton kernels that write and read
-it against the eager model's torch code, whole models (tokens, logits, perplexity), the scheduler and the CLI.
+"""The 8-bit KV caches (talis_cli.kv_cache, --kv-cache int8 and fp8): quantization, the Triton kernels that write
+and read them against the eager model's torch code, whole models (tokens, logits, perplexity), the scheduler, the
+server and the CLI.
 
 Without a GPU the Triton kernels run under TRITON_INTERPRET=1 at small shapes; the tests marked gpu compare at a
 real shape on CUDA.
@@ -36,7 +37,7 @@ def test_round_trip_error_is_at_most_absmax_over_254(dtype):
     x[0, 0, 0] = 0.0  # an all-zero vector: scale stays finite, values come back 0
     x[1, 2, 3, 5] = 1e4  # one outlier: its vector keeps the bound, only coarser
     x = x.to(dtype)
-    q, scale = quantize_heads(x)
+    q, scale = quantize_heads(x, "int8")
     assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
     assert q.abs().max() == 127 and (q.abs().amax(-1)[x.abs().amax(-1) > 0] == 127).all()  # the absmax maps to 127
     back = dequantize_heads(q, scale, torch.float32)
@@ -46,16 +47,32 @@ def test_round_trip_error_is_at_most_absmax_over_254(dtype):
     assert torch.equal(back[0, 0, 0], torch.zeros(64))
 
 
-def test_int8_cache_allocates_what_memory_planning_counts():
+def test_fp8_round_trip_error_is_at_most_a_sixteenth_of_each_value():
+    """e4m3 keeps 3 mantissa bits: half a step is at most |x| / 16 in the normal range, scale * 2^-10 below it;
+    the absmax maps to 448 exactly."""
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, 50, 64, generator=gen) * torch.logspace(-3, 2, 50)[:, None]).half()
+    x[0, 0] = 0.0
+    q, scale = quantize_heads(x, "fp8")
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == x.shape[:-1]
+    assert (q.float().abs().amax(-1)[x.abs().amax(-1) > 0] == 448).all()
+    back = dequantize_heads(q, scale, torch.float32)
+    err = (back - x.float()).abs()
+    assert (err <= x.float().abs() / 16 + scale[..., None] * 2**-10 + x.float().abs() * 1e-6).all()
+    assert torch.equal(back[0, 0], torch.zeros(64))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_8bit_cache_allocates_what_memory_planning_counts(kind):
     from talis_cli.model_info import kv_cache_bytes, memory_by_device
 
     model = tiny_model(num_key_value_heads=2)
-    model.kv_cache_kind = "int8"
+    model.kv_cache_kind = kind
     model.setup_cache(3, 40)
     allocated = memory_by_device(model)["cpu"]["kv_cache_bytes"]
     args = model.args  # 2 layers, 2 kv heads, head_dim 32: 2 * 2 * (32 + 4) bytes a slot and layer
-    assert slot_bytes(args.n_kv_heads, args.head_dim, "int8") == 144
-    assert allocated == kv_cache_bytes(args, 40, batch=3, kind="int8") == 2 * 144 * 40 * 3
+    assert slot_bytes(args.n_kv_heads, args.head_dim, kind) == 144
+    assert allocated == kv_cache_bytes(args, 40, batch=3, kind=kind) == 2 * 144 * 40 * 3
     assert kv_cache_bytes(args, 40, batch=3, dtype_bytes=4) == 2 * (2 * 2 * 32 * 4) * 40 * 3  # fp16 kind, fp32 model
 
 
@@ -63,8 +80,8 @@ def test_unknown_cache_type_is_a_usage_error():
     from talis_cli.errors import UsageError
 
     model = tiny_model()
-    model.kv_cache_kind = "fp8"
-    with pytest.raises(UsageError, match="unknown KV cache type 'fp8'; choose one of fp16, int8"):
+    model.kv_cache_kind = "fp4"
+    with pytest.raises(UsageError, match="unknown KV cache type 'fp4'; choose one of fp16, int8, fp8"):
         model.setup_cache(1, 8)
 
 
@@ -94,12 +111,16 @@ def test_bench_refuses_an_unknown_cache_type_before_the_gpu_check():
         run_bench(shape="7B", kv_cache="int4")
 
 
-# --- the Triton decode attention over an int8 cache ---------------------------------------------------------------
-def int8_cache(batch: int, n_kv_heads: int, slots: int, hd: int, dtype, gen) -> KVCache:
-    """An int8 KVCache holding random codes and scales."""
-    cache = KVCache(batch, slots, n_kv_heads, hd, dtype, DEVICE, "int8")
+# --- the Triton decode attention over an 8-bit cache --------------------------------------------------------------
+def random_cache(batch: int, n_kv_heads: int, slots: int, hd: int, dtype, gen, kind: str = "int8") -> KVCache:
+    """A KVCache of `kind` ("int8", "fp8") holding random codes and scales."""
+    cache = KVCache(batch, slots, n_kv_heads, hd, dtype, DEVICE, kind)
     for name in ("k", "v"):
-        getattr(cache, name).copy_(torch.randint(-127, 128, cache.k.shape, generator=gen, dtype=torch.int8))
+        if kind == "int8":
+            codes = torch.randint(-127, 128, cache.k.shape, generator=gen, dtype=torch.int8)
+        else:
+            codes = (torch.randn(cache.k.shape, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        getattr(cache, name).copy_(codes)
         getattr(cache, f"{name}_scale").copy_(torch.rand(cache.k_scale.shape, generator=gen) * 0.02 + 0.005)
     return cache
 
@@ -113,8 +134,8 @@ def restore(cache: KVCache, saved: dict) -> None:
         buffer.copy_(saved[name])
 
 
-def reference_int8_step(q, k, v, cos, sin, slots, rows, cache: KVCache, pad_lens=None, window=None):
-    """The eager model's decode attention on an int8 cache (Attention.forward with KVCache.update_rows): rotary,
+def reference_step(q, k, v, cos, sin, slots, rows, cache: KVCache, pad_lens=None, window=None):
+    """The eager model's decode attention on an 8-bit cache (Attention.forward with KVCache.update_rows): rotary,
     the new k, v quantized into slot slots[b] of cache row rows[b], SDPA over that row's dequantized slots
     [pad, slot] (the last `window` of them with a window). Returns fp32 [B, heads*hd]; `cache` is updated."""
     B, hd = q.shape[0], cos.shape[1]
@@ -136,17 +157,19 @@ def reference_int8_step(q, k, v, cos, sin, slots, rows, cache: KVCache, pad_lens
 
 
 def assert_same_codes(got, expected, rows: list[int] | None = None) -> None:
-    """Equal int8 codes and scales in cache rows `rows` (default all); got, expected: KVCaches or snapshots. On a GPU
-    the rotated key may differ by one rounding step of its dtype (an FMA where the eager ops round twice), which
-    moves its scale by as much and a code by at most one."""
+    """Equal 8-bit codes and scales in cache rows `rows` (default all); got, expected: KVCaches or snapshots. On a
+    GPU the rotated key may differ by one rounding step of its dtype (an FMA where the eager ops round twice), which
+    moves its scale by as much and a code by at most one step."""
     got, expected = (dict(c.named_buffers()) if isinstance(c, KVCache) else c for c in (got, expected))
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
     for name in ("k", "v"):
         a, b = pick(got[name]), pick(expected[name])
-        if a.is_cuda:
+        if a.is_cuda and a.dtype == torch.int8:
             assert (a.int() - b.int()).abs().max() <= 1
+        elif a.is_cuda:  # e4m3: one step is at most 1/8 of the value, 2^-9 among the subnormals
+            assert ((a.float() - b.float()).abs() <= b.float().abs() / 8 + 2**-9).all()
         else:
-            assert torch.equal(a, b)
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
         rtol = 1e-3 if a.is_cuda else 1e-6
         torch.testing.assert_close(pick(got[f"{name}_scale"]), pick(expected[f"{name}_scale"]), rtol=rtol, atol=0,
                                    equal_nan=True)
@@ -154,7 +177,9 @@ def assert_same_codes(got, expected, rows: list[int] | None = None) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("n_heads,n_kv_heads,slot,capacity", [(4, 2, 150, 256), (2, 1, 63, 64)])
-def test_decode_attention_on_int8_cache_matches_dequantizing_reference(dtype, n_heads, n_kv_heads, slot, capacity):
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_decode_attention_on_8bit_cache_matches_dequantizing_reference(dtype, n_heads, n_kv_heads, slot, capacity,
+                                                                       kind):
     """One slot for a left-padded batch (GQA, split-K with tickets): the output equals SDPA over the dequantized
     cache, the new token is stored as the eager write stores it, and no other slot or row is touched."""
     B, hd, S = 2, 32, 300
@@ -162,14 +187,14 @@ def test_decode_attention_on_int8_cache_matches_dequantizing_reference(dtype, n_
     qkv = torch.randn(B, (n_heads + 2 * n_kv_heads) * hd, generator=gen).to(DEVICE, dtype)
     q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)  # strided views
     cos, sin = rotary_tables(S, hd, dtype)
-    cache = int8_cache(B + 1, n_kv_heads, S, hd, dtype, gen)
+    cache = random_cache(B + 1, n_kv_heads, S, hd, dtype, gen, kind)
     cache.k_scale[:, :, slot:] = float("nan")  # the current slot and later ones are never read from the cache
     cache.v_scale[:, :, slot:] = float("nan")
-    reference = int8_cache(B + 1, n_kv_heads, S, hd, dtype, gen)
+    reference = random_cache(B + 1, n_kv_heads, S, hd, dtype, gen, kind)
     restore(reference, snapshot(cache))
     pad_lens = torch.tensor([0, min(3, slot)], device=DEVICE)
     rows, slots = torch.arange(B, device=DEVICE), torch.full((B,), slot, device=DEVICE)
-    expected = reference_int8_step(q, k, v, cos, sin, slots, rows, reference, pad_lens)
+    expected = reference_step(q, k, v, cos, sin, slots, rows, reference, pad_lens)
     for _ in range(2):  # a second launch finds the tickets reset
         out = triton_ops.decode_attention(q, k, v, cos, sin, torch.tensor([slot], device=DEVICE), pad_lens,
                                           cache.k, cache.v, capacity, n_sms=4, out=poisoned((B, n_heads * hd), dtype),
@@ -179,9 +204,9 @@ def test_decode_attention_on_int8_cache_matches_dequantizing_reference(dtype, n_
     assert_same_codes(cache, reference)  # slot `slot` of rows 0, 1 written as the eager write does, nothing else
 
 
-@pytest.mark.parametrize("window,capacity", [(None, 128), (20, 20)])
-def test_decode_attention_rows_on_int8_cache_match_dequantizing_reference(window, capacity):
-    """Continuous batching on an int8 cache: row b at its own slot of cache row rows[b] (GQA, a sliding window);
+@pytest.mark.parametrize("window,capacity,kind", [(None, 128, "int8"), (20, 20, "int8"), (20, 20, "fp8")])
+def test_decode_attention_rows_on_8bit_cache_match_dequantizing_reference(window, capacity, kind):
+    """Continuous batching on an 8-bit cache: row b at its own slot of cache row rows[b] (GQA, a sliding window);
     the spare lane (rows[3], the spare row) changes no request's row."""
     n_heads, n_kv_heads, hd, S, dtype = 4, 2, 32, 200, torch.float16
     slots, rows = [5, 70, 0, 0], [3, 0, 2, 4]
@@ -190,17 +215,17 @@ def test_decode_attention_rows_on_int8_cache_match_dequantizing_reference(window
     qkv = torch.randn(B, (n_heads + 2 * n_kv_heads) * hd, generator=gen).to(DEVICE, dtype)
     q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)
     cos, sin = rotary_tables(S, hd, dtype)
-    cache = int8_cache(5, n_kv_heads, S, hd, dtype, gen)
+    cache = random_cache(5, n_kv_heads, S, hd, dtype, gen, kind)
     for slot, row in zip(slots, rows):  # each row's own slot and later ones are never read
         cache.k_scale[row, :, slot:] = float("nan")
         cache.v_scale[row, :, slot:] = float("nan")
     cache.k_scale[1], cache.v_scale[1] = float("nan"), float("nan")  # a row no lane uses
-    reference = int8_cache(5, n_kv_heads, S, hd, dtype, gen)
+    reference = random_cache(5, n_kv_heads, S, hd, dtype, gen, kind)
     restore(reference, snapshot(cache))
     for scale in (reference.k_scale, reference.v_scale):  # the eager path reads (and masks) every row's slots
         scale.nan_to_num_(0.0)
     slots_t, rows_t = torch.tensor(slots, device=DEVICE), torch.tensor(rows, device=DEVICE)
-    expected = reference_int8_step(q[:3], k[:3], v[:3], cos, sin, slots_t[:3], rows_t[:3], reference, window=window)
+    expected = reference_step(q[:3], k[:3], v[:3], cos, sin, slots_t[:3], rows_t[:3], reference, window=window)
     for _ in range(2):
         out = triton_ops.decode_attention(q, k, v, cos, sin, slots_t, torch.zeros(B, dtype=torch.long, device=DEVICE),
                                           cache.k, cache.v, capacity, n_sms=4, out=poisoned((B, n_heads * hd), dtype),
@@ -214,15 +239,16 @@ def test_decode_attention_rows_on_int8_cache_match_dequantizing_reference(window
 # --- the fused prefill's cache write ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("T,start,n_heads,n_kv_heads,hd", [(37, 0, 4, 2, 32), (5, 11, 2, 2, 64)])
-def test_rotary_to_cache_writes_the_eager_int8_cache(dtype, T, start, n_heads, n_kv_heads, hd):
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_rotary_to_cache_writes_the_eager_8bit_cache(dtype, T, start, n_heads, n_kv_heads, hd, kind):
     gen = torch.Generator().manual_seed(T + start)
     qkv = torch.randn(T, (n_heads + 2 * n_kv_heads) * hd, generator=gen).to(DEVICE, dtype)
     q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)
     angles = torch.rand(T, hd // 2, generator=gen) * 6.3
     emb = torch.cat((angles, angles), dim=-1)
     cos, sin = emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
-    cache = int8_cache(3, n_kv_heads, 64, hd, dtype, gen)
-    reference = int8_cache(3, n_kv_heads, 64, hd, dtype, gen)
+    cache = random_cache(3, n_kv_heads, 64, hd, dtype, gen, kind)
+    reference = random_cache(3, n_kv_heads, 64, hd, dtype, gen, kind)
     restore(reference, snapshot(cache))
 
     rotary_to_cache(q, k, v, cos, sin, cache.k[1], cache.v[1], start, k_scale=cache.k_scale[1],
@@ -235,18 +261,18 @@ def test_rotary_to_cache_writes_the_eager_int8_cache(dtype, T, start, n_heads, n
 
 
 # --- whole models on the CPU: the fast paths against the eager model, int8 against fp16 ---------------------------
-def int8_model(**overrides):
+def quantized_model(kind: str = "int8", **overrides):
     model = tiny_model(seed=5, device=DEVICE, num_key_value_heads=2, **overrides)
-    model.kv_cache_kind = "int8"
+    model.kv_cache_kind = kind
     return model
 
 
-@pytest.mark.parametrize("window", [None, 8])
-def test_per_row_decode_step_on_int8_cache_matches_decode_rows(window):
+@pytest.mark.parametrize("window,kind", [(None, "int8"), (8, "int8"), (8, "fp8")])
+def test_per_row_decode_step_on_8bit_cache_matches_decode_rows(window, kind):
     """The Triton decode step (rows at their own slots, as the scheduler runs it) against the eager decode_rows on
     the same int8 cache: logits, and the codes written into every real row."""
     extra = dict(model_type="mistral", sliding_window=window) if window else {}
-    model = int8_model(**extra)
+    model = quantized_model(kind, **extra)
     fuse_model(model)
     model.setup_cache(4, 64)
     gen = torch.Generator().manual_seed(2)
@@ -273,12 +299,13 @@ def test_per_row_decode_step_on_int8_cache_matches_decode_rows(window):
                 restore(c, saved)
 
 
-@pytest.mark.parametrize("start_pos,cache_row,window", [(0, None, None), (9, 2, None), (20, 1, 8)])
-def test_fast_prefill_on_int8_cache_matches_eager_forward(start_pos, cache_row, window):
+@pytest.mark.parametrize("start_pos,cache_row,window,kind", [(0, None, None, "int8"), (9, 2, None, "int8"),
+                                                             (20, 1, 8, "int8"), (9, 2, None, "fp8")])
+def test_fast_prefill_on_8bit_cache_matches_eager_forward(start_pos, cache_row, window, kind):
     """PrefillRunner (rotary_to_cache writing int8, SDPA over the dequantized slice) against the eager forward
     from the same cache: the last logits, and the same codes in every layer (with a sliding window, both read only
     the window's slots)."""
-    model = int8_model(**(dict(model_type="mistral", sliding_window=window) if window else {}))
+    model = quantized_model(kind, **(dict(model_type="mistral", sliding_window=window) if window else {}))
     fuse_model(model)
     model.setup_cache(3, 64)
     runner = PrefillRunner(model)
@@ -476,18 +503,19 @@ def test_cli_unknown_cache_type_is_exit_2_in_one_line():
 # --- GPU ----------------------------------------------------------------------------------------------------------
 @gpu
 @needs_cuda
-def test_decode_attention_on_int8_cache_at_a_real_shape():
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_decode_attention_on_8bit_cache_at_a_real_shape(kind):
     """32 heads of 128, 2048 slots, split-K: the kernel against SDPA over the dequantized cache."""
     n_heads, hd, S, slot = 32, 128, 2048, 2047
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(1, 3 * n_heads * hd, generator=gen).to(DEVICE, torch.float16)
     q, k, v = qkv.split([n_heads * hd] * 3, dim=-1)
     cos, sin = rotary_tables(S, hd, torch.float16)
-    cache = int8_cache(2, n_heads, S, hd, torch.float16, gen)
-    reference = int8_cache(2, n_heads, S, hd, torch.float16, gen)
+    cache = random_cache(2, n_heads, S, hd, torch.float16, gen, kind)
+    reference = random_cache(2, n_heads, S, hd, torch.float16, gen, kind)
     restore(reference, snapshot(cache))
     zero = torch.zeros(1, dtype=torch.long, device=DEVICE)
-    expected = reference_int8_step(q, k, v, cos, sin, torch.tensor([slot], device=DEVICE), zero, reference)
+    expected = reference_step(q, k, v, cos, sin, torch.tensor([slot], device=DEVICE), zero, reference)
     out = triton_ops.decode_attention(q, k, v, cos, sin, torch.tensor([slot], device=DEVICE), zero, cache.k, cache.v,
                                       S, k_scale=cache.k_scale, v_scale=cache.v_scale)
     assert rel_err(out, expected) < 2e-3
