@@ -27,8 +27,8 @@ def _rotary_to_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_
 
     q [T, n_heads*HD], k, v [T, kv_heads*HD] with row strides; q_out [n_heads, T, HD] contiguous; the caches are
     one row of the KV cache, [kv_heads, slots, HD] (strides stride_ch, stride_cs, 1), offset to the first slot.
-    With QUANT the caches are int8 (float8 e4m3 with FP8) and k_scale, v_scale fp32 [kv_heads, slots] (strides stride_sh, stride_ss), offset
-    likewise: each vector is stored quantized, its scale beside it.
+    With QUANT the caches are int8 (float8 e4m3 with FP8) and k_scale, v_scale fp32 [kv_heads, slots] (strides
+    stride_sh, stride_ss), offset likewise: each vector is stored quantized, its scale beside it.
     """
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1)
@@ -78,8 +78,8 @@ def rotary_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     cos, sin [T, hd] contiguous, row i for token i (the model's tables sliced at its position); k_cache, v_cache
     [n_kv_heads, max_seq_len, hd] (one row of talis_cli.model.KVCache, unit last stride, one layout): the rotated
     keys and the values go to slots start..start+T-1. hd must be a power of two.
-    An 8-bit cache (talis_cli.kv_cache): int8 or float8_e4m3fn k_cache, v_cache and their scales k_scale, v_scale fp32 [n_kv_heads,
-    max_seq_len] (one layout); each vector is quantized as it is written.
+    An 8-bit cache (talis_cli.kv_cache): int8 or float8_e4m3fn k_cache, v_cache and their scales k_scale, v_scale
+    fp32 [n_kv_heads, max_seq_len] (one layout); each vector is quantized as it is written.
     """
     T, hd = q.shape[0], cos.shape[1]
     n_heads, n_kv_heads = q.shape[1] // hd, k_cache.shape[0]

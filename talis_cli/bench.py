@@ -85,7 +85,7 @@ def floor_bytes(args: ModelArgs, bits: int, group_size: int, context: float, hea
 
     weights: packed codes (or fp16); scales_zeros: fp16 scales and `bits`-bit zeros per group and column;
     lm_head: `head_bytes` (a quantized head's GPTQ bytes), else fp16; kv: keys and values of every layer for
-    `context` tokens, at most the sliding window's, fp16 or (`kv_cache` "int8") int8 with their scales.
+    `context` tokens, at most the sliding window's, fp16 or (`kv_cache` "int8", "fp8") 8-bit codes with their scales.
     """
     if args.sliding_window:
         context = min(context, args.sliding_window)
@@ -359,7 +359,7 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     on its GPUs (errors before anything is built); `tensor_parallel` N times the shape over N GPUs, one process
     each (talis_cli.tensor_parallel.bench). `baselines` False skips the fp16 and int4 rows. `decode_start`: the
     first cache slot of the decode window (default ctx - gen), so a long prefill and a short-context decode can be
-    timed in one run. `kv_cache`: the KV cache type of every row ("fp16" or "int8"; peak_vram_gb shows its
+    timed in one run. `kv_cache`: the KV cache type of every row ("fp16", "int8" or "fp8"; peak_vram_gb shows its
     memory).
     """
     check_kind(kv_cache)

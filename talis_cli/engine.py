@@ -25,7 +25,7 @@ class LoadSettings:
     device_map: str | Path | None = "auto"  # a packaged name or a JSON file
     max_memory: str | None = None  # caps for planning, like "0=22GiB,1=24GiB,cpu=32GiB"
     max_seq_len: int | None = None  # context size of the KV cache; default min(model's, 2048)
-    kv_cache: str = "fp16"  # KV cache type: fp16 (the model's float dtype) or int8 (talis_cli.kv_cache)
+    kv_cache: str = "fp16"  # KV cache type: fp16 (the model's float dtype), int8 or fp8 (kv_cache.py)
     allow_pickle: bool = False  # .bin/.pt checkpoints (no code runs: tensors only)
     backend: str = "auto"  # QuantLinear backend: auto, torch, torch_dense, triton
     loader: str | None = None  # force a registered loader by name

@@ -10,7 +10,7 @@ cache slice, o_proj, add + RMSNorm, the fused gate/up projection, SiLU*mul, down
 
 It covers one row at any start position (a chat's continued prompt), into any cache row (`cache_row`: the
 scheduler's single-row prefill), sliding windows, every rope type (dynamic NTK included: its tables are made
-per call, as the eager forward makes them) and an int8 KV cache (written quantized, read back dequantized for
+per call, as the eager forward makes them) and an 8-bit KV cache (written quantized, read back dequantized for
 SDPA). A batch of several rows, a model without a KV cache, or a head_dim
 that is not a power of two go to the eager forward.
 """
@@ -139,7 +139,7 @@ class PrefillRunner:
                 if final and last is None:  # the last token's query sees every key of its window
                     q, query_mask, residual = q[:, -1:], None, residual[-1:]
                     first_key = max(0, end - window) if window else 0
-                keys, values = cache.read(slice(row, row + 1), first_key, end)  # an int8 cache: dequantized
+                keys, values = cache.read(slice(row, row + 1), first_key, end)  # an 8-bit cache: dequantized
                 y = F.scaled_dot_product_attention(
                     q[None], keys, values, attn_mask=query_mask, is_causal=query_mask is None and q.shape[1] > 1,
                     enable_gqa=keys.shape[1] != q.shape[0])  # [1, heads, T or 1, hd]

@@ -173,7 +173,7 @@ class Transformer(nn.Module):
         self.max_seq_len = args.max_position_embeddings
         self._inv_freq: torch.Tensor | None = None
         self.cache_version = 0  # bumped by setup_cache
-        self.kv_cache_kind = "fp16"  # what setup_cache allocates: "fp16" (the model dtype) or "int8" (kv_cache.py)
+        self.kv_cache_kind = "fp16"  # what setup_cache allocates: "fp16" (the model dtype), "int8", "fp8"
 
     # --- cache -------------------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_seq_len: int) -> None:

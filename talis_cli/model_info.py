@@ -18,7 +18,7 @@ def parameter_count(args, tied_head: bool | None = None) -> int:
 
 def kv_cache_bytes(args, context: int, batch: int = 1, dtype_bytes: int = 2, kind: str = "fp16") -> int:
     """Bytes of a KV cache of `context` slots for `batch` rows over every layer: of type `kind` ("fp16": floats of
-    `dtype_bytes`; "int8": int8 values and one fp32 scale per head vector, talis_cli.kv_cache.slot_bytes)."""
+    `dtype_bytes`; "int8", "fp8": 8-bit codes and one fp32 scale per head vector, talis_cli.kv_cache.slot_bytes)."""
     from .kv_cache import slot_bytes
 
     return args.n_layers * slot_bytes(args.n_kv_heads, args.head_dim, kind, dtype_bytes) * context * batch
@@ -107,7 +107,7 @@ def describe(engine) -> dict:
         "eos_token_ids": list(engine.eos_ids),  # every id that ends a reply (config, generation config, tokenizer)
         "backend": engine.backend,
         "context": engine.max_seq_len,
-        "kv_cache": kind,  # "fp16" (the model dtype) or "int8"
+        "kv_cache": kind,  # "fp16" (the model dtype), "int8" or "fp8"
         "memory": {"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv},
         "device_plan": _summarize_plan(engine.plan, args.n_layers),
     }

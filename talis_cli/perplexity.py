@@ -51,7 +51,7 @@ def perplexity_of_ids(model, ids: list[int], ctx: int, stride: int | None = None
     starts = list(range(0, len(ids) - ctx, stride))[:max_windows]
     nll, counted = 0.0, 0
     had_cache, cache_batch, cache_len = model.has_cache, model.cache_batch, model.max_seq_len
-    # Each window attends only to itself. An int8 KV cache changes the keys and values attention reads, so the
+    # Each window attends only to itself. An 8-bit KV cache changes the keys and values attention reads, so the
     # windows then go through a one-row cache, as a prompt's prefill does; an fp16 cache would change nothing.
     through_cache = model.kv_cache_kind != "fp16"
     if through_cache:

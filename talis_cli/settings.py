@@ -42,7 +42,7 @@ class RunSettings:
     device_map: Optional[str] = None
     max_memory: Optional[str] = None
     max_seq_len: Optional[int] = None
-    kv_cache: Optional[str] = None  # KV cache type: fp16 or int8
+    kv_cache: Optional[str] = None  # KV cache type: fp16, int8 or fp8
     backend: Optional[str] = None
     allow_pickle: Optional[bool] = None
     threads: Optional[int] = None
