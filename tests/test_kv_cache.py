@@ -85,6 +85,20 @@ def test_unknown_cache_type_is_a_usage_error():
         model.setup_cache(1, 8)
 
 
+def test_fp8_cache_is_refused_on_a_gpu_without_fp8_conversions(monkeypatch):
+    from talis_cli.errors import UsageError
+    from talis_cli.kv_cache import check_devices
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    with pytest.raises(UsageError, match=r"^--kv-cache fp8 needs a GPU of compute capability 8.9 or newer \(Ada, "
+                                         r"Hopper\); cuda:1 is 8.0: use --kv-cache int8$"):
+        check_devices("fp8", ["cpu", "cuda:1"])
+    check_devices("int8", ["cuda:1"])  # int8 runs on any GPU Triton supports
+    check_devices("fp8", ["cpu"])  # the eager CPU path converts with torch
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_devices("fp8", ["cuda:0"])
+
+
 def test_bench_floor_and_memory_plan_count_the_int8_cache():
     """65B shape at 2048 context: the KV term of the bandwidth floor and the planned footprint (weights + cache)
     with the int8 cache; the issue's target is a peak of at most 38 GB (fp16 cache: 40.1 GB planned)."""
@@ -497,7 +511,7 @@ def test_config_file_sets_the_cache_type_and_the_flag_wins(tmp_path):
 def test_cli_unknown_cache_type_is_exit_2_in_one_line():
     run = talis("generate", "-p", "x", "--kv-cache", "bogus")
     assert run.returncode == 2
-    assert run.stderr == "error: unknown KV cache type 'bogus'; choose one of fp16, int8 (--kv-cache)\n"
+    assert run.stderr == "error: unknown KV cache type 'bogus'; choose one of fp16, int8, fp8 (--kv-cache)\n"
     assert run.stdout == ""
 
 
