@@ -207,10 +207,9 @@ def _decode_attention_kernel(
     With PER_ROW, slot is int64 [B] (row b's own slot) and row b reads and writes cache row rows[b] (int64 [B])
     instead of row b.
     With QUANT the caches are int8 (float8 e4m3 with FP8) and k_scale, v_scale fp32 [batch, kv_heads, max_seq_len]
-    (strides stride_sb,
-    stride_sh, stride_ss): cached vectors are dequantized to the model dtype where read, and the new token's k, v
-    are quantized (quantize_heads) both where stored and where this step uses them, as the eager model, which
-    writes them into the cache before it reads it, does.
+    (strides stride_sb, stride_sh, stride_ss): cached vectors are dequantized to the model dtype where read, and
+    the new token's k, v are quantized (quantize_heads) both where stored and where this step uses them, as the
+    eager model, which writes them into the cache before it reads it, does.
     """
     allow_next_kernel(PDL)
     b = tl.program_id(0)
