@@ -9,8 +9,9 @@ cache slice, o_proj, add + RMSNorm, the fused gate/up projection, SiLU*mul, down
 (and the last layer's o_proj and MLP) run on the last token only, as `last_only` needs nothing else.
 
 It covers one row at any start position (a chat's continued prompt), into any cache row (`cache_row`: the
-scheduler's single-row prefill), sliding windows and every rope type (dynamic NTK included: its tables are made
-per call, as the eager forward makes them). A batch of several rows, a model without a KV cache, or a head_dim
+scheduler's single-row prefill), sliding windows, every rope type (dynamic NTK included: its tables are made
+per call, as the eager forward makes them) and an 8-bit KV cache (written quantized, read back dequantized for
+SDPA). A batch of several rows, a model without a KV cache, or a head_dim
 that is not a power of two go to the eager forward.
 """
 from __future__ import annotations
@@ -228,16 +229,16 @@ class _Segment:
         """Rotary and cache write of this segment's q, k, v rows ([T_all, *] of the whole forward), then its
         attention over its cache row -> [T, heads*hd], or [1, heads*hd] for its last query with `last_only`."""
         rows = slice(self.offset, self.offset + self.T)
-        q = rotary_to_cache(q[rows], k[rows], v[rows], cos, sin, cache.k[self.row], cache.v[self.row],
-                            self.start)  # [heads, T, hd]
+        scales = {"k_scale": cache.k_scale[self.row], "v_scale": cache.v_scale[self.row]} if cache.quantized else {}
+        q = rotary_to_cache(q[rows], k[rows], v[rows], cos, sin, cache.k[self.row], cache.v[self.row], self.start,
+                            **scales)  # [heads, T, hd]
         first_key, mask = self.key_start, self.mask
         if mask is not None and mask.device != q.device:  # a device-map boundary
             mask = self.mask = mask.to(q.device)
         if last_only:  # the last query sees every key of its window
             q, mask = q[:, -1:], None
             first_key = max(0, self.end - self.window) if self.window else 0
-        keys = cache.k[self.row:self.row + 1, :, first_key:self.end]
-        values = cache.v[self.row:self.row + 1, :, first_key:self.end]
+        keys, values = cache.read(slice(self.row, self.row + 1), first_key, self.end)  # 8-bit: dequantized
         y = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask,
                                            is_causal=mask is None and q.shape[1] > 1,
                                            enable_gqa=keys.shape[1] != q.shape[0])  # [1, heads, T or 1, hd]
