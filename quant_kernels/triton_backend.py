@@ -18,13 +18,14 @@ GPTQ tensors, so the weight is held once; otherwise the layer keeps both copies.
   units (`triton_gemv.unit_rows`: 32 rows for 3 bits, 32 / bits otherwise) or groups smaller than one, scales
   not fp16, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
-`forward` (`quantized_product`) routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV, up to
-GEMV_PASSES times that (a server's decode batch, a short prompt) to GEMV passes of MAX_ROWS rows; more rows
-(prefill) are dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS.
+`forward` (`quantized_product`) routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV; from
+SKINNY_FROM_ROWS to `triton_skinny.MAX_SKINNY_ROWS` rows (a server's decode batch, a short prompt) to the fused
+tensor-core kernel (2-, 4-, 8-bit) or else GEMV passes of MAX_ROWS rows (3-bit); more rows (prefill) are dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS.
 Measured on an H100 (BENCHMARKS.md, Kernels): at 2048 rows dequantize + cuBLAS ran at 550-630 TFLOP/s, 85-90% of
 fp16 cuBLAS, while the fused Triton GEMM (`triton_gemm.quant_gemm`) reached only ~155 TFLOP/s; on an H200
 (2026-12-01) the fused GEMM was slower than dequantize + cuBLAS at every M from 16 to 2048.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from .autotune_cache import interpreting
 from .quant_linear import QuantLinear, TorchBackend, register_backend
 from .triton_gemm import dequantize_into
 from .triton_gemv import MAX_ROWS, Workspace, gemv_workspace_size, quant_gemv, slot_bits, unit_rows, word_slot
+from .triton_skinny import MAX_SKINNY_ROWS, quant_skinny, skinny_workspace_size, usable as skinny_usable
 
 TRITON_BITS = (2, 3, 4, 8)
 
@@ -184,13 +186,21 @@ class Scratch:
 # 2026-12-01) dequantize + cuBLAS at 16 rows took 26 / 68 / 125 us on the 7B o / down / gate_up layers, against
 # 6 / 9 / 16 us for one single-row GEMV.
 GEMV_PASSES = 4
+# From this many rows up to MAX_SKINNY_ROWS the tensor-core kernel (triton_skinny) runs instead: the GEMV's cost grows
+# with the rows, the tensor-core kernel's hardly. On an H200 (BENCHMARKS.md, 2026-12-01, 7B layers, 4-bit g128) the
+# GEMV took 13-26 us at 2 rows and 20-35 at 4, the tensor-core kernel 25-45 at any of 2-16 rows, and at 8 rows
+# the GEMV 33-58 us against 25-45. TALIS_SKINNY_FROM_ROWS overrides it (A/B runs; 33: never).
+SKINNY_FROM_ROWS = int(os.environ.get("TALIS_SKINNY_FROM_ROWS", 8))
 
 
 def quantized_product(x2d: torch.Tensor, args: tuple) -> torch.Tensor:
-    """x2d [M, K] (contiguous) @ W -> [M, N] in x2d's dtype; `args` as PreparedWeight.args(). Up to MAX_ROWS rows:
-    one GEMV; up to GEMV_PASSES * MAX_ROWS: GEMV passes of MAX_ROWS rows; more: dequantize + cuBLAS."""
-    qweight, bits = args[0], args[3]
+    """x2d [M, K] (contiguous) @ W -> [M, N] in x2d's dtype; `args` as PreparedWeight.args(). Up to MAX_ROWS rows
+    (below SKINNY_FROM_ROWS): one GEMV; up to MAX_SKINNY_ROWS: the tensor-core kernel where it serves the bit
+    width, else GEMV passes of MAX_ROWS rows; more: dequantize + cuBLAS."""
+    qweight, bits, group_shift = args[0], args[3], args[4]
     m, k, n = x2d.shape[0], qweight.shape[0] * 32 // bits, qweight.shape[1]
+    if SKINNY_FROM_ROWS <= m <= MAX_SKINNY_ROWS and skinny_usable(bits, group_shift):
+        return quant_skinny(x2d, *args)
     if m <= MAX_ROWS:
         return quant_gemv(x2d, *args)
     y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
@@ -218,7 +228,8 @@ class TritonBackend:
             fallback = TorchBackend()
             return Fallback(fallback, fallback.prepare(layer), reason)
         if layer.qweight.device.type == "cuda":
-            Workspace.reserve(layer.qweight.device, *gemv_workspace_size(layer.out_features))
+            n = layer.out_features
+            Workspace.reserve(layer.qweight.device, *map(max, gemv_workspace_size(n), skinny_workspace_size(n)))
         return weight
 
     @staticmethod

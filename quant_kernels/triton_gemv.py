@@ -75,19 +75,22 @@ def unpack_offsets(bits: int) -> tuple[int, ...]:
     return tuple(range(0, 8, slot_bits(bits)))
 
 
-def _pair_fma_asm(bits: int, offset: int) -> str:
-    """PTX for acc2 += x2 * (q - zero) * 2**-bits on two fp16 lanes, the pair's values at bit `offset` of each
-    half of the word. Operands: $0 acc2 out, $1 the word, $2 -(2**(10 - bits - offset) + zero * 2**-bits) in both
-    halves (`_neg_zero_asm`), $3 the activation pair, $4 acc2 in (all .b32)."""
+def _dequant_pair_asm(bits: int, offset: int) -> str:
+    """PTX for the weight pair (q - zero) * 2**-bits on two fp16 lanes, the pair's values at bit `offset` of each
+    half of the word. Operands: $0 out, $1 the word, $2 -(2**(10 - bits - offset) + zero * 2**-bits) in both
+    halves (`_neg_zero_asm`) (all .b32). One pair serves every row of activations (`_PAIR_MUL_ADD_ASM`)."""
     mask = (((1 << bits) - 1) << offset) * 0x10001
     step = ((15 - bits - offset) << 10) * 0x10001  # fp16 2**-(bits + offset) in both halves
     return (
         "{ .reg .b32 t, s;\n"
         f"lop3.b32 t, $1, {mask:#010x}, 0x64006400, 0xea;\n"  # (word & mask) | 0x6400: 1024 + q * 2**offset
         f"mov.b32 s, {step:#010x};\n"
-        "fma.rn.f16x2 t, t, s, $2;\n"  # q * 2**-bits + 2**(10-bits-offset) - that - zero * 2**-bits, exact
-        "fma.rn.f16x2 $0, t, $3, $4; }"
+        "fma.rn.f16x2 $0, t, s, $2; }"  # q * 2**-bits + 2**(10-bits-offset) - that - zero * 2**-bits, exact
     )
+
+
+# acc2 + x2 * w2 on two fp16 lanes: $0 out, $1 the weight pair, $2 the activation pair, $3 acc2 in
+_PAIR_MUL_ADD_ASM = tl.constexpr("fma.rn.f16x2 $0, $1, $2, $3;")
 
 
 def _neg_zero_asm(bits: int, offset: int) -> str:
@@ -115,9 +118,9 @@ _PAIR_SUM_ASM = ("{ .reg .f16 lo, hi; .reg .f32 a, b;\n mov.b32 {lo, hi}, $1;\n"
 def asm_arguments(bits: int, emulate: bool) -> dict:
     """The `_gemv_kernel` arguments holding its PTX (empty under the interpreter, which runs none)."""
     if emulate:
-        return dict(PAIR_FMA=(), NEG_ZERO=(), PAIR_SUM="", X_LOAD="")
+        return dict(DEQUANT=(), NEG_ZERO=(), PAIR_SUM="", X_LOAD="")
     offsets = unpack_offsets(bits)
-    return dict(PAIR_FMA=tuple(_pair_fma_asm(bits, o) for o in offsets),
+    return dict(DEQUANT=tuple(_dequant_pair_asm(bits, o) for o in offsets),
                 NEG_ZERO=tuple(_neg_zero_asm(bits, o) for o in offsets),
                 PAIR_SUM=_PAIR_SUM_ASM, X_LOAD=_vector_load_asm(min(4, 16 // slot_bits(bits))))
 
@@ -179,7 +182,7 @@ def _products_sum(acc, PAIR_SUM: tl.constexpr, EMULATE: tl.constexpr):
 
 @triton.jit
 def _word_products(acc, packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, offs_kw, mask_x, stride_xm,
-                   BITS: tl.constexpr, HAS_PERM: tl.constexpr, VECTOR_X: tl.constexpr, PAIR_FMA: tl.constexpr,
+                   BITS: tl.constexpr, HAS_PERM: tl.constexpr, VECTOR_X: tl.constexpr, DEQUANT: tl.constexpr,
                    NEG_ZERO: tl.constexpr, X_LOAD: tl.constexpr, EMULATE: tl.constexpr):
     """acc plus x * (q - zero) * 2**-BITS for each row of each word, [BLOCK_M, BLOCK_KW, BLOCK_N]: in fp32 under
     EMULATE, else in two fp16 lanes of an int32 (`_products_zero` starts a sum, `_products_sum` ends it; one sum
@@ -217,9 +220,13 @@ def _word_products(acc, packed, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, 
             neg_zero = tl.inline_asm_elementwise(NEG_ZERO[(SLOT * p) % 8 // SLOT], "=r,r", [scale_zero],
                                                  dtype=tl.int32, is_pure=True, pack=1)
             # pair p sits at bit SLOT*p of each half: unpacked in place below bit 8 (`unpack_offsets`), else
-            # after a shift by 8 (the same shifted word for all pairs above)
-            acc = tl.inline_asm_elementwise(PAIR_FMA[(SLOT * p) % 8 // SLOT], "=r,r,r,r,r",
-                                            [packed >> ((SLOT * p) // 8 * 8), neg_zero, x2, acc],
+            # after a shift by 8 (the same shifted word for all pairs above). Unpacked once on the words'
+            # [1, BLOCK_KW, BLOCK_N], then one multiply-add per row: with many rows (a server's decode batch)
+            # unpacking per row made the kernel's cost grow with the rows.
+            w2 = tl.inline_asm_elementwise(DEQUANT[(SLOT * p) % 8 // SLOT], "=r,r,r",
+                                           [packed >> ((SLOT * p) // 8 * 8), neg_zero],
+                                           dtype=tl.int32, is_pure=True, pack=1)
+            acc = tl.inline_asm_elementwise(_PAIR_MUL_ADD_ASM, "=r,r,r,r", [w2, x2, acc],
                                             dtype=tl.int32, is_pure=True, pack=1)
         return acc
 
@@ -256,7 +263,7 @@ def _gemv_kernel(
     M, N, K, group_shift, split_k, stride_xm, stride_om,
     BITS: tl.constexpr, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr, VECTOR_X: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAIR_FMA: tl.constexpr, NEG_ZERO: tl.constexpr, PAIR_SUM: tl.constexpr, X_LOAD: tl.constexpr,
+    DEQUANT: tl.constexpr, NEG_ZERO: tl.constexpr, PAIR_SUM: tl.constexpr, X_LOAD: tl.constexpr,
     EMULATE: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, perm[k]] * scale[g, n] * (q[k, n] - zero[g, n]), g = k >> group_shift.
@@ -273,7 +280,7 @@ def _gemv_kernel(
     perm: int32 [K] (only when HAS_PERM): row k of qweight multiplies input feature perm[k].
     out: [M, N] fp16/bf16/fp32, row stride stride_om. workspace: fp32 [>= M * N], zero on entry and exit.
     tickets: int32 [>= cdiv(N, BLOCK_N)], zero on entry and exit.
-    PAIR_FMA, NEG_ZERO, PAIR_SUM, X_LOAD: the PTX snippets, from `asm_arguments` (unused when EMULATE).
+    DEQUANT, NEG_ZERO, PAIR_SUM, X_LOAD: the PTX snippets, from `asm_arguments` (unused when EMULATE).
     PDL: see quant_kernels.pdl.
     EVEN_K: the units K / unit_rows are a whole number of blocks. VECTOR_X (needs EVEN_K, no perm): x's rows
     start 16-byte aligned and each word's activations are read in vector loads.
@@ -318,16 +325,16 @@ def _gemv_kernel(
             word = (kw0 + offs_w) * 4  # index of the unit's first 4-bit word (8 input rows each)
             # two words a sum: 8 products a lane, as for 2-bit words (half the conversions to fp32 of one a sum)
             acc2 = _word_products(_products_zero(w0, offs_m, EMULATE), w0, scale_zero, x16_ptr, x32_ptr, perm_ptr,
-                                  offs_m, rows_x, word, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA,
+                                  offs_m, rows_x, word, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, DEQUANT,
                                   NEG_ZERO, X_LOAD, EMULATE)
             acc2 = _word_products(acc2, w1, scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m, rows_x, word + 1, mask_x,
-                                  stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO, X_LOAD, EMULATE)
+                                  stride_xm, BITS, HAS_PERM, VECTOR_X, DEQUANT, NEG_ZERO, X_LOAD, EMULATE)
             dot = _products_sum(acc2, PAIR_SUM, EMULATE)
             acc2 = _word_products(_products_zero(w0, offs_m, EMULATE), w2, scale_zero, x16_ptr, x32_ptr, perm_ptr,
-                                  offs_m, rows_x, word + 2, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA,
+                                  offs_m, rows_x, word + 2, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, DEQUANT,
                                   NEG_ZERO, X_LOAD, EMULATE)
             acc2 = _word_products(acc2, _fourth_word(w0, w1, w2), scale_zero, x16_ptr, x32_ptr, perm_ptr, offs_m,
-                                  rows_x, word + 3, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO,
+                                  rows_x, word + 3, mask_x, stride_xm, BITS, HAS_PERM, VECTOR_X, DEQUANT, NEG_ZERO,
                                   X_LOAD, EMULATE)
             dot += _products_sum(acc2, PAIR_SUM, EMULATE)
             acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
@@ -343,7 +350,7 @@ def _gemv_kernel(
             scale = _fp16_halves(scale_zero)[0]
             acc2 = _word_products(_products_zero(packed, offs_m, EMULATE), packed, scale_zero, x16_ptr, x32_ptr,
                                   perm_ptr, offs_m, rows_x, kw0 + offs_w, mask_m & (kw0 + offs_w < kw_end), stride_xm,
-                                  BITS, HAS_PERM, VECTOR_X, PAIR_FMA, NEG_ZERO, X_LOAD, EMULATE)
+                                  BITS, HAS_PERM, VECTOR_X, DEQUANT, NEG_ZERO, X_LOAD, EMULATE)
             dot = _products_sum(acc2, PAIR_SUM, EMULATE)
             acc += (scale * (1 << BITS)) * tl.sum(dot, axis=1, keep_dims=True)
             packed, scale_zero = next_packed, next_scale_zero

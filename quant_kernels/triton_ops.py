@@ -6,7 +6,9 @@
   from the projection output, k and v written into the static KV cache at the current slot, softmax over the
   filled slots split along the sequence (flash-decoding, so short batches still fill the GPU), the splits merged
   by the last one to finish. The slot is a device tensor, so a CUDA graph can replay the launch; it is one slot
-  for a left-padded batch, or one per row with each row in a cache row of its own (continuous batching).
+  for a left-padded batch, or one per row with each row in a cache row of its own (continuous batching). The cache
+  may be int8 or fp8 (e4m3) with one fp32 scale per head vector (`quantize_heads`, as talis_cli.kv_cache does it
+  in torch).
 
 Rounding follows the eager model (talis_cli.model) step by step in the model dtype, so greedy tokens match.
 Every function takes [B, features] rows (B the batch, one token each); tensors on CUDA, or on CPU under
@@ -114,20 +116,73 @@ def _rotate(src, cos, sin, offs, HD: tl.constexpr):
 
 
 @triton.jit
-def _cached_kv(k_cache_ptr, v_cache_ptr, base, s0, end, pad, offs_d, stride_cs, BLOCK_S: tl.constexpr):
-    """Cached keys and values [BLOCK_S, HD] of slots s0.. (zeros where not visible: >= end or < pad)."""
+def _round_to_e4m3(y):
+    """y fp32 with |y| <= 448 rounded to the nearest float8 e4m3 value (ties to even), still in fp32, so the cast
+    that stores it is exact (Triton's interpreter rounds some casts wrongly, e.g. -31.89 to -16): steps of
+    2^(exponent - 3) in the normal range, 2^-9 below 2^-6 (the subnormals)."""
+    exponent = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    exponent = tl.maximum(exponent, -6)
+    inv_step = ((3 - exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^(3 - exponent), exact
+    r = y * inv_step  # exact: a power of two
+    f = tl.floor(r)
+    d = r - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return (f + up.to(tl.float32)) / inv_step
+
+
+@triton.jit
+def quantize_heads(x, FP8: tl.constexpr):
+    """Head vectors x [..., HD] (along the last axis) -> (q, scale) with scale fp32 [..., 1]. int8: scale =
+    max(max|x|, 1e-8) / 127, q = floor(x / scale + 0.5) clamped to [-127, 127]; FP8: scale = max(max|x|, 1e-8) /
+    448, q = x / scale rounded to e4m3. q is fp32 holding those codes exactly. IEEE divisions (div_rn, which
+    contraction into an FMA cannot change), so torch's quantization gives the same codes."""
+    xf = x.to(tl.float32)
+    absmax = tl.maximum(tl.max(tl.abs(xf), axis=-1, keep_dims=True), 1e-8)
+    if FP8:
+        scale = tl.math.div_rn(absmax, 448.0)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(xf, scale), -448.0), 448.0))
+    else:
+        scale = tl.math.div_rn(absmax, 127.0)
+        q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(xf, scale) + 0.5), -127.0), 127.0)
+    return q, scale
+
+
+@triton.jit
+def _cached_kv(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, base, scale_base, s0, end, pad, offs_d,
+               stride_cs, stride_ss, BLOCK_S: tl.constexpr, QUANT: tl.constexpr):
+    """Cached keys and values [BLOCK_S, HD] of slots s0.. (zeros where not visible: >= end or < pad) as stored,
+    and with QUANT their scales [BLOCK_S] (else unused zeros)."""
     offs_s = s0 + tl.arange(0, BLOCK_S)
-    visible = ((offs_s < end) & (offs_s >= pad))[:, None]
+    visible = (offs_s < end) & (offs_s >= pad)
     ptrs = base + offs_s[:, None] * stride_cs + offs_d[None, :]
-    return tl.load(k_cache_ptr + ptrs, mask=visible, other=0.0), tl.load(v_cache_ptr + ptrs, mask=visible, other=0.0)
+    k = tl.load(k_cache_ptr + ptrs, mask=visible[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + ptrs, mask=visible[:, None], other=0.0)
+    if QUANT:
+        k_scale = tl.load(k_scale_ptr + scale_base + offs_s * stride_ss, mask=visible, other=0.0)
+        v_scale = tl.load(v_scale_ptr + scale_base + offs_s * stride_ss, mask=visible, other=0.0)
+    else:
+        k_scale = tl.zeros([BLOCK_S], dtype=tl.float32)
+        v_scale = k_scale
+    return k, v, k_scale, v_scale
+
+
+@triton.jit
+def _as_float(x, scale, dtype: tl.constexpr, QUANT: tl.constexpr):
+    """Cached values x [..., HD] in fp32 as the model sees them: with QUANT, x * scale[..., None] rounded to
+    `dtype` first (talis_cli.kv_cache.dequantize_heads)."""
+    if QUANT:
+        return (x.to(tl.float32) * scale[:, None]).to(dtype).to(tl.float32)
+    return x.to(tl.float32)
 
 
 @triton.jit
 def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pad_ptr, rows_ptr, k_cache_ptr, v_cache_ptr, part_ptr,
-    tickets_ptr, out_ptr, scatter_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs, n_heads, group,
-    chunk, scale, window, SPLITS: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PER_ROW: tl.constexpr, PDL: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pad_ptr, rows_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr,
+    v_scale_ptr, part_ptr, tickets_ptr, out_ptr, scatter_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch,
+    stride_cs, stride_sb, stride_sh, stride_ss, n_heads, group, chunk, scale, window, SPLITS: tl.constexpr,
+    HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PER_ROW: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b, h, s): head h of row b over cache slots [lo + s*chunk, lo + (s+1)*chunk), one launch for the
     whole step; lo is 0, or with HAS_WINDOW the first slot of the sliding window (slot - window + 1, at least 0),
@@ -151,6 +206,10 @@ def _decode_attention_kernel(
     HD + 2]; tickets int32 [B * n_heads], zero on entry and exit; out [B, n_heads*HD].
     With PER_ROW, slot is int64 [B] (row b's own slot) and row b reads and writes cache row rows[b] (int64 [B])
     instead of row b.
+    With QUANT the caches are int8 (float8 e4m3 with FP8) and k_scale, v_scale fp32 [batch, kv_heads, max_seq_len]
+    (strides stride_sb, stride_sh, stride_ss): cached vectors are dequantized to the model dtype where read, and
+    the new token's k, v are quantized (quantize_heads) both where stored and where this step uses them, as the
+    eager model, which writes them into the cache before it reads it, does.
     """
     allow_next_kernel(PDL)
     b = tl.program_id(0)
@@ -173,34 +232,44 @@ def _decode_attention_kernel(
     cos = tl.load(cos_ptr + position * HD + offs_d)
     sin = tl.load(sin_ptr + position * HD + offs_d)
     base = cache_row * stride_cb + kv_h * stride_ch
+    scale_base = cache_row * stride_sb + kv_h * stride_sh
     if HAS_WINDOW:
         start = tl.maximum(slot + 1 - window, 0) + split * chunk
     else:
         start = split * chunk
     end = tl.minimum(start + chunk, slot)
-    k, v = _cached_kv(k_cache_ptr, v_cache_ptr, base, start, end, pad, offs_d, stride_cs, BLOCK_S)
+    k, v, k_scale, v_scale = _cached_kv(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, base, scale_base, start,
+                                        end, pad, offs_d, stride_cs, stride_ss, BLOCK_S, QUANT)
     wait_for_previous_kernel(PDL)
     q = _rotate(q_ptr + b * stride_q + h * HD, cos, sin, offs_d, HD)
     k_new = _rotate(k_ptr + b * stride_k + kv_h * HD, cos, sin, offs_d, HD)
     v_new = tl.load(v_ptr + b * stride_v + kv_h * HD + offs_d)
     qf = q.to(tl.float32) * scale
+    if QUANT:  # the new token as the cache will hold it
+        k_q, k_new_scale = quantize_heads(k_new[None, :], FP8)
+        v_q, v_new_scale = quantize_heads(v_new[None, :], FP8)
+        k_q, v_q = tl.reshape(k_q, [HD]), tl.reshape(v_q, [HD])
+        k_new_scale, v_new_scale = tl.max(k_new_scale), tl.max(v_new_scale)
+        k_new, v_new = (k_q * k_new_scale).to(q.dtype), (v_q * v_new_scale).to(q.dtype)
 
     m = -1e30  # finite, so a split with no visible key merges with weight 0 instead of NaN
     l = 0.0
     acc = tl.zeros([HD], dtype=tl.float32)
     for s0 in range(start, end, BLOCK_S):
-        next_k, next_v = _cached_kv(k_cache_ptr, v_cache_ptr, base, s0 + BLOCK_S, end, pad, offs_d, stride_cs,
-                                    BLOCK_S)
+        next_k, next_v, next_k_scale, next_v_scale = _cached_kv(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, base, scale_base, s0 + BLOCK_S, end, pad, offs_d,
+            stride_cs, stride_ss, BLOCK_S, QUANT)
         offs_s = s0 + tl.arange(0, BLOCK_S)
         visible = (offs_s < end) & (offs_s >= pad)
-        scores = tl.where(visible, tl.sum(k.to(tl.float32) * qf[None, :], axis=1), float("-inf"))
+        kf = _as_float(k, k_scale, q.dtype, QUANT)
+        scores = tl.where(visible, tl.sum(kf * qf[None, :], axis=1), float("-inf"))
         m_next = tl.maximum(m, tl.max(scores, axis=0))
         p = tl.exp(scores - m_next)
         alpha = tl.exp(m - m_next)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * _as_float(v, v_scale, q.dtype, QUANT), axis=0)
         l = l * alpha + tl.sum(p, axis=0)
         m = m_next
-        k, v = next_k, next_v
+        k, v, k_scale, v_scale = next_k, next_v, next_k_scale, next_v_scale
     if (slot >= start) & (slot < start + chunk):  # this split holds the new token
         score = tl.sum(k_new.to(tl.float32) * qf, axis=0)
         m_next = tl.maximum(m, score)
@@ -211,8 +280,14 @@ def _decode_attention_kernel(
         m = m_next
         if h % group == 0:
             new = base + slot * stride_cs + offs_d
-            tl.store(k_cache_ptr + new, k_new)
-            tl.store(v_cache_ptr + new, v_new)
+            if QUANT:
+                tl.store(k_cache_ptr + new, k_q.to(k_cache_ptr.dtype.element_ty))
+                tl.store(v_cache_ptr + new, v_q.to(v_cache_ptr.dtype.element_ty))
+                tl.store(k_scale_ptr + scale_base + slot * stride_ss, k_new_scale)
+                tl.store(v_scale_ptr + scale_base + slot * stride_ss, v_new_scale)
+            else:
+                tl.store(k_cache_ptr + new, k_new)
+                tl.store(v_cache_ptr + new, v_new)
 
     row = b * n_heads + h
     if SPLITS == 1:  # nothing to merge
@@ -235,6 +310,18 @@ def _decode_attention_kernel(
         y = tl.sum(accs * weight[:, None], axis=0) / tl.sum(ls * weight, axis=0)
         tl.store(out_ptr + b * n_heads * HD + cols, y.to(out_ptr.dtype.element_ty))
         tl.store(tickets_ptr + row, 0)
+
+
+CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)  # the 8-bit caches
+
+
+def check_cache(k_cache, v_cache, k_scale, v_scale) -> bool:
+    """Whether the caches hold 8-bit codes (then with their scales, all of one layout and dtype), else floats."""
+    quant = k_cache.dtype in CODE_DTYPES
+    assert v_cache.dtype == k_cache.dtype, "k_cache and v_cache must share a dtype"
+    assert not quant or (k_scale is not None and v_scale is not None and v_scale.stride() == k_scale.stride()), \
+        "an 8-bit cache needs k_scale, v_scale of one layout"
+    return quant
 
 
 def attention_splits(capacity: int, rows: int, sms: int) -> tuple[int, int]:
@@ -271,7 +358,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      slot: torch.Tensor, pad_lens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      capacity: int, n_sms: int = 132, out: torch.Tensor | None = None,
                      scatter: torch.Tensor | None = None, window: int | None = None,
-                     rows: torch.Tensor | None = None) -> torch.Tensor:
+                     rows: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per row: rotary on q and k, k and v stored at cache slot `slot`, softmax over
     slots [max(pad_lens[b], slot - window + 1), slot]; returns [B, n_heads * hd] in q's dtype (into `out`,
     contiguous, if given).
@@ -285,6 +373,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     at least `window` serves every slot.
     Rows at their own positions: with `rows` (int64 [B], distinct except for lanes whose output is ignored), row b
     uses cache row rows[b] and its own slot, slot int64 [B] (capacity > every slot); pass pad_lens zeros.
+    An 8-bit cache (talis_cli.kv_cache): int8 or float8_e4m3fn caches and their scales k_scale, v_scale fp32
+    [batch, n_kv_heads, max_seq_len] (one layout); the new token's k, v are quantized in the kernel, stored and
+    used as stored.
     """
     B = q.shape[0]
     hd = cos.shape[1]
@@ -292,17 +383,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     assert slot.numel() == (B if per_row else 1), "slot: one per row with `rows`, else one for the batch"
     n_heads, n_kv_heads = q.shape[1] // hd, k_cache.shape[1]
     assert k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride(), "caches must share a contiguous layout"
+    quant = check_cache(k_cache, v_cache, k_scale, v_scale)
+    scale_strides = k_scale.stride() if quant else (0, 0, 0)
     splits, chunk = attention_splits(capacity, B * n_heads, n_sms)
     parts = torch.empty((B, n_heads, splits, hd + 2), dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty((B, n_heads * hd), dtype=q.dtype, device=q.device)
     _decode_attention_kernel[(B, n_heads, splits)](
-        q, k, v, cos, sin, slot, pad_lens, rows if per_row else slot, k_cache, v_cache, parts,
-        _tickets(q.device, B * n_heads), out,
+        q, k, v, cos, sin, slot, pad_lens, rows if per_row else slot, k_cache, v_cache,
+        k_scale if quant else k_cache, v_scale if quant else v_cache, parts, _tickets(q.device, B * n_heads), out,
         scatter if scatter is not None else out, q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5, window or 0,
-        SPLITS=splits, HD=hd, BLOCK_S=64, HAS_SCATTER=scatter is not None, HAS_WINDOW=window is not None,
-        PER_ROW=per_row, num_warps=8,
+        k_cache.stride(1), k_cache.stride(2), *scale_strides, n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5,
+        window or 0, SPLITS=splits, HD=hd, BLOCK_S=64, HAS_SCATTER=scatter is not None,
+        HAS_WINDOW=window is not None, PER_ROW=per_row, QUANT=quant, FP8=k_cache.dtype == torch.float8_e4m3fn,
+        num_warps=8,
         **pdl_args(q.device),
     )
     return out

@@ -47,12 +47,103 @@ def prompt_texts(engine, count: int, tokens: int) -> list[str]:
     return texts
 
 
-def engine_single_stream(engine, text: str, gen: int) -> dict:
-    """Decode rate and time to first token of one Generator.stream (the second of two runs)."""
-    ids = engine.encode(text)
+def step_times(engine, max_batch: int) -> dict:
+    """Milliseconds per per-row decode step (CUDA graphs) at 1, 2, 4, ... max_batch rows, replayed back to back
+    (`launch`), and with the host reading one token per row after each step as the scheduler does (`read`)."""
+    from talis_cli.scheduler import Scheduler
+
+    fast = engine.generator.fast_decode
+    if getattr(fast, "decode_rows", None) is None:
+        return {}
+    Scheduler(engine.generator, max_batch=max_batch).warm_up()
+    times, rows = {}, 1
+    with torch.inference_mode():
+        while rows <= max_batch:
+            tokens = torch.zeros(rows, dtype=torch.long)
+            slots = torch.full((rows,), 200, dtype=torch.long)
+            cache_rows = torch.arange(rows)
+            laps = {}
+            for mode in ("launch", "read"):
+                for reps in (5, 50):
+                    torch.cuda.synchronize()
+                    began = time.perf_counter()
+                    for _ in range(reps):
+                        logits = fast.decode_rows(tokens, slots, cache_rows)
+                        if mode == "read":
+                            logits.argmax(-1).tolist()
+                    torch.cuda.synchronize()
+                laps[mode] = round((time.perf_counter() - began) * 1000 / reps, 3)
+            times[rows] = laps
+            rows *= 2
+    return times
+
+
+def scheduler_round(engine, texts: list[str], gen: int, max_batch: int, profile: bool = False) -> dict:
+    """The scheduler alone (no HTTP, stepped on this thread): aggregate decode tok/s of len(texts) greedy requests
+    submitted at once, the mean batch, and the stepping thread's CPU time per decode step."""
+    from talis_cli.scheduler import Scheduler
+
+    scheduler = Scheduler(engine.generator, max_batch=max_batch, max_queue=len(texts) + 8)
+    scheduler.warm_up()
     cfg = GenerationConfig(temperature=0.0, max_new_tokens=gen)
-    for _ in range(2):
-        for _ in engine.generator.stream(ids, cfg):
+    ids = [engine.encode(t) for t in texts]
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    began = time.perf_counter()
+    requests = [scheduler.submit(p, cfg, prompt_index=i) for i, p in enumerate(ids)]
+    while scheduler.step():
+        pass
+    wall = time.perf_counter() - began
+    if profiler is not None:
+        profiler.disable()
+        print_profile(profiler, f"scheduler alone, {len(texts)} requests")
+    tokens = sum(r.stats.new_tokens for r in requests)
+    steps = max(scheduler.decode_steps, 1)
+    return {"clients": len(texts), "aggregate_tok_s": round(tokens / wall, 1),
+            "mean_batch": round(scheduler.decoded_rows / steps, 2),
+            "ms_per_decode_step": round(scheduler.decode_s * 1000 / steps, 3),
+            "cpu_ms_per_decode_step": round(scheduler.cpu_s * 1000 / steps, 3),
+            "prefill_s": round(scheduler.prefill_s, 3),
+            "ttft_ms_mean": round(statistics.mean(r.stats.first_token_s for r in requests) * 1000, 2)}
+
+
+def print_profile(profiler, title: str) -> None:
+    import io
+    import pstats
+
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+    print(f"--- profile: {title} ---\n{out.getvalue()}", file=sys.stderr)
+
+
+def profile_steps(scheduler):
+    """A cProfile.Profile enabled inside every scheduler.step() on the scheduler's own thread."""
+    import cProfile
+
+    profiler, step = cProfile.Profile(), scheduler.step
+
+    def profiled_step():
+        profiler.enable()
+        try:
+            return step()
+        finally:
+            profiler.disable()
+
+    scheduler.step = profiled_step
+    return profiler
+
+
+def engine_single_stream(engine, text: str, gen: int) -> dict:
+    """Decode rate and time to first token of one Generator.stream of `text`, after one of another prompt (which
+    compiles and tunes; the timed prompt finds nothing of itself in the cache)."""
+    ids = [engine.encode("Warm-up. " + text), engine.encode(text)]
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=gen)
+    for run in ids:
+        for _ in engine.generator.stream(run, cfg):
             pass
     stats = engine.generator.last_stats
     return {"decode_tok_s": (stats.new_tokens - 1) / stats.decode_s, "ttft_ms": stats.first_token_s * 1000,
@@ -114,6 +205,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16 if gpu else 8)
     parser.add_argument("--prompt", type=int, default=128 if gpu else 32, help="prompt tokens")
     parser.add_argument("--gen", type=int, default=128 if gpu else 32, help="tokens generated per request")
+    parser.add_argument("--switch-interval", type=float, help="sys.setswitchinterval for the server (seconds)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the largest scheduler-alone round (stderr)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     opts = parser.parse_args()
     clients = [int(c) for c in opts.clients.split(",")]
@@ -123,17 +216,35 @@ def main() -> None:
         max_seq_len = opts.prompt + opts.gen + 16
         settings = RunSettings(model=folder, max_seq_len=max_seq_len)
         engine = Engine.load(LoadSettings(model_dir=folder, max_seq_len=max_seq_len))
-        texts = prompt_texts(engine, max(clients), opts.prompt)
+        texts = prompt_texts(engine, 2 * max(clients), opts.prompt)
         report = {"model": str(folder or "embedded"), "device": torch.cuda.get_device_name() if gpu else "cpu",
                   "max_batch": opts.max_batch, "prompt_tokens": len(engine.encode(texts[0])), "gen": opts.gen,
                   "engine_single_stream": engine_single_stream(engine, texts[0], opts.gen)}
+        if gpu:
+            report["step_ms"] = step_times(engine, opts.max_batch)
+        report["scheduler_alone"] = [scheduler_round(engine, texts[:n], opts.gen, opts.max_batch,
+                                                     profile=opts.profile and n == max(clients)) for n in clients]
+        if opts.switch_interval:
+            sys.setswitchinterval(opts.switch_interval)
         served = serve_engine(engine, settings, GenerationConfig(temperature=0.0), opts.max_batch, max(clients) + 8)
         rounds = []
         # the clients run in a process of their own, so that they do not take the server's interpreter lock
         with BackgroundServer(served) as server, multiprocessing.get_context("spawn").Pool(1) as clients_process:
+            scheduler = served.scheduler
             for n in clients:
-                clients_process.apply(run_round, (server.url, texts[:n], min(opts.gen, 16)))  # warm-up (graphs)
+                # warm-up (graphs), with other prompts: the timed ones find no cached prefix of themselves
+                clients_process.apply(run_round, (server.url, texts[-n:], min(opts.gen, 16)))
+                before = (scheduler.decode_steps, scheduler.decoded_rows, scheduler.decode_s, scheduler.cpu_s)
                 rounds.append(clients_process.apply(run_round, (server.url, texts[:n], opts.gen)))
+                steps = max(scheduler.decode_steps - before[0], 1)
+                rounds[-1].update(mean_batch=round((scheduler.decoded_rows - before[1]) / steps, 2),
+                                  ms_per_decode_step=round((scheduler.decode_s - before[2]) * 1000 / steps, 3),
+                                  cpu_ms_per_decode_step=round((scheduler.cpu_s - before[3]) * 1000 / steps, 3))
+            if opts.profile:  # an extra round of the most clients, its steps profiled on the scheduler thread
+                profiler = profile_steps(scheduler)
+                clients_process.apply(run_round, (server.url, texts[:max(clients)], opts.gen))
+                scheduler.step = type(scheduler).step.__get__(scheduler)
+                print_profile(profiler, f"server's scheduler thread, {max(clients)} clients")
         single = next((r for r in rounds if r["clients"] == 1), None)
         for r in rounds:
             r["vs_one_client"] = round(r["aggregate_tok_s"] / single["aggregate_tok_s"], 2) if single else None
@@ -146,6 +257,15 @@ def main() -> None:
           f"max batch {opts.max_batch}")
     print(f"engine, one stream: decode {engine_stats['decode_tok_s']:.1f} tok/s, "
           f"time to first token {engine_stats['ttft_ms']:.2f} ms")
+    for rows, laps in report.get("step_ms", {}).items():
+        print(f"decode step, {rows} rows: {laps['launch']:.3f} ms back to back, {laps['read']:.3f} ms reading tokens")
+    for r in report["scheduler_alone"]:
+        print(f"scheduler alone, {r['clients']} requests: {r['aggregate_tok_s']:.1f} tok/s, mean batch "
+              f"{r['mean_batch']}, {r['ms_per_decode_step']:.3f} ms per step ({r['cpu_ms_per_decode_step']:.3f} CPU), "
+              f"TTFT {r['ttft_ms_mean']:.2f} ms")
+    for r in rounds:
+        print(f"server, {r['clients']} clients: mean batch {r['mean_batch']}, {r['ms_per_decode_step']:.3f} ms per "
+              f"step ({r['cpu_ms_per_decode_step']:.3f} CPU)")
     print(f"{'clients':>7} {'aggregate tok/s':>15} {'x one':>6} {'per stream tok/s':>16} {'TTFT ms (client)':>16} "
           f"{'TTFT max':>9} {'TTFT ms (server)':>16}")
     for r in rounds:

@@ -3,8 +3,12 @@
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py [--no-tests] [--out DIR] SPEC ...
 
 SPEC is run_bench's keyword arguments as key=value pairs joined by commas, e.g. `shape=7B,kernels=1` or
-`shape=65B,prompt=2048,gen=64,ctx=2112`. Each report is printed as it finishes and appended as one JSON line to
+`shape=65B,prompt=2048,gen=64,ctx=2112`; `kv=int8` (short for kv_cache=int8; also kv=fp8) runs every row of that
+spec with that KV cache, so `shape=7B,kv=int8` benches decode and reports peak memory with it. A SPEC may also be a
+name of NAMED_SPECS: `kv65b` is the 65B shape at 2048 context with the int8 cache, whose peak GB the summary
+compares with the issue's target (<= 38 GB). Each report is printed as it finishes and appended as one JSON line to
 DIR/bench.jsonl (DIR defaults to $OUT, else the current folder), so a run cut short keeps what it measured.
+`--dry` prints the keyword arguments of each SPEC and exits (no GPU needed).
 """
 import argparse
 import json
@@ -18,16 +22,22 @@ from pathlib import Path
 TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fast_decode.py", "tests/test_triton_ops.py",
               "tests/test_bench.py", "tests/test_generation.py", "tests/test_device_planning.py",
               "tests/test_step_queue.py", "tests/test_sliding_window.py", "tests/test_rope_scaling.py",
-              "tests/test_quantized_head.py", "tests/test_fast_prefill.py"]
-INT_KEYS = {"prompt", "gen", "ctx", "bits", "group_size"}
-BOOL_KEYS = {"act_order", "kernels"}
+              "tests/test_quantized_head.py", "tests/test_fast_prefill.py", "tests/test_kv_cache.py"]
+INT_KEYS = {"prompt", "gen", "ctx", "bits", "group_size", "decode_start"}
+BOOL_KEYS = {"act_order", "kernels", "baselines"}
+KEY_ALIASES = {"kv": "kv_cache"}
+# name -> (spec, peak GB target or None). kv65b: a 2048-slot cache, decode in its last 64 slots after a short
+# prefill (the prefill's activations would otherwise set the peak), no baselines (fp16 weights do not fit in 40 GB).
+NAMED_SPECS = {"kv65b": ("shape=65B,kv=int8,prompt=128,gen=64,ctx=2048,baselines=0", 38.0)}
 
 
 def parse_spec(spec: str) -> dict:
-    """'shape=7B,ctx=2048,act_order=1' -> run_bench keyword arguments."""
+    """'shape=7B,ctx=2048,act_order=1,kv=int8' (or a NAMED_SPECS name) -> run_bench keyword arguments."""
+    spec = NAMED_SPECS.get(spec, (spec, None))[0]
     kwargs = {}
     for pair in filter(None, spec.split(",")):
         key, _, value = pair.partition("=")
+        key = KEY_ALIASES.get(key, key)
         if key in INT_KEYS:
             kwargs[key] = int(value)
         elif key in BOOL_KEYS:
@@ -49,7 +59,12 @@ def main() -> int:
     parser.add_argument("specs", nargs="*")
     parser.add_argument("--no-tests", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--dry", action="store_true", help="print each SPEC's run_bench arguments and exit")
     opts = parser.parse_args()
+    if opts.dry:
+        for spec in opts.specs:
+            print(f"{spec}: {parse_spec(spec)}")
+        return 0
     status = 0 if opts.no_tests else run_tests()
 
     from talis_cli.bench import format_report, run_bench
@@ -70,8 +85,12 @@ def main() -> int:
             f.write(json.dumps(report) + "\n")
         print(format_report(report), f"\n[gpu_check] {spec} took {report['wall_s']:.0f} s\n", flush=True)
         ours = report["rows"][0]
+        target = NAMED_SPECS.get(spec, (None, None))[1]
+        verdict = "" if target is None else (f" ({'within' if ours['peak_vram_gb'] <= target else 'OVER'} the "
+                                             f"{target:.0f} GB target)")
         summaries.append(f"{spec}: {ours['decode_tok_s']:.0f} tok/s ({ours['pct_floor']:.0f}% floor), prefill "
-                         f"{ours['prefill_tok_s'] or float('nan'):.0f} tok/s, peak {ours['peak_vram_gb']:.1f} GB; "
+                         f"{ours['prefill_tok_s'] or float('nan'):.0f} tok/s, peak {ours['peak_vram_gb']:.2f} GB"
+                         f"{verdict}; "
                          "baselines " + ", ".join(f"{r['variant']} {r.get('decode_tok_s') or float('nan'):.0f}/"
                                                   f"{r.get('prefill_tok_s') or float('nan'):.0f}"
                                                   for r in report["rows"][1:]))

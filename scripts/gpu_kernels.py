@@ -25,6 +25,7 @@ from quant_kernels.quant_linear import QuantLinear
 from quant_kernels.triton_backend import prepare_weight
 from quant_kernels.triton_gemm import GEMM_TUNER, dequantize_into, gemm_key, quant_gemm
 from quant_kernels.triton_gemv import quant_gemv
+from quant_kernels.triton_skinny import SKINNY_BITS, SKINNY_TUNER, quant_skinny, rows_block
 
 MODELS = {"7B": (4096, 11008), "13B": (5120, 13824), "33B": (6656, 17920), "65B": (8192, 22016)}  # dim, ffn
 
@@ -97,7 +98,8 @@ def int4pack_us(k: int, n: int, group_size: int) -> float | None:
         return None
 
 
-def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_list, prefill_rows) -> list[dict]:
+def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_list, prefill_rows,
+                skinny_rows=()) -> list[dict]:
     results = []
 
     def record(kernel: str, us: float, nbytes: int | None = None, flops: float | None = None, **extra):
@@ -136,6 +138,16 @@ def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_lis
             assert error < 1e-3, f"GEMV error {error} at {tag} rows={rows}"
             us = median_us(lambda: quant_gemv(x, *by_id[id(next_layer())].args()))
             record(f"gemv {tag} M={rows}", us, nbytes + 2 * (rows - 1) * (k + n), err=f"{error:.1e}")
+        for rows in skinny_rows if bits in SKINNY_BITS else ():
+            x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+            out = quant_skinny(x, *weights[0].args())  # tunes this shape and rows block
+            error = relative_error(out, dense, x)
+            assert error < 1e-3, f"skinny error {error} at {tag} rows={rows}"
+            chosen = SKINNY_TUNER.pick((rows_block(rows), n, k, bits, weights[0].group_shift,
+                                        weights[0].perm is not None), None)
+            us = median_us(lambda: quant_skinny(x, *by_id[id(next_layer())].args()))
+            record(f"skinny {tag} M={rows}", us, nbytes + 2 * (rows - 1) * (k + n), err=f"{error:.1e}",
+                   config="/".join(str(v) for v in chosen.values()))
         for rows in prefill_rows if (bits, act_order) == (4, False) else ():
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
             flops = 2 * rows * k * n
@@ -161,6 +173,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="7B,13B,33B,65B")
     parser.add_argument("--rows", default="1,2,4,8", help="GEMV row counts (4-bit g128)")
     parser.add_argument("--prefill", default="16,256,2048", help="GEMM row counts (4-bit g128)")
+    parser.add_argument("--skinny", default="2,4,8,16,32", help="row counts of the tensor-core kernel (triton_skinny)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -174,11 +187,13 @@ def main() -> None:
     print(f"copy bandwidth: {copy_tbs:.3f} TB/s (read + write)")
     rows_list = [int(r) for r in args.rows.split(",")]
     prefill_rows = [int(r) for r in args.prefill.split(",") if r]
+    skinny_rows = [int(r) for r in args.skinny.split(",") if r]
     results = []
     for model in args.shapes.split(","):
         for name, k, n in linear_shapes(*MODELS[model]):
             print(f"{model} {name} {k}x{n}")
-            results += bench_shape(model, name, k, n, copy_tbs, rows_list, prefill_rows if name in ("o", "gate_up", "down") else [])
+            results += bench_shape(model, name, k, n, copy_tbs, rows_list,
+                                   prefill_rows if name in ("o", "gate_up", "down") else [], skinny_rows)
 
     print(f"\n{'model':5} {'layer':8} {'K x N':>12} {'kernel':34} {'us':>8} {'TB/s':>6} {'%copy':>6} {'TFLOP/s':>8}")
     for r in results:

@@ -33,6 +33,7 @@ from .engine import Engine, LoadSettings
 from .errors import TalisError, UsageError
 from .fast_decode import CudaGraphDecoder, graph_devices
 from .fast_prefill import prefill_runner
+from .kv_cache import check_devices, check_kind, slot_bytes
 from .model import Transformer, current_device
 from .step_queue import greedy_decode
 
@@ -78,12 +79,13 @@ def linear_shapes(args: ModelArgs) -> list[tuple[int, int]]:
             (args.intermediate_size, args.dim)]
 
 
-def floor_bytes(args: ModelArgs, bits: int, group_size: int, context: float, head_bytes: float | None = None) -> dict:
+def floor_bytes(args: ModelArgs, bits: int, group_size: int, context: float, head_bytes: float | None = None,
+                kv_cache: str = "fp16") -> dict:
     """Bytes one decode step must read at batch 1 with `context` cached tokens; bits 16 means fp16 weights.
 
     weights: packed codes (or fp16); scales_zeros: fp16 scales and `bits`-bit zeros per group and column;
     lm_head: `head_bytes` (a quantized head's GPTQ bytes), else fp16; kv: keys and values of every layer for
-    `context` tokens, at most the sliding window's, fp16.
+    `context` tokens, at most the sliding window's, fp16 or (`kv_cache` "int8", "fp8") 8-bit codes with their scales.
     """
     if args.sliding_window:
         context = min(context, args.sliding_window)
@@ -95,7 +97,7 @@ def floor_bytes(args: ModelArgs, bits: int, group_size: int, context: float, hea
             scales_zeros += groups * n * (2 + bits / 8)
     parts = dict(weights=weights * args.n_layers, scales_zeros=scales_zeros * args.n_layers,
                  lm_head=2.0 * args.vocab_size * args.dim if head_bytes is None else head_bytes,
-                 kv=2.0 * 2 * args.n_layers * args.n_kv_heads * args.head_dim * context)
+                 kv=float(args.n_layers * slot_bytes(args.n_kv_heads, args.head_dim, kv_cache)) * context)
     parts["total"] = sum(parts.values())
     return parts
 
@@ -124,7 +126,7 @@ def gptq_tensor_shapes(args: ModelArgs, bits: int, group_size: int) -> dict[str,
 
 
 def plan_shape(args: ModelArgs, bits: int, group_size: int, ctx: int, device_map: str | None,
-               max_memory: str | None):
+               max_memory: str | None, kv_cache: str = "fp16"):
     """The DevicePlan of a random model of `args` with a KV cache of `ctx` slots, as `generate` would plan the same
     checkpoint: a device map (name or file) and/or --max-memory caps. TalisError / UsageError, before anything is
     built, for a map naming a GPU this machine lacks or a part that overflows its cap."""
@@ -135,7 +137,7 @@ def plan_shape(args: ModelArgs, bits: int, group_size: int, ctx: int, device_map
     label, raw = load_device_map(device_map or "auto")
     caps = parse_max_memory(max_memory) if max_memory else None
     fp = footprint(gptq_tensor_shapes(args, bits, group_size), args.n_layers,
-                   kv_cache_bytes(args, ctx, dtype_bytes=2) // args.n_layers, float_bytes=2)
+                   kv_cache_bytes(args, ctx, dtype_bytes=2, kind=kv_cache) // args.n_layers, float_bytes=2)
     plan = plan_devices(raw, args.n_layers, f"device map {label}", fp, caps)
     if not plan.uses_cuda or "cpu" in plan.devices:
         raise UsageError(f"talis bench --shape places every layer on a GPU; the plan puts parts on the CPU "
@@ -249,10 +251,13 @@ def _sync_time(fn) -> float:
 
 
 def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3, decode_start: int | None = None,
-               graphs: bool = True) -> dict:
-    """Prefill and decode timings (seconds, medians of `repeats` after a warm-up run) of a cached model."""
+               graphs: bool = True, kv_cache: str | None = None) -> dict:
+    """Prefill and decode timings (seconds, medians of `repeats` after a warm-up run) of a cached model, its KV
+    cache of type `kv_cache` (None: the model's own kv_cache_kind)."""
     device = model.model.embed_tokens.weight.device
     logits_device = model.logits_device  # another GPU when the model is split
+    if kv_cache is not None:
+        model.kv_cache_kind = kv_cache
     model.setup_cache(1, ctx)
     # the prefill generate runs: the fast one on GPUs, else the plain forward
     prefill_step = prefill_runner(model) or (lambda tokens, pos: model(tokens, start_pos=pos, last_only=True))
@@ -315,17 +320,16 @@ def _fits(args: ModelArgs, bits: int, ctx: int, device) -> bool:
 
 
 def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, prompt: int, gen: int, ctx: int,
-             decode_start: int | None,
-             bandwidth: float, device, kernels: bool = False) -> dict:
+             decode_start: int | None, bandwidth: float, device, kernels: bool = False, kv_cache: str = "fp16") -> dict:
     """Build a model variant, time it, free it; the row of the report."""
     torch.cuda.empty_cache()
     gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     for gpu in gpus:
         torch.cuda.reset_peak_memory_stats(gpu)
     model = build()
-    timing = time_model(model, prompt, gen, ctx, decode_start=decode_start)
+    timing = time_model(model, prompt, gen, ctx, decode_start=decode_start, kv_cache=kv_cache)
     head = gptq_bytes(model.lm_head) if isinstance(model.lm_head, QuantLinear) else None
-    floor = floor_bytes(args, bits, group_size, decode_context(ctx, gen, decode_start), head)
+    floor = floor_bytes(args, bits, group_size, decode_context(ctx, gen, decode_start), head, kv_cache)
     decode_tps = gen / timing["decode_s"]
     prefill_s = timing["prefill_s"]
     row = dict(variant=label, decode_tok_s=decode_tps, prefill_tok_s=prompt / prefill_s if prefill_s else None,
@@ -347,7 +351,7 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
               ctx: int | None = None, bits: int = 4, group_size: int = 128, act_order: bool = False,
               json_out: bool = False, kernels: bool = False, device_map: str | None = None,
               tokenizer: str | None = None, max_memory: str | None = None, tensor_parallel: int | None = None,
-              baselines: bool = True, decode_start: int | None = None) -> dict:
+              baselines: bool = True, decode_start: int | None = None, kv_cache: str = "fp16") -> dict:
     """Time one model and its baselines; returns the report (see `format_report`). `json_out` is the caller's
     choice of printer and changes nothing here.
 
@@ -355,8 +359,12 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     on its GPUs (errors before anything is built); `tensor_parallel` N times the shape over N GPUs, one process
     each (talis_cli.tensor_parallel.bench). `baselines` False skips the fp16 and int4 rows. `decode_start`: the
     first cache slot of the decode window (default ctx - gen), so a long prefill and a short-context decode can be
-    timed in one run.
+    timed in one run. `kv_cache`: the KV cache type of every row ("fp16", "int8" or "fp8"; peak_vram_gb shows its
+    memory).
     """
+    check_kind(kv_cache)
+    if torch.cuda.is_available():
+        check_devices(kv_cache, range(torch.cuda.device_count()))
 
     if bits not in gptq_format.SUPPORTED_BITS:
         supported = ", ".join(map(str, gptq_format.SUPPORTED_BITS))
@@ -380,17 +388,18 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
                              "drop --model, --device-map and --max-memory")
         from .tensor_parallel.bench import run_tp_bench
 
-        return run_tp_bench(tensor_parallel, shape, prompt, gen, ctx, bits, group_size, act_order, decode_start)
+        return run_tp_bench(tensor_parallel, shape, prompt, gen, ctx, bits, group_size, act_order, decode_start,
+                            kv_cache)
     plan = None
     if shape is not None and (device_map or max_memory):  # before anything is built
-        plan = plan_shape(shape_args(shape, ctx), bits, group_size, ctx, device_map, max_memory)
+        plan = plan_shape(shape_args(shape, ctx), bits, group_size, ctx, device_map, max_memory, kv_cache)
     device = torch.device("cuda", torch.cuda.current_device())
     bandwidth = copy_bandwidth(device)
     report = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, copy_tb_s=bandwidth / 1e12,
                   prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size, act_order=act_order,
-                  rows=[], notes=[])
+                  kv_cache=kv_cache, rows=[], notes=[])
     if model is not None:
-        engine = _load_engine(model, ctx, device_map, tokenizer, max_memory)
+        engine = _load_engine(model, ctx, device_map, tokenizer, max_memory, kv_cache)
         args, bits, group_size = engine.args, engine.quant.bits, engine.quant.group_size
         report.update(model=str(model), bits=bits, group_size=group_size, load_s=engine.load_s,
                       load_phases=engine.load_phases.phases)
@@ -403,7 +412,7 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
         if plan is not None:
             report["plan"] = plan_summary(plan, args.n_layers)
     common = dict(args=args, prompt=prompt, gen=gen, ctx=ctx, bandwidth=bandwidth, device=device,
-                  decode_start=decode_start)
+                  decode_start=decode_start, kv_cache=kv_cache)
     report["rows"].append(_measure(f"talis gptq {bits}-bit g{group_size}", build_ours, bits=bits,
                                    group_size=group_size, kernels=kernels, **common))
     if model is not None:
@@ -450,9 +459,9 @@ def plan_summary(plan, n_layers: int) -> str:
 
 
 def _load_engine(model_dir: str, ctx: int, device_map: str | None, tokenizer: str | None = None,
-                 max_memory: str | None = None):
+                 max_memory: str | None = None, kv_cache: str = "fp16"):
     engine = Engine.load(LoadSettings(model_dir=model_dir, max_seq_len=ctx, device_map=device_map or "auto",
-                                      tokenizer=tokenizer, max_memory=max_memory))
+                                      tokenizer=tokenizer, max_memory=max_memory, kv_cache=kv_cache))
     if engine.quant is None:
         raise TalisError(f"{model_dir} holds fp16 weights; talis bench measures GPTQ models (use --shape for fp16 baselines)")
     return engine
@@ -463,7 +472,8 @@ def format_report(report: dict) -> str:
     """The report as a few lines of text (what `talis bench` prints without --json)."""
     what = report.get("shape") or report.get("model")
     lines = [f"{what}  {report['bits']}-bit g{report['group_size']}{' act-order' if report['act_order'] else ''}  "
-             f"prompt {report['prompt']}  gen {report['gen']}  ctx {report['ctx']}",
+             f"prompt {report['prompt']}  gen {report['gen']}  ctx {report['ctx']}"
+             + (f"  KV cache {report['kv_cache']}" if report.get("kv_cache", "fp16") != "fp16" else ""),
              f"{report['device']}, torch {report['torch']}, copy bandwidth {report['copy_tb_s']:.2f} TB/s", "",
              f"{'variant':<28} {'decode tok/s':>12} {'% floor':>8} {'prefill tok/s':>13} {'TTFT ms':>8} "
              f"{'GB/token':>8} {'peak GB':>8}"]

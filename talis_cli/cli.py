@@ -397,6 +397,7 @@ def bench(
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="CAPS", help="Memory caps for placing layers, e.g. 0=24GiB,1=24GiB.")] = None,
     tensor_parallel: Annotated[Optional[int], typer.Option("--tensor-parallel", metavar="N", help="Time --shape split over N GPUs (tensor parallel, one process per GPU), with an all-reduce table.", min=1)] = None,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also time fp16 (cuBLAS) and torch's int4 kernel.")] = True,
+    kv_cache: Annotated[str, typer.Option("--kv-cache", metavar="TYPE", help="KV cache type of every row: fp16, int8 or fp8.")] = "fp16",
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="DIR", help="Folder of the tokenizer files for --model (default: the model folder).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ):
@@ -411,7 +412,7 @@ def bench(
     report = run_bench(shape=shape, model=model, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size,
                        act_order=act_order, json_out=json_output, kernels=kernels, device_map=device_map,
                        tokenizer=tokenizer, max_memory=max_memory, tensor_parallel=tensor_parallel,
-                       baselines=baselines)
+                       baselines=baselines, kv_cache=kv_cache)
     _write_out(json.dumps(report, default=str) + "\n" if json_output else format_report(report) + "\n")
 
 

@@ -25,6 +25,7 @@ class LoadSettings:
     device_map: str | Path | None = "auto"  # a packaged name or a JSON file
     max_memory: str | None = None  # caps for planning, like "0=22GiB,1=24GiB,cpu=32GiB"
     max_seq_len: int | None = None  # context size of the KV cache; default min(model's, 2048)
+    kv_cache: str = "fp16"  # KV cache type: fp16 (the model's float dtype), int8 or fp8 (kv_cache.py)
     allow_pickle: bool = False  # .bin/.pt checkpoints (no code runs: tensors only)
     backend: str = "auto"  # QuantLinear backend: auto, torch, torch_dense, triton
     loader: str | None = None  # force a registered loader by name
@@ -88,6 +89,7 @@ class Engine:
         from .loaders.base import read_model_args
         from .model_generation_config import read_generation_config
         from .memory_plan import footprint, parse_max_memory
+        from .kv_cache import check_devices, check_kind
         from .model_info import kv_cache_bytes
         from .placement import DevicePlan, load_device_map, map_may_use_gpu, plan_devices
 
@@ -99,6 +101,7 @@ class Engine:
         model_dir = Path(settings.model_dir) if settings.model_dir else DEFAULT_MODEL_DIR
         if settings.backend not in BACKENDS:
             raise UsageError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_kind(settings.kv_cache)
         label, raw_map = load_device_map(settings.device_map)
         if settings.shard is None:
             from .tensor_parallel import load_engine, requested_size
@@ -118,8 +121,10 @@ class Engine:
             request.plan, request.shard = DevicePlan({"": settings.shard.device}), settings.shard
         else:
             fp = footprint(loader.tensor_shapes(), args.n_layers,
-                           kv_cache_bytes(args, max_seq_len, dtype_bytes=float_bytes) // args.n_layers, float_bytes)
+                           kv_cache_bytes(args, max_seq_len, dtype_bytes=float_bytes, kind=settings.kv_cache)
+                           // args.n_layers, float_bytes)
             request.plan = plan_devices(raw_map, args.n_layers, f"device map {label}", fp, max_memory)
+        check_devices(settings.kv_cache, request.plan.devices)
         phases.lap("config and plan")
         # before the weights: a folder without a usable tokenizer fails fast
         tokenizer = load_tokenizer(settings.tokenizer or model_dir)
@@ -134,6 +139,7 @@ class Engine:
             fuse_model(loaded.model)
         backend = choose_backend(settings.backend, loaded.model, request.plan)
         phases.lap("backend prepare")
+        loaded.model.kv_cache_kind = settings.kv_cache  # every later setup_cache (scheduler, perplexity) keeps it
         loaded.model.setup_cache(1, max_seq_len)
         engine = cls(loaded, tokenizer, request.plan, max_seq_len, model_dir, 0.0, backend, generation_defaults)
         phases.lap("KV cache")

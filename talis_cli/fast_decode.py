@@ -126,7 +126,7 @@ class DecodeStep:
             scatter = self.o_scatter[i]
             y = ops.decode_attention(q, k, v, self.cos, self.sin, self.slot, self.pad_lens, cache.k, cache.v,
                                      capacity, self.n_sms, scatter=scatter, window=self.window,
-                                     rows=self.rows)  # [B, heads*hd]
+                                     rows=self.rows, k_scale=cache.k_scale, v_scale=cache.v_scale)  # [B, heads*hd]
             o = attn.o_proj(y) if scatter is None else forward_gathered(attn.o_proj, y)
             norm = layer.post_attention_layernorm
             gather = input_gather(mlp.gate_up_proj)

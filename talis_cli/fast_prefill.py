@@ -9,14 +9,16 @@ cache slice, o_proj, add + RMSNorm, the fused gate/up projection, SiLU*mul, down
 (and the last layer's o_proj and MLP) run on the last token only, as `last_only` needs nothing else.
 
 It covers one row at any start position (a chat's continued prompt), into any cache row (`cache_row`: the
-scheduler's single-row prefill), sliding windows and every rope type (dynamic NTK included: its tables are made
-per call, as the eager forward makes them). A batch of several rows, a model without a KV cache, or a head_dim
+scheduler's single-row prefill), sliding windows, every rope type (dynamic NTK included: its tables are made
+per call, as the eager forward makes them) and an 8-bit KV cache (written quantized, read back dequantized for
+SDPA). A batch of several rows, a model without a KV cache, or a head_dim
 that is not a power of two go to the eager forward.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from quant_kernels import triton_ops as ops
 from quant_kernels.prefill_ops import rotary_to_cache
@@ -99,24 +101,30 @@ class PrefillRunner:
         filled[:T] = tokens[0]
         return self.forward(filled, 0, 0, last=torch.tensor([T - 1], device=device))
 
-    def forward(self, tokens: torch.Tensor, start_pos: int, row: int, last: torch.Tensor | None = None):
+    def prefill_segments(self, segments: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """Several prompts (or chunks of them) in one forward: segments of (token ids, start_pos, cache row), each
+        into its own cache row (distinct rows) -> float32 logits [len(segments), vocab] of each one's last token,
+        as one `__call__` per segment gives. The projections run once over all the segments' tokens (a server's
+        newcomers share one weight read); rotary, the cache write and attention run per segment."""
+        self._check_cache()
+        device = self.model.model.embed_tokens.weight.device
+        flat = torch.tensor([t for ids, _, _ in segments for t in ids], device=device)
+        return self.forward(flat, [(len(ids), start, row) for ids, start, row in segments])[:, 0]
+
+    def forward(self, tokens: torch.Tensor, start_pos: int | list[tuple[int, int, int]], row: int = 0,
+                last: torch.Tensor | None = None):
         """The fused prefill: tokens int64 [T] into slots start_pos.. of cache row `row` -> logits [1, 1, vocab]
         of token T-1, or of token last[0] (int64 [1] on the embedding's device: a device index, so a CUDA graph
-        can take it; the tokens after it are padding)."""
+        can take it; the tokens after it are padding). With start_pos a list of segments (length, start_pos,
+        cache row) splitting the tokens: logits [segments, 1, vocab] of each segment's last token."""
         self._check_cache()
         model = self.model
-        T = tokens.shape[0]
+        segments = start_pos if isinstance(start_pos, list) else [(tokens.shape[0], start_pos, row)]
         embed = model.model.embed_tokens
         x = embed(tokens.to(embed.weight.device))  # [T, dim]
-        window = model.args.sliding_window
-        # the cache slots any query here may see: the earlier ones are outside every sliding window
-        key_start = max(0, start_pos - window + 1) if window else 0
-        end = start_pos + T
-        mask = None  # None: plain causal attention, the first query at the first key
-        if T > 1 and (end - key_start != T or (window is not None and T > window)):
-            slots = torch.arange(start_pos, end, device=x.device)
-            mask = attention_mask(slots, torch.arange(key_start, end, device=x.device), None, window)
-        cos, sin = self._rotary(start_pos, T, x.device, x.dtype)
+        parts = [_Segment(offset, T, start, row, model.args.sliding_window, x.device)
+                 for (T, start, row), offset in zip(segments, _offsets(segments))]
+        tables = {}  # device -> each segment's (cos, sin)
         residual = x  # the residual stream (a fresh tensor), updated in place by each fused add + norm
         out = None  # the layer's output before it joins the residual stream (in the next fused add + norm)
         layers = model.model.layers
@@ -124,25 +132,20 @@ class PrefillRunner:
             device = layer.input_layernorm.weight.device
             if residual.device != device:  # a device-map boundary: the hidden state and residual stream move
                 residual, out = residual.to(device), (out.to(device) if out is not None else None)
-                mask = mask.to(device) if mask is not None else None
                 last = last.to(device) if last is not None else None
-                cos, sin = self._rotary(start_pos, T, device, x.dtype)
+            if device not in tables:
+                tables[device] = [self._rotary(part.start, part.T, device, x.dtype) for part in parts]
             with current_device(device):
-                q, k, v = _norm_qkv(out, residual, layer, T)
-                cache = layer.self_attn.kv_cache
-                q = rotary_to_cache(q, k, v, cos, sin, cache.k[row], cache.v[row], start_pos)  # [heads, T, hd]
-                first_key, query_mask = key_start, mask
-                final = i == len(layers) - 1  # past its attention only one token's output is needed
-                if final and last is None:  # the last token's query sees every key of its window
-                    q, query_mask, residual = q[:, -1:], None, residual[-1:]
-                    first_key = max(0, end - window) if window else 0
-                keys, values = cache.k[row:row + 1, :, first_key:end], cache.v[row:row + 1, :, first_key:end]
-                y = F.scaled_dot_product_attention(
-                    q[None], keys, values, attn_mask=query_mask, is_causal=query_mask is None and q.shape[1] > 1,
-                    enable_gqa=keys.shape[1] != q.shape[0])  # [1, heads, T or 1, hd]
-                y = y[0].transpose(0, 1).reshape(q.shape[1], -1)  # [T or 1, heads*hd]
-                if final and last is not None:  # padding follows token last[0]: every query ran causally
-                    y, residual = y.index_select(0, last), residual.index_select(0, last)
+                q, k, v = _norm_qkv(out, residual, layer, residual.shape[0])
+                final = i == len(layers) - 1  # past its attention only each segment's last token is needed
+                ys = [part.attention(layer.self_attn.kv_cache, q, k, v, *table, final and last is None)
+                      for part, table in zip(parts, tables[device])]
+                y = ys[0] if len(ys) == 1 else torch.cat(ys)  # [T or one per segment, heads*hd]
+                if final:  # padding follows token last[0] (a graph), or keep each segment's last token
+                    ends = last if last is not None else torch.tensor([p.offset + p.T - 1 for p in parts],
+                                                                      device=device)
+                    residual = residual.index_select(0, ends)
+                    y = y.index_select(0, last) if last is not None else y
                 out = _mlp(layer.self_attn.o_proj(y), residual, layer, y.shape[0])
         norm, head = model.model.norm, model.lm_head
         device = norm.weight.device
@@ -150,7 +153,7 @@ class PrefillRunner:
             h = ops.rms_norm(out.to(device), norm.weight, norm.eps, residual.to(device))
         device = model.logits_device
         with current_device(device):
-            return head(h.to(device)).float()[None]
+            return head(h.to(device)).float()[:, None]
 
     # --- CUDA graphs ----------------------------------------------------------------------------------------
     def _check_cache(self) -> None:
@@ -207,6 +210,52 @@ class PrefillRunner:
             cos, sin = self.model.rotary(positions, dtype)  # [1, 1, S, hd]: the eager model's own tables
             tables = self._tables[device] = (cos[0, 0].contiguous(), sin[0, 0].contiguous())
         return tables[0][start_pos:start_pos + T], tables[1][start_pos:start_pos + T]
+
+
+class _Segment:
+    """One prompt (or chunk) of a prefill: tokens offset..offset+T-1 of the forward go to slots start..start+T-1 of
+    cache row `row`; its attention mask, made once (None: plain causal attention)."""
+
+    def __init__(self, offset: int, T: int, start: int, row: int, window: int | None, device: torch.device):
+        self.offset, self.T, self.start, self.row, self.window = offset, T, start, row, window
+        # the cache slots any query here may see: the earlier ones are outside every sliding window
+        self.key_start = max(0, start - window + 1) if window else 0
+        self.end = start + T
+        self.mask = None
+        if T > 1 and window is None and start > 0:
+            # a continued prompt: causal with the queries at the last keys, which SDPA takes as a bias object
+            # (its fused kernels, no mask tensor); an explicit bool mask cost ~1 ms of host time a call on an H200
+            self.mask = causal_lower_right(T, self.end - self.key_start)
+        elif T > 1 and (self.end - self.key_start != T or (window is not None and T > window)):
+            slots = torch.arange(start, self.end, device=device)
+            self.mask = attention_mask(slots, torch.arange(self.key_start, self.end, device=device), None, window)
+
+    def attention(self, cache, q, k, v, cos, sin, last_only: bool) -> torch.Tensor:
+        """Rotary and cache write of this segment's q, k, v rows ([T_all, *] of the whole forward), then its
+        attention over its cache row -> [T, heads*hd], or [1, heads*hd] for its last query with `last_only`."""
+        rows = slice(self.offset, self.offset + self.T)
+        scales = {"k_scale": cache.k_scale[self.row], "v_scale": cache.v_scale[self.row]} if cache.quantized else {}
+        q = rotary_to_cache(q[rows], k[rows], v[rows], cos, sin, cache.k[self.row], cache.v[self.row], self.start,
+                            **scales)  # [heads, T, hd]
+        first_key, mask = self.key_start, self.mask
+        if isinstance(mask, torch.Tensor) and mask.device != q.device:  # a device-map boundary
+            mask = self.mask = mask.to(q.device)
+        if last_only:  # the last query sees every key of its window
+            q, mask = q[:, -1:], None
+            first_key = max(0, self.end - self.window) if self.window else 0
+        keys, values = cache.read(slice(self.row, self.row + 1), first_key, self.end)  # 8-bit: dequantized
+        y = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask,
+                                           is_causal=mask is None and q.shape[1] > 1,
+                                           enable_gqa=keys.shape[1] != q.shape[0])  # [1, heads, T or 1, hd]
+        return y[0].transpose(0, 1).reshape(q.shape[1], -1)
+
+
+def _offsets(segments) -> list[int]:
+    offsets, at = [], 0
+    for T, _, _ in segments:
+        offsets.append(at)
+        at += T
+    return offsets
 
 
 def _gather(module, rows: int) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import rope
 from .config import ModelArgs
+from .kv_cache import KVCache, check_kind
 
 
 def current_device(device: torch.device):
@@ -35,33 +36,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-class KVCache(nn.Module):
-    """Preallocated keys and values for every slot of the context: [batch, kv_heads, max_seq_len, head_dim]."""
-
-    def __init__(self, max_batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start: int, k, v, row: int | None = None):
-        """Write k, v [B, kv_heads, T, hd] at slots start..start+T-1 of rows 0..B-1 (of row `row` alone, B = 1);
-        return those rows of the cache up to the last written slot."""
-        B, _, T, _ = k.shape
-        end = start + T
-        rows = slice(0, B) if row is None else slice(row, row + 1)
-        self.k[rows, :, start:end] = k
-        self.v[rows, :, start:end] = v
-        return self.k[rows, :, :end], self.v[rows, :, :end]
-
-    def update_rows(self, rows, slots, k, v, length: int):
-        """Row b of k, v [B, kv_heads, 1, hd] goes to slot slots[b] of cache row rows[b] (int64 [B] each);
-        returns those cache rows' first `length` slots [B, kv_heads, length, hd] (a copy)."""
-        self.k[rows, :, slots] = k[:, :, 0]
-        self.v[rows, :, slots] = v[:, :, 0]
-        return self.k[rows, :, :length], self.v[rows, :, :length]
 
 
 def rotate_half(x):
@@ -137,8 +111,7 @@ class Attention(nn.Module):
         if rows is not None:
             k, v = self.kv_cache.update_rows(rows.rows, rows.slots, k, v, rows.length)
         elif self.kv_cache is not None:
-            k, v = self.kv_cache.update(start_pos, k, v, cache_row)
-            k, v = k[:, :, key_start:], v[:, :, key_start:]
+            k, v = self.kv_cache.update(start_pos, k, v, cache_row, first=key_start)
         # mask None means plain causal attention over exactly these T tokens.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
@@ -200,16 +173,20 @@ class Transformer(nn.Module):
         self.max_seq_len = args.max_position_embeddings
         self._inv_freq: torch.Tensor | None = None
         self.cache_version = 0  # bumped by setup_cache
+        self.kv_cache_kind = "fp16"  # what setup_cache allocates: "fp16" (the model dtype), "int8", "fp8"
 
     # --- cache -------------------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_seq_len: int) -> None:
-        """Allocate a static KV cache for `max_batch` rows of `max_seq_len` slots, each on its layer's device."""
+        """Allocate a static KV cache for `max_batch` rows of `max_seq_len` slots, each on its layer's device, of
+        type `kv_cache_kind` (UsageError for an unknown one)."""
+        kind = check_kind(self.kv_cache_kind)
         self.max_seq_len = max_seq_len
         self._inv_freq = None
         self.cache_version += 1  # anything that captured the old buffers (CUDA graphs) must start again
         for layer in self.model.layers:
             w = layer.input_layernorm.weight
-            layer.self_attn.kv_cache = KVCache(max_batch, max_seq_len, self.args.n_kv_heads, self.args.head_dim, w.dtype, w.device)
+            layer.self_attn.kv_cache = KVCache(max_batch, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
+                                               w.dtype, w.device, kind)
 
     def clear_cache(self) -> None:
         self.cache_version += 1

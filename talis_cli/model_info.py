@@ -16,8 +16,15 @@ def parameter_count(args, tied_head: bool | None = None) -> int:
     return args.n_layers * (attn + mlp + norms) + embed + args.dim
 
 
-def kv_cache_bytes(args, context: int, batch: int = 1, dtype_bytes: int = 2) -> int:
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * context * batch * dtype_bytes
+def kv_cache_bytes(args, context: int, batch: int = 1, dtype_bytes: int = 2, kind: str = "fp16") -> int:
+    """Bytes of a KV cache of `context` slots for `batch` rows over every layer: of type `kind` ("fp16": floats of
+    `dtype_bytes`; "int8", "fp8": 8-bit codes and one fp32 scale per head vector, talis_cli.kv_cache.slot_bytes)."""
+    from .kv_cache import slot_bytes
+
+    return args.n_layers * slot_bytes(args.n_kv_heads, args.head_dim, kind, dtype_bytes) * context * batch
+
+
+KV_BUFFERS = (".k", ".v", ".k_scale", ".v_scale")  # the KV cache's buffers (kv_cache.KVCache)
 
 
 def weight_bytes_in_memory(model) -> int:
@@ -28,7 +35,7 @@ def weight_bytes_in_memory(model) -> int:
 
 def weight_bytes_by_device(model) -> dict[str, int]:
     """weight_bytes_in_memory per device ("cpu", "cuda:0", ...), each tensor counted once."""
-    tensors = list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith((".k", ".v"))]
+    tensors = list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith(KV_BUFFERS)]
     for module in model.modules():
         tensors += _tensors_in(getattr(module, "backend_state", None))
     seen, totals = set(), {}
@@ -43,7 +50,7 @@ def memory_by_device(model) -> dict[str, dict]:
     """{device: {"weights_bytes", "kv_cache_bytes"}}: where a model's weights and its allocated KV cache sit."""
     out = {device: {"weights_bytes": size, "kv_cache_bytes": 0} for device, size in weight_bytes_by_device(model).items()}
     for name, buffer in model.named_buffers():
-        if name.endswith((".k", ".v")):
+        if name.endswith(KV_BUFFERS):
             entry = out.setdefault(str(buffer.device), {"weights_bytes": 0, "kv_cache_bytes": 0})
             entry["kv_cache_bytes"] += buffer.numel() * buffer.element_size()
     return out
@@ -77,7 +84,8 @@ def describe(engine) -> dict:
 
     args, quant = engine.args, engine.quant
     weights = weight_bytes_in_memory(engine.model)
-    kv = kv_cache_bytes(args, engine.max_seq_len, dtype_bytes=engine.model.dtype.itemsize)
+    kind = engine.model.kv_cache_kind
+    kv = kv_cache_bytes(args, engine.max_seq_len, dtype_bytes=engine.model.dtype.itemsize, kind=kind)
     head = head_kind(engine.model)
     info = {
         "model": str(engine.model_dir),
@@ -99,6 +107,7 @@ def describe(engine) -> dict:
         "eos_token_ids": list(engine.eos_ids),  # every id that ends a reply (config, generation config, tokenizer)
         "backend": engine.backend,
         "context": engine.max_seq_len,
+        "kv_cache": kind,  # "fp16" (the model dtype), "int8" or "fp8"
         "memory": {"weights_bytes": weights, "kv_cache_bytes": kv, "total_bytes": weights + kv},
         "device_plan": _summarize_plan(engine.plan, args.n_layers),
     }

@@ -50,12 +50,18 @@ def perplexity_of_ids(model, ids: list[int], ctx: int, stride: int | None = None
     tokens = torch.tensor(ids, dtype=torch.long)
     starts = list(range(0, len(ids) - ctx, stride))[:max_windows]
     nll, counted = 0.0, 0
-    had_cache, cache_batch = model.has_cache, model.cache_batch
-    model.clear_cache()  # each window attends only to itself
+    had_cache, cache_batch, cache_len = model.has_cache, model.cache_batch, model.max_seq_len
+    # Each window attends only to itself. An 8-bit KV cache changes the keys and values attention reads, so the
+    # windows then go through a one-row cache, as a prompt's prefill does; an fp16 cache would change nothing.
+    through_cache = model.kv_cache_kind != "fp16"
+    if through_cache:
+        model.setup_cache(1, ctx)
+    else:
+        model.clear_cache()
     try:
         for i, start in enumerate(starts):
             window = tokens[start:start + ctx + 1]
-            logits = model(window[None, :-1])[0]
+            logits = model(window[None, :-1], start_pos=0)[0]
             targets = window[1:].to(logits.device)
             scored = ctx if start == 0 else stride  # overlapping windows score only their new tokens
             losses = torch.nn.functional.cross_entropy(logits[-scored:], targets[-scored:], reduction="sum")
@@ -65,5 +71,7 @@ def perplexity_of_ids(model, ids: list[int], ctx: int, stride: int | None = None
                 progress(i + 1, len(starts), f"ppl {math.exp(nll / counted):.3f}")
     finally:
         if had_cache:
-            model.setup_cache(cache_batch, model.max_seq_len)
+            model.setup_cache(cache_batch, cache_len)
+        elif through_cache:
+            model.clear_cache()
     return math.exp(nll / counted)

@@ -186,6 +186,9 @@ class Scheduler:
         self._pending = None  # (rows, drawn tokens on the device) of the decode step launched and not yet read
         self.prefill_s = 0.0  # seconds spent in prefill forwards (and first draws) so far
         self.decode_s = 0.0  # seconds spent in decode steps (and draws) so far
+        self.decode_steps = 0  # decode steps launched so far
+        self.decoded_rows = 0  # rows those steps advanced (decoded_rows / decode_steps: the mean batch)
+        self.cpu_s = 0.0  # CPU seconds of the stepping thread inside step() (its wall time less GPU and lock waits)
 
     # --- any thread ---------------------------------------------------------------------------------------
     @property
@@ -231,6 +234,13 @@ class Scheduler:
         tokens, launches the following step at once for the rows that may go on, and only then detokenizes and
         delivers, so the GPU computes while the host streams. A row that turns out to have ended (a stop
         string, a cancel) wastes its lane of that step once."""
+        cpu = time.thread_time()
+        try:
+            return self._step()
+        finally:
+            self.cpu_s += time.thread_time() - cpu
+
+    def _step(self) -> bool:
         import torch
 
         with torch.inference_mode():
@@ -306,26 +316,36 @@ class Scheduler:
         request.stats.queued_s = time.perf_counter() - request._submitted
 
     def _prefill(self) -> None:
+        """Prefill the newcomers' prompts, at most prefill_chunk tokens in all this step (a long prompt goes on in
+        the next steps); those whose prompt is then whole draw their first token. On a GPU the chunks of several
+        newcomers run as one forward (fast_prefill.PrefillRunner.prefill_segments), so they share its weight
+        reads."""
         import torch
 
-        room = self.prefill_chunk
+        room, chunks = self.prefill_chunk, []
         for active in [a for a in self._active if not a.decoding]:
             if room <= 0:
-                return
-            prompt, start = active.request.prompt_ids, active.prefilled
-            chunk = prompt[start : start + room]
-            tokens = torch.tensor([chunk], device=self.model.model.embed_tokens.weight.device)
-            # the generator's fast prefill on GPUs (fast_prefill.PrefillRunner, where present), else the model's
-            prefill = getattr(self.generator, "prefill", None)
-            if prefill is not None:
-                logits = prefill(tokens, start, cache_row=active.row)[:, -1]
-            else:
-                logits = self.model(tokens, start_pos=start, last_only=True, cache_row=active.row)[:, -1]
-            room -= len(chunk)
+                break
+            start = active.prefilled
+            chunks.append((active, active.request.prompt_ids[start : start + room], start))
+            room -= len(chunks[-1][1])
+        if not chunks:
+            return
+        # the generator's fast prefill on GPUs (fast_prefill.PrefillRunner, where present), else the model's
+        runner = getattr(self.generator, "prefill", None)
+        if runner is not None and len(chunks) > 1 and hasattr(runner, "prefill_segments"):
+            logits = runner.prefill_segments([(chunk, start, a.row) for a, chunk, start in chunks])
+        else:
+            device = self.model.model.embed_tokens.weight.device
+            forward = runner or self.model
+            logits = torch.cat([forward(torch.tensor([chunk], device=device), start_pos=start, last_only=True,
+                                        cache_row=a.row)[:, -1] for a, chunk, start in chunks])
+        for active, chunk, _ in chunks:
             active.prefilled += len(chunk)
             self._held[active.row].extend(chunk)
-            if active.decoding:  # the whole prompt is in: its first token
-                self._draw([active], logits)
+        whole = [i for i, (active, _, _) in enumerate(chunks) if active.decoding]
+        if whole:  # their whole prompt is in: their first tokens
+            self._draw([chunks[i][0] for i in whole], logits[whole] if len(whole) < len(chunks) else logits)
 
     def _launch(self) -> None:
         """Launch one decode step and draw for every decoding row that may go on (its last token is not EOS and
@@ -341,6 +361,8 @@ class Scheduler:
         cache_rows = torch.tensor([a.row for a in rows])
         fast = getattr(self.generator.fast_decode, "decode_rows", None)
         logits = (fast or self.model.decode_rows)(tokens, slots, cache_rows)
+        self.decode_steps += 1
+        self.decoded_rows += len(rows)
         for a in rows:
             self._held[a.row].append(a.last_token)  # the step writes its keys/values at slot a.length
         self._pending = (rows, self._draw_launch(rows, logits))

@@ -15,8 +15,8 @@ from talis_cli.errors import UsageError
 
 # Setting name -> type a config file's value is converted to.
 LOAD_SETTINGS = {"model": Path, "checkpoint": Path, "wbits": int, "groupsize": int, "device_map": str,
-                 "max_memory": str, "max_seq_len": int, "backend": str, "allow_pickle": bool, "threads": int,
-                 "tokenizer": Path, "tensor_parallel": int}
+                 "max_memory": str, "max_seq_len": int, "kv_cache": str, "backend": str, "allow_pickle": bool,
+                 "threads": int, "tokenizer": Path, "tensor_parallel": int}
 SAMPLING_SETTINGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
                      "typical_p": float, "repetition_penalty": float, "repetition_window": int,
                      "frequency_penalty": float, "presence_penalty": float, "seed": int, "stop": list}
@@ -42,6 +42,7 @@ class RunSettings:
     device_map: Optional[str] = None
     max_memory: Optional[str] = None
     max_seq_len: Optional[int] = None
+    kv_cache: Optional[str] = None  # KV cache type: fp16, int8 or fp8
     backend: Optional[str] = None
     allow_pickle: Optional[bool] = None
     threads: Optional[int] = None
@@ -58,8 +59,8 @@ class RunSettings:
 
         given = {"model_dir": self.model, "checkpoint": self.checkpoint, "wbits": self.wbits,
                  "groupsize": self.groupsize, "device_map": self.device_map, "max_memory": self.max_memory,
-                 "max_seq_len": self.max_seq_len, "backend": self.backend, "allow_pickle": self.allow_pickle,
-                 "threads": self.threads, "tokenizer": self.tokenizer,
+                 "max_seq_len": self.max_seq_len, "kv_cache": self.kv_cache, "backend": self.backend,
+                 "allow_pickle": self.allow_pickle, "threads": self.threads, "tokenizer": self.tokenizer,
                  "tensor_parallel": self.tensor_parallel}
         return LoadSettings(**{name: value for name, value in given.items() if value is not None})
 

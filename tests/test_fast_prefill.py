@@ -367,3 +367,33 @@ def test_cuda_graph_prefill_matches_the_fused_prefill_at_7b_shape():
     assert sorted(graphed._captured) == [32, 128]
     del model, decoder
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("model_type,window", [("llama", None), ("mistral", 4)])
+def test_segments_in_one_forward_match_a_forward_each(model_type, window):
+    """prefill_segments (a server's newcomers in one forward): each segment's last logits and its cache row equal
+    those of its own __call__, whatever its start and row; rows no segment names stay untouched."""
+    model = tiny_model(seed=3, device=DEVICE, num_key_value_heads=2, model_type=model_type, sliding_window=window)
+    fuse_model(model)
+    model.setup_cache(4, 64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:  # earlier slots of each row: what a continued prompt finds there
+            layer.self_attn.kv_cache.k.normal_(generator=gen)
+            layer.self_attn.kv_cache.v.normal_(generator=gen)
+        before = caches(model)
+        segments = [(torch.randint(0, 4096, (T,), generator=gen).tolist(), start, row)
+                    for T, start, row in ((9, 0, 2), (1, 20, 0), (6, 5, 3))]
+        runner = PrefillRunner(model)
+        packed = runner.prefill_segments(segments)
+        after = caches(model)
+        for layer, (k, v) in zip(model.model.layers, before):
+            layer.self_attn.kv_cache.k.copy_(k)
+            layer.self_attn.kv_cache.v.copy_(v)
+        each = torch.cat([runner(torch.tensor([ids], device=DEVICE), start, row)[:, -1] for ids, start, row in segments])
+    assert packed.shape == (3, 4096)
+    torch.testing.assert_close(packed, each, rtol=1e-4, atol=1e-4)
+    for layer, (k, v), (k0, v0) in zip(model.model.layers, after, before):
+        torch.testing.assert_close(k, layer.self_attn.kv_cache.k, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v, layer.self_attn.kv_cache.v, rtol=1e-4, atol=1e-4)
+        assert torch.equal(k[1], k0[1]) and torch.equal(v[1], v0[1])

@@ -243,7 +243,7 @@ def test_prefill_goes_through_the_generators_fast_prefill_when_it_has_one(model,
     gen = Generator(model, tokenizer, (), CONTEXT)
     calls = []
 
-    def prefill(tokens, start_pos, cache_row=None):
+    def prefill(tokens, start_pos, cache_row=None, last_only=True):
         calls.append((tokens.shape[1], start_pos, cache_row))
         return model(tokens, start_pos=start_pos, last_only=True, cache_row=cache_row)
 
@@ -257,6 +257,33 @@ def test_prefill_goes_through_the_generators_fast_prefill_when_it_has_one(model,
     got = drain(scheduler, [other, r])
     assert got[r.id] == alone(model, tokenizer, p, SEEDED)
     assert calls == [(len(first), 0, 0)] + [(min(8, len(p) - s), s, 1) for s in range(0, len(p), 8)]
+
+
+def test_newcomers_of_one_step_are_prefilled_in_one_forward(model, tokenizer):
+    """With the fast prefill (fast_prefill.PrefillRunner, here on the CPU under the Triton interpreter), requests
+    that arrive together are prefilled as segments of one forward, at most prefill_chunk tokens a step (the third
+    prompt is cut and finished in the next step); each gives its text alone."""
+    from talis_cli.fast_prefill import PrefillRunner
+
+    gen = Generator(model, tokenizer, (), CONTEXT)
+    gen.prefill = runner = PrefillRunner(model)
+    calls, segments = [], runner.prefill_segments
+
+    def spy(parts):
+        calls.append([(len(ids), start, row) for ids, start, row in parts])
+        return segments(parts)
+
+    runner.prefill_segments = spy
+    prompts = [tokenizer.encode(text) for text in ("In the beginning God created", "And the earth was without form",
+                                                   "Let there be light: and there was light")]
+    budget = len(prompts[0]) + len(prompts[1]) + 3
+    scheduler = Scheduler(gen, max_batch=3, prefill_chunk=budget)
+    requests = [scheduler.submit(p, GREEDY, prompt_index=i) for i, p in enumerate(prompts)]
+    got = drain(scheduler, requests)
+    for i, (request, p) in enumerate(zip(requests, prompts)):
+        assert got[request.id] == alone(model, tokenizer, p, GREEDY, index=i)
+    assert calls[0] == [(len(prompts[0]), 0, 0), (len(prompts[1]), 0, 1), (3, 0, 2)]
+    assert len(calls) == 1  # the third prompt's rest was one segment: one call each, through __call__
 
 
 def test_a_failure_while_admitting_ends_that_request_with_an_error_and_the_thread_serves_on(model, tokenizer):

@@ -13,6 +13,7 @@ from quant_kernels.triton_backend import (GEMV_PASSES, Fallback, PreparedWeight,
                                           group_order, input_gather, pack_3bit_units, prepare_weight)
 from quant_kernels.triton_gemm import dequantize_into, quant_gemm
 from quant_kernels.triton_gemv import MAX_ROWS, Workspace, quant_gemv
+from quant_kernels.triton_skinny import MAX_SKINNY_ROWS, quant_skinny
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -124,6 +125,46 @@ def test_gemv_split_k_leaves_workspace_clean():
     assert not partials.any() and not tickets.any()
 
 
+# K = 288 is not a whole number of 64-row blocks; N = 80 not of 32-column blocks; 17-32 rows take BLOCK_M 32.
+SKINNY_CASES = [
+    # rows, K, N, bits, group_size, act_order
+    (9, 256, 64, 4, 128, False),
+    (16, 288, 80, 4, 32, True),
+    (17, 256, 64, 8, 32, True),
+    (32, 512, 96, 2, 64, False),
+    (2, 256, 64, 4, -1, False),
+    (24, 224, 64, 8, -1, False),
+]
+
+
+@pytest.mark.parametrize("rows,k,n,bits,group_size,act_order", SKINNY_CASES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_skinny_matches_reference(rows, k, n, bits, group_size, act_order, split_k):
+    layer = random_layer(k, n, bits, group_size, act_order, seed=rows * 5 + bits)
+    weight = prepare_weight(layer)
+    x = random_x(rows, k, seed=split_k)
+    out = poisoned(rows, n)
+    config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    quant_skinny(x, *weight.args(), out=out, config=config)
+    assert relative_error(out, reference(layer, x)) < TOLERANCE
+
+
+def test_skinny_split_k_leaves_workspace_clean_and_refuses_3_bits():
+    layer = random_layer(512, 128, 4, 64, act_order=False)
+    weight = prepare_weight(layer)
+    config = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=1)
+    for seed in range(2):  # a dirty workspace or ticket would corrupt the second call
+        x = random_x(12, 512, seed)
+        assert relative_error(quant_skinny(x, *weight.args(), config=config), reference(layer, x)) < TOLERANCE
+    partials, tickets = Workspace.reserve(torch.device(DEVICE), 0, 0)
+    assert not partials.any() and not tickets.any()
+    three = prepare_weight(random_layer(256, 64, 3, 128, act_order=False))
+    with pytest.raises(ValueError, match="3 bits"):
+        quant_skinny(random_x(9, 256, 0), *three.args())
+    with pytest.raises(ValueError, match=f"{MAX_SKINNY_ROWS + 1} rows"):
+        quant_skinny(random_x(MAX_SKINNY_ROWS + 1, 512, 0), *weight.args())
+
+
 @pytest.mark.parametrize("rows,k,n,bits,group_size,act_order", [
     (33, 200, 80, 4, 8, True), (9, 256, 64, 4, 128, False), (17, 264, 64, 8, -1, True), (40, 256, 96, 2, 32, False),
     (12, 224, 72, 3, 32, True),
@@ -213,10 +254,10 @@ def test_unpacking_constants_give_exact_weights(bits):
     from quant_kernels.triton_gemv import asm_arguments, slot_bits, unpack_offsets
 
     asm = asm_arguments(bits, emulate=False)
-    assert len(asm["PAIR_FMA"]) == len(unpack_offsets(bits)) == 8 // slot_bits(bits)
-    for offset, pair_fma, neg_zero in zip(unpack_offsets(bits), asm["PAIR_FMA"], asm["NEG_ZERO"]):
-        mask = int(re.search(r"lop3\.b32 t, \$1, (0x[0-9a-f]+), 0x64006400, 0xea;", pair_fma).group(1), 16)
-        step = int(re.search(r"mov\.b32 s, (0x[0-9a-f]+);", pair_fma).group(1), 16)
+    assert len(asm["DEQUANT"]) == len(unpack_offsets(bits)) == 8 // slot_bits(bits)
+    for offset, dequant, neg_zero in zip(unpack_offsets(bits), asm["DEQUANT"], asm["NEG_ZERO"]):
+        mask = int(re.search(r"lop3\.b32 t, \$1, (0x[0-9a-f]+), 0x64006400, 0xea;", dequant).group(1), 16)
+        step = int(re.search(r"mov\.b32 s, (0x[0-9a-f]+);", dequant).group(1), 16)
         mul, add = (int(v, 16) for v in re.search(r"mov\.b32 m, (0x[0-9a-f]+);\s*mov\.b32 a, (0x[0-9a-f]+);",
                                                   neg_zero).groups())
         others = ~(((1 << bits) - 1) << offset) & 0xFFFF  # every bit of the half but the value's
@@ -393,6 +434,10 @@ def test_real_shapes_on_gpu(k, n, bits, group_size, act_order):
         config = None if bits == 3 else dict(BLOCK_N=512, BLOCK_KW=2, SPLIT_K=split_k, num_warps=4)
         out = quant_gemv(x, *weight.args(), out=poisoned(rows, n), config=config)
         assert relative_error(out, x.float() @ dense) < TOLERANCE, f"gemv rows={rows} split_k={split_k}"
+    for rows in ((9, 16, 32) if bits != 3 else ()):  # the tensor-core kernel, tuned configuration
+        x = random_x(rows, k, seed=rows)
+        out = quant_skinny(x, *weight.args(), out=poisoned(rows, n))
+        assert relative_error(out, x.float() @ dense) < TOLERANCE, f"skinny rows={rows}"
     for rows in (33, 300):
         x = random_x(rows, k, seed=rows)
         config = None if bits == 3 else dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)

@@ -17,7 +17,7 @@ from talis_cli.remote.client import ServerClient, ServerError
 
 # Flags that shape a local model or its tokenizer; with --url the server's own settings decide.
 LOCAL_ONLY_FLAGS = ("model", "checkpoint", "wbits", "groupsize", "device_map", "max_memory", "max_seq_len",
-                    "backend", "threads", "allow_pickle", "tokenizer")
+                    "kv_cache", "backend", "threads", "allow_pickle", "tokenizer")
 
 
 def refuse_local_flags(load, given: dict) -> None:

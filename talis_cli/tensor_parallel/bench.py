@@ -22,7 +22,7 @@ CALLS_PER_GRAPH = 64
 
 
 def run_tp_bench(size: int, shape: str, prompt: int, gen: int, ctx: int, bits: int, group_size: int,
-                 act_order: bool, decode_start: int | None = None) -> dict:
+                 act_order: bool, decode_start: int | None = None, kv_cache: str = "fp16") -> dict:
     """Spawn ranks 1..size-1, time on all; rank 0's report (format_report prints it)."""
     from . import launch, rank_devices
 
@@ -30,7 +30,7 @@ def run_tp_bench(size: int, shape: str, prompt: int, gen: int, ctx: int, bits: i
     if devices is None:
         raise TalisError(f"talis bench --tensor-parallel {size} needs {size} CUDA GPUs; none is visible here")
     spec = dict(shape=shape, prompt=prompt, gen=gen, ctx=ctx, bits=bits, group_size=group_size, act_order=act_order,
-                decode_start=decode_start)
+                decode_start=decode_start, kv_cache=kv_cache)
     init_method = f"tcp://127.0.0.1:{launch.free_port()}"
     children = launch.Children(_bench_child, lambda r: (spec, r, size, init_method, devices[r]), size)
     try:
@@ -69,7 +69,7 @@ def bench_rank(spec: dict, rank: int, size: int, init_method: str, device: str) 
     model = random_model(local, "gptq", spec["bits"], spec["group_size"], spec["act_order"], gpu)
     shard.wrap(model)
     timing = time_model(model, spec["prompt"], spec["gen"], spec["ctx"], decode_start=spec["decode_start"],
-                        graphs=graphs)
+                        graphs=graphs, kv_cache=spec["kv_cache"])
     peaks = torch.zeros(size, device=gpu)
     peaks[rank] = torch.cuda.max_memory_allocated(gpu) / GB
     dist.all_reduce(peaks)
@@ -78,7 +78,8 @@ def bench_rank(spec: dict, rank: int, size: int, init_method: str, device: str) 
         return None
     gen, prompt = spec["gen"], spec["prompt"]
     # the bytes one rank reads per token: its 1/N of the layers and of the KV cache, the whole (replicated) lm_head
-    floor = floor_bytes(local, spec["bits"], spec["group_size"], decode_context(spec["ctx"], gen, spec["decode_start"]))
+    floor = floor_bytes(local, spec["bits"], spec["group_size"], decode_context(spec["ctx"], gen, spec["decode_start"]),
+                        kv_cache=spec["kv_cache"])
     decode_tps = gen / timing["decode_s"]
     prefill_s = timing["prefill_s"]
     row = dict(variant=f"talis gptq TP{size} {spec['bits']}-bit g{spec['group_size']}", decode_tok_s=decode_tps,
@@ -89,7 +90,8 @@ def bench_rank(spec: dict, rank: int, size: int, init_method: str, device: str) 
                peak_by_gpu_gb=peaks.tolist())
     return dict(device=f"{size} x {torch.cuda.get_device_name(gpu)}", torch=torch.__version__,
                 copy_tb_s=bandwidth / 1e12, prompt=prompt, gen=gen, ctx=spec["ctx"], bits=spec["bits"],
-                group_size=spec["group_size"], act_order=spec["act_order"], shape=spec["shape"].upper(),
+                group_size=spec["group_size"], act_order=spec["act_order"], kv_cache=spec["kv_cache"],
+                shape=spec["shape"].upper(),
                 tensor_parallel=size, allreduce_path=all_reduce.path, allreduce_error=all_reduce.one_shot_error,
                 decode_graphs=graphs, capture_error=all_reduce.capture_error,
                 allreduce=collectives, rows=[row],
