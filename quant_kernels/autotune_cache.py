@@ -7,7 +7,7 @@ starts with its choices made and its first reply is not stalled by tuning. Under
 nothing is timed: the tuner returns its single interpreter configuration.
 
 A table of choices ships with the package (`tuned_configs.json` beside this module, the cache file's layout,
-written by `scripts/tune_kernels.py --write-table` on the GPUs we can measure): a shape it holds for this GPU is
+written by `scripts/tune_kernels.py` on the GPUs we can measure): a shape it holds for this GPU is
 never timed, so a fresh machine's first load does not tune. The order: this machine's cache (its own timings win),
 the table's section for this GPU and Triton version, then the table's choices for this GPU under other Triton
 versions (a choice launches under any version; only the ranking may move), else tuning. TALIS_TUNED_TABLE=0
