@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from quant_kernels import triton_ops as ops
 from quant_kernels.prefill_ops import rotary_to_cache
@@ -222,11 +221,7 @@ class _Segment:
         self.key_start = max(0, start - window + 1) if window else 0
         self.end = start + T
         self.mask = None
-        if T > 1 and window is None and start > 0:
-            # a continued prompt: causal with the queries at the last keys, which SDPA takes as a bias object
-            # (its fused kernels, no mask tensor); an explicit bool mask cost ~1 ms of host time a call on an H200
-            self.mask = causal_lower_right(T, self.end - self.key_start)
-        elif T > 1 and (self.end - self.key_start != T or (window is not None and T > window)):
+        if T > 1 and (self.end - self.key_start != T or (window is not None and T > window)):
             slots = torch.arange(start, self.end, device=device)
             self.mask = attention_mask(slots, torch.arange(self.key_start, self.end, device=device), None, window)
 
@@ -238,7 +233,7 @@ class _Segment:
         q = rotary_to_cache(q[rows], k[rows], v[rows], cos, sin, cache.k[self.row], cache.v[self.row], self.start,
                             **scales)  # [heads, T, hd]
         first_key, mask = self.key_start, self.mask
-        if isinstance(mask, torch.Tensor) and mask.device != q.device:  # a device-map boundary
+        if mask is not None and mask.device != q.device:  # a device-map boundary
             mask = self.mask = mask.to(q.device)
         if last_only:  # the last query sees every key of its window
             q, mask = q[:, -1:], None
