@@ -10,6 +10,7 @@ No HTTP here: a server (or `talis generate --each-line`) drives it.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import sys
 import threading
@@ -25,6 +26,8 @@ from .generation import GenerationConfig, Generator, TokenEvent, _Row
 CANCELLED = "cancelled"
 ERROR = "error"  # the model failed mid-step (a bug or an out-of-memory): Request.error says why
 PREFILL_CHUNK = 512  # prompt tokens prefilled per step at most, so a long newcomer stalls the running rows briefly
+# newcomers of one step prefilled as segments of one forward (GPUs); TALIS_PACKED_PREFILL=0: one forward each (A/B)
+PACKED_PREFILL = os.environ.get("TALIS_PACKED_PREFILL", "1") != "0"
 
 
 class QueueFull(TalisError):
@@ -333,18 +336,25 @@ class Scheduler:
             return
         # the generator's fast prefill on GPUs (fast_prefill.PrefillRunner, where present), else the model's
         runner = getattr(self.generator, "prefill", None)
-        if runner is not None and len(chunks) > 1 and hasattr(runner, "prefill_segments"):
+        if PACKED_PREFILL and runner is not None and len(chunks) > 1 and hasattr(runner, "prefill_segments"):
             logits = runner.prefill_segments([(chunk, start, a.row) for a, chunk, start in chunks])
-        else:
-            device = self.model.model.embed_tokens.weight.device
-            forward = runner or self.model
-            logits = torch.cat([forward(torch.tensor([chunk], device=device), start_pos=start, last_only=True,
-                                        cache_row=a.row)[:, -1] for a, chunk, start in chunks])
+            self._prefilled(chunks, logits)
+            return
+        device = self.model.model.embed_tokens.weight.device
+        for chunk in chunks:  # one forward each: each first token goes out as soon as its prompt is in
+            active, ids, start = chunk
+            logits = (runner or self.model)(torch.tensor([ids], device=device), start_pos=start, last_only=True,
+                                            cache_row=active.row)[:, -1]
+            self._prefilled([chunk], logits)
+
+    def _prefilled(self, chunks: list, logits) -> None:
+        """Note the chunks (active, token ids, start) as cached; the rows whose whole prompt is now in draw their
+        first token from their row of logits [len(chunks), vocab]."""
         for active, chunk, _ in chunks:
             active.prefilled += len(chunk)
             self._held[active.row].extend(chunk)
         whole = [i for i, (active, _, _) in enumerate(chunks) if active.decoding]
-        if whole:  # their whole prompt is in: their first tokens
+        if whole:
             self._draw([chunks[i][0] for i in whole], logits[whole] if len(whole) < len(chunks) else logits)
 
     def _launch(self) -> None:

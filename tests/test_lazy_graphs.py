@@ -188,27 +188,28 @@ def test_stats_and_bench_report_show_the_load_phases_and_later_captures():
 @gpu
 @needs_cuda
 def test_engine_load_captures_one_bucket_and_replies_cross_buckets_as_the_eager_step():
-    """Engine.load captures the first context bucket only; a reply crossing 128 and 256 slots captures 256 and 512
-    ahead of need (1024, beyond the reply, never) and gives the greedy tokens of the same steps run eagerly."""
+    """Engine.load captures the first context bucket only; a reply crossing 128 slots (to slot 199) captures 256
+    ahead of need (512, beyond the reply, never; the embedded model's context is 512) and gives the greedy tokens
+    of the same steps run eagerly."""
     from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings
 
     if not (DEFAULT_MODEL_DIR / "config.json").exists():
         pytest.skip("the embedded model is not built yet")
-    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=1024))
+    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=512))
     runner = engine.generator.fast_decode
     assert runner.captured == 1 and {capacity for _, capacity, _ in runner._graphs} == {128}
     assert "CUDA graphs" in engine.load_phases.phases
     prompt = engine.encode("In the beginning God created the heaven and the earth.")
-    n = 300 - len(prompt)
+    n = 200 - len(prompt)
 
     def reply(decoder) -> list[int]:
-        """n greedy tokens, no EOS (the reply runs to slot 298); a fresh generator: the whole prompt prefilled"""
+        """n greedy tokens, no EOS (the reply runs to slot 198); a fresh generator: the whole prompt prefilled"""
         generator = Generator(engine.model, engine.tokenizer, [], engine.max_seq_len)
         generator.fast_decode, generator.prefill = decoder, engine.generator.prefill
         return greedy_ids(generator, prompt, n)
 
     graphs = reply(runner)
-    assert len(graphs) == n and {capacity for _, capacity, _ in runner._graphs} == {128, 256, 512}
+    assert len(graphs) == n and {capacity for _, capacity, _ in runner._graphs} == {128, 256}
     assert graphs == reply(EagerGraphDecoder(engine.model))  # the same kernels, launched one by one
 
 
@@ -238,6 +239,6 @@ def test_capture_all_switch_restores_the_load_of_every_bucket(monkeypatch):
     if not (DEFAULT_MODEL_DIR / "config.json").exists():
         pytest.skip("the embedded model is not built yet")
     monkeypatch.setenv("TALIS_CAPTURE_ALL", "1")
-    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=1024))
+    engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=512))
     runner = engine.generator.fast_decode
-    assert {capacity for _, capacity, _ in runner._graphs} == {128, 256, 512, 1024} and runner.load_captures == 4
+    assert {capacity for _, capacity, _ in runner._graphs} == {128, 256, 512} and runner.load_captures == 3
