@@ -213,7 +213,8 @@ class PrefillRunner:
 
 class _Segment:
     """One prompt (or chunk) of a prefill: tokens offset..offset+T-1 of the forward go to slots start..start+T-1 of
-    cache row `row`; its attention mask, made once (None: plain causal attention)."""
+    cache row `row`; its attention mask, made once (None: plain causal attention, its queries zero-padded at the
+    front by `pad` rows where the prompt continues a short prefix)."""
 
     def __init__(self, offset: int, T: int, start: int, row: int, window: int | None, device: torch.device):
         self.offset, self.T, self.start, self.row, self.window = offset, T, start, row, window
@@ -221,7 +222,12 @@ class _Segment:
         self.key_start = max(0, start - window + 1) if window else 0
         self.end = start + T
         self.mask = None
-        if T > 1 and (self.end - self.key_start != T or (window is not None and T > window)):
+        # A continued prompt at most as long as its T new tokens (a prefix of a few reused tokens: a BOS, a short
+        # turn) runs causal attention over start + T zero-padded queries instead of a mask: SDPA with an explicit
+        # mask took ~0.9 ms of host time a call on an H200 (BENCHMARKS.md, 2026-12-01, the scheduler's profile),
+        # which a prefill pays in every layer. Longer prefixes keep the mask.
+        self.pad = start if T > 1 and window is None and 0 < start <= T else 0
+        if T > 1 and not self.pad and (self.end - self.key_start != T or (window is not None and T > window)):
             slots = torch.arange(start, self.end, device=device)
             self.mask = attention_mask(slots, torch.arange(self.key_start, self.end, device=device), None, window)
 
@@ -235,14 +241,17 @@ class _Segment:
         first_key, mask = self.key_start, self.mask
         if mask is not None and mask.device != q.device:  # a device-map boundary
             mask = self.mask = mask.to(q.device)
+        pad = self.pad
         if last_only:  # the last query sees every key of its window
-            q, mask = q[:, -1:], None
+            q, mask, pad = q[:, -1:], None, 0
             first_key = max(0, self.end - self.window) if self.window else 0
+        if pad:  # query row pad + i (slot start + i) sees keys 0..start + i: causal from the top left
+            q = torch.cat([q.new_zeros(q.shape[0], pad, q.shape[2]), q], dim=1)
         keys, values = cache.read(slice(self.row, self.row + 1), first_key, self.end)  # 8-bit: dequantized
         y = F.scaled_dot_product_attention(q[None], keys, values, attn_mask=mask,
                                            is_causal=mask is None and q.shape[1] > 1,
                                            enable_gqa=keys.shape[1] != q.shape[0])  # [1, heads, T or 1, hd]
-        return y[0].transpose(0, 1).reshape(q.shape[1], -1)
+        return y[0, :, pad:].transpose(0, 1).reshape(q.shape[1] - pad, -1)
 
 
 def _offsets(segments) -> list[int]:

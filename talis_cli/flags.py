@@ -46,7 +46,7 @@ class LoadFlags:
     device_map: Annotated[Optional[str], option("--device-map", metavar="NAME|FILE", help="Device map: a name from `talis presets`, a JSON file, or auto.", default="auto")] = None
     max_memory: Annotated[Optional[str], option("--max-memory", metavar="CAPS", help="Memory caps for placing layers, e.g. 0=22GiB,1=24GiB,cpu=32GiB.")] = None
     max_seq_len: Annotated[Optional[int], option("--max-seq-len", metavar="TOKENS", help="Context length to allocate.", default="the model's, at most 2048", min=2)] = None
-    kv_cache: Annotated[Optional[str], option("--kv-cache", metavar="TYPE", help="KV cache type: fp16 (the model's float type), int8 or fp8 (e4m3; GPUs of compute capability 8.9+): half the memory, one scale per head and token.", default="fp16")] = None
+    kv_cache: Annotated[Optional[str], option("--kv-cache", metavar="TYPE", help="KV cache type: fp16 (the model's float type), int8, or fp8 (e4m3; CPU only for now): half the memory, one scale per head and token.", default="fp16")] = None
     backend: Annotated[Optional[str], option("--backend", metavar="NAME", help="Quantized matmul backend: auto, torch, torch_dense or triton.", default="auto")] = None
     threads: Annotated[Optional[int], option("--threads", "-t", metavar="N", help="CPU threads for torch.", default="the free cores: usable cores minus the load average, at least 1; OMP_NUM_THREADS if set", min=1)] = None
     allow_pickle: Annotated[Optional[bool], option("--allow-pickle", help="Read .bin/.pt checkpoints (tensors only).")] = None

@@ -85,18 +85,15 @@ def test_unknown_cache_type_is_a_usage_error():
         model.setup_cache(1, 8)
 
 
-def test_fp8_cache_is_refused_on_a_gpu_without_fp8_conversions(monkeypatch):
+def test_fp8_cache_is_refused_on_a_gpu():
     from talis_cli.errors import UsageError
     from talis_cli.kv_cache import check_devices
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
-    with pytest.raises(UsageError, match=r"^--kv-cache fp8 needs a GPU of compute capability 8.9 or newer \(Ada, "
-                                         r"Hopper\); cuda:1 is 8.0: use --kv-cache int8$"):
+    with pytest.raises(UsageError, match=r"^--kv-cache fp8 is not yet verified on GPUs \(cuda:1\); use --kv-cache "
+                                         r"int8$"):
         check_devices("fp8", ["cpu", "cuda:1"])
     check_devices("int8", ["cuda:1"])  # int8 runs on any GPU Triton supports
     check_devices("fp8", ["cpu"])  # the eager CPU path converts with torch
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    check_devices("fp8", ["cuda:0"])
 
 
 def test_bench_floor_and_memory_plan_count_the_int8_cache():
@@ -566,9 +563,9 @@ def test_cuda_graph_greedy_tokens_on_int8_cache_random_7b():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("kind", ["int8"])  # fp8 is refused on GPUs (kv_cache.check_devices says why)
 def test_embedded_model_on_cuda_with_8bit_cache_matches_its_eager_path(kind):
-    """The embedded model loaded for the GPU with --kv-cache int8 / fp8 (fast prefill, CUDA-graph decode steps,
+    """The embedded model loaded for the GPU with --kv-cache int8 (fast prefill, CUDA-graph decode steps,
     per-row graphs in the scheduler): 64 greedy tokens equal the eager model's on the same cache, and the scheduler
     gives each request the text it gets alone."""
     from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings
