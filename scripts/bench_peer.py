@@ -4,7 +4,8 @@
     PYTHONPATH=. python3 scripts/bench_peer.py MODEL_DIR|default [--prompts 128,512,2048] [--gen 128] [--json FILE]
     PYTHONPATH=. python3 scripts/bench_peer.py --shape 7B [--out DIR] ...   # a random folder (random_checkpoint.py)
 
-Prints a table, then the JSON report (or writes it to --json). `default` is the embedded model. ExLlamaV2 needs
+Prints a table, then the JSON report (or writes it to --json). `default` is the embedded model. Default prompt
+lengths beyond the model's context are left out (the embedded model holds 512 tokens). ExLlamaV2 needs
 CUDA: on a CPU the script says so in one line and times talis only. On the GPU machine carry the wheel in `.peers/`
 (/work/shared/peers/README.md) and put it on the path first:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/*.whl && export PYTHONPATH=/tmp/site:.
@@ -29,6 +30,17 @@ from pathlib import Path
 STARTED = time.perf_counter()  # a worker's clock starts before its imports
 REPO = Path(__file__).resolve().parents[1]
 DECODE_PROMPT = 128
+DEFAULT_PROMPTS = "128,512,2048"
+
+
+def model_context(model: str) -> int | None:
+    """The context (max_position_embeddings) of a GPTQ folder or `default` (the embedded model); None when its
+    config.json does not say."""
+    folder = REPO / "talis_cli" / "default_model" if model == "default" else Path(model)
+    try:
+        return int(json.loads((folder / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def prompt_ids(vocab: int, length: int, seed: int = 0) -> list[int]:
@@ -186,6 +198,9 @@ def run_worker(name: str, opts, timeout_s: float) -> dict:
 def format_table(reports: list[dict]) -> str:
     """One column per engine: load (talis' phases indented), prefill per length (first / median), decode."""
     ok = [r for r in reports if "error" not in r]
+    failed = [f"{r['engine']}: {r['error']}" for r in reports if "error" in r]
+    if not ok:  # no column: the errors alone, not row names with empty cells
+        return "\n".join(failed)
     rows = [("", [r["engine"] for r in ok]), ("device", [r["device"] for r in ok]),
             ("import s", [f"{r['import_s']:.2f}" for r in ok]), ("load s", [f"{r['load_s']:.2f}" for r in ok])]
     phases = [name for r in ok for name in r.get("load_phases", {}) if name != "imports"]
@@ -203,8 +218,7 @@ def format_table(reports: list[dict]) -> str:
     width = max(len(name) for name, _ in rows)
     widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(ok))]
     lines = ["  ".join([name.ljust(width)] + [c.rjust(w) for c, w in zip(cells, widths)]) for name, cells in rows]
-    lines += [f"{r['engine']}: {r['error']}" for r in reports if "error" in r]
-    return "\n".join(lines)
+    return "\n".join(lines + failed)
 
 
 def random_folder(opts) -> str:
@@ -222,7 +236,8 @@ def parse_args(argv=None):
     parser.add_argument("--shape", help="write a random GPTQ folder of this LLaMA shape (7B, 13B, ...) and time it")
     parser.add_argument("--out", type=Path, help="where --shape writes its folder (default: a temporary one)")
     parser.add_argument("--layers", type=int, help="with --shape: fewer decoder layers (quick checks)")
-    parser.add_argument("--prompts", default="128,512,2048", help="comma-separated prompt lengths to prefill")
+    parser.add_argument("--prompts", help=f"comma-separated prompt lengths to prefill (default {DEFAULT_PROMPTS}, "
+                                          "those within the model's context)")
     parser.add_argument("--gen", type=int, default=128, help="greedy tokens decoded")
     parser.add_argument("--ctx", type=int, help="context (KV cache) size; default the longest prompt, or 128 + gen + 1")
     parser.add_argument("--repeats", type=int, default=3)
@@ -233,9 +248,18 @@ def parse_args(argv=None):
     opts = parser.parse_args(argv)
     if (opts.model is None) == (opts.shape is None):
         parser.error("name a model folder (or `default`) or --shape, not both")
-    opts.prompts = [int(p) for p in opts.prompts.split(",") if p]
+    given = opts.prompts
+    opts.prompts = [int(p) for p in (given or DEFAULT_PROMPTS).split(",") if p]
+    # the embedded model (512 tokens) or a folder with a short context: the default lengths it holds, its context
+    context = model_context(opts.model) if opts.model and not opts.worker else None
+    if context is not None:
+        longer = [p for p in opts.prompts if p > context]
+        if longer and (given or len(longer) == len(opts.prompts)):
+            parser.error(f"prompt lengths {','.join(map(str, longer))} exceed the model's context ({context} "
+                         "tokens); pass shorter --prompts")
+        opts.prompts = [p for p in opts.prompts if p <= context]
     # each prompt is prefilled from slot 0 on its own: the cache holds the longest one, or the decode's run
-    opts.ctx = opts.ctx or max(opts.prompts + [DECODE_PROMPT + opts.gen + 1])
+    opts.ctx = opts.ctx or min(max(opts.prompts + [DECODE_PROMPT + opts.gen + 1]), context or 1 << 62)
     return opts
 
 
