@@ -20,6 +20,7 @@ after a warm-up run; talis through Generator.stream, as `talis generate` runs.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -234,7 +235,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", help="a GPTQ folder, or `default` (the embedded model)")
     parser.add_argument("--shape", help="write a random GPTQ folder of this LLaMA shape (7B, 13B, ...) and time it")
-    parser.add_argument("--out", type=Path, help="where --shape writes its folder (default: a temporary one)")
+    parser.add_argument("--out", type=Path, help="where --shape writes its folder (default: a temporary one, removed at the end)")
     parser.add_argument("--layers", type=int, help="with --shape: fewer decoder layers (quick checks)")
     parser.add_argument("--prompts", help=f"comma-separated prompt lengths to prefill (default {DEFAULT_PROMPTS}, "
                                           "those within the model's context)")
@@ -272,12 +273,16 @@ def main(argv=None) -> int:
 
     if opts.shape:
         opts.model = random_folder(opts)
-    reports = [run_worker("talis", opts, opts.timeout)]
-    if opts.peer != "none":
-        if torch.cuda.is_available():
-            reports.append(run_worker(opts.peer, opts, opts.timeout))
-        else:
-            print(f"{opts.peer} needs a CUDA GPU: timing talis only", file=sys.stderr)
+    try:
+        reports = [run_worker("talis", opts, opts.timeout)]
+        if opts.peer != "none":
+            if torch.cuda.is_available():
+                reports.append(run_worker(opts.peer, opts, opts.timeout))
+            else:
+                print(f"{opts.peer} needs a CUDA GPU: timing talis only", file=sys.stderr)
+    finally:
+        if opts.shape and opts.out is None:  # a temporary folder of gigabytes (a 70B shape: ~35 GB) goes again
+            shutil.rmtree(opts.model, ignore_errors=True)
     report = {"model": opts.model, "prompts": opts.prompts, "gen": opts.gen, "ctx": opts.ctx, "engines": reports}
     print(format_table(reports))
     if opts.json:
