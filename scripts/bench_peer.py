@@ -80,6 +80,7 @@ def _prefill_report(lengths: list[int], vocab: int, first_token, repeats: int) -
 
 # --- workers: one engine each, in its own process -------------------------------------------------------------
 def talis_worker(opts) -> dict:
+    """talis' report (load by phase, prefill per length, decode), JSON-ready: run in a process of its own."""
     from talis_cli.engine import Engine, LoadSettings
 
     # torch is imported inside the load, as `talis generate` imports it: the "imports" phase counts it
@@ -129,6 +130,7 @@ def talis_worker(opts) -> dict:
 
 
 def exllamav2_worker(opts) -> dict:
+    """ExLlamaV2's report in talis' layout (no load phases); {"error": ...} when it cannot be imported."""
     t0 = time.perf_counter()
     import torch  # counted in import_s, as talis' imports phase counts it
 
@@ -223,6 +225,8 @@ def format_table(reports: list[dict]) -> str:
 
 
 def random_folder(opts) -> str:
+    """The path of a random GPTQ folder of --shape (random_checkpoint.py), written at --out or in a new temporary
+    folder."""
     out = opts.out or Path(tempfile.mkdtemp(prefix=f"talis-{opts.shape}-"))
     command = [sys.executable, str(REPO / "scripts" / "random_checkpoint.py"), "--shape", opts.shape, "--out", str(out)]
     if opts.layers:
