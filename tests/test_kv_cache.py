@@ -592,3 +592,14 @@ def test_embedded_model_on_cuda_with_8bit_cache_matches_its_eager_path(kind):
     finally:
         scheduler.stop(5)
     assert got == alone
+
+
+def test_cli_bench_unknown_cache_type_is_exit_2_without_triton_too():
+    """`talis bench --kv-cache bogus` on a CPU-only install (no triton, as README's set-up leaves it): the usage
+    line (exit 2), not the missing-triton line."""
+    code = ("import runpy, sys; sys.modules['triton'] = None; sys.argv = ['talis', 'bench', '--kv-cache', 'bogus']; "
+            "runpy.run_module('talis_cli', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown KV cache type 'bogus'; choose one of fp16, int8, fp8 (--kv-cache)"]
