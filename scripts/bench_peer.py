@@ -4,7 +4,8 @@
     PYTHONPATH=. python3 scripts/bench_peer.py MODEL_DIR|default [--prompts 128,512,2048] [--gen 128] [--json FILE]
     PYTHONPATH=. python3 scripts/bench_peer.py --shape 7B [--out DIR] ...   # a random folder (random_checkpoint.py)
 
-Prints a table, then the JSON report (or writes it to --json). `default` is the embedded model. ExLlamaV2 needs
+Prints a table, then the JSON report (or writes it to --json). `default` is the embedded model. Default prompt
+lengths beyond the model's context are left out (the embedded model holds 512 tokens). ExLlamaV2 needs
 CUDA: on a CPU the script says so in one line and times talis only. On the GPU machine carry the wheel in `.peers/`
 (/work/shared/peers/README.md) and put it on the path first:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .peers/*.whl && export PYTHONPATH=/tmp/site:.
@@ -19,6 +20,7 @@ after a warm-up run; talis through Generator.stream, as `talis generate` runs.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,17 @@ from pathlib import Path
 STARTED = time.perf_counter()  # a worker's clock starts before its imports
 REPO = Path(__file__).resolve().parents[1]
 DECODE_PROMPT = 128
+DEFAULT_PROMPTS = "128,512,2048"
+
+
+def model_context(model: str) -> int | None:
+    """The context (max_position_embeddings) of a GPTQ folder or `default` (the embedded model); None when its
+    config.json does not say."""
+    folder = REPO / "talis_cli" / "default_model" if model == "default" else Path(model)
+    try:
+        return int(json.loads((folder / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def prompt_ids(vocab: int, length: int, seed: int = 0) -> list[int]:
@@ -67,6 +80,7 @@ def _prefill_report(lengths: list[int], vocab: int, first_token, repeats: int) -
 
 # --- workers: one engine each, in its own process -------------------------------------------------------------
 def talis_worker(opts) -> dict:
+    """talis' report (load by phase, prefill per length, decode), JSON-ready: run in a process of its own."""
     from talis_cli.engine import Engine, LoadSettings
 
     # torch is imported inside the load, as `talis generate` imports it: the "imports" phase counts it
@@ -116,6 +130,7 @@ def talis_worker(opts) -> dict:
 
 
 def exllamav2_worker(opts) -> dict:
+    """ExLlamaV2's report in talis' layout (no load phases); {"error": ...} when it cannot be imported."""
     t0 = time.perf_counter()
     import torch  # counted in import_s, as talis' imports phase counts it
 
@@ -186,6 +201,9 @@ def run_worker(name: str, opts, timeout_s: float) -> dict:
 def format_table(reports: list[dict]) -> str:
     """One column per engine: load (talis' phases indented), prefill per length (first / median), decode."""
     ok = [r for r in reports if "error" not in r]
+    failed = [f"{r['engine']}: {r['error']}" for r in reports if "error" in r]
+    if not ok:  # no column: the errors alone, not row names with empty cells
+        return "\n".join(failed)
     rows = [("", [r["engine"] for r in ok]), ("device", [r["device"] for r in ok]),
             ("import s", [f"{r['import_s']:.2f}" for r in ok]), ("load s", [f"{r['load_s']:.2f}" for r in ok])]
     phases = [name for r in ok for name in r.get("load_phases", {}) if name != "imports"]
@@ -203,11 +221,12 @@ def format_table(reports: list[dict]) -> str:
     width = max(len(name) for name, _ in rows)
     widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(ok))]
     lines = ["  ".join([name.ljust(width)] + [c.rjust(w) for c, w in zip(cells, widths)]) for name, cells in rows]
-    lines += [f"{r['engine']}: {r['error']}" for r in reports if "error" in r]
-    return "\n".join(lines)
+    return "\n".join(lines + failed)
 
 
 def random_folder(opts) -> str:
+    """The path of a random GPTQ folder of --shape (random_checkpoint.py), written at --out or in a new temporary
+    folder."""
     out = opts.out or Path(tempfile.mkdtemp(prefix=f"talis-{opts.shape}-"))
     command = [sys.executable, str(REPO / "scripts" / "random_checkpoint.py"), "--shape", opts.shape, "--out", str(out)]
     if opts.layers:
@@ -220,9 +239,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", help="a GPTQ folder, or `default` (the embedded model)")
     parser.add_argument("--shape", help="write a random GPTQ folder of this LLaMA shape (7B, 13B, ...) and time it")
-    parser.add_argument("--out", type=Path, help="where --shape writes its folder (default: a temporary one)")
+    parser.add_argument("--out", type=Path, help="where --shape writes its folder (default: a temporary one, removed at the end)")
     parser.add_argument("--layers", type=int, help="with --shape: fewer decoder layers (quick checks)")
-    parser.add_argument("--prompts", default="128,512,2048", help="comma-separated prompt lengths to prefill")
+    parser.add_argument("--prompts", help=f"comma-separated prompt lengths to prefill (default {DEFAULT_PROMPTS}, "
+                                          "those within the model's context)")
     parser.add_argument("--gen", type=int, default=128, help="greedy tokens decoded")
     parser.add_argument("--ctx", type=int, help="context (KV cache) size; default the longest prompt, or 128 + gen + 1")
     parser.add_argument("--repeats", type=int, default=3)
@@ -233,9 +253,18 @@ def parse_args(argv=None):
     opts = parser.parse_args(argv)
     if (opts.model is None) == (opts.shape is None):
         parser.error("name a model folder (or `default`) or --shape, not both")
-    opts.prompts = [int(p) for p in opts.prompts.split(",") if p]
+    given = opts.prompts
+    opts.prompts = [int(p) for p in (given or DEFAULT_PROMPTS).split(",") if p]
+    # the embedded model (512 tokens) or a folder with a short context: the default lengths it holds, its context
+    context = model_context(opts.model) if opts.model and not opts.worker else None
+    if context is not None:
+        longer = [p for p in opts.prompts if p > context]
+        if longer and (given or len(longer) == len(opts.prompts)):
+            parser.error(f"prompt lengths {','.join(map(str, longer))} exceed the model's context ({context} "
+                         "tokens); pass shorter --prompts")
+        opts.prompts = [p for p in opts.prompts if p <= context]
     # each prompt is prefilled from slot 0 on its own: the cache holds the longest one, or the decode's run
-    opts.ctx = opts.ctx or max(opts.prompts + [DECODE_PROMPT + opts.gen + 1])
+    opts.ctx = opts.ctx or min(max(opts.prompts + [DECODE_PROMPT + opts.gen + 1]), context or 1 << 62)
     return opts
 
 
@@ -248,12 +277,16 @@ def main(argv=None) -> int:
 
     if opts.shape:
         opts.model = random_folder(opts)
-    reports = [run_worker("talis", opts, opts.timeout)]
-    if opts.peer != "none":
-        if torch.cuda.is_available():
-            reports.append(run_worker(opts.peer, opts, opts.timeout))
-        else:
-            print(f"{opts.peer} needs a CUDA GPU: timing talis only", file=sys.stderr)
+    try:
+        reports = [run_worker("talis", opts, opts.timeout)]
+        if opts.peer != "none":
+            if torch.cuda.is_available():
+                reports.append(run_worker(opts.peer, opts, opts.timeout))
+            else:
+                print(f"{opts.peer} needs a CUDA GPU: timing talis only", file=sys.stderr)
+    finally:
+        if opts.shape and opts.out is None:  # a temporary folder of gigabytes (a 70B shape: ~35 GB) goes again
+            shutil.rmtree(opts.model, ignore_errors=True)
     report = {"model": opts.model, "prompts": opts.prompts, "gen": opts.gen, "ctx": opts.ctx, "engines": reports}
     print(format_table(reports))
     if opts.json:

@@ -54,6 +54,8 @@ def tune_layer(layer, device) -> None:
 
 
 def tune_shapes(shapes: list[str], bits: list[int], group_size: int, act_orders: list[bool]) -> None:
+    """Tune the linears of one decoder layer of each named shape (random weights on the GPU), at each bit width
+    and act-order."""
     import torch
 
     from talis_cli.bench import linear_shapes, random_quant_linear, shape_args
@@ -71,6 +73,8 @@ def tune_shapes(shapes: list[str], bits: list[int], group_size: int, act_orders:
 
 
 def tune_models(folders: list[str]) -> None:
+    """Tune each distinct linear the Triton kernels run in each model folder (`default`: the embedded model),
+    loaded on the GPU."""
     import torch
 
     from quant_kernels.quant_linear import QuantLinear

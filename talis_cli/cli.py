@@ -402,6 +402,9 @@ def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ):
     """Time decode and prefill on the GPU next to fp16 (cuBLAS) and torch's int4 kernel, against the bandwidth floor."""
+    from talis_cli.kv_cache import check_kind
+
+    check_kind(kv_cache)  # a bad value is a usage error on any machine, before the GPU's requirements
     try:
         from talis_cli.bench import format_report, run_bench
     except ImportError as exc:  # triton is not installed with talis on CPU-only machines

@@ -58,8 +58,12 @@ class PrefillRunner:
 
     def covers(self, tokens: torch.Tensor) -> bool:
         """Whether the fused path runs these tokens (else the eager forward does)."""
-        return (tokens.dim() == 2 and tokens.shape[0] == 1 and self.model.has_cache
-                and self.model.args.head_dim & (self.model.args.head_dim - 1) == 0)
+        return tokens.dim() == 2 and tokens.shape[0] == 1 and self._fused_model()
+
+    def _fused_model(self) -> bool:
+        """Whether the fused path takes this model: a KV cache, and a head_dim the kernels' blocks can span (a
+        power of two)."""
+        return self.model.has_cache and self.model.args.head_dim & (self.model.args.head_dim - 1) == 0
 
     def bucket(self, T: int, start_pos: int, cache_row: int | None) -> int | None:
         """The padded length a CUDA graph runs T tokens at, None where graphs do not apply: start_pos > 0, another
@@ -104,9 +108,13 @@ class PrefillRunner:
         """Several prompts (or chunks of them) in one forward: segments of (token ids, start_pos, cache row), each
         into its own cache row (distinct rows) -> float32 logits [len(segments), vocab] of each one's last token,
         as one `__call__` per segment gives. The projections run once over all the segments' tokens (a server's
-        newcomers share one weight read); rotary, the cache write and attention run per segment."""
-        self._check_cache()
+        newcomers share one weight read); rotary, the cache write and attention run per segment. A model the
+        fused path does not take (`covers`) runs one eager forward per segment."""
         device = self.model.model.embed_tokens.weight.device
+        if not self._fused_model():
+            return torch.cat([self(torch.tensor([ids], device=device), start, row)[:, -1]
+                              for ids, start, row in segments])
+        self._check_cache()
         flat = torch.tensor([t for ids, _, _ in segments for t in ids], device=device)
         return self.forward(flat, [(len(ids), start, row) for ids, start, row in segments])[:, 0]
 

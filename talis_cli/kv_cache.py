@@ -90,6 +90,7 @@ class KVCache(nn.Module):
 
     @property
     def quantized(self) -> bool:
+        """Whether it stores 8-bit codes with fp32 scales (kinds "int8", "fp8") rather than floats."""
         return self.kind in STORAGE
 
     def update(self, start: int, k, v, row: int | None = None, first: int = 0):

@@ -61,3 +61,38 @@ def test_a_peer_that_is_not_installed_is_reported_in_one_line():
     table = module.format_table([report])
     assert table.splitlines()[-1] == "exllamav2: cannot import exllamav2 (No module named 'exllamav2'); " \
                                      "see this script's docstring"
+
+
+def test_the_default_prompt_lengths_keep_within_the_models_context(capsys):
+    """`bench_peer.py default` as written: the embedded model holds 512 tokens, so the default lengths
+    (128, 512, 2048) keep those it holds and the cache is its context; lengths asked for beyond it are one line."""
+    module = load_script()
+    opts = module.parse_args(["default"])
+    assert opts.prompts == [128, 512] and opts.ctx == 512
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["default", "--prompts", "8,2048"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: prompt lengths 2048 exceed the model's context (512 tokens); pass shorter --prompts")
+    failed = {"engine": "talis", "error": "exit 1: talis_cli.errors.UsageError: a reason"}
+    assert module.format_table([failed]) == "talis: exit 1: talis_cli.errors.UsageError: a reason"
+
+
+def test_a_random_folder_made_for_shape_is_removed_at_the_end(tmp_path, monkeypatch):
+    """--shape without --out writes a temporary folder (gigabytes for a 7B or 70B shape): it is gone after the run,
+    whatever the engines did; with --out it stays."""
+    module = load_script()
+    made = []
+
+    def random_folder(opts):
+        folder = (opts.out or tmp_path / f"random-{len(made)}")
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"0" * 64)
+        made.append(folder)
+        return str(folder)
+
+    monkeypatch.setattr(module, "random_folder", random_folder)
+    monkeypatch.setattr(module, "run_worker", lambda name, opts, timeout_s: {"engine": name, "error": "exit 1: x"})
+    assert module.main(["--shape", "7B", "--peer", "none"]) == 1
+    assert module.main(["--shape", "7B", "--peer", "none", "--out", str(tmp_path / "kept")]) == 1
+    assert not made[0].exists() and (made[1] / "model.safetensors").exists()

@@ -397,3 +397,20 @@ def test_segments_in_one_forward_match_a_forward_each(model_type, window):
         torch.testing.assert_close(k, layer.self_attn.kv_cache.k, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(v, layer.self_attn.kv_cache.v, rtol=1e-4, atol=1e-4)
         assert torch.equal(k[1], k0[1]) and torch.equal(v[1], v0[1])
+
+
+def test_segments_of_a_model_the_fused_path_does_not_take_run_eagerly():
+    """A head_dim that is not a power of two (24 here) is not the fused kernels' (`covers` is False): the
+    scheduler's packed prefill of several newcomers then gives each segment's eager forward, as __call__ does,
+    instead of failing in the kernels (which would end every running request with an error)."""
+    model = tiny_model(seed=4, device=DEVICE, hidden_size=96, num_attention_heads=4, num_key_value_heads=2)
+    assert model.args.head_dim == 24
+    model.setup_cache(3, 32)
+    segments = [([5, 6, 7, 8], 0, 0), ([9, 10], 0, 2)]
+    with torch.no_grad():
+        packed = PrefillRunner(model).prefill_segments(segments)
+        model.setup_cache(3, 32)
+        each = torch.cat([model(torch.tensor([ids], device=DEVICE), start_pos=start, last_only=True,
+                                cache_row=row)[:, -1] for ids, start, row in segments])
+    assert packed.shape == (2, model.args.vocab_size)
+    assert torch.equal(packed, each)

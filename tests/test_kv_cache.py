@@ -592,3 +592,41 @@ def test_embedded_model_on_cuda_with_8bit_cache_matches_its_eager_path(kind):
     finally:
         scheduler.stop(5)
     assert got == alone
+
+
+def test_cli_bench_unknown_cache_type_is_exit_2_without_triton_too():
+    """`talis bench --kv-cache bogus` on a CPU-only install (no triton, as README's set-up leaves it): the usage
+    line (exit 2), not the missing-triton line."""
+    code = ("import runpy, sys; sys.modules['triton'] = None; sys.argv = ['talis', 'bench', '--kv-cache', 'bogus']; "
+            "runpy.run_module('talis_cli', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown KV cache type 'bogus'; choose one of fp16, int8, fp8 (--kv-cache)"]
+
+
+def test_segments_in_one_forward_on_int8_cache_match_the_eager_forward_each():
+    """prefill_segments (the scheduler's newcomers in one forward) on an int8 cache: a fresh prompt, one token
+    after a cached prefix, and a prompt continuing a short prefix (the zero-padded causal queries) give each the
+    eager forward's last logits from the same cache, and the same codes in the rows they write."""
+    model = quantized_model("int8")
+    fuse_model(model)
+    model.setup_cache(4, 64)
+    gen = torch.Generator().manual_seed(6)
+    caches = [layer.self_attn.kv_cache for layer in model.model.layers]
+    segments = [(torch.randint(0, 4096, (T,), generator=gen).tolist(), start, row)
+                for T, start, row in ((9, 0, 2), (1, 20, 0), (6, 5, 3))]
+    with torch.inference_mode():
+        for _, start, row in segments:  # the cached prefixes the continued prompts find
+            if start:
+                model(torch.randint(0, 4096, (1, start), generator=gen).to(DEVICE), cache_row=row)
+        before = [snapshot(c) for c in caches]
+        packed = PrefillRunner(model).prefill_segments(segments).clone()
+        after = [snapshot(c) for c in caches]
+        for c, saved in zip(caches, before):
+            restore(c, saved)
+        plain = torch.cat([model(torch.tensor([ids], device=DEVICE), start_pos=start, last_only=True,
+                                 cache_row=row)[:, -1] for ids, start, row in segments])
+    torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
+    for c, saved in zip(caches, after):
+        assert_same_codes(saved, c)
