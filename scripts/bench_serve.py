@@ -243,7 +243,7 @@ def main() -> None:
             if opts.profile:  # an extra round of the most clients, its steps profiled on the scheduler thread
                 profiler = profile_steps(scheduler)
                 clients_process.apply(run_round, (server.url, texts[:max(clients)], opts.gen))
-                scheduler.step = type(scheduler).step.__get__(scheduler)
+                del scheduler.step  # the class's own step again
                 print_profile(profiler, f"server's scheduler thread, {max(clients)} clients")
         single = next((r for r in rounds if r["clients"] == 1), None)
         for r in rounds:
