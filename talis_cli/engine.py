@@ -108,6 +108,8 @@ class Engine:
 
             size = requested_size(settings.tensor_parallel, raw_map, f"device map {label}")
             if size > 1:  # start the ranks; each comes back here with its shard
+                if map_may_use_gpu(raw_map):  # what each rank's GPU would refuse, refused before any rank starts
+                    check_devices(settings.kv_cache, [f"cuda:{rank}" for rank in range(size)])
                 return load_engine(cls, settings, raw_map, size, progress)
         request = LoadRequest(model_dir, None, Path(settings.checkpoint) if settings.checkpoint else None,
                               settings.wbits, settings.groupsize, settings.allow_pickle)

@@ -630,3 +630,16 @@ def test_segments_in_one_forward_on_int8_cache_match_the_eager_forward_each():
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-4)
     for c, saved in zip(caches, after):
         assert_same_codes(saved, c)
+
+
+def test_tensor_parallel_on_gpus_refuses_fp8_before_starting_its_ranks(monkeypatch):
+    """With GPUs in the map, an fp8 cache is refused in one line before any rank process starts (each rank would
+    refuse it on its own GPU)."""
+    from talis_cli import tensor_parallel
+    from talis_cli.engine import Engine, LoadSettings
+    from talis_cli.errors import UsageError
+
+    monkeypatch.setattr("talis_cli.placement._cuda_count", lambda: 2)
+    monkeypatch.setattr(tensor_parallel, "load_engine", lambda *a, **k: pytest.fail("the ranks were started"))
+    with pytest.raises(UsageError, match=r"^--kv-cache fp8 is not yet verified on GPUs \(cuda:0\)"):
+        Engine.load(LoadSettings(kv_cache="fp8", tensor_parallel=2, device_map="auto"))
