@@ -3,12 +3,14 @@
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py [--no-tests] [--out DIR] SPEC ...
 
 SPEC is run_bench's keyword arguments as key=value pairs joined by commas, e.g. `shape=7B,kernels=1` or
-`shape=65B,prompt=2048,gen=64,ctx=2112`; `kv=int8` (short for kv_cache=int8; also kv=fp8) runs every row of that
-spec with that KV cache, so `shape=7B,kv=int8` benches decode and reports peak memory with it. A SPEC may also be a
+`shape=65B,prompt=2048,gen=64,ctx=2112`; `kv=int8` (short for kv_cache=int8; fp8 is refused on GPUs for now)
+runs every row of that spec with that KV cache, so `shape=7B,kv=int8` benches decode and reports peak memory with it. A SPEC may also be a
 name of NAMED_SPECS: `kv65b` is the 65B shape at 2048 context with the int8 cache, whose peak GB the summary
 compares with the issue's target (<= 38 GB). Each report is printed as it finishes and appended as one JSON line to
 DIR/bench.jsonl (DIR defaults to $OUT, else the current folder), so a run cut short keeps what it measured.
-`--dry` prints the keyword arguments of each SPEC and exits (no GPU needed).
+`--dry` prints the keyword arguments of each SPEC and exits (no GPU needed). `--serve` adds scripts/bench_serve.py
+on a random 7B with and without the scheduler's packed prefill; it needs the server's packages (fastapi, uvicorn,
+httpx, prometheus-client), which the GPU machine lacks: carry their wheels and install them first.
 """
 import argparse
 import json
@@ -22,7 +24,9 @@ from pathlib import Path
 TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fast_decode.py", "tests/test_triton_ops.py",
               "tests/test_bench.py", "tests/test_generation.py", "tests/test_device_planning.py",
               "tests/test_step_queue.py", "tests/test_sliding_window.py", "tests/test_rope_scaling.py",
-              "tests/test_quantized_head.py", "tests/test_fast_prefill.py", "tests/test_kv_cache.py"]
+              "tests/test_quantized_head.py", "tests/test_fast_prefill.py", "tests/test_kv_cache.py",
+              "tests/test_lazy_graphs.py", "tests/test_tuned_table.py", "tests/test_decode_rows.py",
+              "tests/test_scheduler.py"]
 INT_KEYS = {"prompt", "gen", "ctx", "bits", "group_size", "decode_start"}
 BOOL_KEYS = {"act_order", "kernels", "baselines"}
 KEY_ALIASES = {"kv": "kv_cache"}
@@ -60,6 +64,9 @@ def main() -> int:
     parser.add_argument("--no-tests", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--dry", action="store_true", help="print each SPEC's run_bench arguments and exit")
+    parser.add_argument("--serve", action="store_true",
+                        help="also scripts/bench_serve.py on a random 7B (clients 1, 8, 16, 32; max batch 16), with "
+                             "the packed prefill and without it (TALIS_PACKED_PREFILL=0)")
     opts = parser.parse_args()
     if opts.dry:
         for spec in opts.specs:
@@ -94,7 +101,37 @@ def main() -> int:
                          "baselines " + ", ".join(f"{r['variant']} {r.get('decode_tok_s') or float('nan'):.0f}/"
                                                   f"{r.get('prefill_tok_s') or float('nan'):.0f}"
                                                   for r in report["rows"][1:]))
+    if opts.serve:
+        status = run_serve(log) or status
     print("\n".join(["[gpu_check] summary (decode tok/s / prefill tok/s for baselines)"] + summaries))
+    return status
+
+
+def run_serve(log: Path) -> int:
+    """bench_serve.py twice on one random 7B folder, its JSON reports appended to `log`; exit status."""
+    import tempfile
+
+    status = 0
+    script = Path(__file__).parent
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "random-7B"
+        subprocess.run([sys.executable, str(script / "random_checkpoint.py"), "--shape", "7B", "--out", str(folder)],
+                       check=True, stdout=subprocess.DEVNULL)
+        for packed in ("1", "0"):
+            env = {**os.environ, "TALIS_PACKED_PREFILL": packed}
+            done = subprocess.run([sys.executable, str(script / "bench_serve.py"), "--model", str(folder), "--clients",
+                                   "1,8,16,32", "--max-batch", "16", "--json"], env=env, capture_output=True,
+                                  text=True)
+            if done.returncode:
+                print(done.stderr[-3000:], flush=True)
+                status = done.returncode
+                continue
+            report = {"serve": True, "packed_prefill": packed == "1", **json.loads(done.stdout.splitlines()[-1])}
+            with log.open("a") as f:
+                f.write(json.dumps(report) + "\n")
+            print(f"[gpu_check] serve, packed prefill {packed}: " + ", ".join(
+                f"{r['clients']} clients {r['aggregate_tok_s']} tok/s (x{r['vs_one_client']}, TTFT "
+                f"{r['server_ttft_ms_mean']} ms)" for r in report["rounds"]), flush=True)
     return status
 
 
