@@ -19,7 +19,7 @@ GPTQ tensors, so the weight is held once; otherwise the layer keeps both copies.
   not fp16, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
 `forward` (`quantized_product`) routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV; from
-SKINNY_FROM_ROWS to `triton_skinny.MAX_SKINNY_ROWS` rows (a server's decode batch, a short prompt) to the fused
+SKINNY_FROM_ROWS to SKINNY_TO_ROWS rows (a server's decode batch, a short prompt) to the fused
 tensor-core kernel (2-, 4-, 8-bit) or else GEMV passes of MAX_ROWS rows (3-bit); more rows (prefill) are dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS.
 Measured on an H100 (BENCHMARKS.md, Kernels): at 2048 rows dequantize + cuBLAS ran at 550-630 TFLOP/s, 85-90% of
 fp16 cuBLAS, while the fused Triton GEMM (`triton_gemm.quant_gemm`) reached only ~155 TFLOP/s; on an H200
@@ -191,15 +191,18 @@ GEMV_PASSES = 4
 # GEMV took 13-26 us at 2 rows and 20-35 at 4, the tensor-core kernel 25-45 at any of 2-16 rows, and at 8 rows
 # the GEMV 33-58 us against 25-45. TALIS_SKINNY_FROM_ROWS overrides it (A/B runs; 33: never).
 SKINNY_FROM_ROWS = int(os.environ.get("TALIS_SKINNY_FROM_ROWS", 8))
+# Up to this many rows (at most MAX_SKINNY_ROWS) the tensor-core kernel runs; more go to dequantize + cuBLAS.
+# TALIS_SKINNY_TO_ROWS overrides it (A/B runs of short prefills).
+SKINNY_TO_ROWS = min(int(os.environ.get("TALIS_SKINNY_TO_ROWS", 32)), MAX_SKINNY_ROWS)
 
 
 def quantized_product(x2d: torch.Tensor, args: tuple) -> torch.Tensor:
     """x2d [M, K] (contiguous) @ W -> [M, N] in x2d's dtype; `args` as PreparedWeight.args(). Up to MAX_ROWS rows
-    (below SKINNY_FROM_ROWS): one GEMV; up to MAX_SKINNY_ROWS: the tensor-core kernel where it serves the bit
+    (below SKINNY_FROM_ROWS): one GEMV; up to SKINNY_TO_ROWS: the tensor-core kernel where it serves the bit
     width, else GEMV passes of MAX_ROWS rows; more: dequantize + cuBLAS."""
     qweight, bits, group_shift = args[0], args[3], args[4]
     m, k, n = x2d.shape[0], qweight.shape[0] * 32 // bits, qweight.shape[1]
-    if SKINNY_FROM_ROWS <= m <= MAX_SKINNY_ROWS and skinny_usable(bits, group_shift):
+    if SKINNY_FROM_ROWS <= m <= SKINNY_TO_ROWS and skinny_usable(bits, group_shift):
         return quant_skinny(x2d, *args)
     if m <= MAX_ROWS:
         return quant_gemv(x2d, *args)

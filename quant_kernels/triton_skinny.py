@@ -22,7 +22,16 @@ from .autotune_cache import Tuner, generated_configs
 from .triton_gemv import Workspace, _fp16_halves
 
 SKINNY_BITS = (2, 4, 8)
-MAX_SKINNY_ROWS = 32  # rows per launch at most (BLOCK_M 32)
+MAX_SKINNY_ROWS = 128  # rows per launch at most (BLOCK_M 128: a short prompt's prefill)
+SPLIT_ROWS = 32  # split-K (and its workspace) only up to this many rows; more rows fill the SMs without it
+
+
+@triton.jit
+def _unpacked_fp16(packed, shifts, MASK: tl.constexpr):
+    """fp16 1024 + q for the values q at bit offsets `shifts` of int32 words (broadcast together): OR-ing q (< 1024)
+    into the mantissa of fp16 1024.0 (0x6400) is exact and costs no int-to-float conversion, which runs at a quarter
+    of the rate of fp16 arithmetic on an SM and had bound this kernel (BENCHMARKS.md, 2026-12-01)."""
+    return (((packed >> shifts) & MASK) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -30,17 +39,20 @@ def _skinny_kernel(
     x_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
     M, N, K, group_shift, split_k, stride_xm, stride_om,
     BITS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, perm[k]] * scale[g, n] * (q[k, n] - zero[g, n]), g = k >> group_shift.
 
     x: fp16 [M, K_in], row stride stride_xm, unit column stride; qweight: int32 [K * BITS / 32, N], scale_zero,
     perm, workspace (fp32, >= M * N, zero on entry and exit) and tickets (int32, >= cdiv(M, BLOCK_M) *
     cdiv(N, BLOCK_N), zero on entry and exit) as in `triton_gemv._gemv_kernel`; out [M, N], row stride
-    stride_om. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. Grid: (cdiv(N, BLOCK_N), split_k,
-    cdiv(M, BLOCK_M)).
+    stride_om. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. SWAP computes the transposed product
+    out^T = W^T x^T, so that the weight tile is the tensor cores' left operand (the one Hopper's wgmma takes from
+    registers, with BLOCK_N its 64-row side) and the few rows are its narrow right one. Grid: (cdiv(N, BLOCK_N),
+    split_k, cdiv(M, BLOCK_M)).
     """
     PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -56,22 +68,41 @@ def _skinny_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         src_k = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
-        offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-        packed = tl.load(qweight_ptr + offs_w[:, None] * N + offs_n[None, :],
-                         mask=(offs_w * PER_WORD < k_end)[:, None] & mask_n[None, :], other=0)
-        # each word unpacked once into its PER_WORD rows: [words, PER_WORD, BLOCK_N] -> [BLOCK_K, BLOCK_N]
-        q = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, BLOCK_N])
+        offs_w = k0 // PER_WORD + tl.arange(0, WORDS)
+        mask_w = offs_w * PER_WORD < k_end
         scale, zero = _fp16_halves(tl.load(scale_zero_ptr + (k0 >> group_shift) * N + offs_n, mask=mask_n, other=0))
-        # (q - zero) is a small exact integer in fp16, so the product rounds once, as the dequantize kernel's does
-        w = (q.to(tl.float16) - zero.to(tl.float16)[None, :]) * scale.to(tl.float16)[None, :]
-        acc = tl.dot(a, w, acc)
+        # (1024 + q) - (1024 + zero) is a small exact integer in fp16, so the product rounds once, as the dequantize
+        # kernel's does
+        zero = (zero + 1024.0).to(tl.float16)
+        scale = scale.to(tl.float16)
+        if SWAP:
+            packed = tl.load(qweight_ptr + offs_w[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mask_w[None, :],
+                             other=0)
+            # each word unpacked once into its PER_WORD rows: [BLOCK_N, words, PER_WORD] -> [BLOCK_N, BLOCK_K]
+            w = tl.reshape(_unpacked_fp16(packed[:, :, None], shifts[None, None, :], MASK), [BLOCK_N, BLOCK_K])
+            w = (w - zero[:, None]) * scale[:, None]
+            a = tl.load(x_ptr + offs_m[None, :] * stride_xm + src_k[:, None], mask=mask_m[None, :] & mask_k[:, None],
+                        other=0.0)
+            acc = tl.dot(w, a, acc)
+        else:
+            packed = tl.load(qweight_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_w[:, None] & mask_n[None, :],
+                             other=0)
+            # [words, PER_WORD, BLOCK_N] -> [BLOCK_K, BLOCK_N]
+            w = tl.reshape(_unpacked_fp16(packed[:, None, :], shifts[None, :, None], MASK), [BLOCK_K, BLOCK_N])
+            w = (w - zero[None, :]) * scale[None, :]
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)
+            acc = tl.dot(a, w, acc)
+    if SWAP:
+        acc = tl.trans(acc)
 
     mask_out = mask_m[:, None] & mask_n[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -91,16 +122,19 @@ def _skinny_kernel(
 
 
 def skinny_workspace_size(n: int) -> tuple[int, int]:
-    """(fp32 partials, int32 tickets) that any launch on N output columns may touch."""
-    return MAX_SKINNY_ROWS * n, triton.cdiv(MAX_SKINNY_ROWS, 16) * triton.cdiv(n, 32)
+    """(fp32 partials, int32 tickets) that any split-K launch (at most SPLIT_ROWS rows) on N output columns may
+    touch."""
+    return SPLIT_ROWS * n, triton.cdiv(SPLIT_ROWS, 16) * triton.cdiv(n, 32)
 
 
 def _fits(config: dict, key: tuple) -> bool:
     """Pruner (key: rows block, N, K, bits, group_shift, ...): a tile inside one group, every split at least one
-    block of K, between half a program and 16 programs per SM."""
+    block of K, no split above SPLIT_ROWS rows, between half a program and 16 programs per SM."""
     block_m, n, k, bits, group_shift = key[:5]
     if config["BLOCK_K"] > (1 << min(group_shift, 30)) or k < config["SPLIT_K"] * config["BLOCK_K"]:
         return False
+    if block_m > SPLIT_ROWS:
+        return config["SPLIT_K"] == 1
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     programs = triton.cdiv(n, config["BLOCK_N"]) * config["SPLIT_K"]
     return sms // 2 <= programs <= 16 * sms
@@ -108,16 +142,16 @@ def _fits(config: dict, key: tuple) -> bool:
 
 SKINNY_TUNER = Tuner(
     "skinny",
-    generated_configs(BLOCK_N=[64, 128], BLOCK_K=[32, 64, 128], SPLIT_K=[1, 2, 4, 8, 16], num_warps=[4],
-                      num_stages=[2, 4]),
+    generated_configs(BLOCK_N=[64, 128], BLOCK_K=[32, 64, 128], SPLIT_K=[1, 2, 4, 8, 16], SWAP=[0, 1],
+                      num_warps=[4], num_stages=[3]),
     prune=_fits,
-    interpreter_config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
+    interpreter_config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, SWAP=1, num_warps=4, num_stages=1),
 )
 
 
 def rows_block(rows: int) -> int:
-    """BLOCK_M for `rows` rows: 16 (the smallest tensor-core tile) or 32."""
-    return 16 if rows <= 16 else 32
+    """BLOCK_M for `rows` rows: 16 (the smallest tensor-core tile), 32, 64 or 128."""
+    return max(16, triton.next_power_of_2(rows))
 
 
 def quant_skinny(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
@@ -128,13 +162,15 @@ def quant_skinny(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tenso
 
     Arguments as in `triton_gemv.quant_gemv` (the same PreparedWeight.args()); groups of at least 32 rows.
     `config` forces one launch configuration (tests); otherwise the one tuned for this shape and rows block.
-    Raises ValueError for 3-bit weights or more than MAX_SKINNY_ROWS rows.
+    Raises ValueError for 3-bit weights, more than MAX_SKINNY_ROWS rows, or a forced split-K above SPLIT_ROWS rows.
     """
     m, k = x.shape
     n = qweight.shape[1]
     if bits not in SKINNY_BITS or m > MAX_SKINNY_ROWS:
         raise ValueError(f"quant_skinny serves {SKINNY_BITS}-bit weights and at most {MAX_SKINNY_ROWS} rows, "
                          f"got {bits} bits and {m} rows")
+    if config and config["SPLIT_K"] > 1 and m > SPLIT_ROWS:
+        raise ValueError(f"split-K serves at most {SPLIT_ROWS} rows, got {m}")
     assert x.stride(1) == 1 and k * bits == qweight.shape[0] * 32, "x must be [M, K] with unit column stride"
     x16 = x if x.dtype == torch.float16 else x.to(torch.float16)
     if out is None:
@@ -148,7 +184,7 @@ def quant_skinny(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tenso
             x16, qweight, scale_zero, perm if perm is not None else qweight, out, workspace, tickets,
             m, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
             BITS=bits, HAS_PERM=perm is not None, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            SWAP=bool(cfg.get("SWAP", 0)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     key = (block_m, n, k, bits, group_shift, perm is not None)

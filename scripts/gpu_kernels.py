@@ -98,8 +98,11 @@ def int4pack_us(k: int, n: int, group_size: int) -> float | None:
         return None
 
 
+VARIANTS = {"4b": (4, 128, False), "4b-act": (4, 128, True), "8b": (8, 128, False)}  # bits, group size, act-order
+
+
 def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_list, prefill_rows,
-                skinny_rows=()) -> list[dict]:
+                skinny_rows=(), variants=tuple(VARIANTS)) -> list[dict]:
     results = []
 
     def record(kernel: str, us: float, nbytes: int | None = None, flops: float | None = None, **extra):
@@ -121,7 +124,7 @@ def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_lis
     if us:
         record("torch int4pack M=1 g128", us, quant_bytes(k, n, 4, 128))
 
-    for bits, group_size, act_order in ((4, 128, False), (4, 128, True), (8, 128, False)):
+    for bits, group_size, act_order in (VARIANTS[v] for v in variants):
         if bits == 8 and model not in ("7B", "65B"):
             continue
         nbytes = quant_bytes(k, n, bits, group_size)
@@ -174,6 +177,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,8", help="GEMV row counts (4-bit g128)")
     parser.add_argument("--prefill", default="16,256,2048", help="GEMM row counts (4-bit g128)")
     parser.add_argument("--skinny", default="2,4,8,16,32", help="row counts of the tensor-core kernel (triton_skinny)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="weight variants among " + ", ".join(VARIANTS))
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -193,7 +197,8 @@ def main() -> None:
         for name, k, n in linear_shapes(*MODELS[model]):
             print(f"{model} {name} {k}x{n}")
             results += bench_shape(model, name, k, n, copy_tbs, rows_list,
-                                   prefill_rows if name in ("o", "gate_up", "down") else [], skinny_rows)
+                                   prefill_rows if name in ("o", "gate_up", "down") else [], skinny_rows,
+                                   args.variants.split(","))
 
     print(f"\n{'model':5} {'layer':8} {'K x N':>12} {'kernel':34} {'us':>8} {'TB/s':>6} {'%copy':>6} {'TFLOP/s':>8}")
     for r in results:
