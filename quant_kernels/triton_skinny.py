@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune_cache import Tuner, generated_configs
+from .autotune_cache import Tuner, generated_configs, interpreting
 from .triton_gemv import Workspace, _fp16_halves
 
 SKINNY_BITS = (2, 4, 8)
@@ -27,11 +27,61 @@ SPLIT_ROWS = 32  # split-K (and its workspace) only up to this many rows; more r
 
 
 @triton.jit
-def _unpacked_fp16(packed, shifts, MASK: tl.constexpr):
-    """fp16 1024 + q for the values q at bit offsets `shifts` of int32 words (broadcast together): OR-ing q (< 1024)
-    into the mantissa of fp16 1024.0 (0x6400) is exact and costs no int-to-float conversion, which runs at a quarter
-    of the rate of fp16 arithmetic on an SM and had bound this kernel (BENCHMARKS.md, 2026-12-01)."""
-    return (((packed >> shifts) & MASK) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+def _fp16x2(values):
+    """int32 words holding fp16 `values` (fp32 in) in both halves."""
+    half = values.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return half | (half << 16)
+
+
+# $0 = (($1 >> $2) & $3) | $4 - $5 on two fp16 lanes: unpack a pair of weights (the mask $3 and the exponent $4 make
+# each half 2**(10 - o) + q) and subtract 2**(10 - o) + zero ($5), exactly; _SCALED_PAIR_ASM multiplies by the
+# scale ($6) besides.
+_PAIR_ASM = tl.constexpr("{ .reg .b32 t;\n shr.u32 t, $1, $2;\n lop3.b32 t, t, $3, $4, 0xea;\n sub.f16x2 $0, t, $5; }")
+_SCALED_PAIR_ASM = tl.constexpr("{ .reg .b32 t;\n shr.u32 t, $1, $2;\n lop3.b32 t, t, $3, $4, 0xea;\n"
+                                " sub.f16x2 t, t, $5;\n mul.f16x2 $0, t, $6; }")
+
+
+@triton.jit
+def _weight_tile(qweight_ptr, scale_zero_ptr, offs_w, offs_n, mask_w, mask_n, N, group, BITS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SCALED: tl.constexpr, EMULATE: tl.constexpr):
+    """fp16 [BLOCK_N, BLOCK_K] (K contiguous): q - zero, times the scale if SCALED, of words offs_w (one group) and
+    columns offs_n; also the group's scales (fp32 [BLOCK_N]).
+
+    In the kernel layout (triton_gemv.word_slot) rows 2p and 2p+1 of a word sit at bit offsets BITS*p and
+    16 + BITS*p; a pair whose values end above bit 10 of their half is shifted down by 8 first, leaving them at
+    offset o. One mask and one OR of the exponent of 2**(10 - o) (a single lop3) make each half the exact fp16
+    2**(10 - o) + q, so a pair of weights takes four instructions and no int-to-float conversion (which runs at a
+    quarter of the fp16 rate on an SM and had bound this kernel, BENCHMARKS.md 2026-12-01); q - zero is exact and
+    the product with the scale rounds once, as in the dequantize kernel. Without SCALED the caller scales the
+    tile's fp32 product instead (fewer instructions when the rows are few)."""
+    PAIRS: tl.constexpr = 16 // BITS
+    packed = tl.load(qweight_ptr + offs_w[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mask_w[None, :],
+                     other=0)
+    scale, zero = _fp16_halves(tl.load(scale_zero_ptr + group * N + offs_n, mask=mask_n, other=0))
+    bit = tl.arange(0, PAIRS) * BITS
+    shift = tl.where(bit + BITS <= 10, 0, 8)
+    o = bit - shift
+    mask = (((1 << BITS) - 1) << o) * 0x10001
+    exponent = ((25 - o) << 10) * 0x10001  # fp16 2**(10 - o) in both halves
+    base = (1 << (10 - o)).to(tl.float32)
+    if EMULATE:  # the interpreter runs no PTX: the same steps in Triton operations, each half on its own
+        pairs = ((packed[:, :, None] >> shift[None, None, :]) & mask[None, None, :]) | exponent[None, None, :]
+        zero16 = (zero[:, None] + base[None, :]).to(tl.float16)[:, None, :]
+        low = (pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True) - zero16
+        high = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True) - zero16
+        if SCALED:
+            low *= scale.to(tl.float16)[:, None, None]
+            high *= scale.to(tl.float16)[:, None, None]
+    else:
+        pairs = tl.inline_asm_elementwise(
+            _SCALED_PAIR_ASM if SCALED else _PAIR_ASM, "=r,r,r,r,r,r,r",
+            [packed[:, :, None], shift[None, None, :], mask[None, None, :], exponent[None, None, :],
+             _fp16x2(zero[:, None] + base[None, :])[:, None, :], _fp16x2(scale)[:, None, None]],
+            dtype=tl.int32, is_pure=True, pack=1)
+        low = pairs.to(tl.int16).to(tl.float16, bitcast=True)
+        high = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    # k = word * 32 / BITS + 2p + half
+    return tl.reshape(tl.join(low, high), [offs_n.shape[0], BLOCK_K]), scale
 
 
 @triton.jit
@@ -39,21 +89,21 @@ def _skinny_kernel(
     x_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
     M, N, K, group_shift, split_k, stride_xm, stride_om,
     BITS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SWAP: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, perm[k]] * scale[g, n] * (q[k, n] - zero[g, n]), g = k >> group_shift.
 
     x: fp16 [M, K_in], row stride stride_xm, unit column stride; qweight: int32 [K * BITS / 32, N], scale_zero,
     perm, workspace (fp32, >= M * N, zero on entry and exit) and tickets (int32, >= cdiv(M, BLOCK_M) *
     cdiv(N, BLOCK_N), zero on entry and exit) as in `triton_gemv._gemv_kernel`; out [M, N], row stride
-    stride_om. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. SWAP computes the transposed product
-    out^T = W^T x^T, so that the weight tile is the tensor cores' left operand (the one Hopper's wgmma takes from
-    registers, with BLOCK_N its 64-row side) and the few rows are its narrow right one. Grid: (cdiv(N, BLOCK_N),
-    split_k, cdiv(M, BLOCK_M)).
+    stride_om. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. SWAP computes the transposed
+    product out^T = W^T x^T (the weight tile as the tensor cores' left operand). Grid: (cdiv(N, BLOCK_N), split_k,
+    cdiv(M, BLOCK_M)).
     """
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
-    MASK: tl.constexpr = (1 << BITS) - 1
+    # a tile's scale on its fp32 product (one multiply per output) costs less than on every weight pair up to 32 rows
+    SCALE_AFTER: tl.constexpr = BLOCK_M <= 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -61,9 +111,6 @@ def _skinny_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # bit offset of row r of a word (triton_gemv.word_slot): rows 2p and 2p+1 at slots p and PER_WORD / 2 + p
-    r = tl.arange(0, PER_WORD)
-    shifts = ((r % 2) * (PER_WORD // 2) + r // 2) * BITS
 
     k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     k_begin = pid_k * k_per_split
@@ -77,30 +124,22 @@ def _skinny_kernel(
         mask_k = offs_k < k_end
         src_k = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
         offs_w = k0 // PER_WORD + tl.arange(0, WORDS)
-        mask_w = offs_w * PER_WORD < k_end
-        scale, zero = _fp16_halves(tl.load(scale_zero_ptr + (k0 >> group_shift) * N + offs_n, mask=mask_n, other=0))
-        # (1024 + q) - (1024 + zero) is a small exact integer in fp16, so the product rounds once, as the dequantize
-        # kernel's does
-        zero = (zero + 1024.0).to(tl.float16)
-        scale = scale.to(tl.float16)
+        w, scale = _weight_tile(qweight_ptr, scale_zero_ptr, offs_w, offs_n, offs_w * PER_WORD < k_end, mask_n, N,
+                                k0 >> group_shift, BITS, BLOCK_K, not SCALE_AFTER, EMULATE)
         if SWAP:
-            packed = tl.load(qweight_ptr + offs_w[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mask_w[None, :],
-                             other=0)
-            # each word unpacked once into its PER_WORD rows: [BLOCK_N, words, PER_WORD] -> [BLOCK_N, BLOCK_K]
-            w = tl.reshape(_unpacked_fp16(packed[:, :, None], shifts[None, None, :], MASK), [BLOCK_N, BLOCK_K])
-            w = (w - zero[:, None]) * scale[:, None]
             a = tl.load(x_ptr + offs_m[None, :] * stride_xm + src_k[:, None], mask=mask_m[None, :] & mask_k[:, None],
                         other=0.0)
-            acc = tl.dot(w, a, acc)
+            if SCALE_AFTER:
+                acc += tl.dot(w, a) * scale[:, None]
+            else:
+                acc = tl.dot(w, a, acc)
         else:
-            packed = tl.load(qweight_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_w[:, None] & mask_n[None, :],
-                             other=0)
-            # [words, PER_WORD, BLOCK_N] -> [BLOCK_K, BLOCK_N]
-            w = tl.reshape(_unpacked_fp16(packed[:, None, :], shifts[None, :, None], MASK), [BLOCK_K, BLOCK_N])
-            w = (w - zero[None, :]) * scale[None, :]
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
                         other=0.0)
-            acc = tl.dot(a, w, acc)
+            if SCALE_AFTER:
+                acc += tl.dot(a, tl.trans(w)) * scale[None, :]
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
     if SWAP:
         acc = tl.trans(acc)
 
@@ -142,8 +181,9 @@ def _fits(config: dict, key: tuple) -> bool:
 
 SKINNY_TUNER = Tuner(
     "skinny",
-    generated_configs(BLOCK_N=[64, 128], BLOCK_K=[32, 64, 128], SPLIT_K=[1, 2, 4, 8, 16], SWAP=[0, 1],
-                      num_warps=[4], num_stages=[3]),
+    [c for c in generated_configs(BLOCK_N=[64, 128, 256], BLOCK_K=[64, 128], SPLIT_K=[1, 2, 4, 8, 16], SWAP=[0, 1],
+                                  num_warps=[4, 8], num_stages=[3])
+     if (c["num_warps"] == 8) == (c["BLOCK_N"] == 256)],  # 4 warps would spill a 256-column tile's registers
     prune=_fits,
     interpreter_config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, SWAP=1, num_warps=4, num_stages=1),
 )
@@ -184,7 +224,7 @@ def quant_skinny(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tenso
             x16, qweight, scale_zero, perm if perm is not None else qweight, out, workspace, tickets,
             m, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
             BITS=bits, HAS_PERM=perm is not None, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            SWAP=bool(cfg.get("SWAP", 0)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            SWAP=bool(cfg.get("SWAP", 0)), EMULATE=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     key = (block_m, n, k, bits, group_shift, perm is not None)
