@@ -186,11 +186,11 @@ class Scratch:
 # 2026-12-01) dequantize + cuBLAS at 16 rows took 26 / 68 / 125 us on the 7B o / down / gate_up layers, against
 # 6 / 9 / 16 us for one single-row GEMV.
 GEMV_PASSES = 4
-# From this many rows up to MAX_SKINNY_ROWS the tensor-core kernel (triton_skinny) runs instead: the GEMV's cost grows
-# with the rows, the tensor-core kernel's hardly. On an H200 (BENCHMARKS.md, 2026-12-01, 7B layers, 4-bit g128) the
-# GEMV took 13-26 us at 2 rows and 20-35 at 4, the tensor-core kernel 25-45 at any of 2-16 rows, and at 8 rows
-# the GEMV 33-58 us against 25-45. TALIS_SKINNY_FROM_ROWS overrides it (A/B runs; 33: never).
-SKINNY_FROM_ROWS = int(os.environ.get("TALIS_SKINNY_FROM_ROWS", 8))
+# From this many rows the tensor-core kernel (triton_skinny) runs instead: the GEMV's cost grows with the rows, the
+# tensor-core kernel's hardly. On an H200 (BENCHMARKS.md, 2026-12-01, 7B layers, 4-bit g128) the four layers took
+# 52 us with the GEMV at 1 row, 64 at 2 rows and 94 at 4, and 62 us with the tensor-core kernel at any of 8-16 rows.
+# TALIS_SKINNY_FROM_ROWS overrides it (A/B runs; 129: never).
+SKINNY_FROM_ROWS = int(os.environ.get("TALIS_SKINNY_FROM_ROWS", 3))
 # Up to this many rows (at most MAX_SKINNY_ROWS) the tensor-core kernel runs; more go to dequantize + cuBLAS.
 # TALIS_SKINNY_TO_ROWS overrides it (A/B runs of short prefills).
 SKINNY_TO_ROWS = min(int(os.environ.get("TALIS_SKINNY_TO_ROWS", 32)), MAX_SKINNY_ROWS)

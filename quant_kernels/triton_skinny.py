@@ -23,7 +23,6 @@ from .triton_gemv import Workspace, _fp16_halves
 
 SKINNY_BITS = (2, 4, 8)
 MAX_SKINNY_ROWS = 128  # rows per launch at most (BLOCK_M 128: a short prompt's prefill)
-SPLIT_ROWS = 32  # split-K (and its workspace) only up to this many rows; more rows fill the SMs without it
 
 
 @triton.jit
@@ -86,15 +85,16 @@ def _weight_tile(qweight_ptr, scale_zero_ptr, offs_w, offs_n, mask_w, mask_n, N,
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr, qweight_ptr, scale_zero_ptr, perm_ptr, out_ptr, workspace_ptr, tickets_ptr,
+    x_ptr, qweight_ptr, scale_zero_ptr, out_ptr, workspace_ptr, tickets_ptr,
     M, N, K, group_shift, split_k, stride_xm, stride_om,
-    BITS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """out[m, n] = sum_k x[m, perm[k]] * scale[g, n] * (q[k, n] - zero[g, n]), g = k >> group_shift.
+    """out[m, n] = sum_k x[m, k] * scale[g, n] * (q[k, n] - zero[g, n]), g = k >> group_shift (x already in the
+    weight's row order: quant_skinny permutes it for act-order).
 
-    x: fp16 [M, K_in], row stride stride_xm, unit column stride; qweight: int32 [K * BITS / 32, N], scale_zero,
-    perm, workspace (fp32, >= M * N, zero on entry and exit) and tickets (int32, >= cdiv(M, BLOCK_M) *
+    x: fp16 [M, K], row stride stride_xm, unit column stride; qweight: int32 [K * BITS / 32, N], scale_zero,
+    workspace (fp32, >= M * N, zero on entry and exit) and tickets (int32, >= cdiv(M, BLOCK_M) *
     cdiv(N, BLOCK_N), zero on entry and exit) as in `triton_gemv._gemv_kernel`; out [M, N], row stride
     stride_om. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. SWAP computes the transposed
     product out^T = W^T x^T (the weight tile as the tensor cores' left operand). Grid: (cdiv(N, BLOCK_N), split_k,
@@ -122,19 +122,18 @@ def _skinny_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
-        src_k = tl.load(perm_ptr + offs_k, mask=mask_k, other=0) if HAS_PERM else offs_k
         offs_w = k0 // PER_WORD + tl.arange(0, WORDS)
         w, scale = _weight_tile(qweight_ptr, scale_zero_ptr, offs_w, offs_n, offs_w * PER_WORD < k_end, mask_n, N,
                                 k0 >> group_shift, BITS, BLOCK_K, not SCALE_AFTER, EMULATE)
         if SWAP:
-            a = tl.load(x_ptr + offs_m[None, :] * stride_xm + src_k[:, None], mask=mask_m[None, :] & mask_k[:, None],
+            a = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None],
                         other=0.0)
             if SCALE_AFTER:
                 acc += tl.dot(w, a) * scale[:, None]
             else:
                 acc = tl.dot(w, a, acc)
         else:
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
                         other=0.0)
             if SCALE_AFTER:
                 acc += tl.dot(a, tl.trans(w)) * scale[None, :]
@@ -161,19 +160,19 @@ def _skinny_kernel(
 
 
 def skinny_workspace_size(n: int) -> tuple[int, int]:
-    """(fp32 partials, int32 tickets) that any split-K launch (at most SPLIT_ROWS rows) on N output columns may
-    touch."""
-    return SPLIT_ROWS * n, triton.cdiv(SPLIT_ROWS, 16) * triton.cdiv(n, 32)
+    """(fp32 partials, int32 tickets) that any launch on N output columns may touch."""
+    return MAX_SKINNY_ROWS * n, triton.cdiv(MAX_SKINNY_ROWS, 16) * triton.cdiv(n, 32)
 
 
 def _fits(config: dict, key: tuple) -> bool:
     """Pruner (key: rows block, N, K, bits, group_shift, ...): a tile inside one group, every split at least one
-    block of K, no split above SPLIT_ROWS rows, between half a program and 16 programs per SM."""
+    block of K, between half a program and 16 programs per SM."""
     block_m, n, k, bits, group_shift = key[:5]
-    if config["BLOCK_K"] > (1 << min(group_shift, 30)) or k < config["SPLIT_K"] * config["BLOCK_K"]:
+    group = 1 << min(group_shift, 30)
+    if config["BLOCK_K"] > group or k < config["SPLIT_K"] * config["BLOCK_K"]:
         return False
-    if block_m > SPLIT_ROWS:
-        return config["SPLIT_K"] == 1
+    if config["BLOCK_K"] == 32 and group > 32:  # only for groups of 32: larger tiles take fewer instructions a weight
+        return False
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     programs = triton.cdiv(n, config["BLOCK_N"]) * config["SPLIT_K"]
     return sms // 2 <= programs <= 16 * sms
@@ -181,12 +180,17 @@ def _fits(config: dict, key: tuple) -> bool:
 
 SKINNY_TUNER = Tuner(
     "skinny",
-    [c for c in generated_configs(BLOCK_N=[64, 128, 256], BLOCK_K=[64, 128], SPLIT_K=[1, 2, 4, 8, 16], SWAP=[0, 1],
+    [c for c in generated_configs(BLOCK_N=[64, 128, 256], BLOCK_K=[32, 64, 128], SPLIT_K=[1, 2, 4, 8, 16], SWAP=[0, 1],
                                   num_warps=[4, 8], num_stages=[3])
      if (c["num_warps"] == 8) == (c["BLOCK_N"] == 256)],  # 4 warps would spill a 256-column tile's registers
     prune=_fits,
     interpreter_config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, SWAP=1, num_warps=4, num_stages=1),
 )
+
+
+def skinny_key(rows: int, n: int, k: int, bits: int, group_shift: int) -> tuple:
+    """The tuner's key of a launch: (rows block, N, K, bits, group_shift)."""
+    return rows_block(rows), n, k, bits, group_shift
 
 
 def rows_block(rows: int) -> int:
@@ -202,32 +206,32 @@ def quant_skinny(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tenso
 
     Arguments as in `triton_gemv.quant_gemv` (the same PreparedWeight.args()); groups of at least 32 rows.
     `config` forces one launch configuration (tests); otherwise the one tuned for this shape and rows block.
-    Raises ValueError for 3-bit weights, more than MAX_SKINNY_ROWS rows, or a forced split-K above SPLIT_ROWS rows.
+    Raises ValueError for 3-bit weights or more than MAX_SKINNY_ROWS rows.
     """
     m, k = x.shape
     n = qweight.shape[1]
     if bits not in SKINNY_BITS or m > MAX_SKINNY_ROWS:
         raise ValueError(f"quant_skinny serves {SKINNY_BITS}-bit weights and at most {MAX_SKINNY_ROWS} rows, "
                          f"got {bits} bits and {m} rows")
-    if config and config["SPLIT_K"] > 1 and m > SPLIT_ROWS:
-        raise ValueError(f"split-K serves at most {SPLIT_ROWS} rows, got {m}")
     assert x.stride(1) == 1 and k * bits == qweight.shape[0] * 32, "x must be [M, K] with unit column stride"
     x16 = x if x.dtype == torch.float16 else x.to(torch.float16)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if perm is not None:  # one gather of the few rows beats a gather per tile (BENCHMARKS.md, 2026-12-01)
+        x16 = x16.index_select(1, perm)
     workspace, tickets = Workspace.reserve(x.device, *skinny_workspace_size(n))
     block_m = rows_block(m)
 
     def launch(cfg: dict) -> None:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(m, block_m))
         _skinny_kernel[grid](
-            x16, qweight, scale_zero, perm if perm is not None else qweight, out, workspace, tickets,
+            x16, qweight, scale_zero, out, workspace, tickets,
             m, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
-            BITS=bits, HAS_PERM=perm is not None, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            BITS=bits, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             SWAP=bool(cfg.get("SWAP", 0)), EMULATE=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
-    key = (block_m, n, k, bits, group_shift, perm is not None)
+    key = skinny_key(m, n, k, bits, group_shift)
     launch(config or SKINNY_TUNER.pick(key, launch))
     return out
 

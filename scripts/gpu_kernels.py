@@ -25,7 +25,7 @@ from quant_kernels.quant_linear import QuantLinear
 from quant_kernels.triton_backend import prepare_weight
 from quant_kernels.triton_gemm import GEMM_TUNER, dequantize_into, gemm_key, quant_gemm
 from quant_kernels.triton_gemv import quant_gemv
-from quant_kernels.triton_skinny import SKINNY_BITS, SKINNY_TUNER, quant_skinny, rows_block
+from quant_kernels.triton_skinny import SKINNY_BITS, SKINNY_TUNER, quant_skinny, skinny_key
 
 MODELS = {"7B": (4096, 11008), "13B": (5120, 13824), "33B": (6656, 17920), "65B": (8192, 22016)}  # dim, ffn
 
@@ -146,8 +146,7 @@ def bench_shape(model: str, name: str, k: int, n: int, copy_tbs: float, rows_lis
             out = quant_skinny(x, *weights[0].args())  # tunes this shape and rows block
             error = relative_error(out, dense, x)
             assert error < 1e-3, f"skinny error {error} at {tag} rows={rows}"
-            chosen = SKINNY_TUNER.pick((rows_block(rows), n, k, bits, weights[0].group_shift,
-                                        weights[0].perm is not None), None)
+            chosen = SKINNY_TUNER.pick(skinny_key(rows, n, k, bits, weights[0].group_shift), None)
             us = median_us(lambda: quant_skinny(x, *by_id[id(next_layer())].args()))
             record(f"skinny {tag} M={rows}", us, nbytes + 2 * (rows - 1) * (k + n), err=f"{error:.1e}",
                    config="/".join(str(v) for v in chosen.values()))

@@ -2,7 +2,7 @@
 instructions of its K loop per weight, as scripts/gemv_sass.py does for the GEMV.
 
     PYTHONPATH=. python3 scripts/skinny_sass.py [--bits 4] [--block-m 16] [--block-n 128] [--block-k 64] [--swap]
-                                                [--act-order] [--stages 3] [--sass FILE]
+                                                [--stages 3] [--sass FILE]
 
 The counts depend on the Triton version: use the GPU machine's (see scripts/gemv_sass.py).
 """
@@ -17,16 +17,15 @@ from triton.compiler import ASTSource
 from quant_kernels import triton_skinny as skinny
 from scripts.gemv_sass import INSTRUCTION, disassemble, main_loop
 
-DIVISIBLE_BY_16 = ["x_ptr", "qweight_ptr", "scale_zero_ptr", "perm_ptr", "out_ptr", "workspace_ptr", "tickets_ptr",
+DIVISIBLE_BY_16 = ["x_ptr", "qweight_ptr", "scale_zero_ptr", "out_ptr", "workspace_ptr", "tickets_ptr",
                    "N", "K", "stride_xm", "stride_om"]
 
 
 def compile_skinny(opts) -> triton.compiler.CompiledKernel:
     kernel = skinny._skinny_kernel
-    signature = {"x_ptr": "*fp16", "qweight_ptr": "*i32", "scale_zero_ptr": "*i32", "perm_ptr": "*i32",
-                 "out_ptr": "*fp16", "workspace_ptr": "*fp32", "tickets_ptr": "*i32", "M": "i32", "N": "i32",
+    signature = {"x_ptr": "*fp16", "qweight_ptr": "*i32", "scale_zero_ptr": "*i32", "out_ptr": "*fp16", "workspace_ptr": "*fp32", "tickets_ptr": "*i32", "M": "i32", "N": "i32",
                  "K": "i32", "group_shift": "i32", "split_k": "i32", "stride_xm": "i32", "stride_om": "i32"}
-    constants = dict(BITS=opts.bits, HAS_PERM=opts.act_order, BLOCK_M=opts.block_m, BLOCK_N=opts.block_n,
+    constants = dict(BITS=opts.bits, BLOCK_M=opts.block_m, BLOCK_N=opts.block_n,
                      BLOCK_K=opts.block_k, SWAP=opts.swap, EMULATE=False)
     signature.update({name: "constexpr" for name in constants})
     names = list(kernel.arg_names)
@@ -45,7 +44,6 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--swap", action="store_true")
-    parser.add_argument("--act-order", action="store_true")
     parser.add_argument("--sass", help="also write the whole SASS listing here")
     opts = parser.parse_args()
     sass, usage = disassemble(compile_skinny(opts).asm["cubin"])

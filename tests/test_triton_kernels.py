@@ -13,7 +13,7 @@ from quant_kernels.triton_backend import (GEMV_PASSES, Fallback, PreparedWeight,
                                           group_order, input_gather, pack_3bit_units, prepare_weight)
 from quant_kernels.triton_gemm import dequantize_into, quant_gemm
 from quant_kernels.triton_gemv import MAX_ROWS, Workspace, quant_gemv
-from quant_kernels.triton_skinny import MAX_SKINNY_ROWS, SPLIT_ROWS, quant_skinny
+from quant_kernels.triton_skinny import MAX_SKINNY_ROWS, quant_skinny
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -135,13 +135,13 @@ SKINNY_CASES = [
     (2, 256, 64, 4, -1, False),
     (24, 224, 64, 8, -1, False),
 ]
-# more than SPLIT_ROWS rows (a short prompt's prefill: BLOCK_M 64 and 128) run without split-K
+# a short prompt's prefill: BLOCK_M 64 and 128
 SKINNY_PREFILL_CASES = [(40, 256, 96, 4, 128, True), (100, 288, 64, 8, 32, False), (128, 256, 80, 2, 64, False)]
 
 
 @pytest.mark.parametrize("rows,k,n,bits,group_size,act_order,split_k",
                          [case + (split_k,) for case in SKINNY_CASES for split_k in (1, 3)]
-                         + [case + (1,) for case in SKINNY_PREFILL_CASES])
+                         + [case + (split_k,) for case in SKINNY_PREFILL_CASES for split_k in (1, 2)])
 @pytest.mark.parametrize("swap", [0, 1])
 def test_skinny_matches_reference(rows, k, n, bits, group_size, act_order, split_k, swap):
     layer = random_layer(k, n, bits, group_size, act_order, seed=rows * 5 + bits)
@@ -167,8 +167,6 @@ def test_skinny_split_k_leaves_workspace_clean_and_refuses_3_bits():
         quant_skinny(random_x(9, 256, 0), *three.args())
     with pytest.raises(ValueError, match=f"{MAX_SKINNY_ROWS + 1} rows"):
         quant_skinny(random_x(MAX_SKINNY_ROWS + 1, 512, 0), *weight.args())
-    with pytest.raises(ValueError, match=f"split-K serves at most {SPLIT_ROWS} rows"):
-        quant_skinny(random_x(SPLIT_ROWS + 1, 512, 0), *weight.args(), config=config)
 
 
 @pytest.mark.parametrize("rows,k,n,bits,group_size,act_order", [
@@ -445,7 +443,7 @@ def test_real_shapes_on_gpu(k, n, bits, group_size, act_order):
         out = quant_skinny(x, *weight.args(), out=poisoned(rows, n))
         assert relative_error(out, x.float() @ dense) < TOLERANCE, f"skinny rows={rows}"
         for swap in (0, 1):  # both orientations at a tile the GPU compiles differently from the interpreter's
-            config = dict(BLOCK_N=128, BLOCK_K=32, SPLIT_K=2 if rows <= SPLIT_ROWS else 1, SWAP=swap, num_warps=4,
+            config = dict(BLOCK_N=128, BLOCK_K=32, SPLIT_K=2, SWAP=swap, num_warps=4,
                           num_stages=3)
             out = quant_skinny(x, *weight.args(), out=poisoned(rows, n), config=config)
             assert relative_error(out, x.float() @ dense) < TOLERANCE, f"skinny rows={rows} swap={swap}"
