@@ -191,9 +191,10 @@ GEMV_PASSES = 4
 # 52 us with the GEMV at 1 row, 64 at 2 rows and 94 at 4, and 62 us with the tensor-core kernel at any of 8-16 rows.
 # TALIS_SKINNY_FROM_ROWS overrides it (A/B runs; 129: never).
 SKINNY_FROM_ROWS = int(os.environ.get("TALIS_SKINNY_FROM_ROWS", 3))
-# Up to this many rows (at most MAX_SKINNY_ROWS) the tensor-core kernel runs; more go to dequantize + cuBLAS.
-# TALIS_SKINNY_TO_ROWS overrides it (A/B runs of short prefills).
-SKINNY_TO_ROWS = min(int(os.environ.get("TALIS_SKINNY_TO_ROWS", 32)), MAX_SKINNY_ROWS)
+# Up to this many rows (at most MAX_SKINNY_ROWS) the tensor-core kernel runs; more go to dequantize + cuBLAS. On an
+# H200 at 128 rows (7B layers, 4-bit g128) it took 20 / 35 us on o / down against 31 / 73 for dequantize + cuBLAS
+# (BENCHMARKS.md, 2026-12-01). TALIS_SKINNY_TO_ROWS overrides it (A/B runs of short prefills).
+SKINNY_TO_ROWS = min(int(os.environ.get("TALIS_SKINNY_TO_ROWS", MAX_SKINNY_ROWS)), MAX_SKINNY_ROWS)
 
 
 def quantized_product(x2d: torch.Tensor, args: tuple) -> torch.Tensor:

@@ -9,9 +9,9 @@ On the lent GPU machine the checkout is a copy: write the choices under $OUT wit
 fetched file into the table here, then commit it.
 
 Every choice is timed here, from scratch: this machine's cache (TALIS_CACHE_DIR) and the shipped table are
-ignored for the run. Each linear shape runs at 1, 16 and 32 rows, which tunes every kernel that has a tuner: the
-GEMV (one row: the decode step; its choice serves up to 8 rows) and, where the installed kernels have it, the
-tensor-core kernel of 8-32 rows (a short prompt's prefill, a server's decode batch; tiles of 16 and 32 rows). A
+ignored for the run. Each linear shape runs at 1, 16, 32, 64 and 128 rows, which tunes every kernel that has a
+tuner: the GEMV (one row: the decode step; its choice serves up to 2 rows) and the tensor-core kernel of 3-128
+rows (a server's decode batch, a short prompt's prefill; tiles of 16, 32, 64 and 128 rows). A
 named shape gives one decoder layer's linears as the fast path runs them (q/k/v and gate/up fused); `--model`
 loads a folder (`default`: the embedded model) on the GPU and takes each distinct linear of it, with its own bits,
 groups and act-order. Prints one line per choice.
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return opts
 
 
-ROWS = (1, 16, 32)  # rows per call: the decode GEMV, then the two tile heights of the 8-32-row kernel
+ROWS = (1, 16, 32, 64, 128)  # rows per call: the decode GEMV, then each tile height of the tensor-core kernel
 
 
 def tune_layer(layer, device) -> None:

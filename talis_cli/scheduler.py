@@ -28,6 +28,9 @@ ERROR = "error"  # the model failed mid-step (a bug or an out-of-memory): Reques
 PREFILL_CHUNK = 512  # prompt tokens prefilled per step at most, so a long newcomer stalls the running rows briefly
 # newcomers of one step prefilled as segments of one forward (GPUs); TALIS_PACKED_PREFILL=0: one forward each (A/B)
 PACKED_PREFILL = os.environ.get("TALIS_PACKED_PREFILL", "1") != "0"
+# Prompt lengths the warm-up prefills: one for each tile height of the quantized product (triton_backend.
+# quantized_product: the GEMV up to 2 rows, tiles of 16, 32, 64 and 128 rows, then dequantize + cuBLAS) and 256.
+WARM_PREFILL_LENGTHS = (2, 16, 32, 64, 128, 256)
 
 
 class QueueFull(TalisError):
@@ -460,15 +463,37 @@ class Scheduler:
         self._drop_cancelled()
 
     def warm_up(self) -> None:
-        """Set up the cache and capture the CUDA-graph steps of every batch size up to max_batch now (nothing on
-        a CPU), so no request waits for a capture. start() does this on the scheduler thread first."""
+        """Set up the cache, prefill throwaway prompts of WARM_PREFILL_LENGTHS tokens and capture the CUDA-graph
+        steps of every batch size up to max_batch now (no graphs on a CPU), so that no request waits for a kernel
+        to compile or tune or a graph to be captured. start() does this on the scheduler thread first."""
         import torch
 
         self._ensure_cache()
-        capture = getattr(self.generator.fast_decode, "capture_rows", None)
-        if capture is not None:
-            with torch.inference_mode():
+        with torch.inference_mode():
+            self._warm_prefill()
+            capture = getattr(self.generator.fast_decode, "capture_rows", None)
+            if capture is not None:
                 capture(self.max_batch)
+
+    def _warm_prefill(self) -> None:
+        """Prefill, into the spare row and row 0, prompts of each length of WARM_PREFILL_LENGTHS (within the
+        context), one continuing a cached prefix, and (packed) two at once: the paths a request's prefill takes."""
+        import torch
+
+        gen, spare = self.generator, self.max_batch
+        runner = getattr(gen, "prefill", None) or self.model
+        device = self.model.model.embed_tokens.weight.device
+        vocab = self.model.args.vocab_size
+        lengths = [n for n in WARM_PREFILL_LENGTHS if n < gen.max_seq_len]
+        for n in lengths:
+            runner(torch.tensor([[t % vocab for t in range(1, n + 1)]], device=device), start_pos=0, last_only=True,
+                   cache_row=spare)
+        if lengths:  # a prompt continuing what the row holds
+            runner(torch.tensor([[1, 2]], device=device), start_pos=lengths[0], last_only=True, cache_row=spare)
+        packed = getattr(runner, "prefill_segments", None)
+        if PACKED_PREFILL and packed is not None and len(lengths) > 1:
+            packed([(list(range(1, lengths[1] + 1)), 0, spare), ([1, 2], 0, 0)])
+        self._held[0] = []
 
     def _loop(self, warm: threading.Event) -> None:
         try:

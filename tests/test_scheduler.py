@@ -320,3 +320,36 @@ def test_max_queue_0_runs_requests_that_find_a_free_row(model, tokenizer):
         scheduler.submit(p, GREEDY)
     seen = drain(scheduler, [a, b])
     assert seen[a.id] == alone(model, tokenizer, p, GREEDY) and seen[b.id] == alone(model, tokenizer, p, GREEDY, 1)
+
+
+def test_warm_up_prefills_each_tile_height_into_the_spare_row_and_leaves_rows_clean(model, tokenizer):
+    """warm_up() runs a throwaway prefill of each WARM_PREFILL_LENGTHS length within the context (the kernels of
+    every tile height compile before the first request), one continuing a cached prefix and one packed, into the
+    spare row (and row 0); the requests after it reuse nothing of those and give their text alone."""
+    from talis_cli.fast_prefill import PrefillRunner
+    from talis_cli.scheduler import WARM_PREFILL_LENGTHS
+
+    runner, calls = PrefillRunner(model), []
+
+    class Spy:
+        def __call__(self, tokens, start_pos, cache_row=None, last_only=True):
+            calls.append((tokens.shape[1], start_pos, cache_row))
+            return runner(tokens, start_pos, cache_row=cache_row, last_only=last_only)
+
+        def prefill_segments(self, parts):
+            calls.append([(len(ids), start, row) for ids, start, row in parts])
+            return runner.prefill_segments(parts)
+
+    gen = Generator(model, tokenizer, (), CONTEXT)
+    gen.prefill = Spy()
+    scheduler = Scheduler(gen, max_batch=2)
+    scheduler.warm_up()
+    lengths = [n for n in WARM_PREFILL_LENGTHS if n < CONTEXT]
+    assert len(lengths) >= 2
+    assert calls == [(n, 0, 2) for n in lengths] + [(2, lengths[0], 2), [(lengths[1], 0, 2), (2, 0, 0)]]
+    prompts = [tokenizer.encode(text) for text in ("In the beginning God created", "And the earth was")]
+    requests = [scheduler.submit(p, GREEDY, prompt_index=i) for i, p in enumerate(prompts)]
+    got = drain(scheduler, requests)
+    for i, (request, p) in enumerate(zip(requests, prompts)):
+        assert got[request.id] == alone(model, tokenizer, p, GREEDY, index=i)
+        assert request.stats.reused_tokens == 0
