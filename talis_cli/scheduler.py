@@ -28,9 +28,10 @@ ERROR = "error"  # the model failed mid-step (a bug or an out-of-memory): Reques
 PREFILL_CHUNK = 512  # prompt tokens prefilled per step at most, so a long newcomer stalls the running rows briefly
 # newcomers of one step prefilled as segments of one forward (GPUs); TALIS_PACKED_PREFILL=0: one forward each (A/B)
 PACKED_PREFILL = os.environ.get("TALIS_PACKED_PREFILL", "1") != "0"
-# Prompt lengths the warm-up prefills: one for each tile height of the quantized product (triton_backend.
-# quantized_product: the GEMV up to 2 rows, tiles of 16, 32, 64 and 128 rows, then dequantize + cuBLAS) and 256.
-WARM_PREFILL_LENGTHS = (2, 16, 32, 64, 128, 256)
+# Prompt lengths the warm-up prefills: for each tile height of the quantized product (triton_backend.
+# quantized_product: the GEMV up to 2 rows, tiles of 16, 32, 64 and 128 rows, then dequantize + cuBLAS) a length
+# that is a multiple of 16 and one that is not, as Triton compiles a kernel apart for each.
+WARM_PREFILL_LENGTHS = (2, 3, 16, 17, 32, 33, 64, 65, 128, 129)
 
 
 class QueueFull(TalisError):
