@@ -5,9 +5,8 @@ rows (on an H200 eight rows cost 2.6-3.5x one row, BENCHMARKS.md 2026-12-01). He
 2-, 4- or 8-bit weights to fp16 once, in registers, and hands it to `tl.dot` with a tile of BLOCK_M rows (16-128,
 padded), so the rows ride on the tensor cores. Per pair of weights the unpacking is one shift, one lop3 and one
 exact fp16x2 subtraction of the zero point (`_weight_tile`), written straight into the tensor cores' registers;
-up to 32 rows the scale multiplies the tile's fp32 product instead of every weight. With SWAP (the tuner's choice
-for every 4-bit 7B layer on an H200) the weight tile is the left operand, which Hopper's wgmma takes from registers,
-and the rows are the narrow right operand. On an H200 the 7B layers took the same time at 2 and at 16 rows (o 8.3
+up to 32 rows the scale multiplies the tile's fp32 product instead of every weight. The weight tile is the left
+operand, which Hopper's wgmma takes from registers, and the rows are the narrow right operand. On an H200 the 7B layers took the same time at 2 and at 16 rows (o 8.3
 us, gate_up 23.8 us: 39-74% of the copy bandwidth, 1.2x a one-row GEMV) and at 128 rows beat dequantize + cuBLAS
 (down 35 us against 73) (BENCHMARKS.md, 2026-12-01, ninth session; scripts/skinny_sass.py counts the instructions
 per weight). K is split over programs (split-K) so that narrow layers still occupy every SM; partial sums meet in
@@ -91,7 +90,7 @@ def _skinny_kernel(
     x_ptr, qweight_ptr, scale_zero_ptr, out_ptr, workspace_ptr, tickets_ptr,
     M, N, K, group_shift, split_k, stride_xm, stride_om,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SWAP: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * scale[g, n] * (q[k, n] - zero[g, n]), g = k >> group_shift (x already in the
     weight's row order: quant_skinny permutes it for act-order).
@@ -99,9 +98,11 @@ def _skinny_kernel(
     x: fp16 [M, K], row stride stride_xm, unit column stride; qweight: int32 [K * BITS / 32, N], scale_zero,
     workspace (fp32, >= M * N, zero on entry and exit) and tickets (int32, >= cdiv(M, BLOCK_M) *
     cdiv(N, BLOCK_N), zero on entry and exit) as in `triton_gemv._gemv_kernel`; out [M, N], row stride
-    stride_om. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. SWAP computes the transposed
-    product out^T = W^T x^T (the weight tile as the tensor cores' left operand). Grid: (cdiv(N, BLOCK_N), split_k,
-    cdiv(M, BLOCK_M)).
+    stride_om. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. The tile computes the transposed product
+    out^T = W^T x^T: the weight tile is the tensor cores' left operand (Hopper's wgmma takes it straight from the
+    registers the unpacking wrote) and the rows the narrow right one; with the rows on the left (out = x W) the
+    tuner had chosen it in 58 of 60 cases on an H200, and at 64-128 rows the other way took twice the instructions
+    (BENCHMARKS.md, 2026-12-01). Grid: (cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M)).
     """
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
@@ -118,32 +119,20 @@ def _skinny_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    if SWAP:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # out^T
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         offs_w = k0 // PER_WORD + tl.arange(0, WORDS)
         w, scale = _weight_tile(qweight_ptr, scale_zero_ptr, offs_w, offs_n, offs_w * PER_WORD < k_end, mask_n, N,
                                 k0 >> group_shift, BITS, BLOCK_K, not SCALE_AFTER, EMULATE)
-        if SWAP:
-            a = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None],
-                        other=0.0)
-            if SCALE_AFTER:
-                acc += tl.dot(w, a) * scale[:, None]
-            else:
-                acc = tl.dot(w, a, acc)
+        a = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None],
+                    other=0.0)  # x^T
+        if SCALE_AFTER:
+            acc += tl.dot(w, a) * scale[:, None]
         else:
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                        other=0.0)
-            if SCALE_AFTER:
-                acc += tl.dot(a, tl.trans(w)) * scale[None, :]
-            else:
-                acc = tl.dot(a, tl.trans(w), acc)
-    if SWAP:
-        acc = tl.trans(acc)
+            acc = tl.dot(w, a, acc)
+    acc = tl.trans(acc)
 
     mask_out = mask_m[:, None] & mask_n[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -183,11 +172,10 @@ def _fits(config: dict, key: tuple) -> bool:
 
 SKINNY_TUNER = Tuner(
     "skinny",
-    [c for c in generated_configs(BLOCK_N=[64, 128, 256], BLOCK_K=[32, 64, 128], SPLIT_K=[1, 2, 4, 8, 16], SWAP=[0, 1],
-                                  num_warps=[4, 8], num_stages=[3])
-     if (c["num_warps"] == 8) == (c["BLOCK_N"] == 256)],  # 4 warps would spill a 256-column tile's registers
+    generated_configs(BLOCK_N=[64, 128], BLOCK_K=[32, 64, 128], SPLIT_K=[1, 2, 4, 8, 16], num_warps=[4],
+                      num_stages=[3]),
     prune=_fits,
-    interpreter_config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, SWAP=1, num_warps=4, num_stages=1),
+    interpreter_config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),
 )
 
 
@@ -231,7 +219,7 @@ def quant_skinny(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tenso
             x16, qweight, scale_zero, out, workspace, tickets,
             m, n, k, group_shift, cfg["SPLIT_K"], x16.stride(0), out.stride(0),
             BITS=bits, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            SWAP=bool(cfg.get("SWAP", 0)), EMULATE=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            EMULATE=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     key = skinny_key(m, n, k, bits, group_shift)

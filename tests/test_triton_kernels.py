@@ -142,13 +142,12 @@ SKINNY_PREFILL_CASES = [(40, 256, 96, 4, 128, True), (100, 288, 64, 8, 32, False
 @pytest.mark.parametrize("rows,k,n,bits,group_size,act_order,split_k",
                          [case + (split_k,) for case in SKINNY_CASES for split_k in (1, 3)]
                          + [case + (split_k,) for case in SKINNY_PREFILL_CASES for split_k in (1, 2)])
-@pytest.mark.parametrize("swap", [0, 1])
-def test_skinny_matches_reference(rows, k, n, bits, group_size, act_order, split_k, swap):
+def test_skinny_matches_reference(rows, k, n, bits, group_size, act_order, split_k):
     layer = random_layer(k, n, bits, group_size, act_order, seed=rows * 5 + bits)
     weight = prepare_weight(layer)
     x = random_x(rows, k, seed=split_k)
     out = poisoned(rows, n)
-    config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split_k, SWAP=swap, num_warps=4, num_stages=1)
+    config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
     quant_skinny(x, *weight.args(), out=out, config=config)
     assert relative_error(out, reference(layer, x)) < TOLERANCE
 
@@ -442,11 +441,10 @@ def test_real_shapes_on_gpu(k, n, bits, group_size, act_order):
         x = random_x(rows, k, seed=rows)
         out = quant_skinny(x, *weight.args(), out=poisoned(rows, n))
         assert relative_error(out, x.float() @ dense) < TOLERANCE, f"skinny rows={rows}"
-        for swap in (0, 1):  # both orientations at a tile the GPU compiles differently from the interpreter's
-            config = dict(BLOCK_N=128, BLOCK_K=32, SPLIT_K=2, SWAP=swap, num_warps=4,
-                          num_stages=3)
-            out = quant_skinny(x, *weight.args(), out=poisoned(rows, n), config=config)
-            assert relative_error(out, x.float() @ dense) < TOLERANCE, f"skinny rows={rows} swap={swap}"
+        # a fixed split-K tile besides the tuned one (which may not split)
+        config = dict(BLOCK_N=128, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=3)
+        out = quant_skinny(x, *weight.args(), out=poisoned(rows, n), config=config)
+        assert relative_error(out, x.float() @ dense) < TOLERANCE, f"skinny rows={rows} split-K"
     for rows in (33, 300):
         x = random_x(rows, k, seed=rows)
         config = None if bits == 3 else dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
