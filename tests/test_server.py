@@ -281,7 +281,7 @@ def test_metrics_count_requests_tokens_and_latencies(reference):
         assert samples["talis_prompt_tokens_total"] == 3 * len(ids)
         assert samples["talis_completion_tokens_total"] == 3 * tokens
         assert samples["talis_time_to_first_token_seconds_count"] == 3
-        assert samples["talis_time_per_output_token_seconds_count"] == 3
+        assert samples["talis_time_per_output_token_seconds_count"] == 3 * (tokens - 1)  # one per token after the first
         assert samples["talis_queue_depth"] == 0 and samples["talis_running_requests"] == 0
         assert any(line.startswith("POST /v1/completions 200 4+5 tokens ") for line in server.lines)
 

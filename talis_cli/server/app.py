@@ -264,8 +264,14 @@ async def complete(state: ServerState, request: Request, served: ServedModel, id
             state.metrics.observe_completion(req.stats)
 
     parts: list[str] = []  # a non-streaming reply's text, gathered on the scheduler thread
+    previous = [None]  # perf_counter of the request's last token event
 
     def listener(req, event):  # on the scheduler thread: must not block
+        if event.token_ids:
+            now = time.perf_counter()
+            if previous[0] is not None:
+                state.metrics.observe_token_gap(now - previous[0])
+            previous[0] = now
         if not body.stream and event.finish_reason is None:
             parts.append(event.text)  # the loop wakes only for the last event, not once per token
             return

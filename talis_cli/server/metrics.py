@@ -12,7 +12,8 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
 
 class ServerMetrics:
     """Counters by endpoint and status, tokens in and out, the scheduler's queue depth and batch size (read when
-    scraped), and histograms of time to first token and of per-token latency."""
+    scraped), and histograms of time to first token (one per request) and of the time between tokens (one per
+    token)."""
 
     def __init__(self, scheduler_view):
         """scheduler_view: a callable returning the Scheduler (or None while the model loads)."""
@@ -31,8 +32,9 @@ class ServerMetrics:
                                              "From a request's arrival to its first token", buckets=TTFT_BUCKETS,
                                              registry=self.registry)
         self.time_per_token = Histogram("talis_time_per_output_token_seconds",
-                                        "Decode time per token after the first, one observation per request",
-                                        buckets=TOKEN_BUCKETS, registry=self.registry)
+                                        "Time between consecutive tokens of a request (inter-token latency), one "
+                                        "observation per token after the first", buckets=TOKEN_BUCKETS,
+                                        registry=self.registry)
 
     def count_request(self, path: str, status: int) -> None:
         self.requests.labels(path if path in ENDPOINTS else "other", str(status)).inc()
@@ -43,8 +45,10 @@ class ServerMetrics:
         self.completion_tokens.inc(stats.new_tokens)
         if stats.new_tokens:
             self.time_to_first_token.observe(stats.first_token_s)
-        if stats.new_tokens > 1:
-            self.time_per_token.observe(stats.decode_s / (stats.new_tokens - 1))
+
+    def observe_token_gap(self, seconds: float) -> None:
+        """Record the time since the request's previous token (called from the scheduler thread)."""
+        self.time_per_token.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
