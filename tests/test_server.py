@@ -412,3 +412,27 @@ def test_a_long_prompt_does_not_stall_the_event_loop(live):
     assert answers["long"].status_code == 400 and answers["long"].json()["error"]["code"] == "context_length_exceeded"
     slowest = max(b - a for a, b in zip(answered, answered[1:]))
     assert len(answered) > 5 and slowest < 0.5, f"/health answered {len(answered) - 1} times, {slowest:.2f} s apart"
+
+
+def test_an_end_of_sequence_token_ends_the_reply_with_openais_stop():
+    """A reply that draws an end-of-sequence token ends there with finish_reason "stop", streaming or not, with the
+    text the Generator gives. The embedded model never draws its own EOS greedily on this prompt, so its third
+    greedy token is made an end-of-sequence id, in the reference engine and in the server alike."""
+    engine = Engine.load()
+    ids, _ = encode_prompt(engine, PROMPT, None, None, False)
+    cfg = GREEDY.with_overrides(max_new_tokens=8)
+    free = list(engine.generator.stream(ids, cfg))
+    eos = free[2].token_ids[0]
+    engine.generator.eos_ids = frozenset({eos})
+    ended = list(engine.generator.stream(ids, cfg))
+    assert ended[-1].finish_reason == "eos" and len(ended) < len(free)
+    text = "".join(e.text for e in ended)
+    with serve_embedded() as server:
+        server.scheduler.generator.eos_ids = frozenset({eos})
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        whole = client.completions.create(model="talis-default", prompt=PROMPT, max_tokens=8, temperature=0)
+        assert (whole.choices[0].text, whole.choices[0].finish_reason) == (text, "stop")
+        chunks = list(client.completions.create(model="talis-default", prompt=PROMPT, max_tokens=8, temperature=0,
+                                                stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == text
+        assert chunks[-1].choices[0].finish_reason == "stop"
