@@ -125,7 +125,8 @@ def test_gemv_split_k_leaves_workspace_clean():
     assert not partials.any() and not tickets.any()
 
 
-# K = 288 is not a whole number of 64-row blocks; N = 80 not of 32-column blocks; 17-32 rows take BLOCK_M 32.
+# N = 80 is not a whole number of 32-column blocks; 17-32 rows take BLOCK_M 32. With BLOCK_K 32 every K tile is
+# whole (K is a multiple of 32): test_skinny_masks_a_k_tile_that_runs_past_k covers a partial one.
 SKINNY_CASES = [
     # rows, K, N, bits, group_size, act_order
     (9, 256, 64, 4, 128, False),
@@ -148,6 +149,19 @@ def test_skinny_matches_reference(rows, k, n, bits, group_size, act_order, split
     x = random_x(rows, k, seed=split_k)
     out = poisoned(rows, n)
     config = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    quant_skinny(x, *weight.args(), out=out, config=config)
+    assert relative_error(out, reference(layer, x)) < TOLERANCE
+
+
+@pytest.mark.parametrize("rows,split_k", [(5, 1), (5, 2), (128, 2)])
+def test_skinny_masks_a_k_tile_that_runs_past_k(rows, split_k):
+    """K = 288 in 64-row tiles: the last tile of K (and of the last split) is half outside the weight, so the masks
+    on words and on x columns inside a tile decide the result; 5 rows scale the tile's product, 128 every weight."""
+    layer = random_layer(288, 80, 4, 128, act_order=False, seed=rows + split_k)
+    weight = prepare_weight(layer)
+    x = random_x(rows, 288, seed=rows)
+    out = poisoned(rows, 80)
+    config = dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=1)
     quant_skinny(x, *weight.args(), out=out, config=config)
     assert relative_error(out, reference(layer, x)) < TOLERANCE
 
