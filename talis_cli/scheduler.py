@@ -466,9 +466,15 @@ class Scheduler:
     def warm_up(self) -> None:
         """Set up the cache, prefill throwaway prompts of WARM_PREFILL_LENGTHS tokens and capture the CUDA-graph
         steps of every batch size up to max_batch now (no graphs on a CPU), so that no request waits for a kernel
-        to compile or tune or a graph to be captured. start() does this on the scheduler thread first."""
+        to compile or tune or a graph to be captured. start() does this on the scheduler thread first.
+
+        Raises RuntimeError once a request holds a row or from another thread than start()'s: the throwaway
+        prompts overwrite row 0 and the spare row."""
         import torch
 
+        if self._active or (self._thread is not None and threading.current_thread() is not self._thread):
+            raise RuntimeError("warm_up() overwrites rows of the cache: call it before the first request is "
+                               "admitted, on the thread that steps (start() does)")
         self._ensure_cache()
         with torch.inference_mode():
             self._warm_prefill()
@@ -492,7 +498,7 @@ class Scheduler:
         for n in lengths:
             runner(torch.tensor([[t % vocab for t in range(1, n + 1)]], device=device), start_pos=0, last_only=True,
                    cache_row=spare)
-        if lengths:  # a prompt continuing what the row holds
+        if lengths and lengths[0] + 2 <= gen.max_seq_len:  # a prompt continuing what the row holds
             runner(torch.tensor([[1, 2]], device=device), start_pos=lengths[0], last_only=True, cache_row=spare)
         packed = getattr(runner, "prefill_segments", None)
         if PACKED_PREFILL and packed is not None and len(lengths) > 1:

@@ -353,3 +353,32 @@ def test_warm_up_prefills_each_tile_height_into_the_spare_row_and_leaves_rows_cl
     for i, (request, p) in enumerate(zip(requests, prompts)):
         assert got[request.id] == alone(model, tokenizer, p, GREEDY, index=i)
         assert request.stats.reused_tokens == 0
+
+
+def test_warm_up_refuses_once_a_request_holds_a_row_and_fits_a_tiny_context(model, tokenizer):
+    """warm_up() overwrites row 0 (and the spare row): once a request is admitted it raises, and the request goes
+    on with its own text; on a context of 3 tokens it prefills only what fits (no continuation past the end)."""
+    from talis_cli.fast_prefill import PrefillRunner
+
+    gen = Generator(model, tokenizer, (), CONTEXT)
+    gen.prefill = PrefillRunner(model)
+    scheduler = Scheduler(gen, max_batch=2)
+    prompt = tokenizer.encode("In the beginning God created")
+    request = scheduler.submit(prompt, GREEDY)
+    scheduler.step()
+    assert scheduler.running == 1
+    with pytest.raises(RuntimeError, match="before the first request"):
+        scheduler.warm_up()
+    assert drain(scheduler, [request])[request.id] == alone(model, tokenizer, prompt, GREEDY)
+
+    runner, calls = PrefillRunner(model), []
+
+    class Spy:
+        def __call__(self, tokens, start_pos, cache_row=None, last_only=True):
+            calls.append((tokens.shape[1], start_pos, cache_row))
+            return runner(tokens, start_pos, cache_row=cache_row, last_only=last_only)
+
+    tiny = Generator(model, tokenizer, (), 3)
+    tiny.prefill = Spy()
+    Scheduler(tiny, max_batch=1).warm_up()
+    assert calls == [(2, 0, 1)]
