@@ -18,9 +18,11 @@ GPTQ tensors, so the weight is held once; otherwise the layer keeps both copies.
   units (`triton_gemv.unit_rows`: 32 rows for 3 bits, 32 / bits otherwise) or groups smaller than one, scales
   not fp16, a CPU tensor outside the interpreter) falls back to the torch reference backend.
 
-`forward` (`quantized_product`) routes by row count: up to `triton_gemv.MAX_ROWS` rows go to the fused GEMV; from
-SKINNY_FROM_ROWS to SKINNY_TO_ROWS rows (a server's decode batch, a short prompt) to the fused
-tensor-core kernel (2-, 4-, 8-bit) or else GEMV passes of MAX_ROWS rows (3-bit); more rows (prefill) are dequantized into a per-device fp16 scratch buffer, in column slices, and multiplied by cuBLAS.
+`forward` (`quantized_product`) routes by row count: from SKINNY_FROM_ROWS to SKINNY_TO_ROWS rows (a server's
+decode batch, a short prompt) to the fused tensor-core kernel where it serves the layer (2-, 4-, 8-bit); otherwise
+up to `triton_gemv.MAX_ROWS` rows to the fused GEMV and up to GEMV_PASSES * MAX_ROWS to GEMV passes of MAX_ROWS
+rows; more rows (prefill, and 3-bit layers from 33 rows) are dequantized into a per-device fp16 scratch buffer, in
+column slices, and multiplied by cuBLAS.
 Measured on an H100 (BENCHMARKS.md, Kernels): at 2048 rows dequantize + cuBLAS ran at 550-630 TFLOP/s, 85-90% of
 fp16 cuBLAS, while the fused Triton GEMM (`triton_gemm.quant_gemm`) reached only ~155 TFLOP/s; on an H200
 (2026-12-01) the fused GEMM was slower than dequantize + cuBLAS at every M from 16 to 2048.
@@ -187,8 +189,9 @@ class Scratch:
 # 6 / 9 / 16 us for one single-row GEMV.
 GEMV_PASSES = 4
 # From this many rows the tensor-core kernel (triton_skinny) runs instead: the GEMV's cost grows with the rows, the
-# tensor-core kernel's hardly. On an H200 (BENCHMARKS.md, 2026-12-01, 7B layers, 4-bit g128) the four layers took
-# 52 us with the GEMV at 1 row, 64 at 2 rows and 94 at 4, and 62 us with the tensor-core kernel at any of 8-16 rows.
+# tensor-core kernel's hardly. On an H200 (BENCHMARKS.md, 2026-12-01, 7B layers o, qkv, down, gate_up, 4-bit g128)
+# the four took 52 us with the GEMV at 1 row and 66 at 2 rows (ninth session; 94 at 4 rows in the eighth), and
+# 61-63 us with the tensor-core kernel at any of 2-16 rows.
 # TALIS_SKINNY_FROM_ROWS overrides it (A/B runs; 129: never).
 SKINNY_FROM_ROWS = int(os.environ.get("TALIS_SKINNY_FROM_ROWS", 3))
 # Up to this many rows (at most MAX_SKINNY_ROWS) the tensor-core kernel runs; more go to dequantize + cuBLAS. On an
@@ -198,9 +201,9 @@ SKINNY_TO_ROWS = min(int(os.environ.get("TALIS_SKINNY_TO_ROWS", MAX_SKINNY_ROWS)
 
 
 def quantized_product(x2d: torch.Tensor, args: tuple) -> torch.Tensor:
-    """x2d [M, K] (contiguous) @ W -> [M, N] in x2d's dtype; `args` as PreparedWeight.args(). Up to MAX_ROWS rows
-    (below SKINNY_FROM_ROWS): one GEMV; up to SKINNY_TO_ROWS: the tensor-core kernel where it serves the bit
-    width, else GEMV passes of MAX_ROWS rows; more: dequantize + cuBLAS."""
+    """x2d [M, K] (contiguous) @ W -> [M, N] in x2d's dtype; `args` as PreparedWeight.args(). SKINNY_FROM_ROWS to
+    SKINNY_TO_ROWS rows: the tensor-core kernel where it serves the layer (`triton_skinny.usable`); otherwise up to
+    MAX_ROWS rows one GEMV, up to GEMV_PASSES * MAX_ROWS GEMV passes of MAX_ROWS rows; more: dequantize + cuBLAS."""
     qweight, bits, group_shift = args[0], args[3], args[4]
     m, k, n = x2d.shape[0], qweight.shape[0] * 32 // bits, qweight.shape[1]
     if SKINNY_FROM_ROWS <= m <= SKINNY_TO_ROWS and skinny_usable(bits, group_shift):

@@ -356,6 +356,10 @@ def test_cuda_graph_rows_at_their_own_positions_match_eager_random_7b():
 @gpu
 @needs_cuda
 def test_cuda_graph_rows_joining_late_give_eager_greedy_tokens_embedded_model():
+    """Rows joining a running batch (graphs of 1, 2 and 4 rows, across the 128-slot context bucket): fed the eager
+    path's greedy tokens, the graphs' logits stay within fp16 rounding of the eager ones at every step, and pick the
+    same token wherever the eager top two are further apart than that (the paths round differently, so an exact
+    near-tie may flip, and one flip would change every later token of a free-running comparison)."""
     from talis_cli.engine import DEFAULT_MODEL_DIR, Engine, LoadSettings
 
     if not (DEFAULT_MODEL_DIR / "config.json").exists():
@@ -365,10 +369,6 @@ def test_cuda_graph_rows_joining_late_give_eager_greedy_tokens_embedded_model():
     model.setup_cache(4, 256)
     prompts = [torch.tensor(engine.encode(t), device="cuda")
                for t in ("In the beginning God created", "And it came to pass", "Blessed are the")]
-    """Rows joining a running batch (graphs of 1, 2 and 4 rows, across the 128-slot context bucket): fed the eager
-    path's greedy tokens, the graphs' logits stay within fp16 rounding of the eager ones at every step, and pick the
-    same token wherever the eager top two are further apart than that (the paths round differently, so an exact
-    near-tie may flip, and one flip would change every later token of a free-running comparison)."""
     joins = [0, 5, 9]
     eager_logits, fast_logits = [[] for _ in prompts], [[] for _ in prompts]
     tokens = staggered_greedy(model, prompts, joins, 100, model.decode_rows, logits=eager_logits)
