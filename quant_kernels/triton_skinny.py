@@ -1,15 +1,15 @@
 """Fused dequantize + tensor-core product for 3-128 rows of activations (a server's decode batch, a short prefill).
 
 The GEMV (triton_gemv) multiplies each row by the unpacked weights on the CUDA cores, so its cost grows with the
-rows (on an H200 eight rows cost 2.6-3.5x one row, BENCHMARKS.md 2026-12-01). Here each program unpacks a tile of
-2-, 4- or 8-bit weights to fp16 once, in registers, and hands it to `tl.dot` with a tile of BLOCK_M rows (16-128,
-padded), so the rows ride on the tensor cores. Per pair of weights the unpacking is one shift, one lop3 and one
-exact fp16x2 subtraction of the zero point (`_weight_tile`), written straight into the tensor cores' registers;
-up to 32 rows the scale multiplies the tile's fp32 product instead of every weight. The weight tile is the left
-operand, which Hopper's wgmma takes from registers, and the rows are the narrow right operand. On an H200 the 7B layers took the same time at 2 and at 16 rows (o 8.3
-us, gate_up 23.8 us: 39-74% of the copy bandwidth, 1.2x a one-row GEMV) and at 128 rows beat dequantize + cuBLAS
-(down 35 us against 73) (BENCHMARKS.md, 2026-12-01, ninth session; scripts/skinny_sass.py counts the instructions
-per weight). K is split over programs (split-K) so that narrow layers still occupy every SM; partial sums meet in
+rows (on an H200 eight rows of the 7B layers cost 2.5-3.0x one row, BENCHMARKS.md 2026-12-01, eighth session).
+Here each program unpacks a tile of 2-, 4- or 8-bit weights to fp16 once, in registers, and hands it to `tl.dot`
+with a tile of BLOCK_M rows (16-128, padded), so the rows ride on the tensor cores. Per pair of weights the
+unpacking is one shift, one lop3 and one exact fp16x2 subtraction of the zero point (`_weight_tile`), written
+straight into the tensor cores' registers; up to 32 rows the scale multiplies the tile's fp32 product instead of
+every weight. The weight tile is the left operand, which Hopper's wgmma takes from registers, and the rows are the
+narrow right operand. On an H200 the 7B layers took the same time at 2 and at 16 rows (o 8.3 us, gate_up 23.8 us:
+39-74% of the copy bandwidth, 1.2x a one-row GEMV) and at 128 rows beat dequantize + cuBLAS (down 35 us against
+73) (BENCHMARKS.md, 2026-12-01, ninth session; scripts/skinny_sass.py counts the instructions per weight). K is split over programs (split-K) so that narrow layers still occupy every SM; partial sums meet in
 the GEMV's fp32 workspace through atomic adds, and the last program of a tile (an atomic ticket) writes it out and
 zeroes its workspace again, as in the GEMV. Act-order rows are gathered into the weight's row order once per call.
 

@@ -23,8 +23,9 @@ DIVISIBLE_BY_16 = ["x_ptr", "qweight_ptr", "scale_zero_ptr", "out_ptr", "workspa
 
 def compile_skinny(opts) -> triton.compiler.CompiledKernel:
     kernel = skinny._skinny_kernel
-    signature = {"x_ptr": "*fp16", "qweight_ptr": "*i32", "scale_zero_ptr": "*i32", "out_ptr": "*fp16", "workspace_ptr": "*fp32", "tickets_ptr": "*i32", "M": "i32", "N": "i32",
-                 "K": "i32", "group_shift": "i32", "split_k": "i32", "stride_xm": "i32", "stride_om": "i32"}
+    signature = {"x_ptr": "*fp16", "qweight_ptr": "*i32", "scale_zero_ptr": "*i32", "out_ptr": "*fp16",
+                 "workspace_ptr": "*fp32", "tickets_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                 "group_shift": "i32", "split_k": "i32", "stride_xm": "i32", "stride_om": "i32"}
     constants = dict(BITS=opts.bits, BLOCK_M=opts.block_m, BLOCK_N=opts.block_n,
                      BLOCK_K=opts.block_k, EMULATE=False)
     signature.update({name: "constexpr" for name in constants})
