@@ -100,9 +100,10 @@ def _skinny_kernel(
     cdiv(N, BLOCK_N), zero on entry and exit) as in `triton_gemv._gemv_kernel`; out [M, N], row stride
     stride_om. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. The tile computes the transposed product
     out^T = W^T x^T: the weight tile is the tensor cores' left operand (Hopper's wgmma takes it straight from the
-    registers the unpacking wrote) and the rows the narrow right one; with the rows on the left (out = x W) the
-    tuner had chosen it in 58 of 60 cases on an H200, and at 64-128 rows the other way took twice the instructions
-    (BENCHMARKS.md, 2026-12-01). Grid: (cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M)).
+    registers the unpacking wrote) and the rows the narrow right one. Offered both orientations, the tuner had
+    chosen this one over the rows on the left (out = x W) in 58 of 60 cases on an H200, and at 64-128 rows the other
+    took twice the instructions (BENCHMARKS.md, 2026-12-01). Grid: (cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M)),
+    the last 1 in quant_skinny, whose BLOCK_M (`rows_block`) is at least M.
     """
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
