@@ -186,7 +186,7 @@ class Scratch:
 # Up to GEMV_PASSES * MAX_ROWS rows (a server's decode batch) run as GEMV passes of MAX_ROWS rows. Each pass reads
 # the 4-bit weight once; dequantize + cuBLAS writes and reads it in fp16 besides. On an H200 (BENCHMARKS.md,
 # 2026-12-01) dequantize + cuBLAS at 16 rows took 26 / 68 / 125 us on the 7B o / down / gate_up layers, against
-# 6 / 9 / 16 us for one single-row GEMV.
+# 7 / 12 / 20 us for one single-row GEMV (eighth and ninth sessions).
 GEMV_PASSES = 4
 # From this many rows the tensor-core kernel (triton_skinny) runs instead: the GEMV's cost grows with the rows, the
 # tensor-core kernel's hardly. On an H200 (BENCHMARKS.md, 2026-12-01, 7B layers o, qkv, down, gate_up, 4-bit g128)
