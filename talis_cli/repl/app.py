@@ -93,6 +93,9 @@ class ChatRepl:
             full = (f"(the reply stopped: the context of {size} tokens is full; /undo or /clear makes room, "
                     f"or the oldest exchanges are dropped with the next message; {context_full_advice(size, limit)})")
         self.renderer.end(reply.stats, interrupted=reply.finish_reason == "interrupted", context_full=full)
+        if reply.dropped:  # a server's context: known only once it refused the longer conversation
+            self.io.warning(f"(the conversation outgrew the server's context: dropped the {reply.dropped} oldest "
+                            "exchange(s) before this reply; the system prompt stays)")
 
 
 def run_chat(session, first_message: Optional[str] = None) -> None:
