@@ -262,3 +262,24 @@ def test_chat_url_drops_the_oldest_exchanges_the_servers_context_cannot_hold(tmp
     assert caught.value.code == "context_length_exceeded"
     assert session.messages == before + [{"role": "user", "content": "x" * 60}]  # nothing lost
     assert len(seen) == 3  # the whole conversation, then without each older exchange
+
+
+def test_chat_url_tells_a_full_context_from_a_length_limit(tmp_path):
+    """talis' own finish reason from the server's timings reaches the client (OpenAI's folds context into length):
+    a reply the server's context cut says so, and how to make room."""
+    from talis_cli.generation import GenerationConfig
+    from talis_cli.remote.chat import RemoteChatSession
+    from tests.test_repl import drive
+
+    def handler(request):
+        chunk = {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "length"}],
+                 "timings": {"finish_reason": "context", "prompt_tokens": 510, "completion_tokens": 2}}
+        return httpx.Response(200, text=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n",
+                              headers={"content-type": "text/event-stream"})
+
+    session = RemoteChatSession(mock_client(handler), "m", GenerationConfig())
+    printed = drive(session, "hello\r", tmp_path / "history")
+    assert "the reply stopped: the server's context is full" in printed
+    reply = session.client.chat([{"role": "user", "content": "hi"}], GenerationConfig())
+    with reply:
+        assert [event.finish_reason for event in reply] == ["context"]

@@ -87,7 +87,8 @@ def stats_from_timings(timings: dict) -> GenerationStats:
 
 class Reply:
     """One streamed reply. Iterating yields TokenEvents (index 0; `token_ids` empty: the server sends text);
-    the last one carries the server's finish_reason ("stop" or "length"). `stats` holds the server's timings
+    the last one carries the finish reason: talis' own from the server's timings (eos, stop, length, context), else
+    OpenAI's (stop or length). `stats` holds the server's timings
     once the reply has ended. Closing it early (`close()`, or leaving the `with` block) drops the connection,
     which cancels the request on the server."""
 
@@ -205,7 +206,9 @@ class ServerClient:
         if text is None:
             text = (choice.get("delta") or {}).get("content")
         finish = choice.get("finish_reason")
-        if finish is not None:
+        if finish is not None:  # talis' own reason where the server gives it (eos, context: not OpenAI's words)
+            timings = chunk.get("timings")
+            finish = (timings.get("finish_reason") if isinstance(timings, dict) else None) or finish
             reply.finish_reason = finish
         if not text and finish is None:
             return None  # a role-only first chunk

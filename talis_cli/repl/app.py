@@ -88,7 +88,10 @@ class ChatRepl:
         self.renderer.start()
         reply = self.session.reply(ids, self.renderer.feed)
         full = ""
-        if reply.finish_reason == "context":
+        if reply.finish_reason == "context" and not self.session.local:
+            full = ("(the reply stopped: the server's context is full; /undo or /clear makes room, or the oldest "
+                    "exchanges are dropped with the next message; `talis serve --max-seq-len N` sets the context)")
+        elif reply.finish_reason == "context":
             size, limit = self.session.context_size, self.session.engine.context_limit
             full = (f"(the reply stopped: the context of {size} tokens is full; /undo or /clear makes room, "
                     f"or the oldest exchanges are dropped with the next message; {context_full_advice(size, limit)})")
