@@ -51,8 +51,8 @@ def _weight_tile(qweight_ptr, scale_zero_ptr, offs_w, offs_n, mask_w, mask_n, N,
     In the kernel layout (triton_gemv.word_slot) rows 2p and 2p+1 of a word sit at bit offsets BITS*p and
     16 + BITS*p; a pair whose values end above bit 10 of their half is shifted down by 8 first, leaving them at
     offset o. One mask and one OR of the exponent of 2**(10 - o) (a single lop3) make each half the exact fp16
-    2**(10 - o) + q, so a pair of weights takes four instructions and no int-to-float conversion (which runs at a
-    quarter of the fp16 rate on an SM and had bound this kernel, BENCHMARKS.md 2026-12-01); q - zero is exact and
+    2**(10 - o) + q, so a pair of weights takes three instructions (four scaled) and no int-to-float conversion
+    (which runs at a quarter of the fp16 rate on an SM, BENCHMARKS.md 2026-12-01); q - zero is exact and
     the product with the scale rounds once, as in the dequantize kernel. Without SCALED the caller scales the
     tile's fp32 product instead (fewer instructions when the rows are few)."""
     PAIRS: tl.constexpr = 16 // BITS

@@ -107,8 +107,15 @@ def scheduler_round(engine, texts: list[str], gen: int, max_batch: int, profile:
             "mean_batch": round(scheduler.decoded_rows / steps, 2),
             "ms_per_decode_step": round(scheduler.decode_s * 1000 / steps, 3),
             "cpu_ms_per_decode_step": round(scheduler.cpu_s * 1000 / steps, 3),
-            "prefill_s": round(scheduler.prefill_s, 3),
+            "prefill_s": round(scheduler.prefill_s, 3), "prefill_forwards": scheduler.prefill_forwards,
+            "prefill_tokens": scheduler.prefill_tokens,
             "ttft_ms_mean": round(statistics.mean(r.stats.first_token_s for r in requests) * 1000, 2)}
+
+
+def prefills(r: dict) -> str:
+    """A round's prefill work in words."""
+    return (f"{r['prefill_forwards']} prefill forwards of {r['prefill_tokens']} tokens in all, "
+            f"{r['prefill_s'] * 1000:.0f} ms")
 
 
 def print_profile(profiler, title: str) -> None:
@@ -175,7 +182,8 @@ async def round_of(url: str, texts: list[str], gen: int) -> dict:
             "stream_decode_tok_s": round(statistics.mean(r["timings"]["decode_tokens_per_s"] for r in replies), 1),
             "ttft_ms_mean": round(statistics.mean(r["ttft_ms"] for r in replies), 2),
             "ttft_ms_max": round(max(r["ttft_ms"] for r in replies), 2),
-            "server_ttft_ms_mean": round(statistics.mean(r["timings"]["time_to_first_token_ms"] for r in replies), 2)}
+            "server_ttft_ms_mean": round(statistics.mean(r["timings"]["time_to_first_token_ms"] for r in replies), 2),
+            "queued_ms_mean": round(statistics.mean(r["timings"]["queued_ms"] for r in replies), 2)}
 
 
 def run_round(url: str, texts: list[str], gen: int) -> dict:
@@ -234,12 +242,16 @@ def main() -> None:
             for n in clients:
                 # warm-up (graphs), with other prompts: the timed ones find no cached prefix of themselves
                 clients_process.apply(run_round, (server.url, texts[-n:], min(opts.gen, 16)))
-                before = (scheduler.decode_steps, scheduler.decoded_rows, scheduler.decode_s, scheduler.cpu_s)
+                before = (scheduler.decode_steps, scheduler.decoded_rows, scheduler.decode_s, scheduler.cpu_s,
+                          scheduler.prefill_s, scheduler.prefill_forwards, scheduler.prefill_tokens)
                 rounds.append(clients_process.apply(run_round, (server.url, texts[:n], opts.gen)))
                 steps = max(scheduler.decode_steps - before[0], 1)
                 rounds[-1].update(mean_batch=round((scheduler.decoded_rows - before[1]) / steps, 2),
                                   ms_per_decode_step=round((scheduler.decode_s - before[2]) * 1000 / steps, 3),
-                                  cpu_ms_per_decode_step=round((scheduler.cpu_s - before[3]) * 1000 / steps, 3))
+                                  cpu_ms_per_decode_step=round((scheduler.cpu_s - before[3]) * 1000 / steps, 3),
+                                  prefill_s=round(scheduler.prefill_s - before[4], 3),
+                                  prefill_forwards=scheduler.prefill_forwards - before[5],
+                                  prefill_tokens=scheduler.prefill_tokens - before[6])
             if opts.profile:  # an extra round of the most clients, its steps profiled on the scheduler thread
                 profiler = profile_steps(scheduler)
                 clients_process.apply(run_round, (server.url, texts[:max(clients)], opts.gen))
@@ -262,10 +274,10 @@ def main() -> None:
     for r in report["scheduler_alone"]:
         print(f"scheduler alone, {r['clients']} requests: {r['aggregate_tok_s']:.1f} tok/s, mean batch "
               f"{r['mean_batch']}, {r['ms_per_decode_step']:.3f} ms per step ({r['cpu_ms_per_decode_step']:.3f} CPU), "
-              f"TTFT {r['ttft_ms_mean']:.2f} ms")
+              f"TTFT {r['ttft_ms_mean']:.2f} ms, {prefills(r)}")
     for r in rounds:
         print(f"server, {r['clients']} clients: mean batch {r['mean_batch']}, {r['ms_per_decode_step']:.3f} ms per "
-              f"step ({r['cpu_ms_per_decode_step']:.3f} CPU)")
+              f"step ({r['cpu_ms_per_decode_step']:.3f} CPU), queued {r['queued_ms_mean']:.2f} ms, {prefills(r)}")
     print(f"{'clients':>7} {'aggregate tok/s':>15} {'x one':>6} {'per stream tok/s':>16} {'TTFT ms (client)':>16} "
           f"{'TTFT max':>9} {'TTFT ms (server)':>16}")
     for r in rounds:

@@ -251,9 +251,11 @@ def _sync_time(fn) -> float:
 
 
 def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3, decode_start: int | None = None,
-               graphs: bool = True, kv_cache: str | None = None) -> dict:
+               graphs: bool = True, kv_cache: str | None = None, prefill_graphs: bool = False) -> dict:
     """Prefill and decode timings (seconds, medians of `repeats` after a warm-up run) of a cached model, its KV
-    cache of type `kv_cache` (None: the model's own kv_cache_kind)."""
+    cache of type `kv_cache` (None: the model's own kv_cache_kind). With `prefill_graphs`, also the prefill
+    replayed as a CUDA graph (fast_prefill.PrefillRunner with graphs, prompts up to its largest bucket; timed
+    last, after its capture) as prefill_graph_s, None where it does not apply."""
     device = model.model.embed_tokens.weight.device
     logits_device = model.logits_device  # another GPU when the model is split
     if kv_cache is not None:
@@ -283,7 +285,23 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3, decode_
             timing["prefill_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         _sync_time(decode)  # captures the graphs
         timing["decode_s"] = statistics.median(_sync_time(decode) for _ in range(repeats))
+        timing["prefill_graph_s"] = time_graph_prefill(model, tokens, repeats) if prefill_graphs else None
     return timing
+
+
+def time_graph_prefill(model, tokens: torch.Tensor, repeats: int) -> float | None:
+    """Median seconds of a prefill of `tokens` [1, T] replayed as a CUDA graph (to the first token on the host),
+    after the two runs that mark and capture its bucket; None where graphs do not apply (prefill_runner)."""
+    runner = prefill_runner(model, graphs=True)
+    if runner is None or runner.bucket(tokens.shape[1], 0, None) is None:
+        return None
+
+    def prefill():
+        runner(tokens, 0)[:, -1].argmax(-1).tolist()
+
+    for _ in range(2):  # the first prompt of a bucket marks it, the second captures it
+        _sync_time(prefill)
+    return statistics.median(_sync_time(prefill) for _ in range(repeats))
 
 
 def gptq_bytes(layer: QuantLinear) -> int:
@@ -320,20 +338,23 @@ def _fits(args: ModelArgs, bits: int, ctx: int, device) -> bool:
 
 
 def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, prompt: int, gen: int, ctx: int,
-             decode_start: int | None, bandwidth: float, device, kernels: bool = False, kv_cache: str = "fp16") -> dict:
+             decode_start: int | None, bandwidth: float, device, kernels: bool = False, kv_cache: str = "fp16",
+             prefill_graphs: bool = False) -> dict:
     """Build a model variant, time it, free it; the row of the report."""
     torch.cuda.empty_cache()
     gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     for gpu in gpus:
         torch.cuda.reset_peak_memory_stats(gpu)
     model = build()
-    timing = time_model(model, prompt, gen, ctx, decode_start=decode_start, kv_cache=kv_cache)
+    timing = time_model(model, prompt, gen, ctx, decode_start=decode_start, kv_cache=kv_cache,
+                        prefill_graphs=prefill_graphs)
     head = gptq_bytes(model.lm_head) if isinstance(model.lm_head, QuantLinear) else None
     floor = floor_bytes(args, bits, group_size, decode_context(ctx, gen, decode_start), head, kv_cache)
     decode_tps = gen / timing["decode_s"]
     prefill_s = timing["prefill_s"]
     row = dict(variant=label, decode_tok_s=decode_tps, prefill_tok_s=prompt / prefill_s if prefill_s else None,
                ttft_ms=prefill_s * 1e3 if prefill_s else None, prefill_error=timing["prefill_error"],
+               prefill_graph_ms=timing["prefill_graph_s"] * 1e3 if timing.get("prefill_graph_s") else None,
                ms_per_token=timing["decode_s"] / gen * 1e3,
                floor_tok_s=bandwidth / floor["total"], pct_floor=100 * decode_tps * floor["total"] / bandwidth,
                bytes_per_token_gb=floor["total"] / GB,
@@ -351,7 +372,8 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
               ctx: int | None = None, bits: int = 4, group_size: int = 128, act_order: bool = False,
               json_out: bool = False, kernels: bool = False, device_map: str | None = None,
               tokenizer: str | None = None, max_memory: str | None = None, tensor_parallel: int | None = None,
-              baselines: bool = True, decode_start: int | None = None, kv_cache: str = "fp16") -> dict:
+              baselines: bool = True, decode_start: int | None = None, kv_cache: str = "fp16",
+              prefill_graphs: bool = False) -> dict:
     """Time one model and its baselines; returns the report (see `format_report`). `json_out` is the caller's
     choice of printer and changes nothing here.
 
@@ -360,7 +382,8 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
     each (talis_cli.tensor_parallel.bench). `baselines` False skips the fp16 and int4 rows. `decode_start`: the
     first cache slot of the decode window (default ctx - gen), so a long prefill and a short-context decode can be
     timed in one run. `kv_cache`: the KV cache type of every row ("fp16", "int8" or "fp8"; peak_vram_gb shows its
-    memory).
+    memory). `prefill_graphs`: each row also times its prefill replayed as a CUDA graph (prefill_graph_ms; the
+    graph's memory counts in peak_vram_gb).
     """
     check_kind(kv_cache)
     if torch.cuda.is_available():
@@ -412,7 +435,7 @@ def run_bench(shape: str | None = None, model: str | None = None, prompt: int = 
         if plan is not None:
             report["plan"] = plan_summary(plan, args.n_layers)
     common = dict(args=args, prompt=prompt, gen=gen, ctx=ctx, bandwidth=bandwidth, device=device,
-                  decode_start=decode_start, kv_cache=kv_cache)
+                  decode_start=decode_start, kv_cache=kv_cache, prefill_graphs=prefill_graphs)
     report["rows"].append(_measure(f"talis gptq {bits}-bit g{group_size}", build_ours, bits=bits,
                                    group_size=group_size, kernels=kernels, **common))
     if model is not None:
@@ -493,6 +516,8 @@ def format_report(report: dict) -> str:
             total_us = sum(k["us"] * k["count"] for k in row["kernels"])
             lines.append(f"all GEMVs of one token: {total_us / 1e3:.3f} ms of {row['ms_per_token']:.3f} ms per token")
     lines += [f"note: {r['variant']} prefill failed: {r['prefill_error']}" for r in report["rows"] if r.get("prefill_error")]
+    lines += [f"{r['variant']}: prefill as a CUDA graph {report['prompt'] / r['prefill_graph_ms'] * 1e3:.0f} tok/s, "
+              f"TTFT {r['prefill_graph_ms']:.1f} ms" for r in report["rows"] if r.get("prefill_graph_ms")]
     for row in report["rows"]:
         if len(row.get("peak_by_gpu_gb") or []) > 1:
             lines.append(f"{row['variant']}: peak GB per GPU " + ", ".join(

@@ -219,6 +219,9 @@ class PrefillRunner:
         return tables[0][start_pos:start_pos + T], tables[1][start_pos:start_pos + T]
 
 
+PAD_LIMIT = 2048  # slots up to which a continued prompt pads its queries rather than masking (_Segment)
+
+
 class _Segment:
     """One prompt (or chunk) of a prefill: tokens offset..offset+T-1 of the forward go to slots start..start+T-1 of
     cache row `row`; its attention mask, made once (None: plain causal attention, its queries zero-padded at the
@@ -230,11 +233,12 @@ class _Segment:
         self.key_start = max(0, start - window + 1) if window else 0
         self.end = start + T
         self.mask = None
-        # A continued prompt at most as long as its T new tokens (a prefix of a few reused tokens: a BOS, a short
-        # turn) runs causal attention over start + T zero-padded queries instead of a mask: SDPA with an explicit
-        # mask took ~0.9 ms of host time a call on an H200 (BENCHMARKS.md, 2026-12-01, the scheduler's profile),
-        # which a prefill pays in every layer. Longer prefixes keep the mask.
-        self.pad = start if T > 1 and window is None and 0 < start <= T else 0
+        # A continued prompt (a chat's next turn, a reused prefix, a long prompt's next chunk) runs causal
+        # attention over start + T zero-padded queries instead of a mask: SDPA with an explicit mask took ~0.9 ms
+        # of host time a call on an H200 (BENCHMARKS.md, 2026-12-01, the scheduler's profile), which a prefill
+        # pays in every layer, while the padded queries' extra work stays well under that up to PAD_LIMIT slots.
+        # Longer contexts keep the mask.
+        self.pad = start if T > 1 and window is None and 0 < start and start + T <= PAD_LIMIT else 0
         if T > 1 and not self.pad and (self.end - self.key_start != T or (window is not None and T > window)):
             slots = torch.arange(start, self.end, device=device)
             self.mask = attention_mask(slots, torch.arange(self.key_start, self.end, device=device), None, window)

@@ -193,6 +193,8 @@ class Scheduler:
         self._pending = None  # (rows, drawn tokens on the device) of the decode step launched and not yet read
         self.prefill_s = 0.0  # seconds spent in prefill forwards (and first draws) so far
         self.decode_s = 0.0  # seconds spent in decode steps (and draws) so far
+        self.prefill_forwards = 0  # prefill forwards run so far (a packed one counts once)
+        self.prefill_tokens = 0  # prompt tokens they computed
         self.decode_steps = 0  # decode steps launched so far
         self.decoded_rows = 0  # rows those steps advanced (decoded_rows / decode_steps: the mean batch)
         self.cpu_s = 0.0  # CPU seconds of the stepping thread inside step() (its wall time less GPU and lock waits)
@@ -338,10 +340,12 @@ class Scheduler:
             room -= len(chunks[-1][1])
         if not chunks:
             return
+        self.prefill_tokens += sum(len(ids) for _, ids, _ in chunks)
         # the generator's fast prefill on GPUs (fast_prefill.PrefillRunner, where present), else the model's
         runner = getattr(self.generator, "prefill", None)
         if PACKED_PREFILL and runner is not None and len(chunks) > 1 and hasattr(runner, "prefill_segments"):
             logits = runner.prefill_segments([(chunk, start, a.row) for a, chunk, start in chunks])
+            self.prefill_forwards += 1
             self._prefilled(chunks, logits)
             return
         device = self.model.model.embed_tokens.weight.device
@@ -349,6 +353,7 @@ class Scheduler:
             active, ids, start = chunk
             logits = (runner or self.model)(torch.tensor([ids], device=device), start_pos=start, last_only=True,
                                             cache_row=active.row)[:, -1]
+            self.prefill_forwards += 1
             self._prefilled([chunk], logits)
 
     def _prefilled(self, chunks: list, logits) -> None:

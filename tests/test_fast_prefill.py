@@ -112,6 +112,20 @@ def test_prefill_matches_forward(kv_heads, fused, T, start_pos):
     assert_prefill_matches_forward(model, T, start_pos)
 
 
+@pytest.mark.parametrize("pad_limit", [2048, 8], ids=["padded queries", "mask"])
+def test_a_prompt_continuing_a_longer_prefix_matches_forward(pad_limit, monkeypatch):
+    """A continued prompt shorter than what the row holds (a chat's next turn): causal attention over zero-padded
+    queries up to PAD_LIMIT slots, an explicit mask beyond; both give the eager forward's logits and cache."""
+    import talis_cli.fast_prefill as fast_prefill
+
+    monkeypatch.setattr(fast_prefill, "PAD_LIMIT", pad_limit)
+    model = tiny_model(seed=4, device=DEVICE)
+    fuse_model(model)
+    runner_segment = fast_prefill._Segment(0, 5, 12, 0, None, torch.device(DEVICE))
+    assert (runner_segment.pad, runner_segment.mask is None) == ((12, True) if pad_limit > 17 else (0, False))
+    assert_prefill_matches_forward(model, 5, start_pos=12)
+
+
 def test_prefill_into_another_cache_row_leaves_the_others_alone():
     """The scheduler's prefill of one request into its own cache row (`cache_row`)."""
     model = tiny_model(seed=5, device=DEVICE, num_key_value_heads=2)

@@ -215,3 +215,71 @@ def test_talis_chat_url_on_a_terminal(url, tmp_path):
         assert terminal.close() == 1 and b"Traceback" not in terminal.output
     finally:
         terminal.process.kill()
+
+
+def context_limited_server(limit_chars: int, seen: list):
+    """A mock `talis serve` whose context holds `limit_chars` characters of message content: a longer conversation
+    gets its 400 context_length_exceeded, a shorter one the streamed reply "ok" (each request's messages go to
+    `seen`)."""
+    def handler(request):
+        messages = json.loads(request.content)["messages"]
+        seen.append([m["content"] for m in messages])
+        if sum(len(m["content"]) for m in messages) > limit_chars:
+            return httpx.Response(400, json={"error": {
+                "message": "the prompt is 900 tokens, too many for a context of 512", "type": "invalid_request_error",
+                "param": "messages", "code": "context_length_exceeded"}})
+        chunk = {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}],
+                 "timings": {"prompt_tokens": 7, "completion_tokens": 1, "time_to_first_token_ms": 5.0}}
+        return httpx.Response(200, text=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n",
+                              headers={"content-type": "text/event-stream"})
+
+    return mock_client(handler)
+
+
+def test_chat_url_drops_the_oldest_exchanges_the_servers_context_cannot_hold(tmp_path):
+    """As local chat does, `chat --url` drops the oldest exchanges (the system prompt and the newest message stay)
+    while the server answers that the conversation outgrew its context, and says so; when the newest message alone
+    does not fit, the error is one line and the conversation stays as it was."""
+    from talis_cli.generation import GenerationConfig
+    from talis_cli.remote.chat import RemoteChatSession
+    from talis_cli.remote.client import ServerError
+    from tests.test_repl import drive
+
+    seen = []
+    session = RemoteChatSession(context_limited_server(40, seen), "m", GenerationConfig(), system="sys")
+    session.messages = [{"role": "user", "content": "first " * 3}, {"role": "assistant", "content": "a1"},
+                        {"role": "user", "content": "second " * 3}, {"role": "assistant", "content": "a2"}]
+    printed = drive(session, "third\r", tmp_path / "history")
+    assert [m["content"] for m in session.messages] == ["second " * 3, "a2", "third", "ok"]
+    assert seen == [["sys", "first " * 3, "a1", "second " * 3, "a2", "third"], ["sys", "second " * 3, "a2", "third"]]
+    assert "dropped the 1 oldest exchange(s) before this reply" in printed
+
+    seen.clear()
+    before = list(session.messages)
+    session.messages.append({"role": "user", "content": "x" * 60})
+    with pytest.raises(ServerError, match="too many for a context of 512") as caught:
+        session.reply(None, lambda text: None)
+    assert caught.value.code == "context_length_exceeded"
+    assert session.messages == before + [{"role": "user", "content": "x" * 60}]  # nothing lost
+    assert len(seen) == 3  # the whole conversation, then without each older exchange
+
+
+def test_chat_url_tells_a_full_context_from_a_length_limit(tmp_path):
+    """talis' own finish reason from the server's timings reaches the client (OpenAI's folds context into length):
+    a reply the server's context cut says so, and how to make room."""
+    from talis_cli.generation import GenerationConfig
+    from talis_cli.remote.chat import RemoteChatSession
+    from tests.test_repl import drive
+
+    def handler(request):
+        chunk = {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "length"}],
+                 "timings": {"finish_reason": "context", "prompt_tokens": 510, "completion_tokens": 2}}
+        return httpx.Response(200, text=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n",
+                              headers={"content-type": "text/event-stream"})
+
+    session = RemoteChatSession(mock_client(handler), "m", GenerationConfig())
+    printed = drive(session, "hello\r", tmp_path / "history")
+    assert "the reply stopped: the server's context is full" in printed
+    reply = session.client.chat([{"role": "user", "content": "hi"}], GenerationConfig())
+    with reply:
+        assert [event.finish_reason for event in reply] == ["context"]

@@ -284,6 +284,7 @@ def test_newcomers_of_one_step_are_prefilled_in_one_forward(model, tokenizer):
         assert got[request.id] == alone(model, tokenizer, p, GREEDY, index=i)
     assert calls[0] == [(len(prompts[0]), 0, 0), (len(prompts[1]), 0, 1), (3, 0, 2)]
     assert len(calls) == 1  # the third prompt's rest was one segment: one call each, through __call__
+    assert (scheduler.prefill_forwards, scheduler.prefill_tokens) == (2, sum(map(len, prompts)))
 
 
 def test_a_failure_while_admitting_ends_that_request_with_an_error_and_the_thread_serves_on(model, tokenizer):

@@ -415,8 +415,8 @@ def test_a_long_prompt_does_not_stall_the_event_loop(live):
 
 
 def test_an_end_of_sequence_token_ends_the_reply_with_openais_stop():
-    """A reply that draws an end-of-sequence token ends there with finish_reason "stop", streaming or not, with the
-    text the Generator gives. The embedded model never draws its own EOS greedily on this prompt, so its third
+    """A reply that draws an end-of-sequence token ends there with finish_reason "stop" (talis' "eos" in its
+    timings), streaming or not, with the text the Generator gives. The embedded model never draws its own EOS greedily on this prompt, so its third
     greedy token is made an end-of-sequence id, in the reference engine and in the server alike."""
     engine = Engine.load()
     ids, _ = encode_prompt(engine, PROMPT, None, None, False)
@@ -432,6 +432,10 @@ def test_an_end_of_sequence_token_ends_the_reply_with_openais_stop():
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
         whole = client.completions.create(model="talis-default", prompt=PROMPT, max_tokens=8, temperature=0)
         assert (whole.choices[0].text, whole.choices[0].finish_reason) == (text, "stop")
+        raw = post(server.url, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}).json()
+        assert raw["timings"]["finish_reason"] == "eos"  # talis' own reason beside OpenAI's
+        short = post(server.url, {"prompt": PROMPT, "max_tokens": 1, "temperature": 0}).json()
+        assert (short["choices"][0]["finish_reason"], short["timings"]["finish_reason"]) == ("length", "length")
         chunks = list(client.completions.create(model="talis-default", prompt=PROMPT, max_tokens=8, temperature=0,
                                                 stream=True))
         assert "".join(c.choices[0].text for c in chunks) == text

@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from talis_cli.repl.session import ChatSession, Reply
-from talis_cli.remote.client import ServerClient
+from talis_cli.remote.client import ServerClient, ServerError
+
+CONTEXT_EXCEEDED = "context_length_exceeded"  # the server's error code for a prompt longer than its context
 
 
 class _ServerTemplate:
@@ -78,8 +80,8 @@ class RemoteChatSession(ChatSession):
     # ----- conversation
 
     def fit_to_context(self) -> tuple:
-        """(None, 0): the server renders and measures the conversation; a reply it cannot fit comes back as a
-        400 error naming the token counts (then /undo or /clear makes room)."""
+        """(None, 0): the server renders and measures the conversation; `reply` drops the oldest exchanges while
+        the server answers that the conversation does not fit its context."""
         return None, 0
 
     def conversation(self) -> list:
@@ -88,21 +90,40 @@ class RemoteChatSession(ChatSession):
 
     def reply(self, ids, on_text: Callable[[str], None]) -> Reply:
         """Stream the server's reply to the conversation (`ids` unused: the server renders it), appending it.
-        Ctrl-C closes the connection (the server cancels the request) and keeps the partial reply; on an error
-        (ServerError) the conversation is left as it was."""
-        text, finish = "", "interrupted"
-        reply = self.client.chat(self.conversation(), self.config)
-        try:
-            with reply:
-                for event in reply:
-                    text += event.text
-                    on_text(event.text)
-                    finish = event.finish_reason or finish
-        except KeyboardInterrupt:
-            finish = "interrupted"
+
+        While the server answers that the conversation does not fit its context (400 context_length_exceeded,
+        before any text), the oldest exchange is dropped and the request sent again, as local chat drops them
+        (the system prompt and the newest message stay; Reply.dropped counts them); when the newest message alone
+        does not fit, that error (ServerError) with the conversation as it was. Ctrl-C closes the connection (the
+        server cancels the request) and keeps the partial reply; on another error the conversation is left as it
+        was."""
+        text, finish, dropped = "", "interrupted", []
+        while True:
+            reply = self.client.chat(self.conversation(), self.config)
+            try:
+                with reply:
+                    for event in reply:
+                        text += event.text
+                        on_text(event.text)
+                        finish = event.finish_reason or finish
+                break
+            except KeyboardInterrupt:
+                finish = "interrupted"
+                break
+            except ServerError as error:
+                if text or error.code != CONTEXT_EXCEEDED or len(self.messages) <= 1:
+                    self.messages[:0] = [m for exchange in dropped for m in exchange]  # as it was
+                    raise
+                dropped.append(self._take_oldest_exchange())
         self.messages.append({"role": "assistant", "content": text})
         self.last_stats = reply.stats
-        return Reply(text, finish, reply.stats)
+        return Reply(text, finish, reply.stats, dropped=len(dropped))
+
+    def _take_oldest_exchange(self) -> list:
+        """Remove and return the oldest user message and the answer to it (drop_oldest_exchange)."""
+        before = list(self.messages)
+        self.drop_oldest_exchange()
+        return before[:len(before) - len(self.messages)]
 
     def clear(self) -> None:
         super().clear()

@@ -24,11 +24,13 @@ SERVER_SIDE_SETTINGS = ("typical_p", "repetition_window")  # GenerationConfig fi
 
 
 class ServerError(TalisError):
-    """The server answered with an error (or could not be reached: `status` None); the message is one line."""
+    """The server answered with an error (or could not be reached: `status` None); the message is one line;
+    `code` is the error body's machine-readable code (e.g. "context_length_exceeded"), if any."""
 
-    def __init__(self, message: str, status: Optional[int] = None):
+    def __init__(self, message: str, status: Optional[int] = None, code: Optional[str] = None):
         super().__init__(message)
         self.status = status
+        self.code = code
 
     @property
     def per_prompt(self) -> bool:
@@ -85,7 +87,8 @@ def stats_from_timings(timings: dict) -> GenerationStats:
 
 class Reply:
     """One streamed reply. Iterating yields TokenEvents (index 0; `token_ids` empty: the server sends text);
-    the last one carries the server's finish_reason ("stop" or "length"). `stats` holds the server's timings
+    the last one carries the finish reason: talis' own from the server's timings (eos, stop, length, context), else
+    OpenAI's (stop or length). `stats` holds the server's timings
     once the reply has ended. Closing it early (`close()`, or leaving the `with` block) drops the connection,
     which cancels the request on the server."""
 
@@ -203,7 +206,9 @@ class ServerClient:
         if text is None:
             text = (choice.get("delta") or {}).get("content")
         finish = choice.get("finish_reason")
-        if finish is not None:
+        if finish is not None:  # talis' own reason where the server gives it (eos, context: not OpenAI's words)
+            timings = chunk.get("timings")
+            finish = (timings.get("finish_reason") if isinstance(timings, dict) else None) or finish
             reply.finish_reason = finish
         if not text and finish is None:
             return None  # a role-only first chunk
@@ -217,8 +222,12 @@ class ServerClient:
     def _raise_for_status(self, status: int, content: bytes) -> None:
         if status == 200:
             return
+        code = None
         try:
-            message = _error_message(json.loads(content))
+            body = json.loads(content)
+            message = _error_message(body)
+            error = body.get("error") if isinstance(body, dict) else None
+            code = error.get("code") if isinstance(error, dict) else None
         except ValueError:
             message = content.decode("utf-8", "replace").strip()[:200] or f"HTTP {status}"
         if status == 401:
@@ -232,7 +241,7 @@ class ServerClient:
                               "try again once it is ready", status)
         if status == 404 and "/v1/" not in message:
             message += "; is --url the address of `talis serve`?"
-        raise ServerError(f"the server refused the request ({status}): {message}", status)
+        raise ServerError(f"the server refused the request ({status}): {message}", status, code)
 
 
 def _error_message(body) -> str:

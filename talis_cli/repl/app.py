@@ -88,11 +88,17 @@ class ChatRepl:
         self.renderer.start()
         reply = self.session.reply(ids, self.renderer.feed)
         full = ""
-        if reply.finish_reason == "context":
+        if reply.finish_reason == "context" and not self.session.local:
+            full = ("(the reply stopped: the server's context is full; /undo or /clear makes room, or the oldest "
+                    "exchanges are dropped with the next message; `talis serve --max-seq-len N` sets the context)")
+        elif reply.finish_reason == "context":
             size, limit = self.session.context_size, self.session.engine.context_limit
             full = (f"(the reply stopped: the context of {size} tokens is full; /undo or /clear makes room, "
                     f"or the oldest exchanges are dropped with the next message; {context_full_advice(size, limit)})")
         self.renderer.end(reply.stats, interrupted=reply.finish_reason == "interrupted", context_full=full)
+        if reply.dropped:  # a server's context: known only once it refused the longer conversation
+            self.io.warning(f"(the conversation outgrew the server's context: dropped the {reply.dropped} oldest "
+                            "exchange(s) before this reply; the system prompt stays)")
 
 
 def run_chat(session, first_message: Optional[str] = None) -> None:

@@ -24,6 +24,7 @@ class Reply:
     text: str
     finish_reason: str  # "eos" | "stop" | "length" | "context" (the context filled up) | "interrupted"
     stats: object  # GenerationStats of the reply (partial when interrupted)
+    dropped: int = 0  # oldest exchanges dropped while replying (a server's context; local chat drops before)
 
 
 class ChatSession:
@@ -88,10 +89,7 @@ class ChatSession:
         limit = self.engine.max_seq_len
         budget = limit - min(self.config.max_new_tokens, limit // 2)  # context kept free for the reply
         ids, dropped = self.encode(), 0
-        while len(ids) > budget and len(self.messages) > 1:
-            del self.messages[0]
-            if self.messages and self.messages[0]["role"] == "assistant":
-                del self.messages[0]
+        while len(ids) > budget and self.drop_oldest_exchange():
             dropped += 1
             ids = self.encode()
         if len(ids) >= limit:
@@ -100,6 +98,16 @@ class ChatSession:
             raise TalisError(f"this message is {len(ids)} tokens with the system prompt, {len(ids) - limit + 1} "
                              f"more than the context of {limit} holds; {advice}")
         return ids, dropped
+
+    def drop_oldest_exchange(self) -> bool:
+        """Drop the oldest user message and the assistant's answer to it; False (nothing dropped) when only the
+        newest message is left."""
+        if len(self.messages) <= 1:
+            return False
+        del self.messages[0]
+        if self.messages and self.messages[0]["role"] == "assistant":
+            del self.messages[0]
+        return True
 
     def reply(self, ids: list, on_text: Callable[[str], None]) -> Reply:
         """Generate the assistant's answer to `ids` (from fit_to_context), appending it to the conversation.

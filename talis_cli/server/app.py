@@ -432,9 +432,12 @@ def usage(stats) -> dict:
 
 
 def timings(stats) -> dict:
-    """talis' non-standard `timings` (milliseconds; decode rate over the tokens after the first)."""
+    """talis' non-standard `timings` (milliseconds; decode rate over the tokens after the first), and talis' own
+    finish reason (eos | stop | length | context | cancelled), which OpenAI's finish_reason folds into stop and
+    length."""
     rate = (stats.new_tokens - 1) / stats.decode_s if stats.new_tokens > 1 and stats.decode_s > 0 else 0.0
-    return {"prompt_tokens": stats.prompt_tokens, "reused_tokens": stats.reused_tokens,
+    return {"finish_reason": stats.finish_reason, "prompt_tokens": stats.prompt_tokens,
+            "reused_tokens": stats.reused_tokens,
             "completion_tokens": stats.new_tokens, "queued_ms": round(stats.queued_s * 1000, 3),
             "time_to_first_token_ms": round(stats.first_token_s * 1000, 3),
             "decode_ms": round(stats.decode_s * 1000, 3), "decode_tokens_per_s": round(rate, 3)}
