@@ -8,9 +8,10 @@ unpacking is one shift, one lop3 and one exact fp16x2 subtraction of the zero po
 straight into the tensor cores' registers; up to 32 rows the scale multiplies the tile's fp32 product instead of
 every weight. The weight tile is the left operand, which Hopper's wgmma takes from registers, and the rows are the
 narrow right operand. On an H200 the 7B layers took the same time at 2 and at 16 rows (o 8.3 us, gate_up 23.8 us:
-39-74% of the copy bandwidth, 1.2x a one-row GEMV) and at 128 rows beat dequantize + cuBLAS (down 35 us against
-73) (BENCHMARKS.md, 2026-12-01, ninth session; scripts/skinny_sass.py counts the instructions per weight). K is split over programs (split-K) so that narrow layers still occupy every SM; partial sums meet in
-the GEMV's fp32 workspace through atomic adds, and the last program of a tile (an atomic ticket) writes it out and
+36-74% of the copy bandwidth; the four layers 1.2x a one-row GEMV) and at 128 rows beat dequantize + cuBLAS (down
+35 us against 73) (BENCHMARKS.md, 2026-12-01, ninth session; scripts/skinny_sass.py counts the instructions per
+weight). K is split over programs (split-K) so that narrow layers still occupy every SM; partial sums meet in the
+GEMV's fp32 workspace through atomic adds, and the last program of a tile (an atomic ticket) writes it out and
 zeroes its workspace again, as in the GEMV. Act-order rows are gathered into the weight's row order once per call.
 
 Weights in the kernel layout of triton_backend.prepare_weight (`triton_gemv.word_slot`); 3-bit weights (units of
@@ -101,9 +102,9 @@ def _skinny_kernel(
     stride_om. Assumes K % 32 == 0 and BLOCK_K dividing 2**group_shift. The tile computes the transposed product
     out^T = W^T x^T: the weight tile is the tensor cores' left operand (Hopper's wgmma takes it straight from the
     registers the unpacking wrote) and the rows the narrow right one. Offered both orientations, the tuner had
-    chosen this one over the rows on the left (out = x W) in 58 of 60 cases on an H200, and at 64-128 rows the other
-    took twice the instructions (BENCHMARKS.md, 2026-12-01). Grid: (cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M)),
-    the last 1 in quant_skinny, whose BLOCK_M (`rows_block`) is at least M.
+    chosen this one over the rows on the left (out = x W) for all tuned keys but one on an H200, and at 64-128 rows
+    the other took twice the instructions (BENCHMARKS.md, 2026-12-01). Grid: (cdiv(N, BLOCK_N), split_k,
+    cdiv(M, BLOCK_M)), the last 1 in quant_skinny, whose BLOCK_M (`rows_block`) is at least M.
     """
     PER_WORD: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER_WORD
