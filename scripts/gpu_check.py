@@ -27,7 +27,7 @@ TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fast_decode.py", "test
               "tests/test_step_queue.py", "tests/test_sliding_window.py", "tests/test_rope_scaling.py",
               "tests/test_quantized_head.py", "tests/test_fast_prefill.py", "tests/test_kv_cache.py",
               "tests/test_lazy_graphs.py", "tests/test_tuned_table.py", "tests/test_decode_rows.py",
-              "tests/test_scheduler.py"]
+              "tests/test_scheduler.py", "tests/test_cli.py", "tests/test_quant_linear.py"]
 INT_KEYS = {"prompt", "gen", "ctx", "bits", "group_size", "decode_start"}
 BOOL_KEYS = {"act_order", "kernels", "baselines", "prefill_graphs"}
 KEY_ALIASES = {"kv": "kv_cache"}

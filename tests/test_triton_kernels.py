@@ -451,7 +451,7 @@ def test_real_shapes_on_gpu(k, n, bits, group_size, act_order):
         config = None if bits == 3 else dict(BLOCK_N=512, BLOCK_KW=2, SPLIT_K=split_k, num_warps=4)
         out = quant_gemv(x, *weight.args(), out=poisoned(rows, n), config=config)
         assert relative_error(out, x.float() @ dense) < TOLERANCE, f"gemv rows={rows} split_k={split_k}"
-    for rows in ((9, 32, 100) if bits != 3 else ()):  # the tensor-core kernel, tuned configuration
+    for rows in ((9, 32, 40, 100) if bits != 3 else ()):  # the tensor-core kernel, tuned configuration
         x = random_x(rows, k, seed=rows)
         out = quant_skinny(x, *weight.args(), out=poisoned(rows, n))
         assert relative_error(out, x.float() @ dense) < TOLERANCE, f"skinny rows={rows}"
