@@ -28,6 +28,15 @@ def eager(model):
     return lambda tokens, start_pos: model(tokens, start_pos=start_pos, last_only=True)
 
 
+def packed(runner, count: int):
+    """`count` copies of a prompt as segments of one forward, each into its own cache row: (tokens [1, T],
+    start_pos) -> logits [count, 1, vocab]."""
+    def prefill(tokens, start_pos):
+        ids = tokens[0].tolist()
+        return runner.prefill_segments([(ids, start_pos, row) for row in range(count)])[:, None]
+    return prefill
+
+
 def prefill_s(prefill, tokens) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -58,6 +67,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--act-order", action="store_true")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--segments", type=int, default=0, help="also time N prompts of each length packed into "
+                        "one forward, each into its own cache row (what a server's newcomers of one step run)")
     parser.add_argument("--paths", default="fast,graphs,eager", help="comma-separated: fast (what generate uses), "
                         "graphs (the same replayed as CUDA graphs up to 256 tokens), eager")
     opts = parser.parse_args()
@@ -66,8 +77,11 @@ def main() -> None:
     device = torch.device("cuda")
     for kind in ("gptq", "fp16"):
         model = random_model(shape_args(opts.shape, max(prompts)), kind, opts.bits, 128, opts.act_order, device)
-        model.setup_cache(1, max(prompts))
+        model.setup_cache(max(1, opts.segments), max(prompts))
         runners = {"fast": prefill_runner(model), "graphs": prefill_runner(model, graphs=True), "eager": eager(model)}
+        if opts.segments:
+            runners["packed"] = packed(runners["fast"], opts.segments)
+            paths.append("packed") if "packed" not in paths else None
         with torch.inference_mode():
             for prompt in prompts:
                 tokens = torch.randint(0, model.args.vocab_size, (1, prompt), device=device)
@@ -75,8 +89,9 @@ def main() -> None:
                     prefill = runners[path]
                     prefill_s(prefill, tokens)  # compiles and tunes
                     seconds = statistics.median(prefill_s(prefill, tokens) for _ in range(5))
-                    print(f"{opts.shape} {kind} {path} prefill {prompt}: {seconds * 1e3:.2f} ms, "
-                          f"{prompt / seconds:,.0f} tok/s")
+                    count = opts.segments if path == "packed" else 1
+                    print(f"{opts.shape} {kind} {path} prefill {count} x {prompt}: {seconds * 1e3:.2f} ms, "
+                          f"{count * prompt / seconds:,.0f} tok/s")
                     print("\n".join(kernel_table(prefill, tokens, opts.top)))
         del model
         torch.cuda.empty_cache()

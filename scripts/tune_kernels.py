@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--write-table", action="store_true", help="merge the choices into the shipped table")
     parser.add_argument("--json", type=Path, help="also write the choices to this file")
     parser.add_argument("--merge", type=Path, help="merge this file of choices (a run's --json) into the table")
+    parser.add_argument("--scratch", type=Path, help="keep the run's own tuning cache in this folder (default: a "
+                        "temporary one): a run cut short by a time limit leaves there what it had tuned")
     opts = parser.parse_args(argv)
     if not opts.shapes and not opts.model and not opts.merge:
         parser.error("name --shapes, --model or --merge")
@@ -116,6 +118,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory() as scratch:
+        if opts.scratch:
+            opts.scratch.mkdir(parents=True, exist_ok=True)
+            scratch = str(opts.scratch)
         os.environ["TALIS_CACHE_DIR"] = scratch  # read at each lookup: nothing of earlier runs is reused
         os.environ["TALIS_TUNED_TABLE"] = "0"
         from quant_kernels.autotune_cache import cache_path, write_table
