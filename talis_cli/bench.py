@@ -293,7 +293,7 @@ def time_graph_prefill(model, tokens: torch.Tensor, repeats: int) -> float | Non
     """Median seconds of a prefill of `tokens` [1, T] replayed as a CUDA graph (to the first token on the host),
     after the two runs that mark and capture its bucket; None where graphs do not apply (prefill_runner)."""
     runner = prefill_runner(model, graphs=True)
-    if runner is None or runner.bucket(tokens.shape[1], 0, None) is None:
+    if runner is None or runner.bucket(tokens.shape[1]) is None:
         return None
 
     def prefill():

@@ -449,5 +449,6 @@ def accelerate(model, generator=None) -> CudaGraphDecoder | None:
     runner.capture_first(model.cache_batch, every=os.environ.get("TALIS_CAPTURE_ALL") == "1")
     if generator is not None:
         generator.fast_decode = runner
-        generator.prefill = prefill_runner(model)
+        # prompts replay CUDA graphs of up to 512 tokens from the second use of a bucket (a chat's next turns)
+        generator.prefill = prefill_runner(model, graphs=True)
     return runner

@@ -488,15 +488,22 @@ class Scheduler:
                 capture(self.max_batch)
 
     def _warm_prefill(self) -> None:
-        """Through the generator's fast prefill (GPUs), prefill into the spare row and row 0 prompts of each length
-        of WARM_PREFILL_LENGTHS (within the context), one continuing a cached prefix, and (packed) two at once: the
-        paths a request's prefill takes."""
+        """Through the generator's fast prefill (GPUs): capture its CUDA graph of every bucket up to prefill_chunk
+        tokens (where it replays graphs) in the spare row, then prefill into the spare row and row 0 prompts of
+        each length of WARM_PREFILL_LENGTHS (within the context), one continuing a cached prefix, and (packed) two
+        at once: the paths a request's prefill takes."""
         import torch
+
+        from .fast_prefill import BUCKETS
 
         gen, spare = self.generator, self.max_batch
         runner = getattr(gen, "prefill", None)
         if runner is None:  # no fast prefill (a CPU): plain torch, nothing compiles or tunes on first use
             return
+        capture = getattr(runner, "capture", None)
+        for bucket in BUCKETS if capture is not None else ():
+            if bucket <= self.prefill_chunk:
+                capture(bucket, spare)
         device = self.model.model.embed_tokens.weight.device
         vocab = self.model.args.vocab_size
         lengths = [n for n in WARM_PREFILL_LENGTHS if n < gen.max_seq_len]

@@ -8,12 +8,13 @@ import torch
 
 from quant_kernels import gptq_format
 from quant_kernels.fuse import fuse_model
-from quant_kernels.prefill_ops import rotary_to_cache
+from quant_kernels.prefill_ops import query_blocks, ragged_attention, rotary_to_cache
 from quant_kernels.quant_linear import QuantLinear
 from talis_cli.fast_prefill import PrefillRunner
 from talis_cli.model import apply_rotary
 
 from tests.test_fast_decode import random_quant, tiny_model
+from tests.test_kv_cache import restore, snapshot
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
@@ -31,30 +32,97 @@ def assert_same_rounding(got: torch.Tensor, expected: torch.Tensor) -> None:
         assert torch.equal(got, expected)
 
 
+def ragged(segments, device=DEVICE):
+    """positions (= slots), rows, slots int64 [N] of segments [(T, start, row)] laid back to back."""
+    slots = [s for T, start, _ in segments for s in range(start, start + T)]
+    rows = [row for T, _, row in segments for _ in range(T)]
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return as_tensor(slots), as_tensor(rows), as_tensor(slots)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("T,start,n_heads,n_kv_heads,hd", [(37, 0, 4, 2, 32), (5, 11, 2, 2, 64), (1, 40, 4, 1, 16)])
-def test_rotary_to_cache_matches_eager_rotary_and_cache_write(dtype, T, start, n_heads, n_kv_heads, hd):
-    gen = torch.Generator().manual_seed(T * 100 + start)
-    slots = 64
-    qkv = torch.randn(T, (n_heads + 2 * n_kv_heads) * hd, generator=gen).to(DEVICE, dtype)
+@pytest.mark.parametrize("segments,n_heads,n_kv_heads,hd", [
+    ([(37, 0, 1)], 4, 2, 32), ([(5, 11, 1)], 2, 2, 64), ([(1, 40, 2), (6, 3, 0)], 4, 1, 16)])
+def test_rotary_to_cache_matches_eager_rotary_and_cache_write(dtype, segments, n_heads, n_kv_heads, hd):
+    """Each token rotated at its own position and written to its own (row, slot); a padding token (slot -1) is
+    rotated but stored nowhere; nothing else in the cache changes."""
+    gen = torch.Generator().manual_seed(sum(T * 100 + start for T, start, _ in segments))
+    n_slots = 64
+    positions, rows, slots = ragged(segments)
+    positions, rows, slots = (torch.cat([t, t.new_tensor([value])]) for t, value in ((positions, 7), (rows, 0),
+                                                                                     (slots, -1)))
+    N = positions.shape[0]
+    qkv = torch.randn(N, (n_heads + 2 * n_kv_heads) * hd, generator=gen).to(DEVICE, dtype)
     q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)  # strided views
-    angles = torch.rand(T, hd // 2, generator=gen) * 6.3
+    angles = torch.rand(n_slots, hd // 2, generator=gen) * 6.3
     emb = torch.cat((angles, angles), dim=-1)
-    cos, sin = emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
-    k_cache = torch.full((3, n_kv_heads, slots, hd), float("nan"), dtype=dtype, device=DEVICE)
+    cos, sin = emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)  # a table of every slot
+    k_cache = torch.full((3, n_kv_heads, n_slots, hd), float("nan"), dtype=dtype, device=DEVICE)
     v_cache = torch.full_like(k_cache, float("nan"))
-    out = torch.full((n_heads, T, hd), float("nan"), dtype=dtype, device=DEVICE)
+    out = torch.full((N, n_heads * hd), float("nan"), dtype=dtype, device=DEVICE)
 
-    got = rotary_to_cache(q, k, v, cos, sin, k_cache[1], v_cache[1], start, out=out)
+    got = rotary_to_cache(q, k, v, cos, sin, positions, rows, slots, k_cache, v_cache, out=out)
 
-    c, s = cos[None, None], sin[None, None]  # [1, 1, T, hd]
-    heads = lambda t, n: t.reshape(1, T, n, hd).transpose(1, 2)  # noqa: E731 (as Attention.forward shapes them)
-    assert_same_rounding(got, apply_rotary(heads(q, n_heads), c, s)[0])
-    assert_same_rounding(k_cache[1, :, start:start + T], apply_rotary(heads(k, n_kv_heads), c, s)[0])
-    assert torch.equal(v_cache[1, :, start:start + T], heads(v, n_kv_heads)[0])
+    c, s = cos[positions][None, None], sin[positions][None, None]  # [1, 1, N, hd]
+    heads = lambda t, n: t.reshape(1, N, n, hd).transpose(1, 2)  # noqa: E731 (as Attention.forward shapes them)
+    assert got is out
+    assert_same_rounding(got.view(N, n_heads, hd).transpose(0, 1), apply_rotary(heads(q, n_heads), c, s)[0])
+    k_rot, v_heads = apply_rotary(heads(k, n_kv_heads), c, s)[0], heads(v, n_kv_heads)[0]  # [kv_heads, N, hd]
     written = torch.zeros_like(k_cache, dtype=torch.bool)
-    written[1, :, start:start + T] = True
+    for i, (row, slot) in enumerate(zip(rows.tolist(), slots.tolist())):
+        if slot >= 0:
+            assert_same_rounding(k_cache[row, :, slot], k_rot[:, i])
+            assert torch.equal(v_cache[row, :, slot], v_heads[:, i])
+            written[row, :, slot] = True
     assert k_cache[~written].isnan().all() and v_cache[~written].isnan().all()  # nothing else touched
+
+
+def reference_attention(q, k_cache, v_cache, segments, window=None):
+    """Plain torch: each query of `segments` [(T, start, row)] (q [N, heads*hd] back to back) over the keys of its
+    row at slots 0..its own (the last `window` of them) -> [N, heads*hd] in fp32."""
+    hd = k_cache.shape[-1]
+    heads, group = q.shape[1] // hd, q.shape[1] // hd // k_cache.shape[1]
+    out, at = [], 0
+    for T, start, row in segments:
+        keys = k_cache[row].float().repeat_interleave(group, 0)  # [heads, S, hd]
+        values = v_cache[row].float().repeat_interleave(group, 0)
+        for i in range(T):
+            slot = start + i
+            first = max(0, slot - window + 1) if window else 0
+            query = q[at + i].float().view(heads, 1, hd)
+            scores = query @ keys[:, first:slot + 1].transpose(1, 2) * hd ** -0.5
+            out.append((scores.softmax(-1) @ values[:, first:slot + 1]).reshape(-1))
+        at += T
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("segments,n_heads,n_kv_heads,hd,window", [
+    ([(70, 0, 1)], 2, 2, 32, None),  # two query blocks, keys over two key blocks
+    ([(5, 60, 2), (1, 9, 0), (9, 0, 1)], 4, 2, 16, None),  # a continued prompt past a key block, one token, GQA
+    ([(12, 30, 0), (20, 0, 2)], 2, 1, 32, 8),  # a sliding window
+])
+def test_ragged_attention_matches_plain_attention(dtype, segments, n_heads, n_kv_heads, hd, window):
+    """Fresh random queries and cache contents; unused block entries (zeros) and rows no block covers stay as
+    they were."""
+    gen = torch.Generator().manual_seed(len(segments) * 10 + hd)
+    N = sum(T for T, _, _ in segments)
+    q = torch.randn(N, n_heads * hd, generator=gen).to(DEVICE, dtype)
+    k_cache = torch.randn(3, n_kv_heads, 128, hd, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(3, n_kv_heads, 128, hd, generator=gen).to(DEVICE, dtype)
+    blocks = torch.tensor(query_blocks(segments) + [(0, 0, 0, 0)] * 2, device=DEVICE)
+    out = torch.full((N + 3, n_heads * hd), 7.0, dtype=dtype, device=DEVICE)
+
+    got = ragged_attention(q, k_cache, v_cache, blocks, window, out=out[:N])
+
+    expected = reference_attention(q, k_cache, v_cache, segments, window)
+    tolerance = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
+    assert (out[N:] == 7.0).all()
+
+
+def test_query_blocks_split_each_segment_into_runs_of_its_own_queries():
+    assert query_blocks([(70, 5, 2), (3, 0, 0)], block_m=64) == [(2, 0, 64, 5), (2, 64, 6, 69), (0, 70, 3, 0)]
 
 
 # --- the whole prefill against Transformer.forward -------------------------------------------------------------
@@ -112,17 +180,10 @@ def test_prefill_matches_forward(kv_heads, fused, T, start_pos):
     assert_prefill_matches_forward(model, T, start_pos)
 
 
-@pytest.mark.parametrize("pad_limit", [2048, 8], ids=["padded queries", "mask"])
-def test_a_prompt_continuing_a_longer_prefix_matches_forward(pad_limit, monkeypatch):
-    """A continued prompt shorter than what the row holds (a chat's next turn): causal attention over zero-padded
-    queries up to PAD_LIMIT slots, an explicit mask beyond; both give the eager forward's logits and cache."""
-    import talis_cli.fast_prefill as fast_prefill
-
-    monkeypatch.setattr(fast_prefill, "PAD_LIMIT", pad_limit)
+def test_a_prompt_continuing_a_longer_prefix_matches_forward():
+    """A continued prompt shorter than what the row holds (a chat's next turn): its queries see the whole prefix."""
     model = tiny_model(seed=4, device=DEVICE)
     fuse_model(model)
-    runner_segment = fast_prefill._Segment(0, 5, 12, 0, None, torch.device(DEVICE))
-    assert (runner_segment.pad, runner_segment.mask is None) == ((12, True) if pad_limit > 17 else (0, False))
     assert_prefill_matches_forward(model, 5, start_pos=12)
 
 
@@ -194,55 +255,55 @@ def test_the_runner_falls_back_to_the_eager_forward_for_a_batch_or_every_tokens_
 
 
 # --- short prompts padded to a bucket (what a CUDA graph replays) -----------------------------------------------
-def test_buckets_apply_to_short_prompts_at_the_start_of_row_0_only():
+def test_buckets_take_any_segments_that_fit_a_graph():
+    """Where tokens go is data, so any start and row fit a bucket; not: graphs off, more tokens than the largest
+    bucket, more segments than cache rows, dynamic NTK (its tables follow the real positions)."""
     model = tiny_model(seed=1, device=DEVICE)
-    model.setup_cache(1, 64)
+    model.setup_cache(2, 64)
     runner = PrefillRunner(model, graphs=True)
-    assert [runner.bucket(T, 0, None) for T in (1, 9, 16, 17, 33, 64)] == [16, 16, 16, 32, 64, 64]
-    assert runner.bucket(65, 0, None) is None  # the 128 bucket would not fit a 64-slot cache
-    assert runner.bucket(9, 3, None) is None and runner.bucket(9, 0, 1) is None and runner.bucket(9, 0, 0) == 16
-    assert PrefillRunner(model).bucket(9, 0, None) is None  # graphs off
-    windowed = tiny_model(seed=1, device=DEVICE, model_type="mistral", sliding_window=8)
-    windowed.setup_cache(1, 64)
-    assert PrefillRunner(windowed, graphs=True).bucket(9, 0, None) is None
+    assert [runner.bucket(n) for n in (1, 9, 16, 17, 33, 64, 65, 512)] == [16, 16, 16, 32, 64, 64, 128, 512]
+    assert runner.bucket(513) is None and runner.bucket(9, 2) == 16 and runner.bucket(9, 3) is None
+    assert PrefillRunner(model).bucket(9) is None  # graphs off
+    dynamic = tiny_model(seed=1, device=DEVICE, max_position_embeddings=16,
+                         rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    dynamic.setup_cache(1, 64)
+    assert PrefillRunner(dynamic, graphs=True).bucket(9) is None
 
 
-def test_a_prompt_padded_at_its_end_gives_the_same_logits_cache_and_decode_steps():
-    """The real tokens' logits and keys/values equal the eager forward's; the padding's keys/values in the slots
-    after the prompt are overwritten by each decode step (the Triton step and the eager one) before any query
-    reads them, so the decoded logits equal those after an exact prefill."""
-    from talis_cli.fast_decode import segments
-
+@pytest.mark.parametrize("kind", ["fp16", "int8"])
+def test_segments_padded_to_a_bucket_give_the_same_logits_and_cache(kind):
+    """What a CUDA graph replays, run eagerly: two segments (one continuing a cached prefix) padded to 32 tokens
+    and to the cache's row count give each segment's logits and keys/values of a forward of its own; the padding
+    stores nothing (every slot no segment names keeps its old contents)."""
     model = tiny_model(seed=9, device=DEVICE, num_key_value_heads=2)
     fuse_model(model)
-    T, bucket, steps = 9, 16, 4
-    tokens = torch.randint(0, 4096, (1, T), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    following = torch.randint(0, 4096, (steps,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-
-    def decoded(prefill, fast: bool):
-        model.setup_cache(1, 64)
-        step = segments(model, 1)[0]
-        with torch.no_grad():
-            logits = [prefill()[0, -1]]
-            caches = [(layer.self_attn.kv_cache.k[0, :, :T].clone(), layer.self_attn.kv_cache.v[0, :, :T].clone())
-                      for layer in model.model.layers]
-            for i, token in enumerate(following):
-                if fast:
-                    step.tokens.copy_(token[None])
-                    step.slot.fill_(T + i)
-                    logits.append(step.run(capacity=64)[0])
-                else:
-                    logits.append(model(token[None, None], start_pos=T + i)[0, -1])
-        return torch.stack(logits), caches
-
-    exact, exact_caches = decoded(lambda: model(tokens, last_only=True), fast=False)
-    for fast in (False, True):
-        padded, padded_caches = decoded(lambda: PrefillRunner(model).padded(tokens, bucket), fast)
-        torch.testing.assert_close(padded, exact, rtol=1e-4, atol=1e-4)
-        for (k, v), (k0, v0) in zip(padded_caches, exact_caches):
-            torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(model.model.layers[0].self_attn.kv_cache.k[0, :, T + steps], torch.zeros_like(k[:, 0]))
+    model.kv_cache_kind = kind
+    model.setup_cache(3, 64)
+    gen = torch.Generator().manual_seed(3)
+    segments = [(9, 0, 2), (6, 20, 0)]
+    tokens = torch.randint(0, 4096, (15,), generator=gen).to(DEVICE)
+    with torch.no_grad():
+        for layer in model.model.layers:  # a prefix for the continued prompt, garbage elsewhere
+            cache = layer.self_attn.kv_cache
+            for tensor in cache.buffers():
+                tensor.copy_(torch.randn(tensor.shape, generator=gen).to(tensor.dtype))
+        caches = [layer.self_attn.kv_cache for layer in model.model.layers]
+        before = [snapshot(cache) for cache in caches]
+        runner = PrefillRunner(model)
+        padded = runner.padded(tokens, segments, 32)
+        after = [snapshot(cache) for cache in caches]
+        for cache, saved in zip(caches, before):
+            restore(cache, saved)
+        each = torch.cat([runner(tokens[None, :9], 0, 2), runner(tokens[None, 9:], 20, 0)])
+    assert padded.shape == each.shape == (2, 1, 4096)
+    torch.testing.assert_close(padded, each, rtol=1e-4, atol=1e-4)
+    for cache, got, old in zip(caches, after, before):
+        for name, expected in cache.named_buffers():
+            g, e, o = got[name], expected, old[name]
+            torch.testing.assert_close(g.float(), e.float(), rtol=1e-4, atol=1e-4)
+            named = torch.zeros(g.shape[:3], dtype=torch.bool)
+            named[2, :, :9] = named[0, :, 20:26] = True
+            assert torch.equal(g[~named], o[~named])
 
 
 # --- where generation uses it -------------------------------------------------------------------------------------
@@ -380,6 +441,39 @@ def test_cuda_graph_prefill_matches_the_fused_prefill_at_7b_shape():
             assert g_drawn == drawn
     assert sorted(graphed._captured) == [32, 128]
     del model, decoder
+    torch.cuda.empty_cache()
+
+
+@gpu
+@needs_cuda
+def test_cuda_graph_of_packed_and_continued_segments_matches_the_fused_prefill_at_7b_shape():
+    """A server's step: newcomers packed into one forward, some continuing what their cache row holds, replayed
+    as the CUDA graph of their bucket (each cache row at its own start) give the logits and keys/values of the
+    prefill launched kernel by kernel. Rerunning the same segments writes the same values, so every path sees the
+    same cache."""
+    from talis_cli import bench
+
+    model = bench.random_model(bench.shape_args("7B", 512), "gptq", 4, 128, act_order=False, device="cuda")
+    model.setup_cache(4, 512)
+    graphed, fused = PrefillRunner(model, graphs=True), PrefillRunner(model)
+    gen = torch.Generator().manual_seed(1)
+    ids = lambda T: torch.randint(0, model.args.vocab_size, (T,), generator=gen).tolist()  # noqa: E731
+    layers = model.model.layers
+    with torch.inference_mode():
+        fused.prefill_segments([(ids(300), 0, 0), (ids(100), 0, 1)])  # the prefixes rows 0 and 1 continue
+        for segments in ([(ids(40), 100, 1), (ids(70), 0, 2), (ids(1), 300, 0)],  # 111 tokens: the 128 graph
+                         [(ids(200), 0, 3), (ids(150), 300, 0), (ids(9), 100, 1)]):  # 359: the 512 graph
+            expected = fused.prefill_segments(segments).clone()
+            written = [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
+                       for layer in (layers[0], layers[-1])]
+            for _ in range(3):  # marks the bucket, captures it, replays it
+                got = graphed.prefill_segments(segments)
+            assert rel_err(got, expected) < 1e-2
+            for (k, v), layer in zip(written, (layers[0], layers[-1])):
+                cache = layer.self_attn.kv_cache
+                assert rel_err(cache.k, k) < 1e-2 and rel_err(cache.v, v) < 1e-2
+    assert sorted(graphed._captured) == [128, 512]
+    del model
     torch.cuda.empty_cache()
 
 

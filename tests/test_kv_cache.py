@@ -260,9 +260,11 @@ def test_rotary_to_cache_writes_the_eager_8bit_cache(dtype, T, start, n_heads, n
     cache = random_cache(3, n_kv_heads, 64, hd, dtype, gen, kind)
     reference = random_cache(3, n_kv_heads, 64, hd, dtype, gen, kind)
     restore(reference, snapshot(cache))
+    positions = torch.arange(T, device=DEVICE)  # rows of the tables above
+    rows, slots = torch.ones_like(positions), positions + start
 
-    rotary_to_cache(q, k, v, cos, sin, cache.k[1], cache.v[1], start, k_scale=cache.k_scale[1],
-                    v_scale=cache.v_scale[1])
+    rotary_to_cache(q, k, v, cos, sin, positions, rows, slots, cache.k, cache.v, k_scale=cache.k_scale,
+                    v_scale=cache.v_scale)
 
     heads = lambda t, n: t.reshape(1, T, n, hd).transpose(1, 2)  # noqa: E731 (as Attention.forward shapes them)
     c, s = cos[None, None], sin[None, None]
@@ -312,7 +314,7 @@ def test_per_row_decode_step_on_8bit_cache_matches_decode_rows(window, kind):
 @pytest.mark.parametrize("start_pos,cache_row,window,kind", [(0, None, None, "int8"), (9, 2, None, "int8"),
                                                              (20, 1, 8, "int8"), (9, 2, None, "fp8")])
 def test_fast_prefill_on_8bit_cache_matches_eager_forward(start_pos, cache_row, window, kind):
-    """PrefillRunner (rotary_to_cache writing int8, SDPA over the dequantized slice) against the eager forward
+    """PrefillRunner (rotary_to_cache writing int8, ragged_attention reading it back dequantized) against the eager forward
     from the same cache: the last logits, and the same codes in every layer (with a sliding window, both read only
     the window's slots)."""
     model = quantized_model(kind, **(dict(model_type="mistral", sliding_window=window) if window else {}))
@@ -607,7 +609,7 @@ def test_cli_bench_unknown_cache_type_is_exit_2_without_triton_too():
 
 def test_segments_in_one_forward_on_int8_cache_match_the_eager_forward_each():
     """prefill_segments (the scheduler's newcomers in one forward) on an int8 cache: a fresh prompt, one token
-    after a cached prefix, and a prompt continuing a short prefix (the zero-padded causal queries) give each the
+    after a cached prefix, and a prompt continuing a short prefix give each the
     eager forward's last logits from the same cache, and the same codes in the rows they write."""
     model = quantized_model("int8")
     fuse_model(model)
