@@ -1,6 +1,10 @@
 """Where one decode step's time goes: CUDA kernels of the CUDA-graph decode step of a random model, by name.
 
     PYTHONPATH=. python3 scripts/profile_decode.py [--shape 7B] [--ctx 256] [--steps 20] [--bits 4] [--act-order]
+                                                   [--rows 8]
+
+--rows N (N > 1) profiles the server's step instead: N rows at their own positions (CudaGraphDecoder.decode_rows,
+as talis_cli.scheduler runs it), each step's tokens read on the host before the next.
 
 Prints, per kernel name, launches per step, GPU microseconds per step and share of the step, plus the wall time
 per step of plain replays (the best of three runs of --steps steps). With programmatic dependent launch
@@ -41,6 +45,7 @@ def label(name: str, seen: dict, n_layers: int) -> str:
     before it, counted in `seen`): a step runs 4 GEMVs per layer and 2 norms per layer plus the final one, in the
     order of fast_decode.DecodeStep.run."""
     for kernel, per_step, roles in (("_gemv_kernel", 4 * n_layers, ("qkv", "o", "gate_up", "down")),
+                                    ("_skinny_kernel", 4 * n_layers, ("qkv", "o", "gate_up", "down")),
                                     ("_rms_norm_kernel", 2 * n_layers + 1, ("input", "post_attention"))):
         if kernel in name:
             index = seen[kernel] % per_step
@@ -53,15 +58,24 @@ def label(name: str, seen: dict, n_layers: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_options(parser, steps=20)
+    parser.add_argument("--rows", type=int, default=1, help="rows at their own positions (the server's step)")
     opts = parser.parse_args()
     device = torch.device("cuda")
     model = random_decode_model(opts, device)
+    if opts.rows > 1:
+        model.setup_cache(opts.rows + 1, opts.ctx)  # and the spare row
     runner = CudaGraphDecoder(model)
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     start = opts.ctx - opts.steps
 
     def steps():  # as `talis bench` decodes: each token read after the next step is queued
         greedy_decode(runner, token[:, 0], range(start, opts.ctx), device)
+
+    if opts.rows > 1:
+        def steps():  # noqa: F811 (as the scheduler steps, without its pipelining)
+            tokens, rows = torch.zeros(opts.rows, dtype=torch.long), torch.arange(opts.rows)
+            for slot in range(start, opts.ctx):
+                runner.decode_rows(tokens, torch.full((opts.rows,), slot), rows).argmax(-1).tolist()
 
     with torch.inference_mode():
         steps()  # tunes and captures
@@ -85,7 +99,8 @@ def main() -> None:
         if previous_end is not None:
             adds[name] += event.time_range.end - max(previous_end, event.time_range.start)
         previous_end = event.time_range.end
-    print(f"{opts.shape} {opts.bits}-bit{' act-order' if opts.act_order else ''} ctx {opts.ctx}: {wall_us:.0f} us "
+    print(f"{opts.shape} {opts.bits}-bit{' act-order' if opts.act_order else ''} ctx {opts.ctx}, {opts.rows} rows: "
+          f"{wall_us:.0f} us "
           f"per step = {1e6 / wall_us:.1f} tok/s (wall, with a host read per token; runs: "
           + ", ".join(f"{w:.0f}" for w in walls) + ")")
     print(f"{'us/step':>8} {'share':>6} {'adds':>7} {'n/step':>6}  kernel")
