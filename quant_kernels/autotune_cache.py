@@ -86,7 +86,8 @@ class _L2Flush:
     def get(cls, device: torch.device) -> torch.Tensor:
         if device not in cls._buffers:
             l2 = torch.cuda.get_device_properties(device).L2_cache_size
-            cls._buffers[device] = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+            with torch.inference_mode(False):  # a normal tensor: written by tunings inside and outside that mode
+                cls._buffers[device] = torch.empty(2 * l2, dtype=torch.uint8, device=device)
         return cls._buffers[device]
 
 

@@ -161,13 +161,11 @@ def skinny_workspace_size(n: int) -> tuple[int, int]:
 def _fits(config: dict, key: tuple) -> bool:
     """Pruner (key: rows block, N, K, bits, group_shift, ...): a tile inside one group, every split at least one
     block of K, between half a program and 16 programs per SM."""
-    block_m, n, k, bits, group_shift = key[:5]
+    _, n, k, _, group_shift = key[:5]
     group = 1 << min(group_shift, 30)
     if config["BLOCK_K"] > group or k < config["SPLIT_K"] * config["BLOCK_K"]:
         return False
     if config["BLOCK_K"] == 32 and group > 32:  # only for groups of 32: larger tiles take fewer instructions a weight
-        return False
-    if config["num_warps"] == 8 and block_m < 64:  # 8 warps only where 4 would spill a 64-128-row tile's registers
         return False
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     programs = triton.cdiv(n, config["BLOCK_N"]) * config["SPLIT_K"]
@@ -176,7 +174,7 @@ def _fits(config: dict, key: tuple) -> bool:
 
 SKINNY_TUNER = Tuner(
     "skinny",
-    generated_configs(BLOCK_N=[64, 128], BLOCK_K=[32, 64, 128], SPLIT_K=[1, 2, 4, 8, 16], num_warps=[4, 8],
+    generated_configs(BLOCK_N=[64, 128], BLOCK_K=[32, 64, 128], SPLIT_K=[1, 2, 4, 8, 16], num_warps=[4],
                       num_stages=[3]),
     prune=_fits,
     interpreter_config=dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, num_warps=4, num_stages=1),

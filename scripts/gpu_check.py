@@ -5,7 +5,7 @@
 SPEC is run_bench's keyword arguments as key=value pairs joined by commas, e.g. `shape=7B,kernels=1` or
 `shape=65B,prompt=2048,gen=64,ctx=2112`; `kv=int8` (short for kv_cache=int8; fp8 is refused on GPUs for now)
 runs every row of that spec with that KV cache, so `shape=7B,kv=int8` benches decode and reports peak memory with it;
-`prefill_graphs=1` also times each row's prefill replayed as a CUDA graph (prompts up to 256 tokens). A SPEC may also be a
+`prefill_graphs=1` also times each row's prefill replayed as a CUDA graph (prompts up to 512 tokens). A SPEC may also be a
 name of NAMED_SPECS: `kv65b` is the 65B shape at 2048 context with the int8 cache, whose peak GB the summary
 compares with the issue's target (<= 38 GB). Each report is printed as it finishes and appended as one JSON line to
 DIR/bench.jsonl (DIR defaults to $OUT, else the current folder), so a run cut short keeps what it measured.
