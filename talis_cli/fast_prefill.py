@@ -146,8 +146,9 @@ class PrefillRunner:
     def run(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         """tokens int64 [N] (on the embedding's device), segments [(T, start_pos, cache row)] splitting them in
         order -> float32 logits [len(segments), 1, vocab] of each segment's last token; a CUDA graph's replay where
-        one applies (`bucket`)."""
+        one applies (`bucket`). Raises ValueError for segments the cache cannot hold (`_check_segments`)."""
         self._check_cache()
+        self._check_segments(tokens, segments)
         bucket = self.bucket(tokens.shape[0], len(segments))
         if bucket is not None and (bucket in self._captured or bucket in self._seen):
             return self._replay(bucket, tokens, segments)
@@ -159,10 +160,26 @@ class PrefillRunner:
         """What a graph of `bucket` computes, run eagerly: tokens int64 [N] placed by `segments` as `run` takes
         them, padded at the end to `bucket` tokens -> logits [len(segments), 1, vocab]."""
         self._check_cache()
+        self._check_segments(tokens, segments)
         filled = torch.zeros(bucket, dtype=torch.long, device=tokens.device)
         filled[:tokens.shape[0]] = tokens
         layout = self.layout(segments, tokens.device, bucket, self.model.cache_batch)
         return self.forward(filled, layout)[:len(segments)]
+
+    def _check_segments(self, tokens: torch.Tensor, segments) -> None:
+        """Raise ValueError unless `segments` [(T, start, row)] split tokens [N] and each fits the cache: the kernels
+        take each token's row and slot as data and do not check them (a slot past the row lands in another head's
+        slots or past the cache; the eager forward fails on such a prompt), and an empty segment has no last
+        token to take logits of."""
+        if sum(T for T, _, _ in segments) != tokens.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} tokens for segments of {sum(T for T, _, _ in segments)} in all")
+        rows, slots = self.model.cache_batch, self.model.max_seq_len
+        for i, (T, start, row) in enumerate(segments):
+            if T < 1:
+                raise ValueError(f"segment {i} (cache row {row}) is empty")
+            if start < 0 or start + T > slots or not 0 <= row < rows:
+                raise ValueError(f"segment {i} (slots {start}..{start + T - 1} of cache row {row}) does not fit the "
+                                 f"KV cache ({rows} rows of {slots} slots)")
 
     def layout(self, segments, device: torch.device, n: int | None = None, n_ends: int | None = None) -> _Layout:
         """The _Layout of `segments` on `device`, padded to n tokens and n_ends ends (a graph's sizes; default:

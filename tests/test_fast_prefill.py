@@ -254,6 +254,28 @@ def test_the_runner_falls_back_to_the_eager_forward_for_a_batch_or_every_tokens_
         torch.testing.assert_close(every, model(tokens[:1], start_pos=0))
 
 
+def test_segments_outside_the_kv_cache_are_refused_before_any_kernel_writes():
+    """Where a token goes is data the kernels do not check: a segment past the cache's last slot or row, or an
+    empty one, raises ValueError naming it (as the eager forward fails on such a prompt) instead of writing into
+    other heads' slots or past the cache, and the cache is left as it was."""
+    model = tiny_model(seed=1, device=DEVICE, num_key_value_heads=2)
+    model.setup_cache(2, 32)
+    runner = PrefillRunner(model)
+    before = caches(model)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"^segment 0 \(slots 30\.\.34 of cache row 0\) does not fit the KV "
+                                             r"cache \(2 rows of 32 slots\)$"):
+            runner(torch.tensor([[1, 2, 3, 4, 5]], device=DEVICE), 30)
+        with pytest.raises(ValueError, match=r"^segment 1 \(slots 4\.\.4 of cache row 2\) does not fit"):
+            runner.prefill_segments([([1, 2], 0, 0), ([3], 4, 2)])
+        with pytest.raises(ValueError, match=r"^segment 1 \(cache row 1\) is empty$"):
+            runner.prefill_segments([([1, 2], 0, 0), ([], 0, 1)])
+        with pytest.raises(ValueError, match=r"^3 tokens for segments of 2 in all$"):
+            runner.run(torch.tensor([1, 2, 3], device=DEVICE), [(2, 0, 0)])
+    for (k, v), (k0, v0) in zip(caches(model), before):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
 # --- short prompts padded to a bucket (what a CUDA graph replays) -----------------------------------------------
 def test_buckets_take_any_segments_that_fit_a_graph():
     """Where tokens go is data, so any start and row fit a bucket; not: graphs off, more tokens than the largest
