@@ -34,6 +34,11 @@ from .model import current_device
 BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
+def buckets_up_to(most: int) -> tuple[int, ...]:
+    """The BUCKETS that forwards of 1..most tokens replay: each one below `most` and the first at or above it."""
+    return tuple(b for i, b in enumerate(BUCKETS) if i == 0 or BUCKETS[i - 1] < most)
+
+
 class _Layout:
     """Where the N tokens of one forward go, as int64 device tensors: positions (rotary table rows), rows and slots
     of the cache (slot -1: padding, not stored) [N], ragged_attention's blocks [NB, 4] and the index of each

@@ -10,7 +10,7 @@ from quant_kernels import gptq_format
 from quant_kernels.fuse import fuse_model
 from quant_kernels.prefill_ops import query_blocks, ragged_attention, rotary_to_cache
 from quant_kernels.quant_linear import QuantLinear
-from talis_cli.fast_prefill import PrefillRunner
+from talis_cli.fast_prefill import BUCKETS, PrefillRunner, buckets_up_to
 from talis_cli.model import apply_rotary
 
 from tests.test_fast_decode import random_quant, tiny_model
@@ -290,6 +290,12 @@ def test_buckets_take_any_segments_that_fit_a_graph():
                          rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     dynamic.setup_cache(1, 64)
     assert PrefillRunner(dynamic, graphs=True).bucket(9) is None
+
+
+def test_buckets_up_to_a_token_count_are_those_its_forwards_replay():
+    assert [buckets_up_to(n) for n in (1, 16, 17, 100, 512)] == [
+        (16,), (16,), (16, 32), (16, 32, 64, 128), BUCKETS]
+    assert buckets_up_to(4096) == BUCKETS
 
 
 @pytest.mark.parametrize("kind", ["fp16", "int8"])
