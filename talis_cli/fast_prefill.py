@@ -244,13 +244,15 @@ class PrefillRunner:
 
     def capture(self, bucket: int, row: int) -> None:
         """Capture the graph of `bucket` now (a server's warm-up), if graphs apply and it is not yet captured; its
-        eager run and capture write throwaway keys and values into slots 0.. of cache row `row`."""
+        eager run and capture write throwaway keys and values into slots 0..min(bucket, cache slots) - 1 of cache
+        row `row` (ValueError for a row the cache does not have)."""
         self._check_cache()
         if self.bucket(bucket) != bucket or bucket in self._captured:
             return
         device = self.model.model.embed_tokens.weight.device
         T = min(bucket, self.model.max_seq_len)
         tokens = torch.arange(1, T + 1, device=device) % self.model.args.vocab_size
+        self._check_segments(tokens, [(T, 0, row)])
         self._captured[bucket] = self._capture(bucket, tokens, [(T, 0, row)])
 
     def _replay(self, bucket: int, tokens: torch.Tensor, segments) -> torch.Tensor:

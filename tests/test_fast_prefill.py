@@ -298,12 +298,13 @@ def test_buckets_up_to_a_token_count_are_those_its_forwards_replay():
     assert buckets_up_to(4096) == BUCKETS
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8"])
-def test_segments_padded_to_a_bucket_give_the_same_logits_and_cache(kind):
+@pytest.mark.parametrize("kind,window", [("fp16", None), ("int8", None), ("fp8", 4)])
+def test_segments_padded_to_a_bucket_give_the_same_logits_and_cache(kind, window):
     """What a CUDA graph replays, run eagerly: two segments (one continuing a cached prefix) padded to 32 tokens
-    and to the cache's row count give each segment's logits and keys/values of a forward of its own; the padding
-    stores nothing (every slot no segment names keeps its old contents)."""
-    model = tiny_model(seed=9, device=DEVICE, num_key_value_heads=2)
+    and to the cache's row count give each segment's logits and keys/values of a forward of its own (a sliding
+    window too); the padding stores nothing (every slot no segment names keeps its old contents)."""
+    model = tiny_model(seed=9, device=DEVICE, num_key_value_heads=2, **(
+        {"model_type": "mistral", "sliding_window": window} if window else {}))
     fuse_model(model)
     model.kv_cache_kind = kind
     model.setup_cache(3, 64)
@@ -437,7 +438,7 @@ def test_engine_generates_the_same_tokens_with_the_fast_prefill():
 def test_cuda_graph_prefill_matches_the_fused_prefill_at_7b_shape():
     """Prompts padded to their bucket and replayed as CUDA graphs (captured at a bucket's second prompt) give the
     logits and keys/values of the prefill launched kernel by kernel; greedy decode after them draws the same
-    tokens (the padding's slots are overwritten before they are read)."""
+    tokens (the padding stores nothing)."""
     from talis_cli import bench
     from talis_cli.fast_decode import CudaGraphDecoder
 
@@ -505,11 +506,17 @@ def test_cuda_graph_of_packed_and_continued_segments_matches_the_fused_prefill_a
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("model_type,window", [("llama", None), ("mistral", 4)])
-def test_segments_in_one_forward_match_a_forward_each(model_type, window):
+@pytest.mark.parametrize("model_type,window,rope_scaling", [
+    ("llama", None, None), ("mistral", 4, None),
+    ("llama", None, {"rope_type": "dynamic", "factor": 2.0}),  # past position 16 only the second segment scales
+])
+def test_segments_in_one_forward_match_a_forward_each(model_type, window, rope_scaling):
     """prefill_segments (a server's newcomers in one forward): each segment's last logits and its cache row equal
-    those of its own __call__, whatever its start and row; rows no segment names stay untouched."""
-    model = tiny_model(seed=3, device=DEVICE, num_key_value_heads=2, model_type=model_type, sliding_window=window)
+    those of its own __call__, whatever its start and row (with dynamic NTK, each with its own frequencies); rows
+    no segment names stay untouched."""
+    scaling = {"max_position_embeddings": 16, "rope_scaling": rope_scaling} if rope_scaling else {}
+    model = tiny_model(seed=3, device=DEVICE, num_key_value_heads=2, model_type=model_type, sliding_window=window,
+                       **scaling)
     fuse_model(model)
     model.setup_cache(4, 64)
     gen = torch.Generator().manual_seed(0)
