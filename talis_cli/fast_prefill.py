@@ -119,9 +119,11 @@ class PrefillRunner:
 
     def bucket(self, n_tokens: int, n_segments: int = 1) -> int | None:
         """The padded token count a CUDA graph runs a forward of n_tokens in n_segments at, None where graphs do
-        not apply: graphs off, dynamic NTK (its tables depend on the real positions), more tokens than the largest
-        bucket, or more segments than the cache has rows."""
-        if not self.graphs or rope.is_dynamic(self.model.args) or n_segments > self.model.cache_batch:
+        not apply: graphs off, a model the fused path does not take (`covers`), dynamic NTK (its tables depend on
+        the real positions), more tokens than the largest bucket, or more segments than the cache has rows."""
+        if not self.graphs or not self._fused_model() or rope.is_dynamic(self.model.args):
+            return None
+        if n_segments > self.model.cache_batch:
             return None
         return next((b for b in BUCKETS if b >= n_tokens), None)
 

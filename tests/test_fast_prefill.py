@@ -292,6 +292,18 @@ def test_buckets_take_any_segments_that_fit_a_graph():
     assert PrefillRunner(dynamic, graphs=True).bucket(9) is None
 
 
+def test_no_graph_applies_to_a_model_the_fused_path_does_not_take():
+    """A head_dim that is not a power of two (24) runs the eager forward (`covers`), so no bucket applies and the
+    server warm-up's `capture` does nothing, instead of running the fused kernels, which refuse that head_dim
+    (the warm-up would stop there, before capturing its decode graphs)."""
+    model = tiny_model(seed=4, device=DEVICE, hidden_size=96, num_attention_heads=4, num_key_value_heads=2)
+    model.setup_cache(2, 32)
+    runner = PrefillRunner(model, graphs=True)
+    assert runner.bucket(9) is None
+    runner.capture(16, 1)
+    assert runner._captured == {}
+
+
 def test_buckets_up_to_a_token_count_are_those_its_forwards_replay():
     assert [buckets_up_to(n) for n in (1, 16, 17, 100, 512)] == [
         (16,), (16,), (16, 32), (16, 32, 64, 128), BUCKETS]
