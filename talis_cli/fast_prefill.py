@@ -132,7 +132,7 @@ class PrefillRunner:
         """tokens int64 [1, T] at cache slots start_pos..start_pos+T-1 of cache row `cache_row` (default 0)
         -> float32 logits [1, 1, vocab] of the last token. Called as the model is called (keywords start_pos,
         cache_row, last_only), so a caller can take either; last_only=False (every token's logits) runs the eager
-        forward."""
+        forward. The logits may be a graph's static buffer (`run`)."""
         if not self.covers(tokens) or not last_only:
             row = {} if cache_row is None else {"cache_row": cache_row}  # the eager forward's own argument
             return self.model(tokens, start_pos=start_pos, last_only=last_only, **row)
@@ -141,8 +141,8 @@ class PrefillRunner:
     def prefill_segments(self, segments: list[tuple[list[int], int, int]]) -> torch.Tensor:
         """Several prompts (or chunks of them) in one forward: segments of (token ids, start_pos, cache row), each
         into its own cache row (distinct rows) -> float32 logits [len(segments), vocab] of each one's last token,
-        as one `__call__` per segment gives. A model the fused path does not take (`covers`) runs one eager
-        forward per segment."""
+        as one `__call__` per segment gives (possibly a graph's static buffer: `run`). A model the fused path does
+        not take (`covers`) runs one eager forward per segment."""
         device = self.model.model.embed_tokens.weight.device
         if not self._fused_model():
             return torch.cat([self(torch.tensor([ids], device=device), start, row)[:, -1]
@@ -153,7 +153,9 @@ class PrefillRunner:
     def run(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         """tokens int64 [N] (on the embedding's device), segments [(T, start_pos, cache row)] splitting them in
         order -> float32 logits [len(segments), 1, vocab] of each segment's last token; a CUDA graph's replay where
-        one applies (`bucket`). Raises ValueError for segments the cache cannot hold (`_check_segments`)."""
+        one applies (`bucket`), whose logits are a view of its static buffer: read them (or clone them) before the
+        next call, which may replay the same graph. Raises ValueError for segments the cache cannot hold
+        (`_check_segments`)."""
         self._check_cache()
         self._check_segments(tokens, segments)
         bucket = self.bucket(tokens.shape[0], len(segments))

@@ -545,7 +545,8 @@ def test_segments_in_one_forward_match_a_forward_each(model_type, window, rope_s
         for layer, (k, v) in zip(model.model.layers, before):
             layer.self_attn.kv_cache.k.copy_(k)
             layer.self_attn.kv_cache.v.copy_(v)
-        each = torch.cat([runner(torch.tensor([ids], device=DEVICE), start, row)[:, -1] for ids, start, row in segments])
+        each = torch.cat([runner(torch.tensor([ids], device=DEVICE), start, row)[:, -1]
+                          for ids, start, row in segments])
     assert packed.shape == (3, 4096)
     torch.testing.assert_close(packed, each, rtol=1e-4, atol=1e-4)
     for layer, (k, v), (k0, v0) in zip(model.model.layers, after, before):
