@@ -213,12 +213,13 @@ def ragged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `out`, contiguous, if given; rows no block covers are left as they are).
 
     q [T, n_heads*hd] contiguous, rotated (rotary_to_cache's output); k_cache, v_cache [batch, n_kv_heads,
-    max_seq_len, hd], already holding every key and value the queries see (theirs included); blocks int32 or
-    int64 [NB, 4] on q's device, query_blocks' entries (rows of zeros are unused entries, so a CUDA graph can
-    replay a table of fixed size); `window`: a query sees only the keys less than `window` slots back
-    (Mistral's sliding window). An 8-bit cache: int8 or float8_e4m3fn codes and their fp32 scales k_scale, v_scale
-    [batch, n_kv_heads, max_seq_len], read back as talis_cli.kv_cache.dequantize_heads gives them. Scores are
-    scaled by hd ** -0.5; grouped-query attention takes query head h to kv head h // (n_heads // n_kv_heads).
+    max_seq_len, hd], already holding every key and value the queries see (theirs included); blocks int64 [NB, 4]
+    on q's device, query_blocks' entries (rows of zeros are unused entries, so a CUDA graph can replay a table of
+    fixed size; int32 entries would make the kernel's cache offsets 32-bit, wrong past 2**31 elements); `window`:
+    a query sees only the keys less than `window` slots back (Mistral's sliding window). An 8-bit cache: int8 or
+    float8_e4m3fn codes and their fp32 scales k_scale, v_scale [batch, n_kv_heads, max_seq_len], read back as
+    talis_cli.kv_cache.dequantize_heads gives them. Scores are scaled by hd ** -0.5; grouped-query attention takes
+    query head h to kv head h // (n_heads // n_kv_heads).
     """
     T = q.shape[0]
     n_kv_heads, hd = k_cache.shape[1], k_cache.shape[3]

@@ -8,8 +8,8 @@ bench` times it) and, from one profiled run, the GPU time per kernel name and it
 shows where it is (dequantize, GEMM, attention, norms, launches). A wall time well above the GPU busy time means
 the host's launches are the limit. Paths: "fast" is what `talis generate` prefills one prompt with on a GPU
 (talis_cli.fast_prefill, plugged into the Generator by fast_decode.accelerate), "graphs" the same replayed as a
-CUDA graph for prompts up to 256 tokens (captured at the second prompt of a length bucket: the first timed run
-here; off in generate for now), "eager" the plain Transformer.forward.
+CUDA graph for prompts up to 512 tokens (captured at the second prompt of a length bucket: the first timed run
+here; what generate runs from a bucket's second prompt), "eager" the plain Transformer.forward.
 """
 import argparse
 import statistics
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=0, help="also time N prompts of each length packed into "
                         "one forward, each into its own cache row (what a server's newcomers of one step run)")
     parser.add_argument("--paths", default="fast,graphs,eager", help="comma-separated: fast (what generate uses), "
-                        "graphs (the same replayed as CUDA graphs up to 256 tokens), eager")
+                        "graphs (the same replayed as CUDA graphs up to 512 tokens), eager")
     opts = parser.parse_args()
     paths = opts.paths.split(",")
     prompts = [int(p) for p in opts.prompts.split(",")]

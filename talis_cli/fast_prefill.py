@@ -34,6 +34,11 @@ from .model import current_device
 BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
+def buckets_up_to(most: int) -> tuple[int, ...]:
+    """The BUCKETS that forwards of 1..most tokens replay: each one below `most` and the first at or above it."""
+    return tuple(b for i, b in enumerate(BUCKETS) if i == 0 or BUCKETS[i - 1] < most)
+
+
 class _Layout:
     """Where the N tokens of one forward go, as int64 device tensors: positions (rotary table rows), rows and slots
     of the cache (slot -1: padding, not stored) [N], ragged_attention's blocks [NB, 4] and the index of each
@@ -114,9 +119,11 @@ class PrefillRunner:
 
     def bucket(self, n_tokens: int, n_segments: int = 1) -> int | None:
         """The padded token count a CUDA graph runs a forward of n_tokens in n_segments at, None where graphs do
-        not apply: graphs off, dynamic NTK (its tables depend on the real positions), more tokens than the largest
-        bucket, or more segments than the cache has rows."""
-        if not self.graphs or rope.is_dynamic(self.model.args) or n_segments > self.model.cache_batch:
+        not apply: graphs off, a model the fused path does not take (`covers`), dynamic NTK (its tables depend on
+        the real positions), more tokens than the largest bucket, or more segments than the cache has rows."""
+        if not self.graphs or not self._fused_model() or rope.is_dynamic(self.model.args):
+            return None
+        if n_segments > self.model.cache_batch:
             return None
         return next((b for b in BUCKETS if b >= n_tokens), None)
 
@@ -125,7 +132,7 @@ class PrefillRunner:
         """tokens int64 [1, T] at cache slots start_pos..start_pos+T-1 of cache row `cache_row` (default 0)
         -> float32 logits [1, 1, vocab] of the last token. Called as the model is called (keywords start_pos,
         cache_row, last_only), so a caller can take either; last_only=False (every token's logits) runs the eager
-        forward."""
+        forward. The logits may be a graph's static buffer (`run`)."""
         if not self.covers(tokens) or not last_only:
             row = {} if cache_row is None else {"cache_row": cache_row}  # the eager forward's own argument
             return self.model(tokens, start_pos=start_pos, last_only=last_only, **row)
@@ -134,8 +141,8 @@ class PrefillRunner:
     def prefill_segments(self, segments: list[tuple[list[int], int, int]]) -> torch.Tensor:
         """Several prompts (or chunks of them) in one forward: segments of (token ids, start_pos, cache row), each
         into its own cache row (distinct rows) -> float32 logits [len(segments), vocab] of each one's last token,
-        as one `__call__` per segment gives. A model the fused path does not take (`covers`) runs one eager
-        forward per segment."""
+        as one `__call__` per segment gives (possibly a graph's static buffer: `run`). A model the fused path does
+        not take (`covers`) runs one eager forward per segment."""
         device = self.model.model.embed_tokens.weight.device
         if not self._fused_model():
             return torch.cat([self(torch.tensor([ids], device=device), start, row)[:, -1]
@@ -146,8 +153,11 @@ class PrefillRunner:
     def run(self, tokens: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         """tokens int64 [N] (on the embedding's device), segments [(T, start_pos, cache row)] splitting them in
         order -> float32 logits [len(segments), 1, vocab] of each segment's last token; a CUDA graph's replay where
-        one applies (`bucket`)."""
+        one applies (`bucket`), whose logits are a view of its static buffer: read them (or clone them) before the
+        next call, which may replay the same graph. Raises ValueError for segments the cache cannot hold
+        (`_check_segments`)."""
         self._check_cache()
+        self._check_segments(tokens, segments)
         bucket = self.bucket(tokens.shape[0], len(segments))
         if bucket is not None and (bucket in self._captured or bucket in self._seen):
             return self._replay(bucket, tokens, segments)
@@ -159,10 +169,26 @@ class PrefillRunner:
         """What a graph of `bucket` computes, run eagerly: tokens int64 [N] placed by `segments` as `run` takes
         them, padded at the end to `bucket` tokens -> logits [len(segments), 1, vocab]."""
         self._check_cache()
+        self._check_segments(tokens, segments)
         filled = torch.zeros(bucket, dtype=torch.long, device=tokens.device)
         filled[:tokens.shape[0]] = tokens
         layout = self.layout(segments, tokens.device, bucket, self.model.cache_batch)
         return self.forward(filled, layout)[:len(segments)]
+
+    def _check_segments(self, tokens: torch.Tensor, segments) -> None:
+        """Raise ValueError unless `segments` [(T, start, row)] split tokens [N] and each fits the cache: the kernels
+        take each token's row and slot as data and do not check them (a slot past the row lands in another head's
+        slots or past the cache; the eager forward fails on such a prompt), and an empty segment has no last
+        token to take logits of."""
+        if sum(T for T, _, _ in segments) != tokens.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} tokens for segments of {sum(T for T, _, _ in segments)} in all")
+        rows, slots = self.model.cache_batch, self.model.max_seq_len
+        for i, (T, start, row) in enumerate(segments):
+            if T < 1:
+                raise ValueError(f"segment {i} (cache row {row}) is empty")
+            if start < 0 or start + T > slots or not 0 <= row < rows:
+                raise ValueError(f"segment {i} (slots {start}..{start + T - 1} of cache row {row}) does not fit the "
+                                 f"KV cache ({rows} rows of {slots} slots)")
 
     def layout(self, segments, device: torch.device, n: int | None = None, n_ends: int | None = None) -> _Layout:
         """The _Layout of `segments` on `device`, padded to n tokens and n_ends ends (a graph's sizes; default:
@@ -222,13 +248,15 @@ class PrefillRunner:
 
     def capture(self, bucket: int, row: int) -> None:
         """Capture the graph of `bucket` now (a server's warm-up), if graphs apply and it is not yet captured; its
-        eager run and capture write throwaway keys and values into slots 0.. of cache row `row`."""
+        eager run and capture write throwaway keys and values into slots 0..min(bucket, cache slots) - 1 of cache
+        row `row` (ValueError for a row the cache does not have)."""
         self._check_cache()
         if self.bucket(bucket) != bucket or bucket in self._captured:
             return
         device = self.model.model.embed_tokens.weight.device
         T = min(bucket, self.model.max_seq_len)
         tokens = torch.arange(1, T + 1, device=device) % self.model.args.vocab_size
+        self._check_segments(tokens, [(T, 0, row)])
         self._captured[bucket] = self._capture(bucket, tokens, [(T, 0, row)])
 
     def _replay(self, bucket: int, tokens: torch.Tensor, segments) -> torch.Tensor:

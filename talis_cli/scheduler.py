@@ -488,22 +488,22 @@ class Scheduler:
                 capture(self.max_batch)
 
     def _warm_prefill(self) -> None:
-        """Through the generator's fast prefill (GPUs): capture its CUDA graph of every bucket up to prefill_chunk
-        tokens (where it replays graphs) in the spare row, then prefill into the spare row and row 0 prompts of
-        each length of WARM_PREFILL_LENGTHS (within the context), one continuing a cached prefix, and (packed) two
-        at once: the paths a request's prefill takes."""
+        """Through the generator's fast prefill (GPUs): capture in the spare row its CUDA graph (where it replays
+        graphs) of each bucket a step's prefill can reach (at most prefill_chunk tokens, and at most a context per
+        row), then prefill into the spare row and row 0 prompts of each length of WARM_PREFILL_LENGTHS (within the
+        context), one continuing a cached prefix, and (packed) two at once: the paths a request's prefill takes."""
         import torch
 
-        from .fast_prefill import BUCKETS
+        from .fast_prefill import buckets_up_to
 
         gen, spare = self.generator, self.max_batch
         runner = getattr(gen, "prefill", None)
         if runner is None:  # no fast prefill (a CPU): plain torch, nothing compiles or tunes on first use
             return
         capture = getattr(runner, "capture", None)
-        for bucket in BUCKETS if capture is not None else ():
-            if bucket <= self.prefill_chunk:
-                capture(bucket, spare)
+        most = min(self.prefill_chunk, self.max_batch * gen.max_seq_len)  # prompt tokens one step prefills at most
+        for bucket in buckets_up_to(most) if capture is not None else ():
+            capture(bucket, spare)
         device = self.model.model.embed_tokens.weight.device
         vocab = self.model.args.vocab_size
         lengths = [n for n in WARM_PREFILL_LENGTHS if n < gen.max_seq_len]

@@ -10,7 +10,7 @@ from quant_kernels import gptq_format
 from quant_kernels.fuse import fuse_model
 from quant_kernels.prefill_ops import query_blocks, ragged_attention, rotary_to_cache
 from quant_kernels.quant_linear import QuantLinear
-from talis_cli.fast_prefill import PrefillRunner
+from talis_cli.fast_prefill import BUCKETS, PrefillRunner, buckets_up_to
 from talis_cli.model import apply_rotary
 
 from tests.test_fast_decode import random_quant, tiny_model
@@ -254,6 +254,28 @@ def test_the_runner_falls_back_to_the_eager_forward_for_a_batch_or_every_tokens_
         torch.testing.assert_close(every, model(tokens[:1], start_pos=0))
 
 
+def test_segments_outside_the_kv_cache_are_refused_before_any_kernel_writes():
+    """Where a token goes is data the kernels do not check: a segment past the cache's last slot or row, or an
+    empty one, raises ValueError naming it (as the eager forward fails on such a prompt) instead of writing into
+    other heads' slots or past the cache, and the cache is left as it was."""
+    model = tiny_model(seed=1, device=DEVICE, num_key_value_heads=2)
+    model.setup_cache(2, 32)
+    runner = PrefillRunner(model)
+    before = caches(model)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"^segment 0 \(slots 30\.\.34 of cache row 0\) does not fit the KV "
+                                             r"cache \(2 rows of 32 slots\)$"):
+            runner(torch.tensor([[1, 2, 3, 4, 5]], device=DEVICE), 30)
+        with pytest.raises(ValueError, match=r"^segment 1 \(slots 4\.\.4 of cache row 2\) does not fit"):
+            runner.prefill_segments([([1, 2], 0, 0), ([3], 4, 2)])
+        with pytest.raises(ValueError, match=r"^segment 1 \(cache row 1\) is empty$"):
+            runner.prefill_segments([([1, 2], 0, 0), ([], 0, 1)])
+        with pytest.raises(ValueError, match=r"^3 tokens for segments of 2 in all$"):
+            runner.run(torch.tensor([1, 2, 3], device=DEVICE), [(2, 0, 0)])
+    for (k, v), (k0, v0) in zip(caches(model), before):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
 # --- short prompts padded to a bucket (what a CUDA graph replays) -----------------------------------------------
 def test_buckets_take_any_segments_that_fit_a_graph():
     """Where tokens go is data, so any start and row fit a bucket; not: graphs off, more tokens than the largest
@@ -270,12 +292,31 @@ def test_buckets_take_any_segments_that_fit_a_graph():
     assert PrefillRunner(dynamic, graphs=True).bucket(9) is None
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int8"])
-def test_segments_padded_to_a_bucket_give_the_same_logits_and_cache(kind):
+def test_no_graph_applies_to_a_model_the_fused_path_does_not_take():
+    """A head_dim that is not a power of two (24) runs the eager forward (`covers`), so no bucket applies and the
+    server warm-up's `capture` does nothing, instead of running the fused kernels, which refuse that head_dim
+    (the warm-up would stop there, before capturing its decode graphs)."""
+    model = tiny_model(seed=4, device=DEVICE, hidden_size=96, num_attention_heads=4, num_key_value_heads=2)
+    model.setup_cache(2, 32)
+    runner = PrefillRunner(model, graphs=True)
+    assert runner.bucket(9) is None
+    runner.capture(16, 1)
+    assert runner._captured == {}
+
+
+def test_buckets_up_to_a_token_count_are_those_its_forwards_replay():
+    assert [buckets_up_to(n) for n in (1, 16, 17, 100, 512)] == [
+        (16,), (16,), (16, 32), (16, 32, 64, 128), BUCKETS]
+    assert buckets_up_to(4096) == BUCKETS
+
+
+@pytest.mark.parametrize("kind,window", [("fp16", None), ("int8", None), ("fp8", 4)])
+def test_segments_padded_to_a_bucket_give_the_same_logits_and_cache(kind, window):
     """What a CUDA graph replays, run eagerly: two segments (one continuing a cached prefix) padded to 32 tokens
-    and to the cache's row count give each segment's logits and keys/values of a forward of its own; the padding
-    stores nothing (every slot no segment names keeps its old contents)."""
-    model = tiny_model(seed=9, device=DEVICE, num_key_value_heads=2)
+    and to the cache's row count give each segment's logits and keys/values of a forward of its own (a sliding
+    window too); the padding stores nothing (every slot no segment names keeps its old contents)."""
+    model = tiny_model(seed=9, device=DEVICE, num_key_value_heads=2, **(
+        {"model_type": "mistral", "sliding_window": window} if window else {}))
     fuse_model(model)
     model.kv_cache_kind = kind
     model.setup_cache(3, 64)
@@ -409,7 +450,7 @@ def test_engine_generates_the_same_tokens_with_the_fast_prefill():
 def test_cuda_graph_prefill_matches_the_fused_prefill_at_7b_shape():
     """Prompts padded to their bucket and replayed as CUDA graphs (captured at a bucket's second prompt) give the
     logits and keys/values of the prefill launched kernel by kernel; greedy decode after them draws the same
-    tokens (the padding's slots are overwritten before they are read)."""
+    tokens (the padding stores nothing)."""
     from talis_cli import bench
     from talis_cli.fast_decode import CudaGraphDecoder
 
@@ -477,11 +518,17 @@ def test_cuda_graph_of_packed_and_continued_segments_matches_the_fused_prefill_a
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("model_type,window", [("llama", None), ("mistral", 4)])
-def test_segments_in_one_forward_match_a_forward_each(model_type, window):
+@pytest.mark.parametrize("model_type,window,rope_scaling", [
+    ("llama", None, None), ("mistral", 4, None),
+    ("llama", None, {"rope_type": "dynamic", "factor": 2.0}),  # past position 16 only the second segment scales
+])
+def test_segments_in_one_forward_match_a_forward_each(model_type, window, rope_scaling):
     """prefill_segments (a server's newcomers in one forward): each segment's last logits and its cache row equal
-    those of its own __call__, whatever its start and row; rows no segment names stay untouched."""
-    model = tiny_model(seed=3, device=DEVICE, num_key_value_heads=2, model_type=model_type, sliding_window=window)
+    those of its own __call__, whatever its start and row (with dynamic NTK, each with its own frequencies); rows
+    no segment names stay untouched."""
+    scaling = {"max_position_embeddings": 16, "rope_scaling": rope_scaling} if rope_scaling else {}
+    model = tiny_model(seed=3, device=DEVICE, num_key_value_heads=2, model_type=model_type, sliding_window=window,
+                       **scaling)
     fuse_model(model)
     model.setup_cache(4, 64)
     gen = torch.Generator().manual_seed(0)
@@ -498,7 +545,8 @@ def test_segments_in_one_forward_match_a_forward_each(model_type, window):
         for layer, (k, v) in zip(model.model.layers, before):
             layer.self_attn.kv_cache.k.copy_(k)
             layer.self_attn.kv_cache.v.copy_(v)
-        each = torch.cat([runner(torch.tensor([ids], device=DEVICE), start, row)[:, -1] for ids, start, row in segments])
+        each = torch.cat([runner(torch.tensor([ids], device=DEVICE), start, row)[:, -1]
+                          for ids, start, row in segments])
     assert packed.shape == (3, 4096)
     torch.testing.assert_close(packed, each, rtol=1e-4, atol=1e-4)
     for layer, (k, v), (k0, v0) in zip(model.model.layers, after, before):

@@ -356,6 +356,35 @@ def test_warm_up_prefills_each_tile_height_into_the_spare_row_and_leaves_rows_cl
         assert request.stats.reused_tokens == 0
 
 
+@pytest.mark.parametrize("max_batch,prefill_chunk,context,buckets", [
+    (2, 512, 1024, [16, 32, 64, 128, 256, 512]),  # every bucket
+    (2, 100, 1024, [16, 32, 64, 128]),  # a step of 65..100 tokens replays the 128 bucket
+    (2, 512, 40, [16, 32, 64, 128]),  # two rows' prompts of under 40 tokens: at most 80 in a step
+    (1, 512, 40, [16, 32, 64]),
+])
+def test_warm_up_captures_every_prefill_graph_a_step_can_replay_and_no_other(model, tokenizer, max_batch,
+                                                                            prefill_chunk, context, buckets):
+    """Where the fast prefill replays CUDA graphs (its `capture`), warm_up() captures in the spare row the graph of
+    each bucket a step's prefill can reach (at most prefill_chunk tokens, and at most the rows' contexts), so no
+    request waits for a capture, and none that no step can use."""
+    captured = []
+
+    class Runner:  # what the warm-up calls of fast_prefill.PrefillRunner: only the captures are checked here
+        def capture(self, bucket, row):
+            captured.append((bucket, row))
+
+        def __call__(self, tokens, start_pos, cache_row=None, last_only=True):
+            return None
+
+        def prefill_segments(self, parts):
+            return None
+
+    gen = Generator(model, tokenizer, (), context)
+    gen.prefill = Runner()
+    Scheduler(gen, max_batch=max_batch, prefill_chunk=prefill_chunk).warm_up()
+    assert captured == [(bucket, max_batch) for bucket in buckets]
+
+
 def test_warm_up_refuses_once_a_request_holds_a_row_and_fits_a_tiny_context(model, tokenizer):
     """warm_up() overwrites row 0 (and the spare row): once a request is admitted it raises, and the request goes
     on with its own text; on a context of 3 tokens it prefills only what fits (no continuation past the end)."""
