@@ -149,7 +149,8 @@ class Engine:
         if request.plan.uses_cuda and _triton_backend_available() and graphs:  # the CUDA-graph decode step
             from .fast_decode import accelerate
 
-            accelerate(engine.model, engine.generator)
+            # tensor parallel: no prefill graphs yet (their larger all-reduces inside a graph are untested)
+            accelerate(engine.model, engine.generator, prefill_graphs=settings.shard is None)
             phases.lap("CUDA graphs")
         engine.load_phases, engine.load_s = phases, phases.total
         return engine

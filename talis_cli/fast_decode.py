@@ -435,9 +435,9 @@ def graph_devices(model) -> list[torch.device] | None:
     return [device for i, device in enumerate(layers) if i == 0 or device != layers[i - 1]]
 
 
-def accelerate(model, generator=None) -> CudaGraphDecoder | None:
+def accelerate(model, generator=None, prefill_graphs: bool = True) -> CudaGraphDecoder | None:
     """Fuse q/k/v and gate/up, then (model on CUDA GPUs, see `graph_devices`) give `generator` the CUDA-graph
-    decode step and the fast prefill (fast_prefill.prefill_runner).
+    decode step and the fast prefill (fast_prefill.prefill_runner, replaying CUDA graphs with `prefill_graphs`).
 
     Returns the runner, or None where the model stays on the plain path.
     """
@@ -450,5 +450,5 @@ def accelerate(model, generator=None) -> CudaGraphDecoder | None:
     if generator is not None:
         generator.fast_decode = runner
         # prompts replay CUDA graphs of up to 512 tokens from the second use of a bucket (a chat's next turns)
-        generator.prefill = prefill_runner(model, graphs=True)
+        generator.prefill = prefill_runner(model, graphs=prefill_graphs)
     return runner
