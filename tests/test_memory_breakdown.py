@@ -59,3 +59,34 @@ def test_65b_int8_cache_figures():
     assert by_name["split-K workspace (fp32, 128 rows x widest layer)"] == 4 * 128 * 44032 + 4 * 8 * 1376
     static = memory_breakdown.static_bytes(memory_breakdown.parts(args, 4, 128, 2048, "int8"))
     assert 38.0e9 < static < 38.3e9  # over the 38 GB (10^9) target before anything runs
+
+
+def test_memory_peak_script_finds_the_peak_and_its_sites(tmp_path, capsys):
+    """scripts/memory_peak.py on a made-up snapshot in torch's layout: the peak is where the 3 MB and 2 MB blocks
+    were live together (before the 3 MB one was freed), grouped by their innermost frame in talis' code."""
+    import importlib.util
+    import pickle
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "memory_peak.py"
+    spec = importlib.util.spec_from_file_location("memory_peak", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ours = [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+            {"filename": "/repo/talis_cli/model.py", "line": 42, "name": "forward"}]
+    trace = [dict(action="alloc", addr=1, size=3_000_000, frames=ours),
+             dict(action="free_requested", addr=99, size=5),  # allocated before the trace: skipped
+             dict(action="alloc", addr=2, size=2_000_000, frames=[{"filename": "/repo/quant_kernels/a.py",
+                                                                    "line": 7, "name": "prepare"}]),
+             dict(action="free_requested", addr=1, size=3_000_000),
+             dict(action="alloc", addr=3, size=1_000_000, frames=ours)]
+    top, live = script.peak(trace)
+    assert top == 5_000_000 and sorted(live) == [1, 2]
+    snapshot = tmp_path / "s.pickle"
+    snapshot.write_bytes(pickle.dumps({"segments": [], "device_traces": [trace]}))
+    assert script.main([str(snapshot)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("cuda:0: peak 5,000,000 bytes = 0.005 GB")
+    assert out[1].split() == ["3,000,000", "0.003", "GB", "1x", "talis_cli/model.py:42", "forward"]
+    assert out[2].split()[-2:] == ["quant_kernels/a.py:7", "prepare"]
+    assert script.main([str(tmp_path / "missing.pickle")]) == 1
