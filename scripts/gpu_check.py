@@ -9,7 +9,8 @@ runs every row of that spec with that KV cache, so `shape=7B,kv=int8` benches de
 name of NAMED_SPECS: `kv65b` is the 65B shape at 2048 context with the int8 cache, whose peak GB the summary
 compares with the issue's target (<= 38 GB). Each report is printed as it finishes and appended as one JSON line to
 DIR/bench.jsonl (DIR defaults to $OUT, else the current folder), so a run cut short keeps what it measured.
-`--dry` prints the keyword arguments of each SPEC and exits (no GPU needed). `--serve` adds scripts/bench_serve.py
+`TALIS_MEMORY_HISTORY=FILE` records each row's allocations there (scripts/memory_peak.py FILE names what was live at the
+peak). `--dry` prints the keyword arguments of each SPEC and exits (no GPU needed). `--serve` adds scripts/bench_serve.py
 on a random 7B with and without the scheduler's packed prefill; it needs the server's packages (fastapi, uvicorn,
 httpx, prometheus-client), which the GPU machine lacks: carry their wheels and install them first.
 """
