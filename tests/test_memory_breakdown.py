@@ -90,3 +90,23 @@ def test_memory_peak_script_finds_the_peak_and_its_sites(tmp_path, capsys):
     assert out[1].split() == ["3,000,000", "0.003", "GB", "1x", "talis_cli/model.py:42", "forward"]
     assert out[2].split()[-2:] == ["quant_kernels/a.py:7", "prepare"]
     assert script.main([str(tmp_path / "missing.pickle")]) == 1
+
+
+def test_gpu_check_summary_states_the_expected_memory_of_kv65b():
+    """scripts/gpu_check.py's kv65b spec: the summary line sets the measured peak beside the breakdown's figures."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    kwargs = script.parse_spec("kv65b")
+    report = dict(shape=kwargs["shape"].upper(), ctx=kwargs["ctx"], bits=4, group_size=128,
+                  kv_cache=kwargs["kv_cache"], prompt=kwargs["prompt"], act_order=False)
+    breakdown = memory_breakdown.parts(bench.shape_args("65B", 2048), 4, 128, 2048, "int8", 128)
+    assert script.expected_memory(report) == (
+        f"memory_breakdown: static {memory_breakdown.static_bytes(breakdown) / 1e9:.2f} GB, expected peak "
+        f"{memory_breakdown.expected_peak(breakdown) / 1e9:.2f} GB") == (
+        "memory_breakdown: static 38.25 GB, expected peak 38.45 GB")
+    assert script.expected_memory(dict(model="x")) == "no breakdown for --model runs"
