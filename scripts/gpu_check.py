@@ -9,7 +9,8 @@ runs every row of that spec with that KV cache, so `shape=7B,kv=int8` benches de
 name of NAMED_SPECS: `kv65b` is the 65B shape at 2048 context with the int8 cache, whose peak GB the summary
 compares with the issue's target (<= 38 GB). Each report is printed as it finishes and appended as one JSON line to
 DIR/bench.jsonl (DIR defaults to $OUT, else the current folder), so a run cut short keeps what it measured.
-`--dry` prints the keyword arguments of each SPEC and exits (no GPU needed). `--serve` adds scripts/bench_serve.py
+`TALIS_MEMORY_HISTORY=FILE` records a row's allocations there, each row overwriting the one before (scripts/memory_peak.py
+FILE names what was live at the peak). `--dry` prints the keyword arguments of each SPEC and exits (no GPU needed). `--serve` adds scripts/bench_serve.py
 on a random 7B with and without the scheduler's packed prefill; it needs the server's packages (fastapi, uvicorn,
 httpx, prometheus-client), which the GPU machine lacks: carry their wheels and install them first.
 """
@@ -96,7 +97,7 @@ def main() -> int:
         ours = report["rows"][0]
         target = NAMED_SPECS.get(spec, (None, None))[1]
         verdict = "" if target is None else (f" ({'within' if ours['peak_vram_gb'] <= target else 'OVER'} the "
-                                             f"{target:.0f} GB target)")
+                                             f"{target:.0f} GB target; {expected_memory(report)})")
         summaries.append(f"{spec}: {ours['decode_tok_s']:.0f} tok/s ({ours['pct_floor']:.0f}% floor), prefill "
                          f"{ours['prefill_tok_s'] or float('nan'):.0f} tok/s, peak {ours['peak_vram_gb']:.2f} GB"
                          f"{verdict}; "
@@ -107,6 +108,19 @@ def main() -> int:
         status = run_serve(log) or status
     print("\n".join(["[gpu_check] summary (decode tok/s / prefill tok/s for baselines)"] + summaries))
     return status
+
+
+def expected_memory(report: dict) -> str:
+    """What talis_cli.memory_breakdown expects of a --shape report's first row (static and peak, GB = 10^9)."""
+    from talis_cli.bench import shape_args
+    from talis_cli.memory_breakdown import expected_peak, parts, static_bytes
+
+    if "shape" not in report:
+        return "no breakdown for --model runs"
+    breakdown = parts(shape_args(report["shape"], report["ctx"]), report["bits"], report["group_size"],
+                      report["ctx"], report["kv_cache"], report["prompt"], report["act_order"])
+    return (f"memory_breakdown: static {static_bytes(breakdown) / 1e9:.2f} GB, expected peak "
+            f"{expected_peak(breakdown) / 1e9:.2f} GB")
 
 
 def run_serve(log: Path) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -261,6 +262,8 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3, decode_
     if kv_cache is not None:
         model.kv_cache_kind = kv_cache
     model.setup_cache(1, ctx)
+    marks = {}  # phase -> (GB allocated now, GB peak so far) on CUDA: where a row's peak memory comes from
+    mark_memory(marks, "cache")
     # the prefill generate runs: the fast one on GPUs, else the plain forward
     prefill_step = prefill_runner(model) or (lambda tokens, pos: model(tokens, start_pos=pos, last_only=True))
     if graphs and graph_devices(model) is not None:  # graphs False: tensor parallel without capturable all-reduces
@@ -283,10 +286,22 @@ def time_model(model, prompt: int, gen: int, ctx: int, repeats: int = 3, decode_
             timing["prefill_s"] = statistics.median(_sync_time(prefill) for _ in range(repeats))
         except Exception as e:  # a prefill kernel that fails here is reported; decode is still timed
             timing["prefill_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        mark_memory(marks, "prefill")
         _sync_time(decode)  # captures the graphs
         timing["decode_s"] = statistics.median(_sync_time(decode) for _ in range(repeats))
+        mark_memory(marks, "decode")
         timing["prefill_graph_s"] = time_graph_prefill(model, tokens, repeats) if prefill_graphs else None
+    timing["memory_gb"] = marks
     return timing
+
+
+def mark_memory(marks: dict, phase: str) -> None:
+    """marks[phase] = [GB allocated now, GB peak since the last reset], summed over the GPUs (nothing without
+    CUDA): allocated is what stays, the peak what the phase (or one before it) touched."""
+    if torch.cuda.is_available():
+        gpus = range(torch.cuda.device_count())
+        marks[phase] = [sum(torch.cuda.memory_allocated(g) for g in gpus) / GB,
+                        sum(torch.cuda.max_memory_allocated(g) for g in gpus) / GB]
 
 
 def time_graph_prefill(model, tokens: torch.Tensor, repeats: int) -> float | None:
@@ -345,9 +360,17 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
     gpus = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     for gpu in gpus:
         torch.cuda.reset_peak_memory_stats(gpu)
+    history = os.environ.get("TALIS_MEMORY_HISTORY")  # a file: this row's allocations, for scripts/memory_peak.py
+    if history:
+        torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+    built = {}
     model = build()
+    mark_memory(built, "build")
     timing = time_model(model, prompt, gen, ctx, decode_start=decode_start, kv_cache=kv_cache,
                         prefill_graphs=prefill_graphs)
+    if history:
+        torch.cuda.memory._dump_snapshot(history)
+        torch.cuda.memory._record_memory_history(enabled=None)
     head = gptq_bytes(model.lm_head) if isinstance(model.lm_head, QuantLinear) else None
     floor = floor_bytes(args, bits, group_size, decode_context(ctx, gen, decode_start), head, kv_cache)
     decode_tps = gen / timing["decode_s"]
@@ -359,7 +382,8 @@ def _measure(label: str, build, args: ModelArgs, bits: int, group_size: int, pro
                floor_tok_s=bandwidth / floor["total"], pct_floor=100 * decode_tps * floor["total"] / bandwidth,
                bytes_per_token_gb=floor["total"] / GB,
                peak_vram_gb=sum(torch.cuda.max_memory_allocated(gpu) for gpu in gpus) / GB,  # all GPUs of a split
-               peak_by_gpu_gb=[torch.cuda.max_memory_allocated(gpu) / GB for gpu in gpus])
+               peak_by_gpu_gb=[torch.cuda.max_memory_allocated(gpu) / GB for gpu in gpus],
+               memory_gb={**built, **timing.get("memory_gb", {})})
     if kernels:
         row["kernels"] = gemv_table(model, bandwidth)
     del model
@@ -518,6 +542,10 @@ def format_report(report: dict) -> str:
     lines += [f"note: {r['variant']} prefill failed: {r['prefill_error']}" for r in report["rows"] if r.get("prefill_error")]
     lines += [f"{r['variant']}: prefill as a CUDA graph {report['prompt'] / r['prefill_graph_ms'] * 1e3:.0f} tok/s, "
               f"TTFT {r['prefill_graph_ms']:.1f} ms" for r in report["rows"] if r.get("prefill_graph_ms")]
+    for row in report["rows"]:
+        if row.get("memory_gb"):
+            lines.append(f"{row['variant']}: GB allocated / peak so far after " + ", ".join(
+                f"{phase} {now:.2f} / {peak:.2f}" for phase, (now, peak) in row["memory_gb"].items()))
     for row in report["rows"]:
         if len(row.get("peak_by_gpu_gb") or []) > 1:
             lines.append(f"{row['variant']}: peak GB per GPU " + ", ".join(

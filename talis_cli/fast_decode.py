@@ -33,6 +33,7 @@ from quant_kernels.fuse import fuse_model
 from quant_kernels.triton_backend import forward_gathered, input_gather, input_scatter
 
 from . import rope
+from .capture_stream import capture_stream
 from .fast_prefill import prefill_runner
 
 MIN_BUCKET = 128  # smallest attention capacity captured
@@ -211,7 +212,7 @@ class CudaGraphDecoder:
 
     def __init__(self, model):
         self.model = model
-        self._pools: dict[torch.device, tuple] = {}
+        self._pools: dict[torch.device, object] = {}  # device -> the memory pool of its graphs
         # batch key: B for a left-padded batch of B rows, ("rows", lanes) for rows at their own positions
         self._steps: dict[object, list[DecodeStep]] = {}  # batch key -> its steps
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}  # (batch key, capacity, index)
@@ -388,19 +389,17 @@ class CudaGraphDecoder:
         """(graph, its outputs) of `step`, under step.device made current by the caller."""
         # The eager run writes the same cache slot the replay will write, from the same inputs, so it changes
         # nothing; it tunes kernels and warms the allocator outside the capture, on a side stream as capture
-        # requires.
-        stream = torch.cuda.Stream()
+        # requires: the device's one capture stream, which the capture then uses too (talis_cli.capture_stream:
+        # one cuBLAS workspace per device, not one per capture).
+        stream = capture_stream(step.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             step.run(capacity)
         torch.cuda.current_stream().wait_stream(stream)
-        # Each device has its own memory pool. torch.cuda.graph's default capture stream is made once, on the device
-        # current at its first use (the first step's): the steps of later devices get a capture stream of their own.
-        if step.device not in self._pools:
-            self._pools[step.device] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream() if self._pools else None)
-        pool, capture_stream = self._pools[step.device]
+        if step.device not in self._pools:  # each device has its own memory pool
+            self._pools[step.device] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
+        with torch.cuda.graph(graph, pool=self._pools[step.device], stream=stream):
             outputs = step.run(capacity)
         return graph, outputs
 

@@ -26,6 +26,7 @@ from quant_kernels.triton_backend import forward_gathered, input_gather
 from quant_kernels.triton_gemv import MAX_ROWS
 
 from . import rope
+from .capture_stream import capture_stream
 from .model import current_device
 
 
@@ -280,8 +281,9 @@ class PrefillRunner:
         layout = self.layout(segments, device, bucket, self.model.cache_batch)
         # An eager run first (on a side stream, as capture requires) tunes the kernels and sizes the scratch
         # buffers outside the capture; it writes the slots the replay writes again.
+        # Warm-up and capture on the device's one capture stream: one cuBLAS workspace (talis_cli.capture_stream).
         with torch.cuda.device(device):
-            stream = torch.cuda.Stream()
+            stream = capture_stream(device)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self.forward(tokens_in, layout)
@@ -289,7 +291,7 @@ class PrefillRunner:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
                 logits = self.forward(tokens_in, layout)
         return graph, tokens_in, layout, logits
 

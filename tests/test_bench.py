@@ -110,13 +110,14 @@ def test_report_printer_lists_every_variant():
     rows = [dict(variant=v, decode_tok_s=100.0 * i, pct_floor=50.0, prefill_tok_s=1e4, ttft_ms=12.0,
                  bytes_per_token_gb=3.7, peak_vram_gb=4.0, ms_per_token=10 / (i + 1)) for i, v in enumerate("ab")]
     rows[1].update(prefill_tok_s=None, prefill_error="OutOfResources: shared memory")
-    rows[0].update(prefill_graph_ms=8.0)  # 128 tokens in 8 ms
+    rows[0].update(prefill_graph_ms=8.0, memory_gb={"build": [35.5, 36.01], "decode": [38.42, 38.7]})
     rows.append(dict(variant="c", error="not here"))
     report = dict(shape="7B", bits=4, group_size=128, act_order=False, prompt=128, gen=128, ctx=256, device="X",
                   torch="2", copy_tb_s=3.0, rows=rows, notes=["n1"])
     text = bench.format_report(report)
     for line in ("unavailable: not here", "note: n1", "b prefill failed: OutOfResources",
-                 "a: prefill as a CUDA graph 16000 tok/s, TTFT 8.0 ms"):
+                 "a: prefill as a CUDA graph 16000 tok/s, TTFT 8.0 ms",
+                 "a: GB allocated / peak so far after build 35.50 / 36.01, decode 38.42 / 38.70"):
         assert line in text
     table = text.split("\n")[4:6]
     assert [float(line.split()[1]) for line in table] == [0.0, 100.0] and "failed" in table[1]

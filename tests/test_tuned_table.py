@@ -142,3 +142,39 @@ def test_a_load_covered_by_the_table_times_nothing(tmp_path, monkeypatch):
         assert 4 <= len(engine.encode(text)) <= 32
         assert list(engine.generator.stream(engine.encode(text), cfg))
     assert not (tmp_path / "empty" / "autotune.json").exists()
+
+
+def test_tuning_releases_its_l2_flush_buffer(table, monkeypatch):
+    """The L2-flush buffer (twice the L2: 105 MB on an H200) is held while a shape is tuned, not beside the model
+    afterwards; the fastest candidate is still the one kept."""
+    held, chosen = [], []
+
+    def fake_time(fn):  # what graph_time_us does to the buffer, with a made-up time per candidate
+        fn()
+        autotune_cache._L2Flush._buffers["gpu"] = torch.empty(8, dtype=torch.uint8)
+        held.append(len(autotune_cache._L2Flush._buffers))
+        return {1: 3.0, 2: 1.0, 4: 2.0}[chosen[-1]["SPLIT_K"]]
+
+    monkeypatch.setattr(autotune_cache, "graph_time_us", fake_time)
+    launcher = chosen.append
+    assert tuner().pick(KEY, launcher) == CONFIGS[1]
+    assert held == [1, 1, 1] and autotune_cache._L2Flush._buffers == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tuning_a_gemv_on_the_gpu_leaves_no_memory_allocated():
+    """A real tuning run on the GPU: memory allocated after it is what it was before (no flush buffer kept)."""
+    from quant_kernels.triton_backend import TritonBackend
+    from quant_kernels.triton_gemv import GEMV_TUNER, quant_gemv
+    from talis_cli.bench import random_quant_linear
+
+    layer = random_quant_linear(4096, 4096, 4, 128, False, "cuda")
+    weight = TritonBackend().prepare(layer)
+    x = torch.randn(1, 4096, dtype=torch.float16, device="cuda")
+    out = quant_gemv(x, *weight.args(), config=GEMV_TUNER.configs[0])  # compiles; the workspace is reserved
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    GEMV_TUNER._tune((4096, 4096, 4, 7, False), lambda cfg: quant_gemv(x, *weight.args(), out=out, config=cfg))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
