@@ -73,14 +73,16 @@ class _Layout:
         return torch.tensor(positions + [0] * pad + rows + [0] * pad + slots + [-1] * pad + blocks
                             + ends + [0] * (n_ends - len(ends)), dtype=torch.long)
 
-    def on(self, device: torch.device) -> "_Layout":
-        """This layout on `device` (a device-map boundary), moved once."""
+    def on(self, device: torch.device, tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> "_Layout":
+        """This layout on `device` (a device-map boundary), moved once; with `tables`, those rotary tables (already
+        on `device`) instead of a copy of this layout's."""
         if self.packed.device == device:
             return self
         moved = self._moved.get(device)
         if moved is None:
-            moved = self._moved[device] = _Layout(self.packed.to(device), self.n, self.n_blocks,
-                                                  self.cos.to(device), self.sin.to(device), self.padded)
+            cos, sin = tables or (self.cos.to(device), self.sin.to(device))
+            moved = self._moved[device] = _Layout(self.packed.to(device), self.n, self.n_blocks, cos, sin,
+                                                  self.padded)
         return moved
 
 
@@ -216,7 +218,7 @@ class PrefillRunner:
             device = layer.input_layernorm.weight.device
             if residual.device != device:  # a device-map boundary: the hidden state and residual stream move
                 residual, out = residual.to(device), (out.to(device) if out is not None else None)
-            here = layout.on(device)
+            here = self._placed(layout, device)
             with current_device(device):
                 q, k, v = _norm_qkv(out, residual, layer, residual.shape[0])
                 cache = layer.self_attn.kv_cache
@@ -236,6 +238,13 @@ class PrefillRunner:
         device = model.logits_device
         with current_device(device):
             return head(h.to(device)).float()[:, None]
+
+    def _placed(self, layout: _Layout, device: torch.device) -> _Layout:
+        """`layout` on `device` (moved once, at a device-map boundary) with the rotary tables this runner keeps
+        there (dynamic NTK: this forward's own tables, moved)."""
+        if layout.packed.device == device:
+            return layout
+        return layout.on(device, None if rope.is_dynamic(self.model.args) else self._rotary([], device))
 
     # --- CUDA graphs ----------------------------------------------------------------------------------------
     def _check_cache(self) -> None:
