@@ -226,12 +226,14 @@ def test_ctrl_c_ends_every_rank_with_exit_130():
     """SIGINT to the whole process group, as a terminal sends it: rank 0 decides, the other rank goes with it."""
     import signal
 
+    from tests.test_cli import default_sigint
+
     marker = f"talis-tp-test-{uuid.uuid4().hex}"
     proc = subprocess.Popen([sys.executable, "-m", "talis_cli", "generate", "-p", PROMPT, "-n", "4000",
                              "--temperature", "0", "--max-seq-len", "512", "--device-map", "cpu",
                              "--tensor-parallel", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "TALIS_TP_TEST_MARK": marker})
+                            env={**os.environ, "TALIS_TP_TEST_MARK": marker}, preexec_fn=default_sigint)
     try:
         assert proc.stdout.read(1)  # generating: both ranks are up and stepping together
         os.killpg(proc.pid, signal.SIGINT)
