@@ -95,7 +95,8 @@ class PrefillRunner:
     Rotary tables are built once per device from the model's own `rotary` (so every rope scaling matches the eager
     forward) and rebuilt when the cache changes (setup_cache); dynamic NTK builds them per call.
 
-    With `graphs` (a model on one GPU), a forward of up to 512 tokens (and at most one segment per cache row) is
+    With `graphs` (a model on one GPU), a forward of up to 512 tokens in at most as many segments as the cache has
+    rows (each segment in a row of its own: the callers' contract, as for prefill_segments) is
     padded at its end to the next of BUCKETS and replayed as a CUDA graph, so its ~12 launches per layer cost
     one. The padding's keys and values are not stored and no real query sees them. A bucket is captured on its
     second use, so a lone prompt never pays for a capture; a new cache (setup_cache) drops the graphs. The logits

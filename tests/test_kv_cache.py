@@ -314,9 +314,9 @@ def test_per_row_decode_step_on_8bit_cache_matches_decode_rows(window, kind):
 @pytest.mark.parametrize("start_pos,cache_row,window,kind", [(0, None, None, "int8"), (9, 2, None, "int8"),
                                                              (20, 1, 8, "int8"), (9, 2, None, "fp8")])
 def test_fast_prefill_on_8bit_cache_matches_eager_forward(start_pos, cache_row, window, kind):
-    """PrefillRunner (rotary_to_cache writing int8, ragged_attention reading it back dequantized) against the eager forward
-    from the same cache: the last logits, and the same codes in every layer (with a sliding window, both read only
-    the window's slots)."""
+    """PrefillRunner (rotary_to_cache writing int8, ragged_attention reading it back dequantized) against the eager
+    forward from the same cache: the last logits, and the same codes in every layer (with a sliding window, both
+    read only the window's slots)."""
     model = quantized_model(kind, **(dict(model_type="mistral", sliding_window=window) if window else {}))
     fuse_model(model)
     model.setup_cache(3, 64)
