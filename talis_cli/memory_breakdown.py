@@ -45,10 +45,11 @@ class Part:
 
 
 def fused_linears(args: ModelArgs) -> list[tuple[str, int, int]]:
-    """(name, in, out) of one decoder layer's quantized linears as the fast path holds them (q/k/v, gate/up fused)."""
-    q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    return [("qkv", args.dim, q_out + 2 * kv_out), ("o", q_out, args.dim),
-            ("gate_up", args.dim, 2 * args.intermediate_size), ("down", args.intermediate_size, args.dim)]
+    """(name, in, out) of one decoder layer's quantized linears as the fast path holds them (bench.linear_shapes,
+    named)."""
+    from .bench import linear_shapes
+
+    return [(name, k, n) for name, (k, n) in zip(("qkv", "o", "gate_up", "down"), linear_shapes(args))]
 
 
 def kernel_layout_bytes(k: int, n: int, bits: int, group_size: int, act_order: bool) -> dict[str, int]:
@@ -131,8 +132,8 @@ def static_bytes(breakdown: list[Part]) -> int:
 
 
 def expected_peak(breakdown: list[Part]) -> int:
-    """Static + runtime parts + the larger of the tuning buffer and the transients (tuning runs inside the first
-    prefill and decode, with their activations, so both are counted when both are present)."""
+    """Static + runtime parts + the tuning buffer + the transients (tuning runs inside the first prefill and
+    decode, with their activations live, so both count)."""
     held = sum(p.nbytes for p in breakdown if p.held in ("static", "runtime"))
     return held + sum(p.nbytes for p in breakdown if p.held in ("tuning", "transient"))
 
