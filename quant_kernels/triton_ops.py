@@ -15,6 +15,7 @@ Every function takes [B, features] rows (B the batch, one token each); tensors o
 TRITON_INTERPRET=1. On Hopper they launch with programmatic dependent launch (quant_kernels.pdl).
 """
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -179,12 +180,33 @@ def _as_float(x, scale, dtype: tl.constexpr, QUANT: tl.constexpr):
 
 
 @triton.jit
+def _attend_block(q_rows, k, v, k_scale, v_scale, s0, end, pad, scale, m, l, acc, BLOCK_S: tl.constexpr,
+                  QUANT: tl.constexpr):
+    """One block of cached slots s0.. (k, v [BLOCK_S, HD] as stored, their scales with QUANT) folded into the
+    online softmax (m, l [16], acc [16, HD] fp32) of the query rows q_rows [16, HD] (model dtype): scores in fp32
+    from the exact products of the model-dtype q and keys, times `scale`; probabilities rounded to the model dtype
+    for the value product, as fused attention kernels do."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    visible = (offs_s < end) & (offs_s >= pad)
+    if QUANT:
+        k = _as_float(k, k_scale, q_rows.dtype, QUANT).to(q_rows.dtype)
+        v = _as_float(v, v_scale, q_rows.dtype, QUANT).to(q_rows.dtype)
+    scores = tl.where(visible[None, :], tl.dot(q_rows, tl.trans(k)) * scale, float("-inf"))
+    m_next = tl.maximum(m, tl.max(scores, axis=1))
+    p = tl.exp(scores - m_next[:, None])
+    alpha = tl.exp(m - m_next)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q_rows.dtype), v)
+    return m_next, l * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, pad_ptr, rows_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr,
     v_scale_ptr, part_ptr, tickets_ptr, out_ptr, scatter_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch,
     stride_cs, stride_sb, stride_sh, stride_ss, n_heads, group, chunk, scale, window, SPLITS: tl.constexpr,
     HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr, HAS_WINDOW: tl.constexpr,
     PER_ROW: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Program (b, h, s): head h of row b over cache slots [lo + s*chunk, lo + (s+1)*chunk), one launch for the
     whole step; lo is 0, or with HAS_WINDOW the first slot of the sliding window (slot - window + 1, at least 0),
@@ -199,9 +221,10 @@ def _decode_attention_kernel(
       HAS_SCATTER) and resets the ticket to 0.
 
     Decode attention at short contexts is a chain of dependent memory round trips, not a bandwidth problem: the
-    cached slots (written only by this layer's launches of earlier steps) and the rotary tables load before the
-    wait for the projection that produces q, k, v, and while one block of BLOCK_S slots is computed the next is
-    in flight.
+    first block of cached slots (written only by this layer's launches of earlier steps) and the rotary tables
+    load before the wait for the projection that produces q, k, v. The later blocks stream through Triton's
+    software pipeline (STAGES blocks in flight) into tl.dot, q being row 0 of a 16-row tile: at many rows and
+    long contexts the launch is bandwidth-bound.
 
     q [B, n_heads*HD], k and v [B, kv_heads*HD] with row strides; cos, sin [max_seq_len, HD] in the model dtype;
     slot int64 [1]; pad int64 [B]; caches [batch, kv_heads, max_seq_len, HD]; part fp32 [B, n_heads, SPLITS,
@@ -246,7 +269,6 @@ def _decode_attention_kernel(
     q = _rotate(q_ptr + b * stride_q + h * HD, cos, sin, offs_d, HD)
     k_new = _rotate(k_ptr + b * stride_k + kv_h * HD, cos, sin, offs_d, HD)
     v_new = tl.load(v_ptr + b * stride_v + kv_h * HD + offs_d)
-    qf = q.to(tl.float32) * scale
     if QUANT:  # the new token as the cache will hold it
         k_q, k_new_scale = quantize_heads(k_new[None, :], FP8)
         v_q, v_new_scale = quantize_heads(v_new[None, :], FP8)
@@ -254,24 +276,23 @@ def _decode_attention_kernel(
         k_new_scale, v_new_scale = tl.max(k_new_scale), tl.max(v_new_scale)
         k_new, v_new = (k_q * k_new_scale).to(q.dtype), (v_q * v_new_scale).to(q.dtype)
 
-    m = -1e30  # finite, so a split with no visible key merges with weight 0 instead of NaN
-    l = 0.0
-    acc = tl.zeros([HD], dtype=tl.float32)
-    for s0 in range(start, end, BLOCK_S):
-        next_k, next_v, next_k_scale, next_v_scale = _cached_kv(
-            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, base, scale_base, s0 + BLOCK_S, end, pad, offs_d,
-            stride_cs, stride_ss, BLOCK_S, QUANT)
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        visible = (offs_s < end) & (offs_s >= pad)
-        kf = _as_float(k, k_scale, q.dtype, QUANT)
-        scores = tl.where(visible, tl.sum(kf * qf[None, :], axis=1), float("-inf"))
-        m_next = tl.maximum(m, tl.max(scores, axis=0))
-        p = tl.exp(scores - m_next)
-        alpha = tl.exp(m - m_next)
-        acc = acc * alpha + tl.sum(p[:, None] * _as_float(v, v_scale, q.dtype, QUANT), axis=0)
-        l = l * alpha + tl.sum(p, axis=0)
-        m = m_next
-        k, v, k_scale, v_scale = next_k, next_v, next_k_scale, next_v_scale
+    # q as row 0 of a tile of 16 (the smallest tensor-core tile): scores and values go through tl.dot, whose
+    # operands Triton streams through shared memory in a software pipeline, instead of fp32 copies of every key
+    # and value in registers (240 a thread at 64 keys, one program per SM: ~1.6 TB/s at 8-16 rows, 2026-12-01)
+    q_rows = tl.where(tl.arange(0, 16)[:, None] == 0, q[None, :], 0.0).to(q.dtype)
+    m = tl.full([16], -1e30, tl.float32)  # finite, so a split with no visible key merges with weight 0, not NaN
+    l = tl.zeros([16], dtype=tl.float32)
+    acc = tl.zeros([16, HD], dtype=tl.float32)
+    m, l, acc = _attend_block(q_rows, k, v, k_scale, v_scale, start, end, pad, scale, m, l, acc, BLOCK_S, QUANT)
+    for s0 in tl.range(start + BLOCK_S, end, BLOCK_S, num_stages=STAGES):
+        k, v, k_scale, v_scale = _cached_kv(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, base, scale_base,
+                                            s0, end, pad, offs_d, stride_cs, stride_ss, BLOCK_S, QUANT)
+        m, l, acc = _attend_block(q_rows, k, v, k_scale, v_scale, s0, end, pad, scale, m, l, acc, BLOCK_S, QUANT)
+    first = tl.arange(0, 16) == 0  # back to q's row alone
+    m = tl.max(tl.where(first, m, -1e30), axis=0)
+    l = tl.sum(tl.where(first, l, 0.0), axis=0)
+    acc = tl.sum(tl.where(first[:, None], acc, 0.0), axis=0)
+    qf = q.to(tl.float32) * scale
     if (slot >= start) & (slot < start + chunk):  # this split holds the new token
         score = tl.sum(k_new.to(tl.float32) * qf, axis=0)
         m_next = tl.maximum(m, score)
@@ -327,16 +348,38 @@ def check_cache(k_cache, v_cache, k_scale, v_scale) -> bool:
     return quant
 
 
-def attention_splits(capacity: int, rows: int, sms: int) -> tuple[int, int]:
-    """(splits, chunk) for keys up to `capacity` over `rows` = batch * heads programs: at most
-    TALIS_ATTENTION_PROGRAMS_PER_SM (default 1) programs per SM, chunks of at least 64 keys, splits a power of two
-    (the merge loads them as one block). On an H100, 7B at 2048 context: 2,317 us per step at 1 per SM, 2,410 at 2,
-    5,120 unsplit (BENCHMARKS.md)."""
-    per_sm = int(os.environ.get("TALIS_ATTENTION_PROGRAMS_PER_SM", "1"))
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """How one decode-attention launch covers the cache: `splits` programs per (row, head), each over `chunk`
+    slots, read `block` slots per loop iteration by `warps` warps, with `stages` blocks in flight (Triton's
+    software pipeline through shared memory)."""
+    splits: int
+    chunk: int
+    block: int = 128
+    warps: int = 4
+    stages: int = 2
+
+
+def attention_launch(capacity: int, programs: int, sms: int, block: int | None = None, warps: int = 4,
+                     stages: int | None = None, per_sm: int | None = None,
+                     min_chunk: int | None = None) -> AttentionLaunch:
+    """The launch for keys up to `capacity` over `programs` = batch * heads (row, head) pairs: splits a power of
+    two (the merge loads them as one block) while programs * splits stays below per_sm * sms and chunks keep at
+    least `min_chunk` keys (default: one block). per_sm defaults to TALIS_ATTENTION_PROGRAMS_PER_SM, else 1.
+    Blocks of 128 slots two stages deep, or from 4 programs per SM on, 32 slots three deep (smaller programs, more
+    of them resident): the fastest or within 3% of it in scripts/sweep_attention.py on an H200 for 7B at 1-32 rows
+    and 256 or 2048 slots, except 1 row at 2048 (10.0 us against 9.5) (BENCHMARKS.md, 2026-12-01, eleventh
+    session). Arguments given override the choice."""
+    many = programs >= 4 * sms
+    block = block or (32 if many else 128)
+    stages = stages or (3 if many else 2)
+    if per_sm is None:
+        per_sm = int(os.environ.get("TALIS_ATTENTION_PROGRAMS_PER_SM", "1"))
+    min_chunk = min_chunk or block
     splits = 1
-    while splits < 64 and rows * splits < per_sm * sms and capacity > 64 * splits:
+    while splits < 64 and programs * splits < per_sm * sms and capacity > min_chunk * splits:
         splits *= 2
-    return splits, triton.cdiv(capacity, splits)
+    return AttentionLaunch(splits, triton.cdiv(capacity, splits), block, warps, stages)
 
 
 _TICKETS: dict = {}
@@ -362,7 +405,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      capacity: int, n_sms: int = 132, out: torch.Tensor | None = None,
                      scatter: torch.Tensor | None = None, window: int | None = None,
                      rows: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None, launch: AttentionLaunch | None = None) -> torch.Tensor:
     """Attention of one new token per row: rotary on q and k, k and v stored at cache slot `slot`, softmax over
     slots [max(pad_lens[b], slot - window + 1), slot]; returns [B, n_heads * hd] in q's dtype (into `out`,
     contiguous, if given).
@@ -379,6 +422,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     An 8-bit cache (talis_cli.kv_cache): int8 or float8_e4m3fn caches and their scales k_scale, v_scale fp32
     [batch, n_kv_heads, max_seq_len] (one layout); the new token's k, v are quantized in the kernel, stored and
     used as stored.
+    `launch` overrides attention_launch's choice (scripts/sweep_attention.py compares them).
     """
     B = q.shape[0]
     hd = cos.shape[1]
@@ -388,7 +432,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     assert k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride(), "caches must share a contiguous layout"
     quant = check_cache(k_cache, v_cache, k_scale, v_scale)
     scale_strides = k_scale.stride() if quant else (0, 0, 0)
-    splits, chunk = attention_splits(capacity, B * n_heads, n_sms)
+    launch = launch or attention_launch(capacity, B * n_heads, n_sms)
+    splits = launch.splits
     parts = torch.empty((B, n_heads, splits, hd + 2), dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty((B, n_heads * hd), dtype=q.dtype, device=q.device)
@@ -396,10 +441,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         q, k, v, cos, sin, slot, pad_lens, rows if per_row else slot, k_cache, v_cache,
         k_scale if quant else k_cache, v_scale if quant else v_cache, parts, _tickets(q.device, B * n_heads), out,
         scatter if scatter is not None else out, q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), *scale_strides, n_heads, n_heads // n_kv_heads, chunk, hd ** -0.5,
-        window or 0, SPLITS=splits, HD=hd, BLOCK_S=64, HAS_SCATTER=scatter is not None,
+        k_cache.stride(1), k_cache.stride(2), *scale_strides, n_heads, n_heads // n_kv_heads, launch.chunk,
+        hd ** -0.5, window or 0, SPLITS=splits, HD=hd, BLOCK_S=launch.block, HAS_SCATTER=scatter is not None,
         HAS_WINDOW=window is not None, PER_ROW=per_row, QUANT=quant, FP8=k_cache.dtype == torch.float8_e4m3fn,
-        EMULATE=interpreting(), num_warps=8,
-        **pdl_args(q.device),
+        EMULATE=interpreting(), STAGES=launch.stages, num_warps=launch.warps, **pdl_args(q.device),
     )
     return out

@@ -405,12 +405,12 @@ class CudaGraphDecoder:
 
 
 def attention_variant(step: DecodeStep, capacity: int) -> tuple:
-    """What Triton compiles apart in the decode attention of `step` over `capacity` slots: the number of splits
-    (a compile-time constant) and how the chunk length specializes (Triton compiles an integer argument apart when
+    """What Triton compiles apart in the decode attention of `step` over `capacity` slots: the launch's splits,
+    block and warps (compile-time constants) and how the chunk length specializes (Triton compiles an integer argument apart when
     it is 1 or a multiple of 16)."""
     rows = step.tokens.numel() * step.model.args.n_heads
-    splits, chunk = ops.attention_splits(capacity, rows, step.n_sms)
-    return splits, chunk % 16 == 0, chunk == 1
+    launch = ops.attention_launch(capacity, rows, step.n_sms)
+    return launch.splits, launch.block, launch.warps, launch.chunk % 16 == 0, launch.chunk == 1
 
 
 def _current(device: torch.device):

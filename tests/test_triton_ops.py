@@ -173,5 +173,6 @@ def test_decode_attention_rows_at_their_own_slots_and_cache_rows(dtype, window, 
 
 @pytest.mark.parametrize("capacity,rows", [(64, 32), (2048, 32), (2048, 1), (300, 8)])
 def test_attention_splits_cover_capacity(capacity, rows):
-    splits, chunk = triton_ops.attention_splits(capacity, rows, sms=132)
+    launch = triton_ops.attention_launch(capacity, rows, sms=132)
+    splits, chunk = launch.splits, launch.chunk
     assert splits & (splits - 1) == 0 and splits * chunk >= capacity and (splits - 1) * chunk < capacity
