@@ -366,11 +366,11 @@ def attention_launch(capacity: int, programs: int, sms: int, block: int | None =
     """The launch for keys up to `capacity` over `programs` = batch * heads (row, head) pairs: splits a power of
     two (the merge loads them as one block) while programs * splits stays below per_sm * sms and chunks keep at
     least `min_chunk` keys (default: one block). per_sm defaults to TALIS_ATTENTION_PROGRAMS_PER_SM, else 1.
-    Blocks of 128 slots two stages deep, or from 4 programs per SM on, 32 slots three deep (smaller programs, more
+    Blocks of 128 slots two stages deep, or above 3 programs per SM, 32 slots three deep (smaller programs, more
     of them resident): the fastest or within 3% of it in scripts/sweep_attention.py on an H200 for 7B at 1-32 rows
     and 256 or 2048 slots, except 1 row at 2048 (10.0 us against 9.5) (BENCHMARKS.md, 2026-12-01, eleventh
     session). Arguments given override the choice."""
-    many = programs >= 4 * sms
+    many = programs > 3 * sms  # 7B: 16 rows and more on 132 SMs
     block = block or (32 if many else 128)
     stages = stages or (3 if many else 2)
     if per_sm is None:
