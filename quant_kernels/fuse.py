@@ -20,6 +20,7 @@ def _quant_compatible(parts: list[QuantLinear]) -> bool:
     same = ("in_features", "bits", "group_size", "zero_offset")
     return all(
         isinstance(p, QuantLinear)
+        and not p.source_released  # its backend holds the weight; the GPTQ tensors (g_idx too) are gone
         and all(getattr(p, a) == getattr(first, a) for a in same)
         and p.scales.dtype == first.scales.dtype
         and p.qweight.device == first.qweight.device

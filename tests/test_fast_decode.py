@@ -54,6 +54,18 @@ def test_layers_that_disagree_are_not_fused():
     assert fuse_linears([a, torch.nn.Linear(64, 32)]) is None
 
 
+def test_layers_that_handed_their_weights_to_the_backend_are_not_fused():
+    """The engine fuses before it picks the backend, and accelerate() fuses again: act-order parts left unfused
+    the first time (each its own permutation) hold no GPTQ tensors by then, g_idx included, so they must not pass
+    as alike (their empty g_idx are equal) and be unpacked."""
+    g_idx = gptq_format.default_g_idx(64, 32)
+    a, b = random_quant(64, 32, 4, 32, g_idx, 0), random_quant(64, 32, 4, 32, g_idx.flip(0), 1)
+    for layer in (a, b):
+        layer.set_backend("triton", keep_source=False)
+    assert a.source_released and b.source_released and torch.equal(a.g_idx, b.g_idx)
+    assert fuse_linears([a, b]) is None
+
+
 def tiny_model(seed=0, dtype=torch.float32, device="cpu", **overrides) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(ModelArgs.from_hf_config(tiny_config(**overrides))).to(device, dtype).eval()
