@@ -126,19 +126,6 @@ def asm_arguments(bits: int, emulate: bool) -> dict:
 
 
 @triton.jit
-def publish_partials(EMULATE: tl.constexpr):
-    """A gpu-scope fence in every thread of the program, between its writes of split-K partials (atomic adds or
-    stores) and the barrier before the ticket that tells the last program they are all in. The ticket's own
-    acq_rel orders only the one thread that takes it: the other warps' reductions could still be in flight when the
-    last program reads the partials (every thread fences, as in CUDA's threadFenceReduction sample). Found on an
-    H200: a 100-row product of the few-row kernel 0.7-2.5% off after other split-K launches (BENCHMARKS.md,
-    2026-12-01, tenth session). The interpreter runs one program at a time: nothing to order."""
-    if not EMULATE:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [tl.arange(0, 32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _fp16_halves(pairs):
     """fp32 (low, high) of int32 words holding two fp16 values (an activation pair; a scale and a zero point)."""
     low = (pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -374,10 +361,9 @@ def _gemv_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
     else:
         partial_ptrs = workspace_ptr + offs_m * N + offs_n
-        # relaxed adds need no round trip each; every thread's fence, the barrier and the ticket's acq_rel then
-        # order them all before the ticket, so the last program sees every partial
+        # relaxed adds need no round trip each; the barrier (every thread's adds issued) and the ticket's acq_rel
+        # (release is cumulative over what the barrier ordered before it) put them all before the ticket
         tl.atomic_add(partial_ptrs, acc, mask=mask_out, sem="relaxed")
-        publish_partials(EMULATE)
         tl.debug_barrier()
         ticket = tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel")
         if ticket == split_k - 1:

@@ -21,9 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune_cache import interpreting
 from .pdl import allow_next_kernel, pdl_args, wait_for_previous_kernel
-from .triton_gemv import publish_partials
 
 
 @triton.jit
@@ -205,8 +203,7 @@ def _decode_attention_kernel(
     v_scale_ptr, part_ptr, tickets_ptr, out_ptr, scatter_ptr, stride_q, stride_k, stride_v, stride_cb, stride_ch,
     stride_cs, stride_sb, stride_sh, stride_ss, n_heads, group, chunk, scale, window, SPLITS: tl.constexpr,
     HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    PER_ROW: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr,
-    STAGES: tl.constexpr,
+    PER_ROW: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Program (b, h, s): head h of row b over cache slots [lo + s*chunk, lo + (s+1)*chunk), one launch for the
     whole step; lo is 0, or with HAS_WINDOW the first slot of the sliding window (slot - window + 1, at least 0),
@@ -320,7 +317,6 @@ def _decode_attention_kernel(
     tl.store(part + offs_d, acc)
     tl.store(part + HD, m)
     tl.store(part + HD + 1, l)
-    publish_partials(EMULATE)  # every thread's partial is stored before the ticket is taken
     tl.debug_barrier()
     ticket = tl.atomic_add(tickets_ptr + row, 1)
     if ticket == SPLITS - 1:
@@ -444,6 +440,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         k_cache.stride(1), k_cache.stride(2), *scale_strides, n_heads, n_heads // n_kv_heads, launch.chunk,
         hd ** -0.5, window or 0, SPLITS=splits, HD=hd, BLOCK_S=launch.block, HAS_SCATTER=scatter is not None,
         HAS_WINDOW=window is not None, PER_ROW=per_row, QUANT=quant, FP8=k_cache.dtype == torch.float8_e4m3fn,
-        EMULATE=interpreting(), STAGES=launch.stages, num_warps=launch.warps, **pdl_args(q.device),
+        STAGES=launch.stages, num_warps=launch.warps, **pdl_args(q.device),
     )
     return out

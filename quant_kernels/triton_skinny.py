@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import Tuner, generated_configs, interpreting
-from .triton_gemv import Workspace, _fp16_halves, publish_partials
+from .triton_gemv import Workspace, _fp16_halves
 
 SKINNY_BITS = (2, 4, 8)
 MAX_SKINNY_ROWS = 128  # rows per launch at most (BLOCK_M 128: a short prompt's prefill)
@@ -143,7 +143,6 @@ def _skinny_kernel(
     else:
         partial_ptrs = workspace_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(partial_ptrs, acc, mask=mask_out, sem="relaxed")
-        publish_partials(EMULATE)
         tl.debug_barrier()  # every partial of this program is added before its ticket (acq_rel) is taken
         tile = pid_m * tl.num_programs(0) + pid_n
         ticket = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel")
