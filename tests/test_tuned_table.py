@@ -119,6 +119,7 @@ def test_a_load_covered_by_the_table_times_nothing(tmp_path, monkeypatch):
     """scripts/tune_kernels.py --model default (its own process), merged into a table: with an empty machine cache,
     loading the embedded model and generating from short prompts pick every configuration from the table."""
     from quant_kernels.triton_gemv import GEMV_TUNER
+    from quant_kernels.triton_skinny import SKINNY_TUNER
     from talis_cli.engine import Engine, LoadSettings
     from talis_cli.generation import GenerationConfig
 
@@ -129,12 +130,13 @@ def test_a_load_covered_by_the_table_times_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(autotune_cache, "TABLE_PATH", tmp_path / "tuned_configs.json")
     write_table(json.loads(run.read_text()))
     monkeypatch.setenv("TALIS_CACHE_DIR", str(tmp_path / "empty"))
-    monkeypatch.setattr(GEMV_TUNER, "_chosen", None)  # forget this process's choices
 
     def no_timing(key, launch):
         raise AssertionError(f"tuned at load: {key}")
 
-    monkeypatch.setattr(GEMV_TUNER, "_tune", no_timing)
+    for tuner in (GEMV_TUNER, SKINNY_TUNER):  # earlier tests of this process loaded the shipped table into both
+        monkeypatch.setattr(tuner, "_chosen", None)  # forget this process's choices
+        monkeypatch.setattr(tuner, "_tune", no_timing)
     engine = Engine.load(LoadSettings(device_map="auto", max_seq_len=256))
     cfg = GenerationConfig(max_new_tokens=8, temperature=0)
     # prompts of a few and of 17-32 tokens: the GEMV, and the 8-32-row kernel where there is one
