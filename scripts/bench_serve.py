@@ -32,6 +32,7 @@ from talis_cli.engine import Engine, LoadSettings
 from talis_cli.generation import GenerationConfig
 from talis_cli.server.run import BackgroundServer, serve_engine
 from talis_cli.settings import RunSettings
+from talis_cli.threads import SERVER_RESERVED_CORES
 
 SENTENCE = "And God said, Let there be light: and there was light. "
 
@@ -223,7 +224,9 @@ def main() -> None:
         folder = model_folder(opts, Path(scratch))
         max_seq_len = opts.prompt + opts.gen + 16
         settings = RunSettings(model=folder, max_seq_len=max_seq_len)
-        engine = Engine.load(LoadSettings(model_dir=folder, max_seq_len=max_seq_len))
+        # torch's threads as `talis serve` sets them: one core left to the HTTP side and the clients
+        engine = Engine.load(LoadSettings(model_dir=folder, max_seq_len=max_seq_len,
+                                          reserve_cores=SERVER_RESERVED_CORES))
         texts = prompt_texts(engine, 2 * max(clients), opts.prompt)
         report = {"model": str(folder or "embedded"), "device": torch.cuda.get_device_name() if gpu else "cpu",
                   "max_batch": opts.max_batch, "prompt_tokens": len(engine.encode(texts[0])), "gen": opts.gen,

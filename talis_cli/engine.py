@@ -30,6 +30,7 @@ class LoadSettings:
     backend: str = "auto"  # QuantLinear backend: auto, torch, torch_dense, triton
     loader: str | None = None  # force a registered loader by name
     threads: int | None = None  # torch CPU threads; None: talis_cli.threads.default_threads()
+    reserve_cores: int = 0  # cores that default leaves free (talis serve: for its HTTP side and local clients)
     tokenizer: Path | str | None = None  # folder of the tokenizer files; None: the model folder
     tensor_parallel: int | None = None  # ranks holding 1/N of every layer each; None: the device map's, else 1
     shard: object = None  # set by talis_cli.tensor_parallel on each rank: its tensor_parallel.shard.Shard
@@ -97,7 +98,7 @@ class Engine:
 
         phases.lap("imports")  # torch, on a CPU the larger part of a small model's load
         settings = settings or LoadSettings()
-        set_threads(settings.threads)
+        set_threads(settings.threads, settings.reserve_cores)
         model_dir = Path(settings.model_dir) if settings.model_dir else DEFAULT_MODEL_DIR
         if settings.backend not in BACKENDS:
             raise UsageError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -48,7 +48,7 @@ class LoadFlags:
     max_seq_len: Annotated[Optional[int], option("--max-seq-len", metavar="TOKENS", help="Context length to allocate.", default="the model's, at most 2048", min=2)] = None
     kv_cache: Annotated[Optional[str], option("--kv-cache", metavar="TYPE", help="KV cache type: fp16 (the model's float type), int8, or fp8 (e4m3; CPU only for now): half the memory, one scale per head and token.", default="fp16")] = None
     backend: Annotated[Optional[str], option("--backend", metavar="NAME", help="Quantized matmul backend: auto, torch, torch_dense or triton.", default="auto")] = None
-    threads: Annotated[Optional[int], option("--threads", "-t", metavar="N", help="CPU threads for torch.", default="the free cores: usable cores minus the load average, at least 1; OMP_NUM_THREADS if set", min=1)] = None
+    threads: Annotated[Optional[int], option("--threads", "-t", metavar="N", help="CPU threads for torch.", default="the free cores: usable cores minus the load average (serve: one fewer), at least 1; OMP_NUM_THREADS if set", min=1)] = None
     allow_pickle: Annotated[Optional[bool], option("--allow-pickle", help="Read .bin/.pt checkpoints (tensors only).")] = None
     tensor_parallel: Annotated[Optional[int], option("--tensor-parallel", metavar="N", help="Split every layer over N GPUs (N processes; on a machine without GPUs, N CPU processes).", default="1, or the device map's tensor_parallel", min=1)] = None
     tokenizer: Annotated[Optional[Path], option("--tokenizer", metavar="DIR", help="Folder of the tokenizer files (default: the model folder), e.g. the original model's.")] = None

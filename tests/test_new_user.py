@@ -274,6 +274,10 @@ def test_default_threads_leave_busy_cores_alone():
     assert default_threads(cores=2, load=0.3, env={}) == 2
     assert default_threads(cores=16, load=5.6, env={}) == 10
     assert default_threads(cores=16, load=0.0, env={}) == 16
+    assert default_threads(cores=2, load=0.0, env={}, reserve=1) == 1  # talis serve: a core for HTTP and clients
+    assert default_threads(cores=16, load=5.6, env={}, reserve=1) == 9
+    assert default_threads(cores=1, load=0.0, env={}, reserve=1) == 1
+    assert default_threads(cores=16, load=0.0, env={"OMP_NUM_THREADS": "4"}, reserve=1) == 4  # the user's word
     assert default_threads(cores=16, load=5.6, env={"OMP_NUM_THREADS": "3"}) == 3  # the user's choice stands
 
 

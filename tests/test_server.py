@@ -126,6 +126,30 @@ def test_model_id_is_the_folders_name(tmp_path):
     assert model_id(RunSettings()) == "talis-default"
 
 
+def test_the_server_leaves_a_core_to_http_and_clients(monkeypatch):
+    """Without --threads, `talis serve` gives torch one core fewer than `talis generate` would (an idle 2-core
+    machine: 1 thread, where generate takes 2): its event loop and local clients need a core of their own."""
+    import os
+
+    import torch
+
+    from talis_cli import threads
+    from talis_cli.server.run import load_served
+    from talis_cli.settings import RunSettings
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    before = torch.get_num_threads()
+    try:
+        assert threads.set_threads() == 2  # generate and chat
+        served = load_served(RunSettings(), GREEDY, 1, 1)
+        served.scheduler.stop()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_models_and_health(live, client):
     assert [m.id for m in client.models.list().data] == ["talis-default"]
     assert client.models.retrieve("talis-default").id == "talis-default"

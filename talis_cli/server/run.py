@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import signal
 import socket
@@ -58,10 +59,13 @@ def url_of(sock: socket.socket) -> str:
 
 def load_served(settings, config, max_batch: int, max_queue: int) -> ServedModel:
     """Load the model `settings` name and start its scheduler (settings: talis_cli.settings.RunSettings;
-    config: the server's default GenerationConfig)."""
+    config: the server's default GenerationConfig). Without --threads, torch leaves one core more free than
+    `talis generate` does (talis_cli.threads says why)."""
     from talis_cli.engine import Engine
+    from talis_cli.threads import SERVER_RESERVED_CORES
 
-    return serve_engine(Engine.load(settings.load_settings()), settings, config, max_batch, max_queue)
+    load = dataclasses.replace(settings.load_settings(), reserve_cores=SERVER_RESERVED_CORES)
+    return serve_engine(Engine.load(load), settings, config, max_batch, max_queue)
 
 
 def serve_engine(engine, settings, config, max_batch: int, max_queue: int) -> ServedModel:
