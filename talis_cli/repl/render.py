@@ -114,7 +114,7 @@ def stats_line(stats, show_memory: bool = True) -> str:
     memory = f" | {memory_in_use()}" if show_memory else ""
     return (f"prompt {computed_prompt_tokens(stats)} tok{cached}, {t['prefill_tok_s']:.1f} tok/s | "
             f"reply {stats.new_tokens} tok, {t['decode_tok_s']:.1f} tok/s | "
-            f"first token {t['first_token_s']:.2f} s{memory}")
+            f"first token {t['first_token_s'] * 1000:.1f} ms{memory}")
 
 
 def print_stats_block(stats, load_s: Optional[float], total_s: float, console: Optional[Console] = None,
