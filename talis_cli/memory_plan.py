@@ -14,6 +14,10 @@ from .errors import TalisError, UsageError
 
 GiB = 1 << 30
 INT32_SUFFIXES = (".qweight", ".qzeros", ".g_idx")
+# A quantized layer's scales as the GPU kernels hold them: one 32-bit word per group and column, the fp16 scale and
+# the fp16 zero point (triton_backend.PreparedWeight.scale_zero), 4 bytes where the checkpoint's fp16 scales take 2
+# (65B: 0.76 GB more than the checkpoint's scales and zeros; talis_cli.memory_breakdown).
+SCALE_WORD_BYTES = 4
 ACTIVATION_RESERVE = 1 * GiB  # per GPU: activations, logits, CUDA graphs and allocator slack
 
 
@@ -31,13 +35,20 @@ class Footprint:
 
 
 def footprint(shapes: dict[str, list[int]], n_layers: int, kv_bytes_per_layer: int, float_bytes: int) -> Footprint:
-    """From checkpoint tensor shapes: int32 tensors keep 4 bytes a value, floats take `float_bytes`."""
+    """From checkpoint tensor shapes: int32 tensors keep 4 bytes a value, a quantized layer's scales
+    SCALE_WORD_BYTES (its zero points are counted too, as the torch backend keeps them), other floats
+    `float_bytes`."""
     embed, head, layers = 0, 0, [kv_bytes_per_layer] * n_layers
     for name, shape in shapes.items():
         count = 1
         for d in shape:
             count *= d
-        size = count * (4 if name.endswith(INT32_SUFFIXES) else float_bytes)
+        if name.endswith(INT32_SUFFIXES):
+            size = count * 4
+        elif name.endswith(".scales"):
+            size = count * max(SCALE_WORD_BYTES, float_bytes)
+        else:
+            size = count * float_bytes
         m = re.match(r"model\.layers\.(\d+)\.", name)
         if m and int(m.group(1)) < n_layers:
             layers[int(m.group(1))] += size

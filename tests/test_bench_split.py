@@ -16,10 +16,12 @@ def two_gpus(monkeypatch):
     monkeypatch.setattr(placement, "_cuda_count", lambda: 2)
 
 
-def test_shape_tensors_weigh_what_a_65b_checkpoint_weighs():
+def test_shape_tensors_weigh_what_a_65b_model_holds_on_the_gpu():
     args = bench.shape_args("65B", 2048)
     fp = footprint(bench.gptq_tensor_shapes(args, 4, 128), 80, 0, float_bytes=2)
-    assert 33.5e9 < fp.total < 35.5e9  # 4-bit weights + scales/zeros + fp16 embedding and head (the anchors)
+    # 4-bit weights + scales/zeros + fp16 embedding and head: 33.64 GB in the checkpoint (the anchors), 0.76 GB
+    # more with the scales as the kernels' 4-byte scale/zero words (memory_breakdown: 35.45 GB held)
+    assert 35.45e9 < fp.total < 35.8e9
 
 
 def test_65b_over_two_24gib_caps_splits_its_layers(two_gpus):

@@ -110,3 +110,19 @@ def test_gpu_check_summary_states_the_expected_memory_of_kv65b():
         f"{memory_breakdown.expected_peak(breakdown) / 1e9:.2f} GB") == (
         "memory_breakdown: static 38.25 GB, expected peak 38.45 GB")
     assert script.expected_memory(dict(model="x")) == "no breakdown for --model runs"
+
+
+@pytest.mark.parametrize("shape,kv_cache", [("65B", "int8"), ("7B", "fp16"), ("70B", "fp16")])
+def test_the_device_plan_counts_at_least_what_the_kernels_hold(shape, kv_cache):
+    """The planner's footprint (from checkpoint shapes) is not below the static state of the GPU layout, so a plan
+    that fits does not run out of memory for the scale/zero words (it undercounted them by 1.5 bytes per group
+    and column before), and overcounts by little (the zero points and g_idx the Triton backend frees)."""
+    from talis_cli.memory_plan import footprint
+    from talis_cli.model_info import kv_cache_bytes
+
+    args = bench.shape_args(shape, 2048)
+    planned = footprint(bench.gptq_tensor_shapes(args, 4, 128), args.n_layers,
+                        kv_cache_bytes(args, 2048, kind=kv_cache) // args.n_layers, 2).total
+    held = [p for p in memory_breakdown.parts(args, 4, 128, 2048, kv_cache) if p.held == "static"]
+    weights_and_cache = sum(p.nbytes for p in held if "workspace" not in p.name)
+    assert weights_and_cache <= planned < weights_and_cache * 1.01
