@@ -8,7 +8,8 @@ single-stream decode of the same engine (the same loaded model) in the same proc
 Each round sends, from a client process of its own, N concurrent streaming /v1/completions requests (greedy, distinct prompts of --prompt tokens,
 --gen tokens each) after a warm-up round of the same size (CUDA graphs of that batch size get captured there).
 Reported per round: aggregate decode tok/s (completion tokens of the round / its wall time), the mean decode rate
-of one stream (server timings), time to first token at the client (mean and worst) and per the server; for the
+of one stream (server timings), time to first token at the client (mean and worst) and per the server, how many
+replies equal their prompt's greedy text generated alone (Generator.stream, one row); for the
 engine: decode tok/s and time to first token of Generator.stream, as `talis bench` times a single stream.
 Defaults: on a GPU rounds 1, 8, 32 with --max-batch 16 and --gen 128; on a CPU 1, 4, 8, --max-batch 8, --gen 32.
 """
@@ -157,9 +158,23 @@ def engine_single_stream(engine, text: str, gen: int) -> dict:
     return {"decode_tok_s": (stats.new_tokens - 1) / stats.decode_s, "ttft_ms": stats.first_token_s * 1000,
             "tokens": stats.new_tokens}
 
+def greedy_alone(engine, texts: list[str], gen: int) -> list[str]:
+    """The greedy text of each prompt generated alone (Generator.stream, one row): what the server's replies to
+    the same prompts must equal under any load."""
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=gen)
+    return ["".join(event.text for event in engine.generator.stream(engine.encode(text), cfg)) for text in texts]
+
+
+def same_as_alone(replies: list[str], alone: list[str]) -> dict:
+    """How many replies equal their prompt's text generated alone, and where the others first differ (character
+    index)."""
+    differ = [next((i for i, (a, b) in enumerate(zip(r, a_)) if a != b), min(len(r), len(a_)))
+              for r, a_ in zip(replies, alone) if r != a_]
+    return {"greedy_same_as_alone": len(replies) - len(differ), "greedy_first_difference_at": differ}
+
 
 async def one_stream(client: httpx.AsyncClient, text: str, gen: int) -> dict:
-    sent, first, timings = time.perf_counter(), None, None
+    sent, first, timings, parts = time.perf_counter(), None, None, []
     body = {"prompt": text, "max_tokens": gen, "temperature": 0, "stream": True}
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -169,7 +184,8 @@ async def one_stream(client: httpx.AsyncClient, text: str, gen: int) -> dict:
             first = first or time.perf_counter()
             chunk = json.loads(line[6:])
             timings = chunk.get("timings", timings)
-    return {"ttft_ms": (first - sent) * 1000, "timings": timings}
+            parts += [choice["text"] for choice in chunk.get("choices", [])]
+    return {"ttft_ms": (first - sent) * 1000, "timings": timings, "text": "".join(parts)}
 
 
 async def round_of(url: str, texts: list[str], gen: int) -> dict:
@@ -184,7 +200,8 @@ async def round_of(url: str, texts: list[str], gen: int) -> dict:
             "ttft_ms_mean": round(statistics.mean(r["ttft_ms"] for r in replies), 2),
             "ttft_ms_max": round(max(r["ttft_ms"] for r in replies), 2),
             "server_ttft_ms_mean": round(statistics.mean(r["timings"]["time_to_first_token_ms"] for r in replies), 2),
-            "queued_ms_mean": round(statistics.mean(r["timings"]["queued_ms"] for r in replies), 2)}
+            "queued_ms_mean": round(statistics.mean(r["timings"]["queued_ms"] for r in replies), 2),
+            "texts": [r["text"] for r in replies]}
 
 
 def run_round(url: str, texts: list[str], gen: int) -> dict:
@@ -235,6 +252,7 @@ def main() -> None:
             report["step_ms"] = step_times(engine, opts.max_batch)
         report["scheduler_alone"] = [scheduler_round(engine, texts[:n], opts.gen, opts.max_batch,
                                                      profile=opts.profile and n == max(clients)) for n in clients]
+        alone = greedy_alone(engine, texts[:max(clients)], opts.gen)  # before the server's scheduler owns the model
         if opts.switch_interval:
             sys.setswitchinterval(opts.switch_interval)
         served = serve_engine(engine, settings, GenerationConfig(temperature=0.0), opts.max_batch, max(clients) + 8)
@@ -260,6 +278,8 @@ def main() -> None:
                 clients_process.apply(run_round, (server.url, texts[:max(clients)], opts.gen))
                 del scheduler.step  # the class's own step again
                 print_profile(profiler, f"server's scheduler thread, {max(clients)} clients")
+        for r in rounds:
+            r.update(same_as_alone(r.pop("texts"), alone))
         single = next((r for r in rounds if r["clients"] == 1), None)
         for r in rounds:
             r["vs_one_client"] = round(r["aggregate_tok_s"] / single["aggregate_tok_s"], 2) if single else None
@@ -282,11 +302,14 @@ def main() -> None:
         print(f"server, {r['clients']} clients: mean batch {r['mean_batch']}, {r['ms_per_decode_step']:.3f} ms per "
               f"step ({r['cpu_ms_per_decode_step']:.3f} CPU), queued {r['queued_ms_mean']:.2f} ms, {prefills(r)}")
     print(f"{'clients':>7} {'aggregate tok/s':>15} {'x one':>6} {'per stream tok/s':>16} {'TTFT ms (client)':>16} "
-          f"{'TTFT max':>9} {'TTFT ms (server)':>16}")
+          f"{'TTFT max':>9} {'TTFT ms (server)':>16} {'greedy = alone':>14}")
     for r in rounds:
         print(f"{r['clients']:>7} {r['aggregate_tok_s']:>15.1f} {r['vs_one_client'] or 0:>6.2f} "
               f"{r['stream_decode_tok_s']:>16.1f} {r['ttft_ms_mean']:>16.2f} {r['ttft_ms_max']:>9.2f} "
-              f"{r['server_ttft_ms_mean']:>16.2f}")
+              f"{r['server_ttft_ms_mean']:>16.2f} {r['greedy_same_as_alone']:>9d} of {r['clients']}")
+    differ = {r["clients"]: r["greedy_first_difference_at"] for r in rounds if r["greedy_first_difference_at"]}
+    if differ:
+        print(f"replies that differ from their prompt alone, first differing character by round: {differ}")
 
 
 if __name__ == "__main__":
