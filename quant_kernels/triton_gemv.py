@@ -362,7 +362,8 @@ def _gemv_kernel(
     else:
         partial_ptrs = workspace_ptr + offs_m * N + offs_n
         # relaxed adds need no round trip each; the barrier (every thread's adds issued) and the ticket's acq_rel
-        # (release is cumulative over what the barrier ordered before it) put them all before the ticket
+        # (release is cumulative over what the barrier ordered before it) are meant to put them all before the
+        # ticket. Open: an intermittent 100-row error of the few-row kernel on an H200 (BENCHMARKS.md, 2026-12-01)
         tl.atomic_add(partial_ptrs, acc, mask=mask_out, sem="relaxed")
         tl.debug_barrier()
         ticket = tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel")

@@ -179,21 +179,23 @@ def _as_float(x, scale, dtype: tl.constexpr, QUANT: tl.constexpr):
 
 @triton.jit
 def _attend_block(q_rows, k, v, k_scale, v_scale, s0, end, pad, scale, m, l, acc, BLOCK_S: tl.constexpr,
-                  QUANT: tl.constexpr):
+                  QUANT: tl.constexpr, PRECISION: tl.constexpr):
     """One block of cached slots s0.. (k, v [BLOCK_S, HD] as stored, their scales with QUANT) folded into the
     online softmax (m, l [16], acc [16, HD] fp32) of the query rows q_rows [16, HD] (model dtype): scores in fp32
-    from the exact products of the model-dtype q and keys, times `scale`; probabilities rounded to the model dtype
-    for the value product, as fused attention kernels do."""
+    from the exact products of the model-dtype q and keys (PRECISION "ieee" for fp32 models, whose products the
+    default tf32 would round), times `scale`; probabilities rounded to the model dtype for the value product, as
+    fused attention kernels do."""
     offs_s = s0 + tl.arange(0, BLOCK_S)
     visible = (offs_s < end) & (offs_s >= pad)
     if QUANT:
         k = _as_float(k, k_scale, q_rows.dtype, QUANT).to(q_rows.dtype)
         v = _as_float(v, v_scale, q_rows.dtype, QUANT).to(q_rows.dtype)
-    scores = tl.where(visible[None, :], tl.dot(q_rows, tl.trans(k)) * scale, float("-inf"))
+    scores = tl.dot(q_rows, tl.trans(k), input_precision=PRECISION) * scale
+    scores = tl.where(visible[None, :], scores, float("-inf"))
     m_next = tl.maximum(m, tl.max(scores, axis=1))
     p = tl.exp(scores - m_next[:, None])
     alpha = tl.exp(m - m_next)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q_rows.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q_rows.dtype), v, input_precision=PRECISION)
     return m_next, l * alpha + tl.sum(p, axis=1), acc
 
 
@@ -204,6 +206,7 @@ def _decode_attention_kernel(
     stride_cs, stride_sb, stride_sh, stride_ss, n_heads, group, chunk, scale, window, SPLITS: tl.constexpr,
     HD: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SCATTER: tl.constexpr, HAS_WINDOW: tl.constexpr,
     PER_ROW: tl.constexpr, QUANT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Program (b, h, s): head h of row b over cache slots [lo + s*chunk, lo + (s+1)*chunk), one launch for the
     whole step; lo is 0, or with HAS_WINDOW the first slot of the sliding window (slot - window + 1, at least 0),
@@ -280,11 +283,13 @@ def _decode_attention_kernel(
     m = tl.full([16], -1e30, tl.float32)  # finite, so a split with no visible key merges with weight 0, not NaN
     l = tl.zeros([16], dtype=tl.float32)
     acc = tl.zeros([16, HD], dtype=tl.float32)
-    m, l, acc = _attend_block(q_rows, k, v, k_scale, v_scale, start, end, pad, scale, m, l, acc, BLOCK_S, QUANT)
+    m, l, acc = _attend_block(q_rows, k, v, k_scale, v_scale, start, end, pad, scale, m, l, acc, BLOCK_S, QUANT,
+                              PRECISION)
     for s0 in tl.range(start + BLOCK_S, end, BLOCK_S, num_stages=STAGES):
         k, v, k_scale, v_scale = _cached_kv(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, base, scale_base,
                                             s0, end, pad, offs_d, stride_cs, stride_ss, BLOCK_S, QUANT)
-        m, l, acc = _attend_block(q_rows, k, v, k_scale, v_scale, s0, end, pad, scale, m, l, acc, BLOCK_S, QUANT)
+        m, l, acc = _attend_block(q_rows, k, v, k_scale, v_scale, s0, end, pad, scale, m, l, acc, BLOCK_S, QUANT,
+                              PRECISION)
     first = tl.arange(0, 16) == 0  # back to q's row alone
     m = tl.max(tl.where(first, m, -1e30), axis=0)
     l = tl.sum(tl.where(first, l, 0.0), axis=0)
@@ -317,7 +322,7 @@ def _decode_attention_kernel(
     tl.store(part + offs_d, acc)
     tl.store(part + HD, m)
     tl.store(part + HD + 1, l)
-    tl.debug_barrier()
+    tl.debug_barrier()  # every thread's partial stored before the ticket (acq_rel) says this split is in
     ticket = tl.atomic_add(tickets_ptr + row, 1)
     if ticket == SPLITS - 1:
         offs_s = tl.arange(0, SPLITS)
@@ -363,8 +368,8 @@ def attention_launch(capacity: int, programs: int, sms: int, block: int | None =
     two (the merge loads them as one block) while programs * splits stays below per_sm * sms and chunks keep at
     least `min_chunk` keys (default: one block). per_sm defaults to TALIS_ATTENTION_PROGRAMS_PER_SM, else 1.
     Blocks of 128 slots two stages deep, or above 3 programs per SM, 32 slots three deep (smaller programs, more
-    of them resident): the fastest or within 3% of it in scripts/sweep_attention.py on an H200 for 7B at 1-32 rows
-    and 256 or 2048 slots, except 1 row at 2048 (10.0 us against 9.5) (BENCHMARKS.md, 2026-12-01, eleventh
+    of them resident): the fastest or within 3.5% of it in scripts/sweep_attention.py on an H200 for 7B at 1-32
+    rows and 256 or 2048 slots, except 1 row at 2048 (10.0 us against 9.5) (BENCHMARKS.md, 2026-12-01, eleventh
     session). Arguments given override the choice."""
     many = programs > 3 * sms  # 7B: 16 rows and more on 132 SMs
     block = block or (32 if many else 128)
@@ -422,6 +427,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     """
     B = q.shape[0]
     hd = cos.shape[1]
+    assert hd >= 16 and hd & (hd - 1) == 0, "head_dim must be a power of two of at least 16 (a tl.dot operand)"
+    # (talis_cli.fast_decode.attention_kernel_takes keeps other models on the plain path)
     per_row = rows is not None
     assert slot.numel() == (B if per_row else 1), "slot: one per row with `rows`, else one for the batch"
     n_heads, n_kv_heads = q.shape[1] // hd, k_cache.shape[1]
@@ -440,6 +447,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         k_cache.stride(1), k_cache.stride(2), *scale_strides, n_heads, n_heads // n_kv_heads, launch.chunk,
         hd ** -0.5, window or 0, SPLITS=splits, HD=hd, BLOCK_S=launch.block, HAS_SCATTER=scatter is not None,
         HAS_WINDOW=window is not None, PER_ROW=per_row, QUANT=quant, FP8=k_cache.dtype == torch.float8_e4m3fn,
-        STAGES=launch.stages, num_warps=launch.warps, **pdl_args(q.device),
+        STAGES=launch.stages, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=launch.warps,
+        **pdl_args(q.device),
     )
     return out

@@ -18,7 +18,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench_serve import model_folder, prompt_texts
+from bench_serve import SENTENCE, model_folder
 
 from talis_cli.engine import Engine, LoadSettings
 from talis_cli.generation import GenerationConfig
@@ -26,6 +26,15 @@ from talis_cli.repl.render import stats_line
 from talis_cli.repl.session import ChatSession
 
 TURNS = "16,8,32,64,128,256,512,100,24"  # new tokens of each user message: every prefill bucket, continued
+
+
+def message(engine, turn: int, tokens: int) -> str:
+    """A user message of about `tokens` tokens (as the tokenizer counts them alone) that names its turn, so no
+    message repeats an earlier one."""
+    words = f"Turn {turn}: {SENTENCE * (tokens // 8 + 2)}".split()
+    while len(engine.encode(" ".join(words), add_bos=False)) > tokens and len(words) > 1:
+        words.pop()
+    return " ".join(words)
 
 
 def main() -> None:
@@ -46,11 +55,11 @@ def main() -> None:
         session = ChatSession(engine, GenerationConfig(temperature=0.0, max_new_tokens=opts.reply))
         rows = []
         for i, tokens in enumerate(turns):
-            # distinct text per turn, so no message is a cached continuation of the one before
-            session.add_user(prompt_texts(engine, i + 1, tokens)[i])
+            text = message(engine, i + 1, tokens)
+            session.add_user(text)
             ids, dropped = session.fit_to_context()
             stats = session.reply(ids, lambda text: None).stats
-            rows.append(dict(turn=i + 1, message_tokens=tokens, prompt_tokens=len(ids),
+            rows.append(dict(turn=i + 1, message_tokens=len(engine.encode(text, add_bos=False)), prompt_tokens=len(ids),
                              reused_tokens=stats.reused_tokens, first_token_ms=round(stats.first_token_s * 1000, 2),
                              dropped=dropped, stats_line=stats_line(stats)))
     later = [r["first_token_ms"] for r in rows[1:]]

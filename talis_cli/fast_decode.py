@@ -406,11 +406,11 @@ class CudaGraphDecoder:
 
 def attention_variant(step: DecodeStep, capacity: int) -> tuple:
     """What Triton compiles apart in the decode attention of `step` over `capacity` slots: the launch's splits,
-    block and warps (compile-time constants) and how the chunk length specializes (Triton compiles an integer argument apart when
-    it is 1 or a multiple of 16)."""
+    block, warps and stages (compile-time constants) and how the chunk length specializes (Triton compiles an
+    integer argument apart when it is 1 or a multiple of 16)."""
     rows = step.tokens.numel() * step.model.args.n_heads
     launch = ops.attention_launch(capacity, rows, step.n_sms)
-    return launch.splits, launch.block, launch.warps, launch.chunk % 16 == 0, launch.chunk == 1
+    return launch.splits, launch.block, launch.warps, launch.stages, launch.chunk % 16 == 0, launch.chunk == 1
 
 
 def _current(device: torch.device):
@@ -418,12 +418,20 @@ def _current(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def attention_kernel_takes(head_dim: int) -> bool:
+    """Whether the decode attention kernel serves heads of `head_dim`: a power of two (its tiles span a head) of
+    at least 16 (a tl.dot operand)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def graph_devices(model) -> list[torch.device] | None:
     """The CUDA devices of `model`'s decoder layers in order, one per run of layers, when the CUDA-graph step can
-    take it: every parameter and buffer on CUDA, the embedding with the first layer and the final norm and
-    lm_head with the last (as device maps place them). None otherwise (CPU parts: the plain path). A model split
-    over several GPUs gets one graph per device (`segments`).
+    take it: heads the attention kernel serves (`attention_kernel_takes`), every parameter and buffer on CUDA,
+    the embedding with the first layer and the final norm and lm_head with the last (as device maps place them).
+    None otherwise (the plain path). A model split over several GPUs gets one graph per device (`segments`).
     """
+    if not attention_kernel_takes(model.args.head_dim):
+        return None
     tensors = [*model.parameters(), *model.buffers()]
     if not tensors or any(t.device.type != "cuda" for t in tensors):
         return None

@@ -16,7 +16,8 @@ GiB = 1 << 30
 INT32_SUFFIXES = (".qweight", ".qzeros", ".g_idx")
 # A quantized layer's scales as the GPU kernels hold them: one 32-bit word per group and column, the fp16 scale and
 # the fp16 zero point (triton_backend.PreparedWeight.scale_zero), 4 bytes where the checkpoint's fp16 scales take 2
-# (65B: 0.76 GB more than the checkpoint's scales and zeros; talis_cli.memory_breakdown).
+# (65B: the words take 0.76 GB more than the checkpoint's scales and zeros, talis_cli.memory_breakdown; the plan
+# also keeps counting the zeros, which the Triton backend frees: 0.25 GB over).
 SCALE_WORD_BYTES = 4
 ACTIVATION_RESERVE = 1 * GiB  # per GPU: activations, logits, CUDA graphs and allocator slack
 

@@ -11,9 +11,10 @@ model fell from ~250 to under 2 tokens/s at load 9 on 2 cores; one thread gave 2
    integer, at least 1.
 
 Why the server reserves one: with torch on both cores of an idle 2-core VM, one streaming client through `talis
-serve` got 69 tok/s from the embedded model (14.4 ms a decode step, against 2.8 ms for the scheduler alone): each
-matrix product waited for the thread that the event loop or the client had pushed off its core. With one thread:
-247 tok/s, and 975 aggregate for 8 clients against 564 (BENCHMARKS.md, 2026-12-01, eleventh session).
+serve` got 69 tok/s from the embedded model (14.4 ms a decode step, against 2.8 ms for the scheduler alone), most
+likely as each matrix product waited for the thread that the event loop or the client had pushed off its core.
+With one thread:
+248 tok/s, and 1,101 aggregate for 8 clients against 564 (BENCHMARKS.md, 2026-12-01, eleventh session).
 """
 
 from __future__ import annotations

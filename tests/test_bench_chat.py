@@ -16,7 +16,8 @@ def test_bench_chat_reports_each_replys_first_token_and_cache_reuse():
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     turns = report["turns"]
-    assert [t["message_tokens"] for t in turns] == [12, 40, 6] and report["reply_tokens"] == 5
+    assert all(n - 4 <= t["message_tokens"] <= n for t, n in zip(turns, [12, 40, 6]))  # whole words, counted
+    assert len(turns) == 3 and report["reply_tokens"] == 5
     assert turns[0]["reused_tokens"] == 0 and all(t["dropped"] == 0 for t in turns)
     for before, after in zip(turns, turns[1:]):
         # the whole earlier prompt is cached (the reply's tokens too, less what the template renders anew)

@@ -66,6 +66,15 @@ def test_layers_that_handed_their_weights_to_the_backend_are_not_fused():
     assert fuse_linears([a, b]) is None
 
 
+def test_the_cuda_graph_step_takes_heads_the_attention_kernel_serves():
+    """Heads of a power of two of at least 16 features (the kernel's tl.dot tiles); others stay on the plain
+    path rather than failing to compile on the GPU."""
+    from talis_cli.fast_decode import attention_kernel_takes
+
+    assert [attention_kernel_takes(d) for d in (8, 16, 24, 64, 80, 96, 128, 256)] == [
+        False, True, False, True, False, False, True, True]
+
+
 def tiny_model(seed=0, dtype=torch.float32, device="cpu", **overrides) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(ModelArgs.from_hf_config(tiny_config(**overrides))).to(device, dtype).eval()

@@ -146,6 +146,9 @@ def test_the_server_leaves_a_core_to_http_and_clients(monkeypatch):
         served = load_served(RunSettings(), GREEDY, 1, 1)
         served.scheduler.stop()
         assert torch.get_num_threads() == 1
+        served = load_served(RunSettings(threads=2), GREEDY, 1, 1)  # --threads wins
+        served.scheduler.stop()
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

@@ -5,6 +5,7 @@ the kernels run under TRITON_INTERPRET=1 at small shapes (fp16 and fp32 only).
 """
 import pytest
 import torch
+import triton
 import torch.nn.functional as F
 
 from quant_kernels import triton_ops
@@ -169,6 +170,40 @@ def test_decode_attention_rows_at_their_own_slots_and_cache_rows(dtype, window, 
         torch.testing.assert_close(v_cache[row, :, slot], v_ref[row, :, slot])
         assert k_cache[row, :, slot + 1:].isnan().all()
     assert k_cache[1].isnan().all() and v_cache[1].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("splits,block,capacity,window", [(2, 32, 256, None), (8, 16, 256, None), (2, 32, 64, 50)])
+def test_decode_attention_merges_splits(dtype, splits, block, capacity, window):
+    """Launches split along the cache, as a GPU's many SMs get them (on 4 SMs the default is one split): the
+    splits' partials merged, a split that sees only padding (row 1's first 130 slots) weighing nothing, a sliding
+    window's splits starting at its first slot."""
+    B, hd, n_heads, n_kv_heads, slot, S = 2, 32, 4, 2, 150, 300
+    gen = torch.Generator().manual_seed(splits + block)
+    q, k, v = (torch.randn(B, n * hd, generator=gen).to(DEVICE, dtype) for n in (n_heads, n_kv_heads, n_kv_heads))
+    cos, sin = rotary_tables(S, hd, dtype)
+    k_cache = torch.randn(B, n_kv_heads, S, hd, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(B, n_kv_heads, S, hd, generator=gen).to(DEVICE, dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    pad_lens = torch.tensor([0, 130], device=DEVICE)
+    expected = reference_step(q, k, v, cos, sin, slot, pad_lens, k_ref, v_ref, window=window)
+    launch = triton_ops.AttentionLaunch(splits, triton.cdiv(capacity, splits), block, stages=2)
+    for _ in range(2):  # the tickets are left zero for the next launch
+        out = triton_ops.decode_attention(q, k, v, cos, sin, torch.tensor([slot], device=DEVICE), pad_lens,
+                                          k_cache, v_cache, capacity, window=window, launch=launch)
+        assert not out.isnan().any() and rel_err(out, expected) < 2e-3
+
+
+def test_attention_launch_shapes_by_programs_per_sm():
+    """Long blocks two deep for up to 3 programs per SM, short ones three deep beyond; arguments given win."""
+    few, many = triton_ops.attention_launch(256, 8 * 32, 132), triton_ops.attention_launch(256, 16 * 32, 132)
+    assert (few.block, few.stages, few.splits) == (128, 2, 1)
+    assert (many.block, many.stages, many.splits) == (32, 3, 1)
+    one_row = triton_ops.attention_launch(2048, 32, 132)
+    assert one_row.splits == 8 and one_row.chunk == 256  # doubled while under one program per SM (128 < 132)
+    forced = triton_ops.attention_launch(2048, 32, 132, block=16, stages=4, per_sm=2, min_chunk=256)
+    assert (forced.block, forced.stages, forced.splits, forced.chunk) == (16, 4, 8, 256)  # the chunk floor binds
+    assert triton_ops.attention_launch(2048, 32, 132, per_sm=2).splits == 16
 
 
 @pytest.mark.parametrize("capacity,rows", [(64, 32), (2048, 32), (2048, 1), (300, 8)])
