@@ -289,7 +289,7 @@ def _decode_attention_kernel(
         k, v, k_scale, v_scale = _cached_kv(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, base, scale_base,
                                             s0, end, pad, offs_d, stride_cs, stride_ss, BLOCK_S, QUANT)
         m, l, acc = _attend_block(q_rows, k, v, k_scale, v_scale, s0, end, pad, scale, m, l, acc, BLOCK_S, QUANT,
-                              PRECISION)
+                                  PRECISION)
     first = tl.arange(0, 16) == 0  # back to q's row alone
     m = tl.max(tl.where(first, m, -1e30), axis=0)
     l = tl.sum(tl.where(first, l, 0.0), axis=0)
