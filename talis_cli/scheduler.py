@@ -492,14 +492,14 @@ class Scheduler:
         graphs) of each bucket a step's prefill can reach (at most prefill_chunk tokens, and at most a context per
         row), then prefill into the spare row and row 0 prompts of each length of WARM_PREFILL_LENGTHS (within the
         context), one continuing a cached prefix, and (packed) two at once: the paths a request's prefill takes."""
-        import torch
-
-        from .fast_prefill import buckets_up_to
-
         gen, spare = self.generator, self.max_batch
         runner = getattr(gen, "prefill", None)
         if runner is None:  # no fast prefill (a CPU): plain torch, nothing compiles or tunes on first use
             return
+        import torch
+
+        from .fast_prefill import buckets_up_to  # imports Triton, which a CPU-only install may lack
+
         capture = getattr(runner, "capture", None)
         most = min(self.prefill_chunk, self.max_batch * gen.max_seq_len)  # prompt tokens one step prefills at most
         for bucket in buckets_up_to(most) if capture is not None else ():

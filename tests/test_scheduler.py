@@ -323,6 +323,21 @@ def test_max_queue_0_runs_requests_that_find_a_free_row(model, tokenizer):
     assert seen[a.id] == alone(model, tokenizer, p, GREEDY) and seen[b.id] == alone(model, tokenizer, p, GREEDY, 1)
 
 
+def test_warm_up_without_a_fast_prefill_needs_no_triton(model, tokenizer, monkeypatch):
+    """On a CPU-only install (no Triton) the generator has no fast prefill: warm_up() sets up the cache and
+    imports nothing of the GPU path (talis serve printed an ImportError traceback at every start there)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "talis_cli.fast_prefill", None)  # importing it now raises ImportError
+    gen = Generator(model, tokenizer, (), CONTEXT)
+    assert gen.prefill is None
+    scheduler = Scheduler(gen, max_batch=2)
+    scheduler.warm_up()
+    prompt = tokenizer.encode("And God said")
+    request = scheduler.submit(prompt, GREEDY)
+    assert drain(scheduler, [request])[request.id] == alone(model, tokenizer, prompt, GREEDY)
+
+
 def test_warm_up_prefills_each_tile_height_into_the_spare_row_and_leaves_rows_clean(model, tokenizer):
     """warm_up() runs a throwaway prefill of each WARM_PREFILL_LENGTHS length within the context (the kernels of
     every tile height compile before the first request), one continuing a cached prefix and one packed, into the
