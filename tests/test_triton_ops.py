@@ -172,6 +172,30 @@ def test_decode_attention_rows_at_their_own_slots_and_cache_rows(dtype, window, 
     assert k_cache[1].isnan().all() and v_cache[1].isnan().all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 8, 16, 32])
+def test_decode_attention_at_serving_batches_on_the_gpu(rows):
+    """7B heads at a server's batch sizes, each row at its own slot of 256, with the launch the GPU's SM count
+    gives (1-8 rows: 128-slot blocks; 16 and 32 rows: 32-slot blocks, three deep): each row as its plain step."""
+    n_heads, hd, capacity = 32, 128, 256
+    gen = torch.Generator().manual_seed(rows)
+    q, k, v = (torch.randn(rows, n_heads * hd, generator=gen).to(DEVICE, torch.float16) for _ in range(3))
+    cos, sin = rotary_tables(capacity, hd, torch.float16)
+    k_cache = torch.randn(rows, n_heads, capacity, hd, generator=gen).to(DEVICE, torch.float16)
+    v_cache = torch.randn(rows, n_heads, capacity, hd, generator=gen).to(DEVICE, torch.float16)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    slots = torch.randint(capacity // 2, capacity, (rows,), generator=gen).tolist()
+    zero = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    expected = torch.cat([reference_step(q[b : b + 1], k[b : b + 1], v[b : b + 1], cos, sin, slots[b], zero,
+                                         k_ref[b : b + 1], v_ref[b : b + 1]) for b in range(rows)])
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    out = triton_ops.decode_attention(q, k, v, cos, sin, torch.tensor(slots, device=DEVICE),
+                                      torch.zeros(rows, dtype=torch.long, device=DEVICE), k_cache, v_cache, capacity,
+                                      n_sms=sms, rows=torch.arange(rows, device=DEVICE))
+    assert rel_err(out, expected) < 2e-3
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits,block,capacity,window", [(2, 32, 256, None), (8, 16, 256, None), (2, 32, 64, 50)])
 def test_decode_attention_merges_splits(dtype, splits, block, capacity, window):
