@@ -267,21 +267,29 @@ class CudaGraphDecoder:
             return None
         return larger[0]
 
-    def decode_rows(self, tokens: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Rows at their own positions, as Transformer.decode_rows: tokens, slots, rows int64 [B] (best on the
-        CPU: they are copied into the step's buffers in one copy) -> float32 logits [B, vocab] (a view of a static
-        buffer, valid until the next call). Replays the graph of the batch bucket lanes_for(B) and the context
-        bucket of max(slots); the lanes beyond B write slot 0 of the cache's last row (the spare row, which the
-        caller must leave to no request)."""
+    def decode_rows(self, tokens: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+                    first: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows at their own positions, as Transformer.decode_rows: tokens, slots, rows int64 [B] on the host ->
+        float32 logits [B, vocab] (a view of a static buffer, valid until the next call). `first`: int64 [m] on
+        the device, the tokens of rows 0..m-1 (a step's draws not yet read on the host; tokens[:m] are then
+        ignored). Waits for nothing queued on the device: the inputs go through pinned memory. Replays the graph
+        of the batch bucket lanes_for(B) and the context bucket of max(slots); the lanes beyond B write slot 0 of
+        the cache's last row (the spare row, which the caller must leave to no request)."""
         self._check_cache()
         n = tokens.shape[0]
         lanes = lanes_for(n)
-        host = torch.zeros(3, lanes, dtype=torch.long)
-        host[0, :n], host[1, :n], host[2, :n] = tokens.cpu(), slots.cpu(), rows.cpu()
+        host = torch.zeros(3, lanes, dtype=torch.long, pin_memory=True)
+        host[0, :n], host[1, :n], host[2, :n] = tokens, slots, rows
         host[2, n:] = self.model.cache_batch - 1
         capacity = bucket(self._buckets, int(host[1].max()))
         steps = self._steps_for(("rows", lanes), lanes, True)
-        return self._replay(steps, ("rows", lanes), capacity, lambda step: step.inputs.copy_(host))[:n]
+
+        def fill(step):
+            step.inputs.copy_(host, non_blocking=True)
+            if first is not None and step.first:
+                step.inputs[0, : first.shape[0]].copy_(first, non_blocking=True)
+
+        return self._replay(steps, ("rows", lanes), capacity, fill)[:n]
 
     def capture_rows(self, max_rows: int) -> None:
         """Capture the per-row step of every batch bucket up to lanes_for(max_rows) and every context bucket now

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from .step_queue import to_device
+
 if TYPE_CHECKING:
     from .generation import GenerationConfig
 
@@ -258,7 +260,7 @@ def draw_rows(logits, cfgs: Sequence["GenerationConfig"], generators: Sequence[t
     for members in groups.values():
         cfg = cfgs[members[0]]
         whole = len(members) == len(cfgs)
-        sel = None if whole else torch.tensor(members, device=logits.device)
+        sel = None if whole else to_device(members, logits.device)  # no wait for a step queued ahead
         part = logits if whole else logits[sel]
         penalized = uses_penalties(cfg)
         if penalized:

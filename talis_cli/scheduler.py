@@ -136,13 +136,15 @@ class _Active:
         self.generator = generator  # torch.Generator of its draws
         self.budget = budget  # tokens it may draw: max_new_tokens, or fewer when the context is short
         self.out_of_room = out_of_room  # the finish reason when the budget runs out ("length" or "context")
-        self.drawn = 0
-        self.last_token: int | None = None  # drawn, not yet fed through the model
+        self.drawn = 0  # tokens drawn and read on the host
+        self.unread = 0  # tokens drawn by launched steps, not read yet (the last of them feeds the next step)
+        self.last_token: int | None = None  # the last token read
         self.row_freed = False  # it has left (a pending step's token for it is dropped)
 
     def may_continue(self, eos_ids) -> bool:
-        """Whether its last token may still be followed by another (a stop string is known only later)."""
-        return self.drawn < self.budget and self.last_token not in eos_ids
+        """Whether its last token may still be followed by another (a stop string, and EOS for a token not read
+        yet, are known only later)."""
+        return self.drawn + self.unread < self.budget and (self.unread > 0 or self.last_token not in eos_ids)
 
     @property
     def decoding(self) -> bool:
@@ -150,8 +152,9 @@ class _Active:
 
     @property
     def length(self) -> int:
-        """Slots of its row holding its keys/values; the next token fed goes to this slot."""
-        return self.prefilled + max(self.drawn - 1, 0)
+        """Slots of its row holding its keys/values once the launched steps have run; the next token fed goes to
+        this slot."""
+        return self.prefilled + max(self.drawn + self.unread - 1, 0)
 
 
 class Scheduler:
@@ -190,7 +193,8 @@ class Scheduler:
         self._stop_thread = False
         # read each decode step one iteration later (default: on CUDA, where the GPU runs ahead of the host)
         self.pipelined = self.model.logits_device.type == "cuda" if pipelined is None else pipelined
-        self._pending = None  # (rows, drawn tokens on the device) of the decode step launched and not yet read
+        self._pending = None  # (rows, step_queue.QueuedStep) of the decode step launched and not yet read
+        self._reads = None  # pinned host buffers for the drawn tokens (step_queue.host_buffers), used in turn
         self.prefill_s = 0.0  # seconds spent in prefill forwards (and first draws) so far
         self.decode_s = 0.0  # seconds spent in decode steps (and draws) so far
         self.prefill_forwards = 0  # prefill forwards run so far (a packed one counts once)
@@ -239,10 +243,11 @@ class Scheduler:
         most prefill_chunk prompt tokens per step in all), one decode step for every decoding row, deliver the
         events. False when there was nothing to do.
 
-        Pipelined (on CUDA), the decode step launched by one iteration is read by the next: it reads the drawn
-        tokens, launches the following step at once for the rows that may go on, and only then detokenizes and
-        delivers, so the GPU computes while the host streams. A row that turns out to have ended (a stop
-        string, a cancel) wastes its lane of that step once."""
+        Pipelined (on CUDA), the decode step launched by one iteration is read by the next, which first launches
+        the following step for the rows that may go on, fed with the drawn tokens still on the device, and only
+        then waits for the earlier step's tokens, detokenizes and delivers: the GPU always has a step queued
+        while the host streams. A row that turns out to have ended (EOS, a stop string, a cancel) wastes its
+        lane of that step once."""
         cpu = time.thread_time()
         try:
             return self._step()
@@ -368,38 +373,78 @@ class Scheduler:
 
     def _launch(self) -> None:
         """Launch one decode step and draw for every decoding row that may go on (its last token is not EOS and
-        its budget is not spent); it becomes the pending step."""
+        its budget is not spent); it becomes the pending step. The rows of the step still pending are fed their
+        drawn tokens on the device, so nothing here waits for the GPU."""
         import torch
 
-        rows = [a for a in self._active if a.decoding and a.may_continue(self.generator.eos_ids)]
+        from .step_queue import QueuedStep, host_buffers
+
+        eos = self.generator.eos_ids
+        previous, queued = self._pending or ([], None)
+        fed = [a for a in previous if not a.row_freed and a.may_continue(eos)]  # token on the device
+        known = [a for a in self._active if a.decoding and a.unread == 0 and a.may_continue(eos)]
+        rows = fed + known
+        self._pending = None
         if not rows:
             return
+        first = None
+        if fed:
+            first = queued.tokens
+            if len(fed) < len(previous):
+                from .step_queue import to_device
+
+                keep = {id(a) for a in fed}
+                first = first[to_device([i for i, a in enumerate(previous) if id(a) in keep], first.device)]
         # on the host: the CUDA-graph step copies them into its buffers at once, the eager one moves them
-        tokens = torch.tensor([a.last_token for a in rows])
+        tokens = torch.tensor([0] * len(fed) + [a.last_token for a in known])
         slots = torch.tensor([a.length for a in rows])
         cache_rows = torch.tensor([a.row for a in rows])
-        fast = getattr(self.generator.fast_decode, "decode_rows", None)
-        logits = (fast or self.model.decode_rows)(tokens, slots, cache_rows)
+        device = self.model.logits_device
+        if self._reads is None:
+            self._reads = host_buffers(device, self.max_batch)
+        read = self._reads[self.decode_steps % 2][: len(rows)] if self._reads else None
+
+        def run():
+            return self._draw_launch(rows, self._decode(tokens, slots, cache_rows, first))
+
+        self._pending = (rows, QueuedStep(run, read, device))
         self.decode_steps += 1
         self.decoded_rows += len(rows)
-        for a in rows:
+        for a in known:
             self._held[a.row].append(a.last_token)  # the step writes its keys/values at slot a.length
-        self._pending = (rows, self._draw_launch(rows, logits))
+        for a in rows:
+            a.unread += 1
+
+    def _decode(self, tokens, slots, cache_rows, first):
+        """Logits [B, vocab] of one decode step (the CUDA-graph step where the generator has one); `first`:
+        the tokens of the first rows on the device, or None."""
+        import torch
+
+        fast = getattr(self.generator.fast_decode, "decode_rows", None)
+        if fast is not None:
+            return fast(tokens, slots, cache_rows, first)
+        if first is not None:
+            tokens = torch.cat([first, tokens[first.shape[0]:].to(first.device)])
+        return self.model.decode_rows(tokens, slots, cache_rows)
 
     def _resolve(self, launch_next: bool) -> None:
-        """Read the pending step's tokens, launch the next step (`launch_next`), then deliver the events of the
-        rows still running (a row freed since the launch is skipped)."""
-        rows, drawn = self._pending
-        self._pending = None
+        """Launch the next step (`launch_next`), then read the pending step's tokens and deliver the events of
+        the rows still running (a row freed since the launch is skipped)."""
+        rows, queued = self._pending
+        if launch_next:
+            self._launch()
+        else:
+            self._pending = None
         live = []
-        for a, token in zip(rows, drawn.tolist()):
+        for a, token in zip(rows, queued.ids()):
             if a.row_freed:
                 continue
             a.drawn += 1
+            a.unread -= 1
             a.last_token = token
+            if a.unread:  # the step launched after it was fed this token: its keys/values go in the row
+                self._held[a.row].append(token)
             live.append(a)
-        if launch_next:
-            self._launch()
         self._accept(live)
 
     def _draw(self, rows: list[_Active], logits) -> None:
@@ -413,16 +458,16 @@ class Scheduler:
 
     def _draw_launch(self, rows: list[_Active], logits):
         """Launch the draws of `rows` from logits [len(rows), vocab] -> int64 [len(rows)] on the logits' device."""
-        import torch
-
         from .sampling import draw_rows, uses_penalties
+        from .step_queue import to_device
 
         device = logits.device
         cfgs = [a.request.cfg for a in rows]
         cache_rows = slots = None  # only rows with penalties read them: no copies to the device otherwise
         if any(uses_penalties(cfg) for cfg in cfgs):
-            cache_rows = torch.tensor([a.row for a in rows], device=device)
-            slots = torch.tensor([len(a.request.prompt_ids) + a.drawn for a in rows], device=device)
+            cache_rows = to_device([a.row for a in rows], device)
+            # history slot of the token drawn now: after the prompt and every token drawn before it
+            slots = to_device([len(a.request.prompt_ids) + a.drawn + a.unread for a in rows], device)
         return draw_rows(logits, cfgs, [a.generator for a in rows], self._history, cache_rows, slots)
 
     def _accept(self, rows: list[_Active]) -> None:

@@ -9,9 +9,18 @@ step runs while it is queued, and reading first is then no faster, so callers qu
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+
+
+def to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 [len(values)] on `device` without waiting for the work queued there: on CUDA through pinned memory and
+    an asynchronous copy (a plain host-to-device copy waits for the stream, a step queued ahead included)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def host_buffers(device: torch.device, batch: int) -> list[torch.Tensor]:

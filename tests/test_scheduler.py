@@ -74,6 +74,36 @@ def test_requests_that_join_while_others_decode_give_what_they_give_alone(model,
     assert scheduler.running == 0 and not scheduler.step()
 
 
+def test_pipelined_steps_are_launched_before_the_last_is_read_and_fed_on_the_device(model, tokenizer, monkeypatch):
+    """Pipelined, each decode step is launched before the previous step's tokens are read, fed those tokens where
+    they are (only the rows that go on: a row between two others ends first); replies are what they are alone."""
+    from talis_cli.step_queue import QueuedStep
+
+    log = []
+
+    class Recording:  # the CUDA-graph runner's decode_rows, eagerly, logging what it is fed
+        def decode_rows(self, tokens, slots, rows, first=None):
+            log.append(("launch", len(tokens), 0 if first is None else len(first)))
+            if first is not None:
+                tokens = torch.cat([first, tokens[len(first):]])
+            return model.decode_rows(tokens, slots, rows)
+
+    prompts = [tokenizer.encode(t) for t in ("And God said", "Let", "In the beginning")]
+    cfgs = [GenerationConfig(temperature=0, max_new_tokens=n) for n in (8, 3, 8)]
+    expected = [alone(model, tokenizer, p, c, index=i) for i, (p, c) in enumerate(zip(prompts, cfgs))]
+    read = QueuedStep.ids
+    monkeypatch.setattr(QueuedStep, "ids", lambda step: log.append(("read",)) or read(step))
+    gen = Generator(model, tokenizer, (), CONTEXT)
+    gen.fast_decode = Recording()
+    scheduler = Scheduler(gen, max_batch=3, pipelined=True)
+    requests = [scheduler.submit(p, c, prompt_index=i) for i, (p, c) in enumerate(zip(prompts, cfgs))]
+    got = drain(scheduler, requests)
+    assert [got[r.id] for r in requests] == expected
+    # the prefill draws each first token; 7 decode steps draw the rest: 3 rows twice, then the 2 that go on
+    assert log == ([("launch", 3, 0), ("launch", 3, 3), ("read",)] + [("launch", 2, 2), ("read",)] * 5
+                   + [("read",)])
+
+
 def test_a_finished_row_is_reused_and_a_waiting_request_takes_it(model, tokenizer):
     prompts = [tokenizer.encode(t) for t in ("And God said", "the waters", "Let there be light")]
     short = GenerationConfig(temperature=0, max_new_tokens=3)
