@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from bench_serve import SENTENCE, model_folder
@@ -24,6 +25,7 @@ from talis_cli.engine import Engine, LoadSettings
 from talis_cli.generation import GenerationConfig
 from talis_cli.repl.render import stats_line
 from talis_cli.repl.session import ChatSession
+from talis_cli.warm_up import BackgroundWarmUp
 
 TURNS = "16,8,32,64,128,256,512,100,24"  # new tokens of each user message: every prefill bucket, continued
 
@@ -45,6 +47,10 @@ def main() -> None:
     parser.add_argument("--turns", default=TURNS, help="tokens of each user message, in order")
     parser.add_argument("--reply", type=int, default=16, help="tokens generated per reply")
     parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--typing", type=float, default=3.0,
+                        help="seconds between the load and the first message (the user typing it), while the "
+                             "background warm-up runs")
+    parser.add_argument("--no-warm-up", action="store_true", help="no background warm-up (for comparisons)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     opts = parser.parse_args()
     turns = [int(t) for t in opts.turns.split(",")]
@@ -52,7 +58,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = model_folder(opts, Path(scratch))
         engine = Engine.load(LoadSettings(model_dir=folder, max_seq_len=opts.max_seq_len))
-        session = ChatSession(engine, GenerationConfig(temperature=0.0, max_new_tokens=opts.reply))
+        warm = None if opts.no_warm_up else BackgroundWarmUp(engine.generator).start()
+        session = ChatSession(engine, GenerationConfig(temperature=0.0, max_new_tokens=opts.reply), warm_up=warm)
+        time.sleep(opts.typing)
+        waited = warm.wait() if warm is not None else 0.0  # what the first reply waits (counted in its first token)
         rows = []
         for i, tokens in enumerate(turns):
             text = message(engine, i + 1, tokens)
@@ -64,12 +73,16 @@ def main() -> None:
                              dropped=dropped, stats_line=stats_line(stats)))
     later = [r["first_token_ms"] for r in rows[1:]]
     report = dict(model=str(folder or "embedded"), load_s=round(engine.load_s, 3), reply_tokens=opts.reply,
+                  warm_up_s=round(warm.seconds, 3) if warm is not None else None, typing_s=opts.typing,
+                  first_reply_waited_s=round(waited, 3),
                   turns=rows, later_replies_max_ms=max(later, default=None),
                   later_replies_median_ms=statistics.median(later) if later else None)
     if opts.json:
         print(json.dumps(report))
         return
-    print(f"{report['model']}: load {report['load_s']:.2f} s, {opts.reply} tokens a reply")
+    print(f"{report['model']}: load {report['load_s']:.2f} s, {opts.reply} tokens a reply, warm-up "
+          f"{report['warm_up_s']} s in the background ({opts.typing} s of typing; the first reply waited "
+          f"{waited:.2f} s more)")
     print(f"{'turn':>4} {'message tok':>11} {'prompt tok':>10} {'reused':>6} {'dropped':>7} {'first token ms':>14}"
           "  stats line")
     for r in rows:

@@ -228,8 +228,12 @@ def chat(
         session = RemoteChatSession.connect(remote.url, remote.api_key, config, settings.system, settings.preset)
     else:
         from talis_cli.repl.session import ChatSession
+        from talis_cli.warm_up import BackgroundWarmUp
 
-        session = ChatSession(load_engine(settings), config, settings.template, settings.system, settings.preset)
+        engine = load_engine(settings)
+        # kernels compile and CUDA graphs are captured while the first message is typed (nothing on a CPU)
+        session = ChatSession(engine, config, settings.template, settings.system, settings.preset,
+                              BackgroundWarmUp(engine.generator).start())
     run_chat(session, first_message=prompt)
 
 

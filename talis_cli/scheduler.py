@@ -28,10 +28,6 @@ ERROR = "error"  # the model failed mid-step (a bug or an out-of-memory): Reques
 PREFILL_CHUNK = 512  # prompt tokens prefilled per step at most, so a long newcomer stalls the running rows briefly
 # newcomers of one step prefilled as segments of one forward (GPUs); TALIS_PACKED_PREFILL=0: one forward each (A/B)
 PACKED_PREFILL = os.environ.get("TALIS_PACKED_PREFILL", "1") != "0"
-# Prompt lengths the warm-up prefills: for each tile height of the quantized product (triton_backend.
-# quantized_product: the GEMV up to 2 rows, tiles of 16, 32, 64 and 128 rows, then dequantize + cuBLAS) a length
-# that is a multiple of 16 and one that is not, as Triton compiles a kernel apart for each.
-WARM_PREFILL_LENGTHS = (2, 3, 16, 17, 32, 33, 64, 65, 128, 129)
 
 
 class QueueFull(TalisError):
@@ -514,7 +510,7 @@ class Scheduler:
         self._drop_cancelled()
 
     def warm_up(self) -> None:
-        """Set up the cache, prefill throwaway prompts of WARM_PREFILL_LENGTHS tokens and capture the CUDA-graph
+        """Set up the cache, prefill throwaway prompts (warm_up.warm_prefill) and capture the CUDA-graph
         steps of every batch size up to max_batch now (no graphs on a CPU), so that no request waits for a kernel
         to compile or tune or a graph to be captured. start() does this on the scheduler thread first.
 
@@ -533,33 +529,12 @@ class Scheduler:
                 capture(self.max_batch)
 
     def _warm_prefill(self) -> None:
-        """Through the generator's fast prefill (GPUs): capture in the spare row its CUDA graph (where it replays
-        graphs) of each bucket a step's prefill can reach (at most prefill_chunk tokens, and at most a context per
-        row), then prefill into the spare row and row 0 prompts of each length of WARM_PREFILL_LENGTHS (within the
-        context), one continuing a cached prefix, and (packed) two at once: the paths a request's prefill takes."""
-        gen, spare = self.generator, self.max_batch
-        runner = getattr(gen, "prefill", None)
-        if runner is None:  # no fast prefill (a CPU): plain torch, nothing compiles or tunes on first use
-            return
-        import torch
+        """warm_up.warm_prefill into the spare row (every bucket a step's prefill can reach: at most prefill_chunk
+        tokens, and at most a context per row), packed with row 0 as newcomers are."""
+        from .warm_up import warm_prefill
 
-        from .fast_prefill import buckets_up_to  # imports Triton, which a CPU-only install may lack
-
-        capture = getattr(runner, "capture", None)
-        most = min(self.prefill_chunk, self.max_batch * gen.max_seq_len)  # prompt tokens one step prefills at most
-        for bucket in buckets_up_to(most) if capture is not None else ():
-            capture(bucket, spare)
-        device = self.model.model.embed_tokens.weight.device
-        vocab = self.model.args.vocab_size
-        lengths = [n for n in WARM_PREFILL_LENGTHS if n < gen.max_seq_len]
-        for n in lengths:
-            runner(torch.tensor([[t % vocab for t in range(1, n + 1)]], device=device), start_pos=0, last_only=True,
-                   cache_row=spare)
-        if lengths and lengths[0] + 2 <= gen.max_seq_len:  # a prompt continuing what the row holds
-            runner(torch.tensor([[1, 2]], device=device), start_pos=lengths[0], last_only=True, cache_row=spare)
-        packed = getattr(runner, "prefill_segments", None)
-        if PACKED_PREFILL and packed is not None and len(lengths) > 1:
-            packed([(list(range(1, lengths[1] + 1)), 0, spare), ([1, 2], 0, 0)])
+        most = min(self.prefill_chunk, self.max_batch * self.generator.max_seq_len)
+        warm_prefill(self.generator, self.max_batch, most, packed_row=0 if PACKED_PREFILL else None)
         self._held[0] = []
 
     def _loop(self, warm: threading.Event) -> None:

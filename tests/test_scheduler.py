@@ -373,7 +373,7 @@ def test_warm_up_prefills_each_tile_height_into_the_spare_row_and_leaves_rows_cl
     every tile height compile before the first request), one continuing a cached prefix and one packed, into the
     spare row (and row 0); the requests after it reuse nothing of those and give their text alone."""
     from talis_cli.fast_prefill import PrefillRunner
-    from talis_cli.scheduler import WARM_PREFILL_LENGTHS
+    from talis_cli.warm_up import WARM_PREFILL_LENGTHS
 
     runner, calls = PrefillRunner(model), []
 

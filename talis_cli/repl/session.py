@@ -33,8 +33,9 @@ class ChatSession:
     local = True  # replies come from a model loaded in this process (talis_cli.remote.chat: from a server)
 
     def __init__(self, engine, config, template_spec: Optional[str] = None, system: Optional[str] = None,
-                 preset: Optional[str] = None):
+                 preset: Optional[str] = None, warm_up=None):
         self.engine = engine
+        self.warm_up = warm_up  # a started warm_up.BackgroundWarmUp of the engine's generator, waited for at reply
         self.config = config  # GenerationConfig
         self.preset = preset
         self.template_spec = template_spec
@@ -117,6 +118,7 @@ class ChatSession:
         """
         generator = self.engine.generator
         text, finish = "", "interrupted"
+        waited = self.warm_up.wait() if self.warm_up is not None else 0.0  # the model is its thread's till then
         started = time.perf_counter()
         try:
             for event in generator.stream(ids, with_stops(self.config, self.template.stop)):
@@ -128,6 +130,8 @@ class ChatSession:
         stats = generator.last_stats
         if stats is not None and stats.first_token_s == 0.0:  # interrupted before the first token
             stats.prefill_s = stats.first_token_s = time.perf_counter() - started
+        if stats is not None:
+            stats.first_token_s += waited  # the reply waited for the warm-up: its first token did too
         self.messages.append({"role": "assistant", "content": text})
         self.last_stats = stats
         return Reply(text, finish, stats)
